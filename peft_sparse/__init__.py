@@ -1,0 +1,14 @@
+"""peft-sparse: sparse fine-tuning of large language models for the Hugging Face stack.
+
+Importing this package registers ``PeftType.SPARSE`` with upstream ``peft``, after which ``get_peft_model``,
+``PeftConfig.from_pretrained`` and ``PeftModel.from_pretrained`` handle sparse adapters like built-in ones::
+
+    import peft_sparse
+    from peft import get_peft_model
+    model = get_peft_model(base_model, peft_sparse.SparseConfig(target_modules=["q_proj", "v_proj"], density=0.01))
+"""
+
+from .tuner import SparseConfig, SparseLayer, SparseModel, lora_equivalent_budget
+from .version import __version__
+
+__all__ = ["SparseConfig", "SparseLayer", "SparseModel", "__version__", "lora_equivalent_budget"]

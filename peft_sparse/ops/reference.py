@@ -1,0 +1,96 @@
+"""Pure-PyTorch reference implementation of every peft-sparse op.
+
+These functions are the ground truth the compiled kernels are tested against, and the fallback used when no
+compiled backend is available. They favour clarity over speed, but they respect the package's memory contract:
+nothing here allocates a dense ``out x in`` tensor except where the op's output *is* that tensor
+(``scatter_add`` writes into a dense weight the caller owns).
+
+Index convention (see ``DESIGN.md``): a sparse delta of a logical weight ``W`` of shape ``(out, in)`` is a pair
+``(indices, values)`` where ``indices`` are row-major flat positions ``row * in + col``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["scatter_add", "sddmm_gather", "split_indices"]
+
+# The sampled gradient gather materialises two (tokens x chunk) tiles at a time; this bounds their element count so
+# its temporary memory stays constant however many tokens or entries there are (2 x 2**22 fp32 = 32 MiB).
+_GATHER_TILE_ELEMENTS = 1 << 22
+
+
+def split_indices(indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split row-major flat positions into ``(row_indices, col_indices)`` as int64 tensors."""
+    flat = indices.to(torch.int64)
+    return torch.div(flat, in_features, rounding_mode="floor"), torch.remainder(flat, in_features)
+
+
+def scatter_add(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Add ``values`` at the row-major flat ``indices`` of the 2-D tensor ``dense``, in place.
+
+    ``dense`` may be a non-contiguous view (for example the transpose of a GPT-2 ``Conv1D`` weight, whose logical
+    ``(out, in)`` layout is the transpose of its storage). Duplicate indices accumulate. ``values`` is cast to
+    ``dense.dtype`` first, so the result is what a merge into a weight of that dtype gives.
+
+    Args:
+        dense: 2-D tensor of shape ``(out, in)``; modified in place.
+        indices: 1-D integer tensor of flat positions in ``[0, out * in)``.
+        values: 1-D floating tensor with as many elements as ``indices``.
+
+    Returns:
+        ``dense``, for chaining.
+    """
+    if dense.dim() != 2:
+        raise ValueError(f"scatter_add: `dense` must be 2-D, got shape {tuple(dense.shape)}")
+    if indices.shape != values.shape or indices.dim() != 1:
+        raise ValueError(
+            f"scatter_add: `indices` and `values` must be 1-D of equal length, got {tuple(indices.shape)} and "
+            f"{tuple(values.shape)}"
+        )
+    if indices.numel() == 0:
+        return dense
+    row_indices, col_indices = split_indices(indices.to(dense.device), dense.shape[1])
+    dense.index_put_((row_indices, col_indices), values.to(device=dense.device, dtype=dense.dtype), accumulate=True)
+    return dense
+
+
+def sddmm_gather(
+    grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor, in_features: int
+) -> torch.Tensor:
+    """Sampled gradient gather: the weight gradient ``grad_output.T @ input`` read only at ``indices``.
+
+    Computes ``g[i] = sum_n grad_output[n, row_i] * input[n, col_i]`` without materialising the dense
+    ``(out, in)`` gradient. Work is done in tiles of entries so the temporary memory is bounded by
+    ``_GATHER_TILE_ELEMENTS`` regardless of the number of tokens ``N`` or of entries ``k``.
+
+    Args:
+        grad_output: ``(N, out)`` gradient of the layer output, flattened over all leading dimensions.
+        input: ``(N, in)`` layer input, flattened the same way.
+        indices: 1-D integer tensor of row-major flat positions.
+        in_features: ``in``, the width of the logical weight.
+
+    Returns:
+        A float32 tensor of shape ``(k,)`` (fp16/bf16 inputs are accumulated in fp32; float64 stays float64).
+    """
+    if grad_output.dim() != 2 or input.dim() != 2 or grad_output.shape[0] != input.shape[0]:
+        raise ValueError(
+            f"sddmm_gather: expected grad_output (N, out) and input (N, in), got {tuple(grad_output.shape)} and "
+            f"{tuple(input.shape)}"
+        )
+    if input.shape[1] != in_features:
+        raise ValueError(f"sddmm_gather: input has {input.shape[1]} features, expected in_features={in_features}")
+    acc_dtype = torch.float64 if torch.float64 in (grad_output.dtype, input.dtype) else torch.float32
+    num_entries = indices.numel()
+    out = torch.empty(num_entries, dtype=acc_dtype, device=grad_output.device)
+    if num_entries == 0:
+        return out
+    num_tokens = max(grad_output.shape[0], 1)
+    tile = max(1, _GATHER_TILE_ELEMENTS // num_tokens)
+    row_indices, col_indices = split_indices(indices.to(grad_output.device), in_features)
+    for start in range(0, num_entries, tile):
+        stop = min(start + tile, num_entries)
+        grad_cols = grad_output.index_select(1, row_indices[start:stop]).to(acc_dtype)
+        input_cols = input.index_select(1, col_indices[start:stop]).to(acc_dtype)
+        out[start:stop] = (grad_cols * input_cols).sum(dim=0)
+    return out

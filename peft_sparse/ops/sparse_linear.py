@@ -1,0 +1,97 @@
+"""``y = x (W0 + scatter(indices, values))^T + b`` as one autograd function.
+
+Why a custom function rather than ``F.linear(x, W0 + delta)``: autograd would save the merged dense weight for the
+backward pass and produce a dense ``out x in`` gradient for it before gathering the ``k`` entries that matter. Here
+the backward recomputes the merged weight (one scatter into a copy of ``W0``, in the compute dtype) to get the input
+gradient, and gets the values' gradient straight from the sampled gather
+``g[i] = sum_n dy[n, row_i] x[n, col_i]``, so the only dense ``out x in`` tensor ever alive is the merged weight in
+the compute dtype, and only during one layer's forward or backward.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import reference
+
+
+def merged_weight(
+    weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, fan_in_fan_out: bool, dtype: torch.dtype
+) -> torch.Tensor:
+    """Return ``W0 + delta`` as a new contiguous ``(out, in)`` tensor of ``dtype``; ``weight`` is not modified.
+
+    ``fan_in_fan_out`` marks a weight stored as ``(in, out)`` (GPT-2 ``Conv1D``); the result is always in the
+    logical ``(out, in)`` layout that ``F.linear`` expects.
+    """
+    logical = weight.t() if fan_in_fan_out else weight
+    merged = logical.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
+    return reference.scatter_add(merged, indices, values)
+
+
+class _SparseLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, indices, values, fan_in_fan_out):
+        compute_dtype = x.dtype
+        merged = merged_weight(weight, indices, values, fan_in_fan_out, compute_dtype)
+        out = torch.nn.functional.linear(x, merged, None if bias is None else bias.to(compute_dtype))
+        ctx.save_for_backward(x, weight, indices, values)
+        ctx.fan_in_fan_out = fan_in_fan_out
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, indices, values = ctx.saved_tensors
+        needs_x, needs_weight, needs_bias, _, needs_values, _ = ctx.needs_input_grad
+        in_features = x.shape[-1]
+        grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+        x_2d = x.reshape(-1, in_features)
+        grad_x = grad_weight = grad_bias = grad_values = None
+        if needs_x:
+            merged = merged_weight(weight, indices, values, ctx.fan_in_fan_out, grad_out.dtype)
+            grad_x = (grad_2d @ merged).reshape(x.shape).to(x.dtype)
+            del merged
+        if needs_values:
+            grad_values = reference.sddmm_gather(grad_2d, x_2d, indices, in_features).to(values.dtype)
+        if needs_weight:
+            # The base weight is frozen in every peft-sparse setup; this branch only keeps the function a correct
+            # autograd citizen if a caller unfreezes it.
+            grad_logical = grad_2d.t().to(weight.dtype) @ x_2d.to(weight.dtype)
+            grad_weight = grad_logical.t() if ctx.fan_in_fan_out else grad_logical
+        if needs_bias and ctx.has_bias:
+            grad_bias = grad_2d.sum(dim=0).to(ctx.bias_dtype)
+        return grad_x, grad_weight, grad_bias, None, grad_values, None
+
+
+def sparse_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """Linear layer with a sparse additive delta on a frozen weight.
+
+    Args:
+        x: input of shape ``(..., in)``. Its dtype is the compute dtype (callers cast it to the weight's dtype
+            first, as peft's LoRA layers do).
+        weight: base weight, ``(out, in)``, or ``(in, out)`` when ``fan_in_fan_out`` is set.
+        bias: optional bias of shape ``(out,)``.
+        indices: 1-D integer row-major flat positions into the logical ``(out, in)`` weight.
+        values: 1-D delta values (any floating dtype; typically float32 while the weight is bf16/fp16). Their
+            gradient comes back in their own dtype.
+        fan_in_fan_out: whether ``weight`` is stored transposed (GPT-2 ``Conv1D``).
+
+    Returns:
+        ``x @ (W0 + delta)^T + bias`` of shape ``(..., out)`` in ``x.dtype``.
+    """
+    if indices.dim() != 1 or indices.shape != values.shape:
+        raise ValueError(
+            f"sparse_linear: `indices` and `values` must be 1-D of equal length, got {tuple(indices.shape)} and "
+            f"{tuple(values.shape)}"
+        )
+    return _SparseLinearFunction.apply(x, weight, bias, indices, values, fan_in_fan_out)

@@ -1,0 +1,212 @@
+"""`SparseConfig`: the configuration of a sparse fine-tuning (SFT) adapter."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Optional, Union
+
+import torch
+from peft.config import PeftConfig
+
+from .registration import SPARSE_PEFT_TYPE
+
+SELECTION_METHODS = ("magnitude", "gradient", "snip", "force", "taylor_fo", "synflow", "grasp", "fisher", "random")
+UPDATE_MODES = ("static", "dynamic", "spiel")
+BUDGET_MODES = ("global", "local")
+REGROW_METHODS = ("gradient", "momentum")
+DELTA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _check_choice(field_name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"SparseConfig.{field_name} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_int(field_name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"SparseConfig.{field_name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"SparseConfig.{field_name} must be >= {minimum}, got {value!r}")
+
+
+@dataclass
+class SparseConfig(PeftConfig):
+    """Configuration of a sparse fine-tuning adapter ([`SparseModel`]).
+
+    Every targeted weight matrix ``W0`` (``out x in``) gets a trainable sparse delta: ``W = W0 + scatter(indices,
+    values)`` with ``k`` entries per layer. Which entries are trainable is chosen by ``selection`` (SPEFT,
+    arXiv 2412.13488) and may evolve during training (``update``; SpIEL, arXiv 2401.16405).
+
+    Until a salience-based selection runs, every layer starts from a seeded uniform-random index set of its budgeted
+    size, with all values zero, so a fresh adapter is exactly the identity.
+
+    Args:
+        target_modules (`Optional[Union[list[str], str]]`):
+            Names of the modules to adapt, a regex over full module names, or ``"all-linear"`` for every linear /
+            ``Conv1D`` layer except the output head (as in LoRA). If ``None``, a default for known architectures is
+            used.
+        exclude_modules (`Optional[Union[list[str], str]]`):
+            Names or a regex of modules not to adapt.
+        layers_to_transform (`Optional[Union[list[int], int]]`):
+            Only adapt the layers with these indices (requires a list ``target_modules``).
+        layers_pattern (`Optional[Union[list[str], str]]`):
+            Name of the module list holding the layers indexed by ``layers_to_transform`` (e.g. ``"layers"``).
+        modules_to_save (`Optional[list[str]]`):
+            Extra modules trained densely and saved with the adapter (e.g. a classification head).
+        fan_in_fan_out (`bool`):
+            Set to ``True`` when the targeted layers store their weight as ``(in, out)`` (GPT-2 ``Conv1D``).
+            Indices always address the logical ``(out, in)`` weight.
+        density (`float`):
+            Fraction of the targeted weights that are trainable, in ``(0, 1]``.
+        num_tunable_weights (`Optional[int]`):
+            Absolute number of trainable weights over all targeted layers; overrides ``density``. See
+            :func:`peft_sparse.lora_equivalent_budget` to match a LoRA rank.
+        budget (`str`):
+            ``"global"``: one top-k over all targeted weights (layers get different ``k``); ``"local"``: the same
+            density in every layer.
+        selection (`str`):
+            Salience metric that chooses the trainable entries: one of ``magnitude``, ``gradient``, ``snip``,
+            ``force``, ``taylor_fo``, ``synflow``, ``grasp``, ``fisher``, ``random``.
+        update (`str`):
+            ``"static"`` (select once), ``"dynamic"`` (reselect by salience every ``update_interval`` steps) or
+            ``"spiel"`` (SpIEL prune and regrow every ``update_interval`` steps).
+        update_interval (`int`):
+            Optimizer steps between mask updates for ``update="dynamic"`` and ``"spiel"``.
+        salience_batches (`int`):
+            Number of batches over which salience is estimated.
+        regrow (`str`):
+            SpIEL regrowth criterion: ``"gradient"`` (accumulated gradients, SpIEL-AG) or ``"momentum"``
+            (SM3-approximated momenta, SpIEL-MA).
+        reselection_rate (`float`):
+            Fraction of each layer's entries pruned and regrown at a SpIEL update (decayed over training), in
+            ``[0, 1]``.
+        accumulation_steps (`int`):
+            SpIEL-AG: number of steps before an update over which dense gradients are accumulated.
+        delta_dtype (`str`):
+            Dtype of the trainable values: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``; independent of
+            the base model's compute dtype.
+        seed (`int`):
+            Seed for random index sets and for deterministic tie-breaking.
+    """
+
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "List of module names or a regex over module names to adapt, or 'all-linear' for every linear/Conv1D "
+                "layer except the output head. For example ['q_proj', 'v_proj'] or '.*decoder.*(q|v)_proj$'."
+            )
+        },
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "List of module names or a regex over module names not to adapt."}
+    )
+    layers_to_transform: Optional[Union[list[int], int]] = field(
+        default=None,
+        metadata={"help": "Only adapt the layers with these indices. Requires `target_modules` to be a list."},
+    )
+    layers_pattern: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Name of the module list that `layers_to_transform` indexes, e.g. 'layers' or 'h'."},
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Modules besides the sparse layers to train densely and save with the adapter, e.g. a freshly "
+                "initialised classification head."
+            )
+        },
+    )
+    fan_in_fan_out: bool = field(
+        default=False,
+        metadata={"help": "Set to True if the targeted layers store their weight as (in, out), like GPT-2 Conv1D."},
+    )
+    density: float = field(
+        default=0.01, metadata={"help": "Fraction of the targeted weights that are trainable, in (0, 1]."}
+    )
+    num_tunable_weights: Optional[int] = field(
+        default=None,
+        metadata={"help": "Absolute number of trainable weights over all targeted layers; overrides `density`."},
+    )
+    budget: Literal["global", "local"] = field(
+        default="global",
+        metadata={
+            "help": "'global': one top-k over all targeted weights; 'local': the same density in every layer."
+        },
+    )
+    selection: Literal[
+        "magnitude", "gradient", "snip", "force", "taylor_fo", "synflow", "grasp", "fisher", "random"
+    ] = field(default="gradient", metadata={"help": f"Salience metric choosing the trainable entries: {SELECTION_METHODS}."})
+    update: Literal["static", "dynamic", "spiel"] = field(
+        default="static",
+        metadata={"help": "'static' (select once), 'dynamic' (reselect every `update_interval` steps) or 'spiel'."},
+    )
+    update_interval: int = field(
+        default=20, metadata={"help": "Optimizer steps between mask updates for update='dynamic' or 'spiel'."}
+    )
+    salience_batches: int = field(default=64, metadata={"help": "Number of batches to estimate salience over."})
+    regrow: Literal["gradient", "momentum"] = field(
+        default="gradient",
+        metadata={"help": "SpIEL regrowth: 'gradient' (accumulated gradients) or 'momentum' (SM3 momenta)."},
+    )
+    reselection_rate: float = field(
+        default=0.2, metadata={"help": "Fraction of entries pruned and regrown at a SpIEL update, in [0, 1]."}
+    )
+    accumulation_steps: int = field(
+        default=5, metadata={"help": "SpIEL-AG: steps before an update over which dense gradients are accumulated."}
+    )
+    delta_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "Dtype of the trainable values: 'float32', 'bfloat16' or 'float16'."}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed for random index sets and deterministic tie-breaking."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = SPARSE_PEFT_TYPE
+        self.validate()
+        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.exclude_modules = (
+            set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
+        )
+
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first invalid field and its value."""
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, list, set, tuple)):
+                raise TypeError(f"SparseConfig.{name} must be a str, a list of str or None, got {value!r}")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            raise ValueError("SparseConfig.layers_to_transform cannot be used when target_modules is a str (regex)")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("SparseConfig.layers_pattern requires layers_to_transform to be set")
+        if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
+            raise TypeError(f"SparseConfig.density must be a float, got {type(self.density).__name__} {self.density!r}")
+        if not (math.isfinite(self.density) and 0.0 < self.density <= 1.0):
+            raise ValueError(f"SparseConfig.density must be in (0, 1], got {self.density!r}")
+        if self.num_tunable_weights is not None:
+            _check_int("num_tunable_weights", self.num_tunable_weights, 0)
+        _check_choice("budget", self.budget, BUDGET_MODES)
+        _check_choice("selection", self.selection, SELECTION_METHODS)
+        _check_choice("update", self.update, UPDATE_MODES)
+        _check_choice("regrow", self.regrow, REGROW_METHODS)
+        _check_choice("delta_dtype", self.delta_dtype, DELTA_DTYPES)
+        _check_int("update_interval", self.update_interval, 1)
+        _check_int("salience_batches", self.salience_batches, 1)
+        _check_int("accumulation_steps", self.accumulation_steps, 1)
+        _check_int("seed", self.seed, 0)
+        if isinstance(self.reselection_rate, bool) or not isinstance(self.reselection_rate, (int, float)):
+            raise TypeError(f"SparseConfig.reselection_rate must be a float, got {self.reselection_rate!r}")
+        if not (math.isfinite(self.reselection_rate) and 0.0 <= self.reselection_rate <= 1.0):
+            raise ValueError(f"SparseConfig.reselection_rate must be in [0, 1], got {self.reselection_rate!r}")
+        if self.update == "spiel" and self.accumulation_steps > self.update_interval and self.regrow == "gradient":
+            raise ValueError(
+                f"SparseConfig.accumulation_steps ({self.accumulation_steps}) must not exceed update_interval "
+                f"({self.update_interval}) for update='spiel' with regrow='gradient'"
+            )
+
+    @property
+    def torch_delta_dtype(self) -> torch.dtype:
+        """``delta_dtype`` as a ``torch.dtype``."""
+        return DELTA_DTYPES[self.delta_dtype]

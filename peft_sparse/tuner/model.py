@@ -1,0 +1,183 @@
+"""`SparseModel`: the peft tuner that injects sparse adapter layers into a model."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from peft.utils.other import _get_submodules
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .budget import allocate_budget
+from .config import SparseConfig
+from .layer import Linear, SparseLayer
+from .registration import PREFIX
+
+_QUANTISED_WEIGHT_TYPES = ("Params4bit", "Int8Params")
+
+
+def _unsupported_reason(layer_name: str, base_layer: nn.Module) -> str | None:
+    """Why ``base_layer`` cannot carry a sparse adapter yet, or ``None`` if it can."""
+    weight = getattr(base_layer, "weight", None)
+    quantised = weight is not None and (
+        type(weight).__name__ in _QUANTISED_WEIGHT_TYPES or not weight.is_floating_point()
+    )
+    if isinstance(base_layer, (nn.Linear, Conv1D)) and not quantised:
+        return None
+    kind = "quantised layer" if quantised else "layer"
+    return (
+        f"Target module {layer_name!r} is a {kind} of type {type(base_layer).__module__}.{type(base_layer).__name__}, "
+        "which peft-sparse does not support; supported types are torch.nn.Linear and transformers Conv1D"
+    )
+
+
+class SparseModel(BaseTuner):
+    """Creates a sparse fine-tuning model from a pretrained transformers model.
+
+    Every targeted ``nn.Linear`` / ``Conv1D`` is wrapped in a sparse layer holding, per adapter, ``k`` trainable
+    entries of a delta on its frozen weight. Budgets are allocated over all targeted layers of an adapter at once
+    (see :func:`peft_sparse.tuner.budget.allocate_budget`), so the trainable-parameter count is exactly the one the
+    config asks for.
+
+    Args:
+        model ([`~transformers.PreTrainedModel`]): The model to be adapted.
+        config ([`SparseConfig`]): The configuration of the sparse adapter.
+        adapter_name (`str`): The name of the adapter, defaults to `"default"`.
+
+    Example:
+        ```py
+        >>> import peft_sparse
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_sparse.SparseConfig(target_modules=["q_proj", "v_proj"]))
+        ```
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = SparseLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """Inject the adapter's layers, then size every layer's index set from the adapter's budget.
+
+        If anything fails, every layer injected for this adapter is removed again before the error propagates, so
+        the model is never left half-adapted.
+        """
+        try:
+            super().inject_adapter(model, adapter_name, *args, **kwargs)
+            self._allocate_budget(model, adapter_name)
+        except Exception:
+            self._remove_adapter_layers(model, adapter_name)
+            raise
+
+    def _allocate_budget(self, model: nn.Module, adapter_name: str) -> None:
+        config = self.peft_config[adapter_name]
+        layers = self._layers_with_adapter(model, adapter_name)
+        counts = allocate_budget(
+            [layer.num_weight_entries for layer in layers], config.density, config.num_tunable_weights, config.budget
+        )
+        for layer, count in zip(layers, counts):
+            layer.reset_random(adapter_name, count, config.seed)
+
+    @staticmethod
+    def _layers_with_adapter(model: nn.Module, adapter_name: str) -> list[SparseLayer]:
+        return [m for m in model.modules() if isinstance(m, SparseLayer) and adapter_name in m.sparse_values]
+
+    @staticmethod
+    def _remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
+        """Undo an injection: drop the adapter from shared layers, unwrap layers that only held this adapter."""
+        for name, module in list(model.named_modules()):
+            if not isinstance(module, SparseLayer) or adapter_name not in module.sparse_values:
+                continue
+            if len(module.sparse_values) > 1:
+                module.delete_adapter(adapter_name)
+                continue
+            parent, _, target_name = _get_submodules(model, name)
+            setattr(parent, target_name, module.get_base_layer())
+
+    def _create_and_replace(
+        self, sparse_config: SparseConfig, adapter_name, target, target_name, parent, current_key, **optional_kwargs
+    ) -> None:
+        if current_key is None:
+            raise ValueError("current_key must not be None")
+        if isinstance(target, SparseLayer):
+            target.update_layer(adapter_name, sparse_config.torch_delta_dtype, inference_mode=sparse_config.inference_mode)
+            return
+        new_module = self._create_new_module(sparse_config, adapter_name, target, current_key)
+        if adapter_name not in self.active_adapters:
+            # an additional adapter is not trainable until it is activated
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    @staticmethod
+    def _create_new_module(sparse_config: SparseConfig, adapter_name: str, target: nn.Module, layer_name: str):
+        base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        reason = _unsupported_reason(layer_name, base_layer)
+        if reason is not None:
+            raise TypeError(reason)
+        # The layout is a property of the layer type, so it is taken from the layer rather than trusted from the
+        # config; `fan_in_fan_out` in the config only has to agree, as in LoRA.
+        fan_in_fan_out = isinstance(base_layer, Conv1D)
+        return Linear(
+            target,
+            adapter_name,
+            delta_dtype=sparse_config.torch_delta_dtype,
+            layer_name=layer_name,
+            fan_in_fan_out=fan_in_fan_out,
+        )
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # peft would upcast fp16/bf16 adapter weights to fp32 here; sparse values already live in the dtype the
+        # user chose with `SparseConfig.delta_dtype`, which must win.
+        return None
+
+    def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
+        """Add a new adapter that is the weighted sum of existing sparse adapters.
+
+        In every layer the new adapter's index set is the union of the given adapters' index sets, and its values
+        are ``sum_a weight_a * values_a`` at each position (an adapter that lacks a position contributes zero). The
+        new adapter is not activated; use ``set_adapter``.
+
+        Args:
+            adapters: names of existing sparse adapters.
+            weights: one weight per adapter.
+            adapter_name: name of the new adapter.
+        """
+        adapters = list(adapters)
+        weights = [float(w) for w in weights]
+        if not adapters:
+            raise ValueError("add_weighted_adapter: adapters must not be empty")
+        if len(weights) != len(adapters):
+            raise ValueError(
+                f"add_weighted_adapter: got {len(weights)} weights for {len(adapters)} adapters {adapters!r}"
+            )
+        missing = [name for name in adapters if name not in self.peft_config]
+        if missing:
+            raise ValueError(f"add_weighted_adapter: adapters {missing!r} do not exist")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"add_weighted_adapter: adapter_name {adapter_name!r} already exists")
+        configs = [self.peft_config[name] for name in adapters]
+        if any(not isinstance(c, SparseConfig) for c in configs):
+            raise ValueError("add_weighted_adapter: all adapters must be sparse adapters")
+        if any(c.target_modules != configs[0].target_modules for c in configs[1:]):
+            raise ValueError("add_weighted_adapter: all adapters must have the same target_modules")
+
+        self.peft_config[adapter_name] = dataclasses.replace(configs[0], num_tunable_weights=None)
+        try:
+            self.inject_adapter(self.model, adapter_name)
+            for layer in self._layers_with_adapter(self.model, adapter_name):
+                present = [(name, w) for name, w in zip(adapters, weights) if name in layer.sparse_values]
+                union = torch.unique(torch.cat([layer.sparse_indices[name].to(torch.int64) for name, _ in present]))
+                values = torch.zeros(union.numel(), dtype=torch.float32, device=union.device)
+                for name, w in present:
+                    positions = torch.searchsorted(union, layer.sparse_indices[name].to(torch.int64))
+                    values.index_add_(0, positions, w * layer.sparse_values[name].detach().float())
+                layer.set_sparse_entries(adapter_name, union, values)
+        except Exception:
+            del self.peft_config[adapter_name]
+            self._remove_adapter_layers(self.model, adapter_name)
+            raise
+        self._mark_only_adapters_as_trainable(self.model)
