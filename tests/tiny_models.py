@@ -1,0 +1,95 @@
+"""Tiny models built from configs (no downloads) shared by the tests.
+
+Dropout is off so that a model in train mode is deterministic and can be compared with a dense reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
+
+VOCAB = 97
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_bert(seed: int = 0) -> BertForSequenceClassification:
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=48,
+        max_position_embeddings=64,
+        num_labels=3,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return BertForSequenceClassification(config).eval()
+
+
+def tiny_opt(seed: int = 0) -> OPTForCausalLM:
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        ffn_dim=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        word_embed_proj_dim=32,
+        dropout=0.0,
+        attention_dropout=0.0,
+    )
+    return OPTForCausalLM(config).eval()
+
+
+# name -> (factory, target_modules); the targets name the attention projections of each family.
+MODEL_FAMILIES = {
+    "llama": (tiny_llama, ["q_proj", "v_proj"]),
+    "gpt2": (tiny_gpt2, ["c_attn", "c_proj"]),
+    "bert": (tiny_bert, ["query", "value"]),
+    "opt": (tiny_opt, ["q_proj", "v_proj"]),
+}
+
+
+def make_batch(seed: int = 0, batch: int = 2, length: int = 9) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def logits(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
