@@ -6,7 +6,9 @@ nothing here allocates a dense ``out x in`` tensor except where the op's output 
 (``scatter_add`` writes into a dense weight the caller owns).
 
 Index convention (see ``DESIGN.md``): a sparse delta of a logical weight ``W`` of shape ``(out, in)`` is a pair
-``(indices, values)`` where ``indices`` are row-major flat positions ``row * in + col``.
+``(indices, values)`` where ``indices`` are row-major flat positions ``row * in + col``. The ops trust their indices
+(checking the range would cost a device synchronisation on every forward); index sets are validated once, where
+they enter a layer (``SparseLayer.set_sparse_entries`` and adapter loading).
 """
 
 from __future__ import annotations
