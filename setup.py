@@ -1,6 +1,59 @@
-"""Build shim. Metadata lives in pyproject.toml; this file is where the C++/CUDA extension build will plug in
-(``torch.utils.cpp_extension``), which needs imperative code that pyproject.toml cannot express."""
+"""Build script. Metadata lives in pyproject.toml; this file adds the C++/CUDA extension ``peft_sparse._C``.
+
+The extension needs torch at build time, so install with ``pip install --no-build-isolation`` after installing
+torch (an isolated build environment would download its own, multi-GB torch). Without torch at build time, or with
+``PEFT_SPARSE_BUILD_EXTENSION=0``, the package installs without ``_C`` and ``peft_sparse.ops`` falls back to a JIT
+build of the same sources at first use, then to the pure-PyTorch reference.
+
+The CUDA kernels are added (``CUDAExtension``) when torch was built with CUDA and ``nvcc`` is found; set
+``PEFT_SPARSE_BUILD_CUDA=0`` to skip them, and ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``) to choose GPUs.
+"""
+
+import os
+import shutil
+import sys
+from pathlib import Path
 
 from setuptools import setup
 
-setup()
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def _flag(name: str, default: str = "1") -> bool:
+    return os.environ.get(name, default).strip().lower() not in {"0", "false", "no", "off"}
+
+
+def _extensions():
+    if not _flag("PEFT_SPARSE_BUILD_EXTENSION"):
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("peft-sparse: torch is not importable at build time; building without peft_sparse._C "
+              "(use `pip install --no-build-isolation` after installing torch)", file=sys.stderr)
+        return [], {}
+
+    sources = [str(p.relative_to(ROOT)) for p in (CSRC / "ops.cpp", CSRC / "cpu" / "ops_cpu.cpp")]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp-simd", "-ffp-contract=off"]
+    with_cuda = (
+        _flag("PEFT_SPARSE_BUILD_CUDA")
+        and torch.version.cuda is not None
+        and (cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None)
+    )
+    if with_cuda:
+        sources += [str(p.relative_to(ROOT)) for p in (CSRC / "cuda" / "ops_cuda.cpp", CSRC / "cuda" / "kernels.cu")]
+        extension = cpp_extension.CUDAExtension(
+            "peft_sparse._C",
+            sources,
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--fmad=true"]},
+        )
+    else:
+        extension = cpp_extension.CppExtension("peft_sparse._C", sources, extra_compile_args={"cxx": cxx_flags})
+    print(f"peft-sparse: building peft_sparse._C ({'C++ and CUDA' if with_cuda else 'C++'} kernels)", file=sys.stderr)
+    return [extension], {"build_ext": cpp_extension.BuildExtension}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -13,9 +13,13 @@ they enter a layer (``SparseLayer.set_sparse_entries`` and adapter loading).
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import Optional
+
 import torch
 
-__all__ = ["scatter_add", "sddmm_gather", "split_indices"]
+__all__ = ["dequant_scatter", "scatter_add", "sddmm_gather", "split_indices"]
 
 # The sampled gradient gather materialises two (tokens x chunk) tiles at a time; this bounds their element count so
 # its temporary memory stays constant however many tokens or entries there are (2 x 2**22 fp32 = 32 MiB).
@@ -96,3 +100,57 @@ def sddmm_gather(
         input_cols = input.index_select(1, col_indices[start:stop]).to(acc_dtype)
         out[start:stop] = (grad_cols * input_cols).sum(dim=0)
     return out
+
+
+def dequant_scatter(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    shape: Sequence[int],
+    out_dtype: torch.dtype,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    nested_absmax: Optional[torch.Tensor] = None,
+    nested_code: Optional[torch.Tensor] = None,
+    nested_blocksize: int = 256,
+    offset: float = 0.0,
+) -> torch.Tensor:
+    """Dequantise a bitsandbytes 4-bit weight and add a sparse delta, rounding once to ``out_dtype``.
+
+    Layout (bitsandbytes ``quantize_4bit``): the row-major flattened weight of ``prod(shape)`` elements is packed two
+    per byte, element ``2j`` in the high nibble of byte ``j`` and element ``2j + 1`` in the low one. Element ``e``
+    decodes to ``code[nibble] * absmax[e // blocksize]`` in fp32, where ``code`` is the 16-entry NF4 or FP4 table.
+    With double quantisation (``nested_absmax`` given) ``absmax`` holds uint8 codes and the scale of block ``b`` is
+    ``nested_code[absmax[b]] * nested_absmax[b // nested_blocksize] + offset``, each operation rounded to fp32, as
+    bitsandbytes computes it. The fp32 ``values`` are then added at ``indices`` (row-major flat positions;
+    duplicates accumulate) and the result is rounded once to ``out_dtype``.
+
+    Returns:
+        A new tensor of ``shape`` and ``out_dtype``; without a delta it equals
+        ``bitsandbytes.functional.dequantize_4bit`` exactly.
+    """
+    if (nested_absmax is None) != (nested_code is None):
+        raise ValueError("dequant_scatter: nested_absmax and nested_code must be given together")
+    if blocksize <= 0:
+        raise ValueError(f"dequant_scatter: blocksize must be positive, got {blocksize}")
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    packed_bytes = packed.reshape(-1).view(torch.uint8)
+    if packed_bytes.numel() * 2 < numel:
+        raise ValueError(f"dequant_scatter: packed holds {packed_bytes.numel() * 2} 4-bit values, shape {shape} "
+                         f"needs {numel}")
+    nibbles = torch.stack([packed_bytes >> 4, packed_bytes & 15], dim=1).reshape(-1)[:numel].long()
+    num_blocks = -(-numel // blocksize)
+    if nested_absmax is not None:
+        nested_scales = nested_absmax.float().repeat_interleave(nested_blocksize)[:num_blocks]
+        scales = nested_code.float()[absmax.reshape(-1)[:num_blocks].long()] * nested_scales
+        scales = scales + torch.tensor(offset, dtype=torch.float32, device=scales.device)
+    else:
+        scales = absmax.reshape(-1)[:num_blocks].float()
+    dense = code.float().to(packed.device)[nibbles] * scales.repeat_interleave(blocksize)[:numel]
+    # the delta addresses the row-major (rows, last dim) view of the weight
+    dense = dense.reshape(math.prod(shape[:-1]), shape[-1]) if shape else dense.reshape(1, 1)
+    if indices.numel() > 0:
+        scatter_add(dense, indices, values.float())
+    return dense.reshape(shape).to(out_dtype)

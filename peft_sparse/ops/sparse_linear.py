@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from . import reference
+from .functional import scatter_add, sddmm_gather
 
 
 def merged_weight(
@@ -27,7 +27,7 @@ def merged_weight(
     """
     logical = weight.t() if fan_in_fan_out else weight
     merged = logical.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-    return reference.scatter_add(merged, indices, values)
+    return scatter_add(merged, indices, values)
 
 
 class _SparseLinearFunction(torch.autograd.Function):
@@ -55,7 +55,7 @@ class _SparseLinearFunction(torch.autograd.Function):
             grad_x = (grad_2d @ merged).reshape(x.shape).to(x.dtype)
             del merged
         if needs_values:
-            grad_values = reference.sddmm_gather(grad_2d, x_2d, indices, in_features).to(values.dtype)
+            grad_values = sddmm_gather(grad_2d, x_2d, indices, in_features).to(values.dtype)
         if needs_weight:
             # The base weight is frozen in every peft-sparse setup; this branch only keeps the function a correct
             # autograd citizen if a caller unfreezes it.

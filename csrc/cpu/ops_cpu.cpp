@@ -1,0 +1,240 @@
+// CPU kernels of the peft-sparse ops. Parallelism goes through at::parallel_for (torch's OpenMP pool, so
+// torch.set_num_threads applies and no second OpenMP runtime is linked in); inner loops are written for the
+// compiler's vectoriser (`#pragma omp simd`, enabled by -fopenmp-simd without any OpenMP runtime).
+//
+// sddmm_gather: walk the tokens in tiles of kTokenTile; per tile, transpose the tile of `input` and `grad_output`
+//   to feature-major fp32 buffers ((in + out) * kTokenTile floats, bounded whatever N is), then every entry is a
+//   contiguous dot product of length kTokenTile. Entries are processed in chunks of consecutive (sorted) indices,
+//   so a chunk's entries share grad_output rows, which stay in cache.
+//   Floors: bytes = N * (in + out) * sizeof(T) + k * (sizeof(index) + 4); FLOPs = 2 * k * N.
+// dequant_scatter: parallel over 4096-element tiles; a tile is decoded into an fp32 buffer, the tile's delta
+//   entries (binary search: indices sorted) are added, and the buffer is rounded once into the output.
+//   Floors: bytes = numel / 2 + numel / blocksize * sizeof(absmax) + numel * sizeof(out) + k * 8; FLOPs = numel.
+// scatter_add: a sequential loop over the k entries. It is O(k) against the O(out * in) copy that always
+//   precedes it in the forward, and sequential order makes duplicate indices accumulate without atomics.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <torch/types.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+constexpr int64_t kTokenTile = 128;
+constexpr int64_t kDequantTile = 4096;
+
+void check_indices_tensor(const at::Tensor& indices, const char* op) {
+  TORCH_CHECK_VALUE(indices.dim() == 1, op, ": indices must be 1-D, got shape ", indices.sizes());
+  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
+                   ": indices must be int32 or int64, got ", indices.scalar_type());
+}
+
+void scatter_add_cpu(at::Tensor dense, const at::Tensor& indices, const at::Tensor& values) {
+  TORCH_CHECK_VALUE(dense.dim() == 2, "scatter_add_: dense must be 2-D, got shape ", dense.sizes());
+  check_indices_tensor(indices, "scatter_add_");
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.size(0) == indices.size(0),
+                    "scatter_add_: values must be 1-D with one value per index, got shapes ", values.sizes(),
+                    " and ", indices.sizes());
+  const int64_t k = indices.size(0);
+  if (k == 0) return;
+  const int64_t rows = dense.size(0), cols = dense.size(1);
+  const int64_t stride_row = dense.stride(0), stride_col = dense.stride(1);
+  const at::Tensor cast_values = values.to(dense.scalar_type()).contiguous();
+  const at::Tensor flat_indices = indices.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dense.scalar_type(), "scatter_add_cpu", [&] {
+    scalar_t* base = dense.data_ptr<scalar_t>();
+    const scalar_t* vals = cast_values.data_ptr<scalar_t>();
+    AT_DISPATCH_INDEX_TYPES(flat_indices.scalar_type(), "scatter_add_cpu_index", [&] {
+      const index_t* idx = flat_indices.data_ptr<index_t>();
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t flat = static_cast<int64_t>(idx[i]);
+        TORCH_CHECK_VALUE(flat >= 0 && flat < rows * cols, "scatter_add_: index ", flat, " out of range [0, ",
+                          rows * cols, ")");
+        const int64_t row = flat / cols, col = flat - row * cols;
+        scalar_t& target = base[row * stride_row + col * stride_col];
+        target = target + vals[i];
+      }
+    });
+  });
+}
+
+template <typename acc_t>
+inline acc_t dot(const acc_t* a, const acc_t* b, int64_t n) {
+  acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t t = 0; t < n; ++t) sum += a[t] * b[t];
+  return sum;
+}
+
+// Copy rows [n0, n0 + count) of a (N, features) matrix into a (features, kTokenTile) feature-major buffer.
+template <typename scalar_t, typename acc_t>
+void transpose_tile(const scalar_t* source, int64_t stride_token, int64_t stride_feature, int64_t features,
+                    int64_t n0, int64_t count, acc_t* buffer) {
+  at::parallel_for(0, features, 256, [&](int64_t begin, int64_t end) {
+    for (int64_t t = 0; t < count; ++t) {
+      const scalar_t* row = source + (n0 + t) * stride_token;
+      for (int64_t f = begin; f < end; ++f) buffer[f * kTokenTile + t] = static_cast<acc_t>(row[f * stride_feature]);
+    }
+  });
+}
+
+at::Tensor sddmm_gather_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
+                            int64_t in_features) {
+  TORCH_CHECK_VALUE(grad_output.dim() == 2 && input.dim() == 2 && grad_output.size(0) == input.size(0),
+                    "sddmm_gather: expected grad_output (N, out) and input (N, in), got ", grad_output.sizes(),
+                    " and ", input.sizes());
+  TORCH_CHECK_VALUE(input.size(1) == in_features, "sddmm_gather: input has ", input.size(1),
+                    " features, expected in_features=", in_features);
+  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "sddmm_gather: grad_output is ",
+                   grad_output.scalar_type(), " but input is ", input.scalar_type());
+  check_indices_tensor(indices, "sddmm_gather");
+  const bool fp64 = input.scalar_type() == at::kDouble;
+  const int64_t k = indices.size(0);
+  at::Tensor out = at::zeros({k}, input.options().dtype(fp64 ? at::kDouble : at::kFloat));
+  const int64_t num_tokens = input.size(0), out_features = grad_output.size(1);
+  if (k == 0 || num_tokens == 0) return out;
+  const at::Tensor flat_indices = indices.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "sddmm_gather_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    std::vector<acc_t> input_tile(in_features * kTokenTile), grad_tile(out_features * kTokenTile);
+    acc_t* result = out.data_ptr<acc_t>();
+    AT_DISPATCH_INDEX_TYPES(flat_indices.scalar_type(), "sddmm_gather_cpu_index", [&] {
+      const index_t* idx = flat_indices.data_ptr<index_t>();
+      // Entries are checked once; the tile loop below then trusts them.
+      for (int64_t i = 0; i < k; ++i) {
+        TORCH_CHECK_VALUE(idx[i] >= 0 && static_cast<int64_t>(idx[i]) < out_features * in_features,
+                          "sddmm_gather: index ", static_cast<int64_t>(idx[i]), " out of range [0, ",
+                          out_features * in_features, ")");
+      }
+      for (int64_t n0 = 0; n0 < num_tokens; n0 += kTokenTile) {
+        const int64_t count = std::min(kTokenTile, num_tokens - n0);
+        transpose_tile(input.data_ptr<scalar_t>(), input.stride(0), input.stride(1), in_features, n0, count,
+                       input_tile.data());
+        transpose_tile(grad_output.data_ptr<scalar_t>(), grad_output.stride(0), grad_output.stride(1),
+                       out_features, n0, count, grad_tile.data());
+        at::parallel_for(0, k, 512, [&](int64_t begin, int64_t end) {
+          for (int64_t i = begin; i < end; ++i) {
+            const int64_t flat = static_cast<int64_t>(idx[i]);
+            const int64_t row = flat / in_features, col = flat - row * in_features;
+            result[i] += dot(grad_tile.data() + row * kTokenTile, input_tile.data() + col * kTokenTile, count);
+          }
+        });
+      }
+    });
+  });
+  return out;
+}
+
+template <typename index_t>
+void check_sorted(const index_t* idx, int64_t k, int64_t numel) {
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t flat = static_cast<int64_t>(idx[i]);
+    TORCH_CHECK_VALUE(flat >= 0 && flat < numel, "dequant_scatter: index ", flat, " out of range [0, ", numel, ")");
+    TORCH_CHECK_VALUE(i == 0 || idx[i - 1] <= idx[i], "dequant_scatter: indices must be sorted ascending");
+  }
+}
+
+at::Tensor dequant_scatter_cpu(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
+                               int64_t blocksize, c10::SymIntArrayRef shape, at::ScalarType out_dtype,
+                               const at::Tensor& indices, const at::Tensor& values,
+                               const std::optional<at::Tensor>& nested_absmax,
+                               const std::optional<at::Tensor>& nested_code, int64_t nested_blocksize,
+                               double offset) {
+  std::vector<int64_t> sizes;
+  int64_t numel = 1;
+  for (const auto& s : shape) {
+    sizes.push_back(s.expect_int());
+    numel *= sizes.back();
+  }
+  TORCH_CHECK_VALUE(blocksize > 0, "dequant_scatter: blocksize must be positive, got ", blocksize);
+  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "dequant_scatter: packed must be uint8, got ",
+                   packed.scalar_type());
+  TORCH_CHECK_VALUE(packed.numel() * 2 >= numel, "dequant_scatter: packed holds ", packed.numel() * 2,
+                    " 4-bit values, shape ", sizes, " needs ", numel);
+  TORCH_CHECK_VALUE(code.numel() == 16 && code.scalar_type() == at::kFloat,
+                    "dequant_scatter: code must be 16 float32 values, got ", code.numel(), " ", code.scalar_type());
+  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
+                   "dequant_scatter: out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
+  check_indices_tensor(indices, "dequant_scatter");
+  TORCH_CHECK_VALUE(values.dim() == 1 && values.size(0) == indices.size(0),
+                    "dequant_scatter: values must be 1-D with one value per index, got shapes ", values.sizes(),
+                    " and ", indices.sizes());
+  const bool nested = nested_absmax.has_value();
+  TORCH_CHECK_VALUE(nested == nested_code.has_value(),
+                    "dequant_scatter: nested_absmax and nested_code must be given together");
+  const int64_t num_blocks = (numel + blocksize - 1) / blocksize;
+  TORCH_CHECK_VALUE(absmax.numel() >= num_blocks, "dequant_scatter: absmax has ", absmax.numel(),
+                    " entries, expected ", num_blocks);
+  TORCH_CHECK_TYPE(absmax.scalar_type() == (nested ? at::kByte : at::kFloat), "dequant_scatter: absmax must be ",
+                   nested ? "uint8 (double quantisation)" : "float32", ", got ", absmax.scalar_type());
+  at::Tensor nested_absmax_c, nested_code_c;
+  if (nested) {
+    TORCH_CHECK_VALUE(nested_blocksize > 0, "dequant_scatter: nested_blocksize must be positive");
+    nested_absmax_c = nested_absmax->to(at::kFloat).contiguous();
+    nested_code_c = nested_code->to(at::kFloat).contiguous();
+    TORCH_CHECK_VALUE(nested_code_c.numel() == 256, "dequant_scatter: nested_code must have 256 entries, got ",
+                      nested_code_c.numel());
+    TORCH_CHECK_VALUE(nested_absmax_c.numel() >= (num_blocks + nested_blocksize - 1) / nested_blocksize,
+                      "dequant_scatter: nested_absmax is too short");
+  }
+  at::Tensor out = at::empty(sizes, packed.options().dtype(out_dtype));
+  if (numel == 0) return out;
+  const at::Tensor packed_c = packed.contiguous(), absmax_c = absmax.contiguous(), code_c = code.contiguous();
+  const at::Tensor indices_c = indices.contiguous(), values_f = values.to(at::kFloat).contiguous();
+  const int64_t k = indices_c.size(0);
+  const uint8_t* bytes = packed_c.data_ptr<uint8_t>();
+  const float* table = code_c.data_ptr<float>();
+  const float* values_ptr = values_f.data_ptr<float>();
+  const float offset_f = static_cast<float>(offset);
+  const float* absmax_values = nested ? nullptr : absmax_c.data_ptr<float>();
+  const uint8_t* absmax_codes = nested ? absmax_c.data_ptr<uint8_t>() : nullptr;
+  const float* nested_table = nested ? nested_code_c.data_ptr<float>() : nullptr;
+  const float* nested_scales = nested ? nested_absmax_c.data_ptr<float>() : nullptr;
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "dequant_scatter_cpu", [&] {
+    scalar_t* result = out.data_ptr<scalar_t>();
+    AT_DISPATCH_INDEX_TYPES(indices_c.scalar_type(), "dequant_scatter_cpu_index", [&] {
+      const index_t* idx = indices_c.data_ptr<index_t>();
+      check_sorted(idx, k, numel);
+      const int64_t num_tiles = (numel + kDequantTile - 1) / kDequantTile;
+      at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
+        std::vector<float> buffer(kDequantTile);
+        for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
+          const int64_t t0 = tile * kDequantTile, t1 = std::min(numel, t0 + kDequantTile);
+          // One quantisation block (one scale) at a time.
+          for (int64_t e0 = t0; e0 < t1;) {
+            const int64_t block = e0 / blocksize;
+            const int64_t e1 = std::min(t1, (block + 1) * blocksize);
+            // Separate multiply and add, no contraction (-ffp-contract=off): bitsandbytes computes the nested
+            // absmax as code * absmax, then + offset, each rounded to fp32.
+            const float scale = nested ? nested_table[absmax_codes[block]] * nested_scales[block / nested_blocksize] +
+                                             offset_f
+                                       : absmax_values[block];
+            for (int64_t e = e0; e < e1; ++e) {
+              const uint8_t byte = bytes[e >> 1];
+              buffer[e - t0] = table[(e & 1) ? (byte & 15) : (byte >> 4)] * scale;
+            }
+            e0 = e1;
+          }
+          const index_t* first = std::lower_bound(idx, idx + k, static_cast<index_t>(t0));
+          for (const index_t* p = first; p != idx + k && static_cast<int64_t>(*p) < t1; ++p) {
+            buffer[static_cast<int64_t>(*p) - t0] += values_ptr[p - idx];
+          }
+          for (int64_t e = t0; e < t1; ++e) result[e] = static_cast<scalar_t>(buffer[e - t0]);
+        }
+      });
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(peft_sparse, CPU, m) {
+  m.impl("scatter_add_", &scatter_add_cpu);
+  m.impl("sddmm_gather", &sddmm_gather_cpu);
+  m.impl("dequant_scatter", &dequant_scatter_cpu);
+}

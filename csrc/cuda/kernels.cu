@@ -1,0 +1,466 @@
+// peft-sparse CUDA kernels: scatter_add, sddmm_gather (sampled gradient gather) and dequant_scatter.
+//
+// This file includes no PyTorch header and, in its device part, no header at all, so that it compiles three ways:
+// inside the CUDAExtension build (with the host launchers at the bottom), at run time with CuPy/NVRTC (which
+// defines __CUDACC_RTC__ and sees only the extern "C" kernels), and with a plain `nvcc -c` on a CPU machine as a
+// compile check. Half and bfloat16 values travel as raw 16-bit words and are converted here.
+//
+// ---------------------------------------------------------------------------------------------------------------
+// scatter_add: dense[row, col] += values[i] for (row, col) = divmod(indices[i], cols).
+//   Launch: one thread per entry, 256 threads per block. Atomic adds (CAS on the aligned 32-bit word for 16-bit
+//   types), so duplicate indices accumulate as in the reference.
+//   Floors: bytes = k * (sizeof(index) + 2 * sizeof(T)) (each touched weight read and written once, plus the
+//   pair); FLOPs = k.
+//
+// sddmm_gather: out[i] = sum_n grad_output[n, row_i] * input[n, col_i], with fp32 accumulation (fp64 for fp64).
+//   Launch: grid (ceil(k / (256 * 8)), splits), 256 threads, 8 entries per thread held in registers; the token
+//   dimension is split into `splits` ranges and walked in tiles of `tile_tokens` tokens: each tile of `input`
+//   (tile_tokens x in, all features) is read from device memory once per block into shared memory and reused by
+//   all 2048 entries of the block, whose grad_output reads hit L1 (consecutive entries share a row because the
+//   indices are sorted). Each split writes its partial sums to a workspace row; a second kernel adds the rows in a
+//   fixed order, so results are deterministic (no float atomics).
+//   Floors: bytes = N * (in + out) * sizeof(T) + k * (sizeof(index) + 4); FLOPs = 2 * k * N.
+//   Cost above the floor: `input` is re-read from L2 once per entry-block (ceil(k / 2048) times in all); that is
+//   the term a GPU tuning pass should attack first.
+//
+// dequant_scatter: bitsandbytes 4-bit (NF4/FP4 through a 16-entry code table, optional double quantisation)
+//   dequantised in fp32, a sparse fp32 delta added, rounded once to the output dtype.
+//   Launch: one block of 256 threads per 4096-element tile: the tile's 2048 packed bytes are read once (coalesced)
+//   and decoded into shared memory, the block's delta entries (found by binary search, indices sorted) are added
+//   with shared-memory atomics, and the tile is written out coalesced. Products use __fmul_rn/__fadd_rn so the
+//   compiler cannot contract them into FMAs: the fp32 values then equal bitsandbytes' bit for bit.
+//   Floors: bytes = numel / 2 + numel / blocksize * sizeof(absmax) + numel * sizeof(out) + k * 8; FLOPs = numel.
+// ---------------------------------------------------------------------------------------------------------------
+
+#ifndef __CUDACC_RTC__
+#include "kernels.h"
+#endif
+
+typedef unsigned char ps_u8;
+typedef unsigned short ps_u16;
+typedef unsigned int ps_u32;
+typedef long long ps_i64;
+typedef unsigned long long ps_u64;
+
+#define PS_THREADS 256
+#define PS_SDDMM_ENTRIES_PER_THREAD 8
+#define PS_DQ_TILE 4096
+
+// ---- storage types --------------------------------------------------------------------------------------------
+
+struct PsF32 {
+  typedef float T;
+  typedef float Acc;
+  __device__ static __forceinline__ float to_acc(float v) { return v; }
+  __device__ static __forceinline__ float from_float(float v) { return v; }
+  __device__ static __forceinline__ void atomic_add(float* address, float v) { atomicAdd(address, v); }
+};
+
+struct PsF64 {
+  typedef double T;
+  typedef double Acc;
+  __device__ static __forceinline__ double to_acc(double v) { return v; }
+  __device__ static __forceinline__ double from_float(float v) { return v; }
+  __device__ static __forceinline__ void atomic_add(double* address, double v) { atomicAdd(address, v); }
+};
+
+template <class Derived>
+struct Ps16BitOps {
+  // Add in fp32 and round once, as torch does for half/bfloat16 tensors; CAS on the containing aligned word.
+  __device__ static void atomic_add(ps_u16* address, ps_u16 v) {
+    ps_u32* word = (ps_u32*)((ps_u64)address & ~(ps_u64)3);
+    const bool high = ((ps_u64)address & 2) != 0;
+    ps_u32 old = *word, assumed;
+    do {
+      assumed = old;
+      const ps_u16 current = high ? (ps_u16)(assumed >> 16) : (ps_u16)(assumed & 0xffffu);
+      const ps_u16 updated = Derived::from_float(Derived::to_acc(current) + Derived::to_acc(v));
+      const ps_u32 replacement =
+          high ? ((assumed & 0x0000ffffu) | ((ps_u32)updated << 16)) : ((assumed & 0xffff0000u) | updated);
+      old = atomicCAS(word, assumed, replacement);
+    } while (assumed != old);
+  }
+};
+
+struct PsF16 : Ps16BitOps<PsF16> {
+  typedef ps_u16 T;
+  typedef float Acc;
+  __device__ static __forceinline__ float to_acc(ps_u16 h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+  }
+  __device__ static __forceinline__ ps_u16 from_float(float f) {
+    ps_u16 h;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+    return h;
+  }
+};
+
+struct PsBF16 : Ps16BitOps<PsBF16> {
+  typedef ps_u16 T;
+  typedef float Acc;
+  __device__ static __forceinline__ float to_acc(ps_u16 b) { return __uint_as_float(((ps_u32)b) << 16); }
+  __device__ static __forceinline__ ps_u16 from_float(float f) {
+    // Round to nearest even, as torch does; NaN stays a quiet NaN.
+    ps_u32 bits = __float_as_uint(f);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return (ps_u16)((bits >> 16) | 0x0040u);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return (ps_u16)(bits >> 16);
+  }
+};
+
+// ---- scatter_add -------------------------------------------------------------------------------------------------
+
+template <class Tr, class Idx>
+__device__ __forceinline__ void scatter_add_body(typename Tr::T* dense, ps_i64 cols, ps_i64 stride_row,
+                                                 ps_i64 stride_col, const Idx* indices,
+                                                 const typename Tr::T* values, ps_i64 k) {
+  const ps_i64 i = (ps_i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= k) return;
+  const ps_i64 flat = (ps_i64)indices[i];
+  const ps_i64 row = flat / cols;
+  const ps_i64 col = flat - row * cols;
+  Tr::atomic_add(dense + row * stride_row + col * stride_col, values[i]);
+}
+
+// ---- sddmm_gather ------------------------------------------------------------------------------------------------
+
+template <class Tr, class Idx>
+__device__ __forceinline__ void sddmm_body(const typename Tr::T* grad, ps_i64 grad_stride_token,
+                                           ps_i64 grad_stride_feature, const typename Tr::T* input,
+                                           ps_i64 input_stride_token, ps_i64 input_stride_feature, ps_i64 num_tokens,
+                                           ps_i64 in_features, const Idx* indices, ps_i64 k,
+                                           ps_i64 tokens_per_split, int tile_tokens, typename Tr::Acc* partial) {
+  typedef typename Tr::T T;
+  typedef typename Tr::Acc Acc;
+  extern __shared__ __align__(16) unsigned char ps_shared[];
+  T* tile = (T*)ps_shared;
+
+  const ps_i64 first = (ps_i64)blockIdx.x * (PS_SDDMM_ENTRIES_PER_THREAD * PS_THREADS);
+  ps_i64 row[PS_SDDMM_ENTRIES_PER_THREAD];
+  ps_i64 col[PS_SDDMM_ENTRIES_PER_THREAD];
+  Acc acc[PS_SDDMM_ENTRIES_PER_THREAD];
+#pragma unroll
+  for (int j = 0; j < PS_SDDMM_ENTRIES_PER_THREAD; ++j) {
+    const ps_i64 e = first + threadIdx.x + (ps_i64)j * PS_THREADS;
+    acc[j] = 0;
+    row[j] = -1;
+    col[j] = 0;
+    if (e < k) {
+      const ps_i64 flat = (ps_i64)indices[e];
+      row[j] = flat / in_features;
+      col[j] = flat - row[j] * in_features;
+    }
+  }
+  const ps_i64 begin = (ps_i64)blockIdx.y * tokens_per_split;
+  const ps_i64 end = begin + tokens_per_split < num_tokens ? begin + tokens_per_split : num_tokens;
+
+  if (tile_tokens > 0) {
+    for (ps_i64 n0 = begin; n0 < end; n0 += tile_tokens) {
+      const int count = (int)(end - n0 < tile_tokens ? end - n0 : tile_tokens);
+      __syncthreads();  // the previous tile is no longer read
+      for (int t = 0; t < count; ++t) {
+        const T* source = input + (n0 + t) * input_stride_token;
+        for (ps_i64 c = threadIdx.x; c < in_features; c += PS_THREADS) {
+          tile[t * in_features + c] = source[c * input_stride_feature];
+        }
+      }
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < PS_SDDMM_ENTRIES_PER_THREAD; ++j) {
+        if (row[j] < 0) continue;
+        const T* grad_column = grad + n0 * grad_stride_token + row[j] * grad_stride_feature;
+        Acc sum = 0;
+        for (int t = 0; t < count; ++t) {
+          sum += Tr::to_acc(grad_column[t * grad_stride_token]) * Tr::to_acc(tile[t * in_features + col[j]]);
+        }
+        acc[j] += sum;
+      }
+    }
+  } else {
+    // Rows too wide to stage even one token in shared memory: read both operands straight from global memory.
+    for (ps_i64 n = begin; n < end; ++n) {
+#pragma unroll
+      for (int j = 0; j < PS_SDDMM_ENTRIES_PER_THREAD; ++j) {
+        if (row[j] < 0) continue;
+        acc[j] += Tr::to_acc(grad[n * grad_stride_token + row[j] * grad_stride_feature]) *
+                  Tr::to_acc(input[n * input_stride_token + col[j] * input_stride_feature]);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < PS_SDDMM_ENTRIES_PER_THREAD; ++j) {
+    if (row[j] < 0) continue;
+    partial[(ps_i64)blockIdx.y * k + first + threadIdx.x + (ps_i64)j * PS_THREADS] = acc[j];
+  }
+}
+
+template <class Acc>
+__device__ __forceinline__ void reduce_splits_body(const Acc* partial, ps_i64 splits, ps_i64 k, Acc* out) {
+  const ps_i64 i = (ps_i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= k) return;
+  Acc sum = 0;
+  for (ps_i64 s = 0; s < splits; ++s) sum += partial[s * k + i];  // fixed order: deterministic
+  out[i] = sum;
+}
+
+// ---- dequant_scatter ---------------------------------------------------------------------------------------------
+
+template <class Idx>
+__device__ __forceinline__ ps_i64 ps_lower_bound(const Idx* indices, ps_i64 k, ps_i64 value) {
+  ps_i64 low = 0, high = k;
+  while (low < high) {
+    const ps_i64 mid = (low + high) >> 1;
+    if ((ps_i64)indices[mid] < value) low = mid + 1; else high = mid;
+  }
+  return low;
+}
+
+template <class Tr, class Idx>
+__device__ __forceinline__ void dequant_scatter_body(const ps_u8* packed, const float* absmax_f32,
+                                                     const ps_u8* absmax_q, const float* code, ps_i64 blocksize,
+                                                     const float* nested_absmax, const float* nested_code,
+                                                     ps_i64 nested_blocksize, float offset, ps_i64 numel,
+                                                     const Idx* indices, const float* values, ps_i64 k,
+                                                     typename Tr::T* out) {
+  __shared__ float tile[PS_DQ_TILE];
+  __shared__ float code_shared[16];
+  __shared__ ps_i64 entry_range[2];
+  const ps_i64 t0 = (ps_i64)blockIdx.x * PS_DQ_TILE;
+  const ps_i64 t1 = t0 + PS_DQ_TILE < numel ? t0 + PS_DQ_TILE : numel;
+  if (threadIdx.x < 16) code_shared[threadIdx.x] = code[threadIdx.x];
+  if (threadIdx.x == 0) entry_range[0] = ps_lower_bound(indices, k, t0);
+  if (threadIdx.x == 32) entry_range[1] = ps_lower_bound(indices, k, t1);
+  __syncthreads();
+
+  const ps_i64 num_bytes = (t1 - t0 + 1) / 2;
+  ps_i64 cached_block = -1;
+  float cached_absmax = 0.f;
+  for (ps_i64 b = threadIdx.x; b < num_bytes; b += PS_THREADS) {
+    const ps_u8 byte = packed[t0 / 2 + b];
+    for (int half = 0; half < 2; ++half) {
+      const ps_i64 e = t0 + 2 * b + half;
+      if (e >= t1) break;
+      const ps_i64 block = e / blocksize;
+      if (block != cached_block) {
+        cached_block = block;
+        cached_absmax = absmax_q == 0 ? absmax_f32[block]
+                                      : __fadd_rn(__fmul_rn(nested_code[absmax_q[block]],
+                                                            nested_absmax[block / nested_blocksize]),
+                                                  offset);
+      }
+      const int nibble = half == 0 ? (byte >> 4) : (byte & 15);
+      tile[e - t0] = __fmul_rn(code_shared[nibble], cached_absmax);
+    }
+  }
+  __syncthreads();
+  for (ps_i64 e = entry_range[0] + threadIdx.x; e < entry_range[1]; e += PS_THREADS) {
+    atomicAdd(&tile[(ps_i64)indices[e] - t0], values[e]);
+  }
+  __syncthreads();
+  for (ps_i64 i = threadIdx.x; i < t1 - t0; i += PS_THREADS) out[t0 + i] = Tr::from_float(tile[i]);
+}
+
+// ---- extern "C" entry points (stable names for CuPy) -------------------------------------------------------------
+
+#define PS_SCATTER_KERNEL(NAME, TR, IDX)                                                                        \
+  extern "C" __global__ void __launch_bounds__(PS_THREADS)                                                     \
+      NAME(TR::T* dense, ps_i64 cols, ps_i64 stride_row, ps_i64 stride_col, const IDX* indices,               \
+           const TR::T* values, ps_i64 k) {                                                                    \
+    scatter_add_body<TR, IDX>(dense, cols, stride_row, stride_col, indices, values, k);                        \
+  }
+
+#define PS_SDDMM_KERNEL(NAME, TR, IDX)                                                                          \
+  extern "C" __global__ void __launch_bounds__(PS_THREADS)                                                     \
+      NAME(const TR::T* grad, ps_i64 gst, ps_i64 gsf, const TR::T* input, ps_i64 ist, ps_i64 isf,             \
+           ps_i64 num_tokens, ps_i64 in_features, const IDX* indices, ps_i64 k, ps_i64 tokens_per_split,      \
+           int tile_tokens, TR::Acc* partial) {                                                                \
+    sddmm_body<TR, IDX>(grad, gst, gsf, input, ist, isf, num_tokens, in_features, indices, k,                  \
+                        tokens_per_split, tile_tokens, partial);                                               \
+  }
+
+#define PS_DEQUANT_KERNEL(NAME, TR, IDX)                                                                        \
+  extern "C" __global__ void __launch_bounds__(PS_THREADS)                                                     \
+      NAME(const ps_u8* packed, const float* absmax_f32, const ps_u8* absmax_q, const float* code,            \
+           ps_i64 blocksize, const float* nested_absmax, const float* nested_code, ps_i64 nested_blocksize,    \
+           float offset, ps_i64 numel, const IDX* indices, const float* values, ps_i64 k, TR::T* out) {       \
+    dequant_scatter_body<TR, IDX>(packed, absmax_f32, absmax_q, code, blocksize, nested_absmax, nested_code,   \
+                                  nested_blocksize, offset, numel, indices, values, k, out);                   \
+  }
+
+#define PS_FOR_INDEX_TYPES(MACRO, PREFIX, TR, SUFFIX) \
+  MACRO(PREFIX##_##SUFFIX##_i32, TR, int)             \
+  MACRO(PREFIX##_##SUFFIX##_i64, TR, ps_i64)
+
+PS_FOR_INDEX_TYPES(PS_SCATTER_KERNEL, ps_scatter_add, PsF32, f32)
+PS_FOR_INDEX_TYPES(PS_SCATTER_KERNEL, ps_scatter_add, PsF64, f64)
+PS_FOR_INDEX_TYPES(PS_SCATTER_KERNEL, ps_scatter_add, PsF16, f16)
+PS_FOR_INDEX_TYPES(PS_SCATTER_KERNEL, ps_scatter_add, PsBF16, bf16)
+PS_FOR_INDEX_TYPES(PS_SDDMM_KERNEL, ps_sddmm_gather, PsF32, f32)
+PS_FOR_INDEX_TYPES(PS_SDDMM_KERNEL, ps_sddmm_gather, PsF64, f64)
+PS_FOR_INDEX_TYPES(PS_SDDMM_KERNEL, ps_sddmm_gather, PsF16, f16)
+PS_FOR_INDEX_TYPES(PS_SDDMM_KERNEL, ps_sddmm_gather, PsBF16, bf16)
+PS_FOR_INDEX_TYPES(PS_DEQUANT_KERNEL, ps_dequant_scatter, PsF32, f32)
+PS_FOR_INDEX_TYPES(PS_DEQUANT_KERNEL, ps_dequant_scatter, PsF16, f16)
+PS_FOR_INDEX_TYPES(PS_DEQUANT_KERNEL, ps_dequant_scatter, PsBF16, bf16)
+
+extern "C" __global__ void __launch_bounds__(PS_THREADS)
+    ps_reduce_splits_f32(const float* partial, ps_i64 splits, ps_i64 k, float* out) {
+  reduce_splits_body<float>(partial, splits, k, out);
+}
+extern "C" __global__ void __launch_bounds__(PS_THREADS)
+    ps_reduce_splits_f64(const double* partial, ps_i64 splits, ps_i64 k, double* out) {
+  reduce_splits_body<double>(partial, splits, k, out);
+}
+
+// ---- host launchers (not seen by NVRTC) ----------------------------------------------------------------------------
+
+#ifndef __CUDACC_RTC__
+
+namespace peft_sparse_cuda {
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+int element_size(DType dtype) {
+  switch (dtype) {
+    case DType::Float32: return 4;
+    case DType::Float64: return 8;
+    default: return 2;
+  }
+}
+
+dim3 blocks_for(int64_t count) { return dim3((unsigned)ceil_div(count, PS_THREADS)); }
+
+}  // namespace
+
+cudaError_t scatter_add(void* dense, DType dtype, int64_t cols, int64_t stride_row, int64_t stride_col,
+                        const void* indices, bool indices_int64, const void* values, int64_t num_entries,
+                        cudaStream_t stream) {
+  if (num_entries == 0) return cudaSuccess;
+  const dim3 grid = blocks_for(num_entries);
+#define PS_LAUNCH_SCATTER(SUFFIX, T)                                                                        \
+  if (indices_int64)                                                                                        \
+    ps_scatter_add_##SUFFIX##_i64<<<grid, PS_THREADS, 0, stream>>>((T*)dense, cols, stride_row, stride_col, \
+                                                                   (const ps_i64*)indices, (const T*)values, \
+                                                                   num_entries);                            \
+  else                                                                                                      \
+    ps_scatter_add_##SUFFIX##_i32<<<grid, PS_THREADS, 0, stream>>>((T*)dense, cols, stride_row, stride_col, \
+                                                                   (const int*)indices, (const T*)values,   \
+                                                                   num_entries);
+  switch (dtype) {
+    case DType::Float32: PS_LAUNCH_SCATTER(f32, float) break;
+    case DType::Float64: PS_LAUNCH_SCATTER(f64, double) break;
+    case DType::Float16: PS_LAUNCH_SCATTER(f16, ps_u16) break;
+    case DType::BFloat16: PS_LAUNCH_SCATTER(bf16, ps_u16) break;
+  }
+#undef PS_LAUNCH_SCATTER
+  return cudaGetLastError();
+}
+
+SddmmPlan sddmm_plan(int64_t num_tokens, int64_t in_features, int64_t num_entries, DType input_dtype, int device) {
+  SddmmPlan plan{1, num_tokens > 0 ? num_tokens : 1, 0, 0};
+  int max_shared = 48 * 1024, num_sms = 1;
+  cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
+  // 64 KiB per block leaves room for three resident blocks per SM on Hopper and two on Ampere.
+  const int64_t budget = max_shared < 64 * 1024 ? max_shared : 64 * 1024;
+  const int64_t row_bytes = in_features * element_size(input_dtype);
+  int64_t tile = row_bytes > 0 ? budget / row_bytes : 0;
+  if (tile > 32) tile = 32;
+  if (tile > num_tokens) tile = num_tokens;
+  plan.tile_tokens = (int)tile;
+  plan.shared_bytes = (int)(tile * row_bytes);
+  const int64_t entry_blocks = ceil_div(num_entries, PS_SDDMM_ENTRIES_PER_THREAD * PS_THREADS);
+  const int64_t step = tile > 0 ? tile : 1;
+  int64_t splits = entry_blocks > 0 ? ceil_div(2 * (int64_t)num_sms, entry_blocks) : 1;
+  const int64_t max_splits = ceil_div(num_tokens > 0 ? num_tokens : 1, step);
+  if (splits > max_splits) splits = max_splits;
+  if (splits > 64) splits = 64;
+  if (splits < 1) splits = 1;
+  plan.tokens_per_split = ceil_div(ceil_div(num_tokens > 0 ? num_tokens : 1, splits), step) * step;
+  plan.splits = ceil_div(num_tokens > 0 ? num_tokens : 1, plan.tokens_per_split);
+  return plan;
+}
+
+cudaError_t sddmm_gather(const void* grad_output, int64_t grad_stride_token, int64_t grad_stride_feature,
+                         const void* input, int64_t input_stride_token, int64_t input_stride_feature, DType dtype,
+                         int64_t num_tokens, int64_t in_features, const void* indices, bool indices_int64,
+                         int64_t num_entries, const SddmmPlan& plan, void* workspace, void* out,
+                         cudaStream_t stream) {
+  if (num_entries == 0) return cudaSuccess;
+  const bool fp64 = dtype == DType::Float64;
+  if (num_tokens == 0) return cudaMemsetAsync(out, 0, num_entries * (fp64 ? 8 : 4), stream);
+  void* partial = plan.splits > 1 ? workspace : out;
+  const dim3 grid((unsigned)ceil_div(num_entries, PS_SDDMM_ENTRIES_PER_THREAD * PS_THREADS),
+                  (unsigned)plan.splits);
+#define PS_LAUNCH_SDDMM(SUFFIX, T, ACC)                                                                       \
+  {                                                                                                           \
+    auto kernel = indices_int64 ? (void*)ps_sddmm_gather_##SUFFIX##_i64 : (void*)ps_sddmm_gather_##SUFFIX##_i32; \
+    if (plan.shared_bytes > 48 * 1024) {                                                                      \
+      cudaError_t status =                                                                                    \
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.shared_bytes);        \
+      if (status != cudaSuccess) return status;                                                               \
+    }                                                                                                         \
+    if (indices_int64)                                                                                        \
+      ps_sddmm_gather_##SUFFIX##_i64<<<grid, PS_THREADS, plan.shared_bytes, stream>>>(                         \
+          (const T*)grad_output, grad_stride_token, grad_stride_feature, (const T*)input, input_stride_token,  \
+          input_stride_feature, num_tokens, in_features, (const ps_i64*)indices, num_entries,                  \
+          plan.tokens_per_split, plan.tile_tokens, (ACC*)partial);                                             \
+    else                                                                                                      \
+      ps_sddmm_gather_##SUFFIX##_i32<<<grid, PS_THREADS, plan.shared_bytes, stream>>>(                         \
+          (const T*)grad_output, grad_stride_token, grad_stride_feature, (const T*)input, input_stride_token,  \
+          input_stride_feature, num_tokens, in_features, (const int*)indices, num_entries,                     \
+          plan.tokens_per_split, plan.tile_tokens, (ACC*)partial);                                             \
+  }
+  switch (dtype) {
+    case DType::Float32: PS_LAUNCH_SDDMM(f32, float, float) break;
+    case DType::Float64: PS_LAUNCH_SDDMM(f64, double, double) break;
+    case DType::Float16: PS_LAUNCH_SDDMM(f16, ps_u16, float) break;
+    case DType::BFloat16: PS_LAUNCH_SDDMM(bf16, ps_u16, float) break;
+  }
+#undef PS_LAUNCH_SDDMM
+  cudaError_t status = cudaGetLastError();
+  if (status != cudaSuccess || plan.splits == 1) return status;
+  if (fp64)
+    ps_reduce_splits_f64<<<blocks_for(num_entries), PS_THREADS, 0, stream>>>((const double*)workspace, plan.splits,
+                                                                              num_entries, (double*)out);
+  else
+    ps_reduce_splits_f32<<<blocks_for(num_entries), PS_THREADS, 0, stream>>>((const float*)workspace, plan.splits,
+                                                                              num_entries, (float*)out);
+  return cudaGetLastError();
+}
+
+cudaError_t dequant_scatter(const uint8_t* packed, const void* absmax, const float* code, int64_t blocksize,
+                            const float* nested_absmax, const float* nested_code, int64_t nested_blocksize,
+                            float offset, int64_t numel, const void* indices, bool indices_int64,
+                            const float* values, int64_t num_entries, void* out, DType out_dtype,
+                            cudaStream_t stream) {
+  if (numel == 0) return cudaSuccess;
+  const bool nested = nested_absmax != nullptr;
+  const float* absmax_f32 = nested ? nullptr : (const float*)absmax;
+  const ps_u8* absmax_q = nested ? (const ps_u8*)absmax : nullptr;
+  const dim3 grid((unsigned)ceil_div(numel, PS_DQ_TILE));
+#define PS_LAUNCH_DEQUANT(SUFFIX, T)                                                                         \
+  if (indices_int64)                                                                                         \
+    ps_dequant_scatter_##SUFFIX##_i64<<<grid, PS_THREADS, 0, stream>>>(                                       \
+        packed, absmax_f32, absmax_q, code, blocksize, nested_absmax, nested_code, nested_blocksize, offset,  \
+        numel, (const ps_i64*)indices, values, num_entries, (T*)out);                                         \
+  else                                                                                                       \
+    ps_dequant_scatter_##SUFFIX##_i32<<<grid, PS_THREADS, 0, stream>>>(                                       \
+        packed, absmax_f32, absmax_q, code, blocksize, nested_absmax, nested_code, nested_blocksize, offset,  \
+        numel, (const int*)indices, values, num_entries, (T*)out);
+  switch (out_dtype) {
+    case DType::Float32: PS_LAUNCH_DEQUANT(f32, float) break;
+    case DType::Float16: PS_LAUNCH_DEQUANT(f16, ps_u16) break;
+    case DType::BFloat16: PS_LAUNCH_DEQUANT(bf16, ps_u16) break;
+    case DType::Float64: return cudaErrorInvalidValue;
+  }
+#undef PS_LAUNCH_DEQUANT
+  return cudaGetLastError();
+}
+
+}  // namespace peft_sparse_cuda
+
+#endif  // __CUDACC_RTC__

@@ -1,0 +1,169 @@
+"""CUDA kernels through CuPy/NVRTC, for CUDA tensors when ``peft_sparse._C`` was built without CUDA.
+
+CuPy compiles ``csrc/cuda/kernels.cu`` (the very file the CUDA extension builds; its device part includes no
+header) at run time, and this module registers Python implementations of the ``peft_sparse`` ops for the CUDA
+dispatch key that launch its ``extern "C"`` kernels on torch's current stream. Outputs and workspaces are torch
+tensors; only raw device pointers cross to CuPy.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+
+from ._backend import CSRC
+
+THREADS = 256
+SDDMM_ENTRIES_PER_BLOCK = 8 * THREADS  # PS_SDDMM_ENTRIES_PER_THREAD * PS_THREADS in kernels.cu
+DEQUANT_TILE = 4096  # PS_DQ_TILE in kernels.cu
+_SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
+_library = None
+
+
+def _cupy():
+    import cupy
+
+    return cupy
+
+
+@functools.lru_cache(maxsize=None)
+def _module(device_index: int):
+    cupy = _cupy()
+    source = (CSRC / "cuda" / "kernels.cu").read_text()
+    with cupy.cuda.Device(device_index):
+        return cupy.RawModule(code=source, options=("-std=c++17",))
+
+
+def _kernel(device: torch.device, name: str):
+    return _module(device.index if device.index is not None else torch.cuda.current_device()).get_function(name)
+
+
+def _launch(kernel, grid, args, shared_bytes: int = 0) -> None:
+    import numpy as np
+
+    cupy = _cupy()
+    if shared_bytes > 48 * 1024:
+        kernel.max_dynamic_shared_size_bytes = shared_bytes
+    converted = []
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            converted.append(np.uint64(arg.data_ptr()))
+        elif isinstance(arg, float):
+            converted.append(np.float32(arg))
+        elif isinstance(arg, np.generic):
+            converted.append(arg)
+        else:
+            converted.append(np.int64(arg))
+    with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+        kernel(grid, (THREADS,), tuple(converted), shared_mem=shared_bytes)
+
+
+def _index_suffix(indices: torch.Tensor) -> str:
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+    return "i64" if indices.dtype == torch.int64 else "i32"
+
+
+def _blocks(count: int) -> tuple[int]:
+    return (max(1, math.ceil(count / THREADS)),)
+
+
+def scatter_add_cuda(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
+    from . import reference
+
+    if dense.dim() != 2 or indices.dim() != 1 or values.shape != indices.shape:
+        reference.scatter_add(dense, indices, values)  # raises the reference's ValueError
+        return
+    if indices.numel() == 0:
+        return
+    values = values.to(device=dense.device, dtype=dense.dtype).contiguous()
+    indices = indices.contiguous()
+    kernel = _kernel(dense.device, f"ps_scatter_add_{_SUFFIX[dense.dtype]}_{_index_suffix(indices)}")
+    _launch(kernel, _blocks(indices.numel()),
+            (dense, dense.shape[1], dense.stride(0), dense.stride(1), indices, values, indices.numel()))
+
+
+def _sddmm_plan(num_tokens: int, in_features: int, num_entries: int, dtype: torch.dtype, device: torch.device):
+    """Mirror of ``sddmm_plan`` in kernels.cu."""
+    properties = torch.cuda.get_device_properties(device)
+    max_shared = getattr(properties, "shared_memory_per_block_optin", 48 * 1024)
+    budget = min(max_shared, 64 * 1024)
+    row_bytes = in_features * torch.empty((), dtype=dtype).element_size()
+    tile = min(budget // row_bytes if row_bytes else 0, 32, num_tokens)
+    entry_blocks = math.ceil(num_entries / SDDMM_ENTRIES_PER_BLOCK)
+    step = max(tile, 1)
+    tokens = max(num_tokens, 1)
+    splits = max(1, min(math.ceil(2 * properties.multi_processor_count / entry_blocks), math.ceil(tokens / step), 64))
+    tokens_per_split = math.ceil(math.ceil(tokens / splits) / step) * step
+    return math.ceil(tokens / tokens_per_split), tokens_per_split, tile, tile * row_bytes
+
+
+def sddmm_gather_cuda(grad_output, input, indices, in_features):
+    from . import reference
+
+    if grad_output.dim() != 2 or input.dim() != 2 or input.shape[1] != in_features or grad_output.dtype != input.dtype:
+        return reference.sddmm_gather(grad_output, input, indices, in_features)  # raises with the reference's message
+    accumulate = torch.float64 if input.dtype == torch.float64 else torch.float32
+    k, num_tokens = indices.numel(), input.shape[0]
+    if k == 0 or num_tokens == 0:
+        return torch.zeros(k, dtype=accumulate, device=input.device)
+    splits, tokens_per_split, tile, shared_bytes = _sddmm_plan(num_tokens, in_features, k, input.dtype, input.device)
+    out = torch.empty(k, dtype=accumulate, device=input.device)
+    partial = torch.empty(splits * k, dtype=accumulate, device=input.device) if splits > 1 else out
+    indices = indices.contiguous()
+    import numpy as np
+
+    kernel = _kernel(input.device, f"ps_sddmm_gather_{_SUFFIX[input.dtype]}_{_index_suffix(indices)}")
+    _launch(kernel, (math.ceil(k / SDDMM_ENTRIES_PER_BLOCK), splits),
+            (grad_output, grad_output.stride(0), grad_output.stride(1), input, input.stride(0), input.stride(1),
+             num_tokens, in_features, indices, k, tokens_per_split, np.int32(tile), partial), shared_bytes)
+    if splits > 1:
+        reduce = _kernel(input.device, "ps_reduce_splits_f64" if accumulate == torch.float64 else "ps_reduce_splits_f32")
+        _launch(reduce, _blocks(k), (partial, splits, k, out))
+    return out
+
+
+def dequant_scatter_cuda(packed, absmax, code, blocksize, shape, out_dtype, indices, values, nested_absmax=None,
+                         nested_code=None, nested_blocksize=256, offset=0.0):
+    if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"dequant_scatter: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    if (nested_absmax is None) != (nested_code is None):
+        raise ValueError("dequant_scatter: nested_absmax and nested_code must be given together")
+    numel = math.prod(shape)
+    out = torch.empty(tuple(shape), dtype=out_dtype, device=packed.device)
+    if numel == 0:
+        return out
+    nested = nested_absmax is not None
+    indices = indices.contiguous()
+    values = values.to(torch.float32).contiguous()
+    code = code.to(torch.float32).contiguous()
+    null = torch.empty(0, device=packed.device)
+    kernel = _kernel(packed.device, f"ps_dequant_scatter_{_SUFFIX[out_dtype]}_{_index_suffix(indices)}")
+    _launch(kernel, (math.ceil(numel / DEQUANT_TILE),),
+            (packed.contiguous(), null if nested else absmax.contiguous(), absmax.contiguous() if nested else null,
+             code, blocksize, nested_absmax.float().contiguous() if nested else null,
+             nested_code.float().contiguous() if nested else null, nested_blocksize, float(offset), numel, indices,
+             values, indices.numel(), out))
+    return out
+
+
+def register() -> bool:
+    """Register the CuPy implementations for the CUDA dispatch key; False if CuPy or a GPU is missing."""
+    global _library
+    if _library is not None:
+        return True
+    try:
+        cupy = _cupy()
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            return False
+        _module(torch.cuda.current_device())  # compile now, so that a broken toolchain fails here, not mid-step
+    except Exception:  # no CuPy, no driver, or NVRTC failed: the reference serves CUDA tensors instead
+        return False
+    library = torch.library.Library("peft_sparse", "IMPL")
+    library.impl("scatter_add_", scatter_add_cuda, "CUDA")
+    library.impl("sddmm_gather", sddmm_gather_cuda, "CUDA")
+    library.impl("dequant_scatter", dequant_scatter_cuda, "CUDA")
+    _library = library
+    return True
