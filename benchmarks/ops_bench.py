@@ -1,0 +1,362 @@
+"""Speed of the peft-sparse ops and of a sparse training step, as ratios measured in one run.
+
+    python benchmarks/ops_bench.py                 # CPU always; GPU too when one is present
+    python benchmarks/ops_bench.py --write         # ... and rewrite benchmarks/RESULTS.md
+
+Each op is timed against its byte floor (bytes it must move at the bandwidth a plain copy reaches on the same
+device, in the same run) and against the naive PyTorch composition it replaces:
+
+* ``sddmm_gather`` vs the dense weight gradient ``grad_output.T @ input`` followed by a gather, and vs the
+  pure-PyTorch reference;
+* ``dequant_scatter`` vs ``bitsandbytes.functional.dequantize_4bit`` followed by ``index_add_`` (and the reference);
+* ``scatter_add`` (the merged weight of the forward: copy + scatter) vs the copy alone.
+
+Then one training step (forward + backward + AdamW) of a 4-layer, 512-wide Llama: sparse adapter vs peft LoRA at
+the same trainable-parameter count vs the frozen base (backward to the input embeddings only: the limit both
+adapters pay for). Each configuration runs in its own subprocess so that its peak memory (max RSS on CPU, peak
+allocated on GPU) is its own. All timings are medians over repeated runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from peft_sparse import ops  # noqa: E402
+from peft_sparse.ops import reference  # noqa: E402
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device: str, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in seconds (CUDA events on GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def copy_bandwidth(device: str, repeats: int) -> float:
+    """Bytes per second of a plain device copy (read + write), the yardstick for byte floors."""
+    numel = (256 if device == "cuda" else 64) * 2**20 // 4
+    source = torch.randn(numel, device=device)
+    target = torch.empty_like(source)
+    seconds = median_time(lambda: target.copy_(source), device, repeats)
+    return 2 * source.numel() * 4 / seconds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# op benchmarks
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _sorted_indices(numel: int, k: int, device: str, generator: torch.Generator) -> torch.Tensor:
+    from peft_sparse.tuner.indices import index_dtype, random_indices
+
+    return random_indices(numel, k, generator).to(device=device, dtype=index_dtype(numel))
+
+
+def bench_sddmm(device, dtype, num_tokens, out_features, in_features, density, bandwidth, repeats):
+    gen = torch.Generator().manual_seed(0)
+    grad_output = torch.randn(num_tokens, out_features, generator=gen).to(device=device, dtype=dtype)
+    input = torch.randn(num_tokens, in_features, generator=gen).to(device=device, dtype=dtype)
+    k = round(density * out_features * in_features)
+    indices = _sorted_indices(out_features * in_features, k, device, gen)
+    ours = median_time(lambda: ops.sddmm_gather(grad_output, input, indices, in_features), device, repeats)
+    flat = indices.long()
+    dense = median_time(lambda: (grad_output.t() @ input).view(-1)[flat].float(), device, repeats)
+    ref = median_time(lambda: reference.sddmm_gather(grad_output, input, indices, in_features), device,
+                      max(3, repeats // 3))
+    floor_bytes = num_tokens * (in_features + out_features) * grad_output.element_size() + k * (indices.element_size() + 4)
+    return {
+        "op": "sddmm_gather",
+        "shape": f"N={num_tokens}, {out_features}x{in_features}, {dtype_name(dtype)}, density {density:g} (k={k})",
+        "ours_ms": ours * 1e3,
+        "baselines_ms": {"dense grad.T@x + gather": dense * 1e3, "reference": ref * 1e3},
+        "floor_ms": floor_bytes / bandwidth * 1e3,
+    }
+
+
+def bench_dequant(device, dtype, out_features, in_features, density, bandwidth, repeats):
+    import bitsandbytes.functional as bnb_functional
+
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(out_features, in_features, generator=gen).to(device)
+    packed, state = bnb_functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=True)
+    state.dtype = dtype
+    numel = out_features * in_features
+    k = round(density * numel)
+    indices = _sorted_indices(numel, k, device, gen)
+    values = torch.randn(k, generator=gen).to(device)
+    ours = median_time(lambda: ops.dequant_scatter_4bit(packed, state, indices, values), device, repeats)
+    flat = indices.long()
+
+    def naive():
+        dense = bnb_functional.dequantize_4bit(packed, state).clone()
+        dense.view(-1).index_add_(0, flat, values.to(dtype))
+        return dense
+
+    base = median_time(naive, device, repeats)
+    ref = median_time(lambda: reference.dequant_scatter(
+        packed, state.absmax, state.code, 64, state.shape, dtype, indices, values, state.state2.absmax,
+        state.state2.code, state.state2.blocksize, float(state.offset)), device, max(3, repeats // 3))
+    floor_bytes = numel // 2 + -(-numel // 64) + numel * torch.empty((), dtype=dtype).element_size() + k * 8
+    return {
+        "op": "dequant_scatter",
+        "shape": f"{out_features}x{in_features} NF4 double-quant -> {dtype_name(dtype)}, density {density:g}",
+        "ours_ms": ours * 1e3,
+        "baselines_ms": {"bnb dequantize_4bit + clone + index_add_": base * 1e3, "reference": ref * 1e3},
+        "floor_ms": floor_bytes / bandwidth * 1e3,
+    }
+
+
+def bench_scatter(device, dtype, out_features, in_features, density, bandwidth, repeats):
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(out_features, in_features, generator=gen).to(device=device, dtype=dtype)
+    k = round(density * out_features * in_features)
+    indices = _sorted_indices(out_features * in_features, k, device, gen)
+    values = torch.randn(k, generator=gen).to(device)
+    ours = median_time(lambda: ops.merged_weight(weight, indices, values, False, dtype), device, repeats)
+    copy = median_time(lambda: weight.clone(), device, repeats)
+    ref = median_time(lambda: reference.scatter_add(weight.clone(), indices, values), device, repeats)
+    floor_bytes = 2 * weight.numel() * weight.element_size() + k * (indices.element_size() + 4)
+    return {
+        "op": "merged weight (copy + scatter_add)",
+        "shape": f"{out_features}x{in_features}, {dtype_name(dtype)}, density {density:g}",
+        "ours_ms": ours * 1e3,
+        "baselines_ms": {"copy alone": copy * 1e3, "copy + reference scatter": ref * 1e3},
+        "floor_ms": floor_bytes / bandwidth * 1e3,
+    }
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training step (one configuration per subprocess)
+# ---------------------------------------------------------------------------------------------------------------
+
+STEP_CONFIG = dict(hidden=512, layers=4, heads=8, intermediate=1376, vocab=2048, batch=8, seq=128, lora_r=8)
+
+
+def _tiny_llama(device: str, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    c = STEP_CONFIG
+    config = LlamaConfig(hidden_size=c["hidden"], intermediate_size=c["intermediate"], num_hidden_layers=c["layers"],
+                         num_attention_heads=c["heads"], num_key_value_heads=c["heads"], vocab_size=c["vocab"],
+                         max_position_embeddings=c["seq"])
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def run_step(method: str, device: str, dtype_str: str, repeats: int) -> dict:
+    import peft_sparse  # noqa: F401
+    from peft import LoraConfig, get_peft_model
+
+    from peft_sparse import SparseConfig, lora_equivalent_budget
+
+    dtype = getattr(torch, dtype_str)
+    c = STEP_CONFIG
+    model = _tiny_llama(device, dtype)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    budget = lora_equivalent_budget(model, r=c["lora_r"], target_modules=targets)
+    if method == "sparse":
+        model = get_peft_model(model, SparseConfig(target_modules=targets, num_tunable_weights=budget))
+    elif method == "lora":
+        model = get_peft_model(model, LoraConfig(target_modules=targets, r=c["lora_r"], lora_alpha=16))
+    else:
+        model.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, c["vocab"], (c["batch"], c["seq"]), generator=gen).to(device)
+    embed = model.get_input_embeddings()
+
+    def step():
+        if method == "base":
+            # The frozen base still propagates the gradient down to its input: the part every adapter pays for.
+            embeds = embed(input_ids).detach().requires_grad_()
+            loss = model(inputs_embeds=embeds, labels=input_ids).loss
+            loss.backward()
+            return
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    seconds = median_time(step, device, repeats, warmup=3)
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"method": method, "trainable": trainable, "step_ms": seconds * 1e3, "peak_bytes": peak,
+            "backend": ops.backend(device)}
+
+
+def bench_steps(device: str, dtype_str: str, repeats: int, env_extra: dict | None = None) -> dict:
+    results = {}
+    for method in ("base", "lora", "sparse"):
+        env = dict(os.environ, **(env_extra or {}))
+        out = subprocess.run(
+            [sys.executable, __file__, "--step", method, "--device", device, "--dtype", dtype_str,
+             "--repeats", str(repeats)], capture_output=True, text=True, env=env, check=True)
+        results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def machine(device: str) -> str:
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def op_table(rows: list[dict]) -> list[str]:
+    lines = ["| op | shape | ours (ms) | floor (ms) | floor / ours | baseline (ms) | baseline / ours |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for i, (name, ms) in enumerate(row["baselines_ms"].items()):
+            lead = [row["op"], row["shape"], f"{row['ours_ms']:.3f}", f"{row['floor_ms']:.3f}",
+                    f"{row['floor_ms'] / row['ours_ms']:.0%}"] if i == 0 else ["", "", "", "", ""]
+            lines.append("| " + " | ".join(lead + [f"{name}: {ms:.3f}", f"{ms / row['ours_ms']:.2f}x"]) + " |")
+    return lines
+
+
+def step_table(results: dict, label: str) -> list[str]:
+    base, lora, sparse = results["base"], results["lora"], results["sparse"]
+    lines = [f"**{label}**", "",
+             "| | trainable | step (ms, median) | step / frozen base | peak memory (MiB) | memory / LoRA |",
+             "|---|---|---|---|---|---|"]
+    for name, r in (("frozen base (limit)", base), ("LoRA r=8", lora), (f"sparse ({sparse['backend']})", sparse)):
+        lines.append(f"| {name} | {r['trainable']:,} | {r['step_ms']:.1f} | {r['step_ms'] / base['step_ms']:.2f} | "
+                     f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / lora['peak_bytes']:.3f} |")
+    lines += ["", f"sparse / LoRA step time: **{sparse['step_ms'] / lora['step_ms']:.2f}**", ""]
+    return lines
+
+
+def run_device(device: str, repeats: int) -> list[str]:
+    bandwidth = copy_bandwidth(device, repeats)
+    lines = [f"### {device.upper()}: {machine(device)}", "",
+             f"Copy bandwidth measured in this run: {bandwidth / 1e9:.1f} GB/s (read + write); floors are bytes / "
+             "that bandwidth.", ""]
+    if device == "cuda":
+        dtype, shapes = torch.bfloat16, [(4096, 4096), (11008, 4096), (4096, 11008)]
+        tokens, density = [2048, 8192], 0.005
+    else:
+        dtype, shapes = torch.float32, [(512, 512), (1024, 1024)]
+        tokens, density = [1024], 0.01
+    rows = []
+    for out_features, in_features in shapes:
+        for num_tokens in tokens:
+            rows.append(bench_sddmm(device, dtype, num_tokens, out_features, in_features, density, bandwidth, repeats))
+    for out_features, in_features in shapes:
+        for out_dtype in (torch.bfloat16,) + ((torch.float32,) if device == "cpu" else ()):
+            rows.append(bench_dequant(device, out_dtype, out_features, in_features, density, bandwidth, repeats))
+        rows.append(bench_scatter(device, dtype, out_features, in_features, density, bandwidth, repeats))
+    lines += op_table(rows) + [""]
+    c = STEP_CONFIG
+    lines += [f"Training step: Llama, {c['layers']} layers, hidden {c['hidden']}, intermediate {c['intermediate']}, "
+              f"batch {c['batch']} x {c['seq']} tokens, all seven projections targeted, AdamW; sparse budget = "
+              f"LoRA r={c['lora_r']} parameter count.", ""]
+    step_dtype = "bfloat16" if device == "cuda" else "float32"
+    lines += step_table(bench_steps(device, step_dtype, repeats), f"{step_dtype}, compiled kernels")
+    if device == "cpu":
+        lines += step_table(bench_steps(device, step_dtype, repeats, {ops.FORCE_REFERENCE_ENV: "1"}),
+                            f"{step_dtype}, pure-PyTorch reference ops (PEFT_SPARSE_FORCE_REFERENCE=1), for contrast")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--write", action="store_true", help="rewrite the op section of benchmarks/RESULTS.md")
+    parser.add_argument("--repeats", type=int, default=15, help="timed repetitions per measurement (median)")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu, plus cuda when present)")
+    parser.add_argument("--step", choices=["base", "lora", "sparse"], help=argparse.SUPPRESS)
+    parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.step:
+        print(json.dumps(run_step(args.step, args.device, args.dtype, args.repeats)))
+        return
+    devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    lines = ["## Ops and training step (`benchmarks/ops_bench.py`)", "",
+             f"Command: `python benchmarks/ops_bench.py --write --repeats {args.repeats}`, run on {date.today()}.", ""]
+    for device in devices:
+        print(f"benchmarking on {device} ...", file=sys.stderr)
+        lines += run_device(device, args.repeats)
+    if not torch.cuda.is_available():
+        lines += ["GPU: no GPU was present for this run, so no GPU figures are given.", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.write:
+        write_section(ROOT / "benchmarks" / "RESULTS.md", text)
+
+
+def write_section(path: Path, section: str) -> None:
+    """Replace this script's section of RESULTS.md (from its heading to the next '## '), keeping the others."""
+    heading = section.splitlines()[0]
+    existing = path.read_text() if path.exists() else "# Benchmark results\n\nRatios measured in one run.\n\n"
+    if heading in existing:
+        start = existing.index(heading)
+        end = existing.find("\n## ", start + len(heading))
+        existing = existing[:start] + section.rstrip() + "\n" + ("" if end < 0 else existing[end:])
+    else:
+        existing = existing.rstrip() + "\n\n" + section.rstrip() + "\n"
+    path.write_text(existing)
+
+
+if __name__ == "__main__":
+    main()
