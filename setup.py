@@ -36,7 +36,7 @@ def _extensions():
         return [], {}
 
     sources = [str(p.relative_to(ROOT)) for p in (CSRC / "ops.cpp", CSRC / "cpu" / "ops_cpu.cpp")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp-simd", "-ffp-contract=off"]
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
     with_cuda = (
         _flag("PEFT_SPARSE_BUILD_CUDA")
         and torch.version.cuda is not None
@@ -48,9 +48,12 @@ def _extensions():
             "peft_sparse._C",
             sources,
             extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--fmad=true"]},
+            extra_link_args=["-fopenmp"],
         )
     else:
-        extension = cpp_extension.CppExtension("peft_sparse._C", sources, extra_compile_args={"cxx": cxx_flags})
+        extension = cpp_extension.CppExtension(
+            "peft_sparse._C", sources, extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"]
+        )
     print(f"peft-sparse: building peft_sparse._C ({'C++ and CUDA' if with_cuda else 'C++'} kernels)", file=sys.stderr)
     return [extension], {"build_ext": cpp_extension.BuildExtension}
 
