@@ -13,14 +13,14 @@ device, in the same run) and against the naive PyTorch composition it replaces:
 
 Then one training step (forward + backward + AdamW) of a 4-layer, 512-wide Llama: sparse adapter vs peft LoRA at
 the same trainable-parameter count vs the frozen base (backward to the input embeddings only: the limit both
-adapters pay for). Each configuration runs in its own subprocess so that its peak memory (max RSS on CPU, peak
-allocated on GPU) is its own. All timings are medians over repeated runs.
+adapters pay for). The three are timed in one process, interleaved step by step, so that drift in the machine's
+speed affects them alike; each one's peak memory (max RSS on CPU, peak allocated on GPU) comes from a subprocess
+running it alone. All timings are medians over repeated runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -186,25 +186,26 @@ def _tiny_llama(device: str, dtype: torch.dtype):
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
 
-def run_step(method: str, device: str, dtype_str: str, repeats: int) -> dict:
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_step(method: str, device: str, dtype: torch.dtype):
+    """A model with the given adapter and a function running one training step on it; returns (step, trainable)."""
     import peft_sparse  # noqa: F401
     from peft import LoraConfig, get_peft_model
 
     from peft_sparse import SparseConfig, lora_equivalent_budget
 
-    dtype = getattr(torch, dtype_str)
     c = STEP_CONFIG
     model = _tiny_llama(device, dtype)
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    budget = lora_equivalent_budget(model, r=c["lora_r"], target_modules=targets)
+    budget = lora_equivalent_budget(model, r=c["lora_r"], target_modules=TARGETS)
     if method == "sparse":
-        model = get_peft_model(model, SparseConfig(target_modules=targets, num_tunable_weights=budget))
+        model = get_peft_model(model, SparseConfig(target_modules=TARGETS, num_tunable_weights=budget))
     elif method == "lora":
-        model = get_peft_model(model, LoraConfig(target_modules=targets, r=c["lora_r"], lora_alpha=16))
+        model = get_peft_model(model, LoraConfig(target_modules=TARGETS, r=c["lora_r"], lora_alpha=16))
     else:
         model.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
-    trainable = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, c["vocab"], (c["batch"], c["seq"]), generator=gen).to(device)
@@ -214,35 +215,52 @@ def run_step(method: str, device: str, dtype_str: str, repeats: int) -> dict:
         if method == "base":
             # The frozen base still propagates the gradient down to its input: the part every adapter pays for.
             embeds = embed(input_ids).detach().requires_grad_()
-            loss = model(inputs_embeds=embeds, labels=input_ids).loss
-            loss.backward()
+            model(inputs_embeds=embeds, labels=input_ids).loss.backward()
             return
-        loss = model(input_ids=input_ids, labels=input_ids).loss
-        loss.backward()
+        model(input_ids=input_ids, labels=input_ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step, sum(p.numel() for p in params)
+
+
+def peak_memory(method: str, device: str, dtype_str: str) -> int:
+    """Peak memory of a few steps of one configuration alone (max RSS on CPU, peak allocated on GPU)."""
+    step, _ = build_step(method, device, getattr(torch, dtype_str))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    seconds = median_time(step, device, repeats, warmup=3)
+    for _ in range(3):
+        step()
+    _sync(device)
     if device == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        import resource
+        return torch.cuda.max_memory_allocated()
+    # VmHWM, not getrusage's ru_maxrss: the latter carries over the parent's peak across fork + exec.
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"method": method, "trainable": trainable, "step_ms": seconds * 1e3, "peak_bytes": peak,
-            "backend": ops.backend(device)}
 
-
-def bench_steps(device: str, dtype_str: str, repeats: int, env_extra: dict | None = None) -> dict:
-    results = {}
-    for method in ("base", "lora", "sparse"):
-        env = dict(os.environ, **(env_extra or {}))
+def bench_steps(device: str, dtype_str: str, repeats: int) -> dict:
+    """Step times of the three configurations, interleaved round by round in this process so that a slow phase of
+    the machine hits all three alike; peak memory of each from a subprocess of its own."""
+    methods = ("base", "lora", "sparse")
+    steps, results = {}, {}
+    for method in methods:
+        steps[method], trainable = build_step(method, device, getattr(torch, dtype_str))
+        results[method] = {"trainable": trainable, "backend": ops.backend(device), "times": []}
+    for _ in range(3):
+        for method in methods:
+            steps[method]()
+    for _ in range(repeats):
+        for method in methods:
+            results[method]["times"].append(median_time(steps[method], device, 1, warmup=0))
+    for method in methods:
+        results[method]["step_ms"] = statistics.median(results[method].pop("times")) * 1e3
         out = subprocess.run(
-            [sys.executable, __file__, "--step", method, "--device", device, "--dtype", dtype_str,
-             "--repeats", str(repeats)], capture_output=True, text=True, env=env, check=True)
-        results[method] = json.loads(out.stdout.strip().splitlines()[-1])
+            [sys.executable, __file__, "--peak-memory", method, "--device", device, "--dtype", dtype_str],
+            capture_output=True, text=True, env=dict(os.environ), check=True)
+        results[method]["peak_bytes"] = int(out.stdout.strip().splitlines()[-1])
     return results
 
 
@@ -315,8 +333,12 @@ def run_device(device: str, repeats: int) -> list[str]:
     step_dtype = "bfloat16" if device == "cuda" else "float32"
     lines += step_table(bench_steps(device, step_dtype, repeats), f"{step_dtype}, compiled kernels")
     if device == "cpu":
-        lines += step_table(bench_steps(device, step_dtype, repeats, {ops.FORCE_REFERENCE_ENV: "1"}),
-                            f"{step_dtype}, pure-PyTorch reference ops (PEFT_SPARSE_FORCE_REFERENCE=1), for contrast")
+        os.environ[ops.FORCE_REFERENCE_ENV] = "1"
+        try:
+            lines += step_table(bench_steps(device, step_dtype, repeats),
+                                f"{step_dtype}, pure-PyTorch reference ops (PEFT_SPARSE_FORCE_REFERENCE=1), for contrast")
+        finally:
+            del os.environ[ops.FORCE_REFERENCE_ENV]
     return lines
 
 
@@ -325,11 +347,11 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="rewrite the op section of benchmarks/RESULTS.md")
     parser.add_argument("--repeats", type=int, default=15, help="timed repetitions per measurement (median)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cpu, plus cuda when present)")
-    parser.add_argument("--step", choices=["base", "lora", "sparse"], help=argparse.SUPPRESS)
+    parser.add_argument("--peak-memory", choices=["base", "lora", "sparse"], help=argparse.SUPPRESS)
     parser.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.step:
-        print(json.dumps(run_step(args.step, args.device, args.dtype, args.repeats)))
+    if args.peak_memory:
+        print(peak_memory(args.peak_memory, args.device, args.dtype))
         return
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     lines = ["## Ops and training step (`benchmarks/ops_bench.py`)", "",

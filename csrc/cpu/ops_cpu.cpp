@@ -292,6 +292,13 @@ at::Tensor dequant_scatter_cpu(const at::Tensor& packed, const at::Tensor& absma
   const uint8_t* absmax_codes = nested ? absmax_c.data_ptr<uint8_t>() : nullptr;
   const float* nested_table = nested ? nested_code_c.data_ptr<float>() : nullptr;
   const float* nested_scales = nested ? nested_absmax_c.data_ptr<float>() : nullptr;
+  // Both values of every possible byte (high nibble first): one lookup per byte instead of a shift, a mask and a
+  // branch per element.
+  float pair_table[512];
+  for (int byte = 0; byte < 256; ++byte) {
+    pair_table[2 * byte] = table[byte >> 4];
+    pair_table[2 * byte + 1] = table[byte & 15];
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "dequant_scatter_cpu", [&] {
     scalar_t* result = out.data_ptr<scalar_t>();
@@ -312,10 +319,17 @@ at::Tensor dequant_scatter_cpu(const at::Tensor& packed, const at::Tensor& absma
             const float scale = nested ? nested_table[absmax_codes[block]] * nested_scales[block / nested_blocksize] +
                                              offset_f
                                        : absmax_values[block];
-            for (int64_t e = e0; e < e1; ++e) {
-              const uint8_t byte = bytes[e >> 1];
-              buffer[e - t0] = table[(e & 1) ? (byte & 15) : (byte >> 4)] * scale;
+            int64_t e = e0;
+            if (e & 1) {  // a block may start on the low nibble of a byte
+              buffer[e - t0] = table[bytes[e >> 1] & 15] * scale;
+              ++e;
             }
+            for (; e + 1 < e1; e += 2) {
+              const float* pair = pair_table + 2 * bytes[e >> 1];
+              buffer[e - t0] = pair[0] * scale;
+              buffer[e + 1 - t0] = pair[1] * scale;
+            }
+            if (e < e1) buffer[e - t0] = table[bytes[e >> 1] >> 4] * scale;
             e0 = e1;
           }
           const index_t* first = std::lower_bound(idx, idx + k, static_cast<index_t>(t0));
