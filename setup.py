@@ -36,7 +36,8 @@ def _extensions():
         return [], {}
 
     sources = [str(p.relative_to(ROOT)) for p in (CSRC / "ops.cpp", CSRC / "cpu" / "ops_cpu.cpp")]
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    # The C++ standard is left to torch.utils.cpp_extension, which picks the one its headers need.
+    cxx_flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
     with_cuda = (
         _flag("PEFT_SPARSE_BUILD_CUDA")
         and torch.version.cuda is not None
@@ -47,7 +48,7 @@ def _extensions():
         extension = cpp_extension.CUDAExtension(
             "peft_sparse._C",
             sources,
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--fmad=true"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--fmad=true"]},
             extra_link_args=["-fopenmp"],
         )
     else:

@@ -91,3 +91,40 @@ def test_cupy_launch_constants_match_the_kernel_source():
     assert _cupy.THREADS == macro("PS_THREADS")
     assert _cupy.SDDMM_ENTRIES_PER_BLOCK == macro("PS_SDDMM_ENTRIES_PER_THREAD") * macro("PS_THREADS")
     assert _cupy.DEQUANT_TILE == macro("PS_DQ_TILE")
+
+
+def _cuda_include_dir() -> Path | None:
+    nvcc = shutil.which("nvcc")
+    candidates = [Path("/usr/local/cuda/include")]
+    if nvcc:
+        candidates.insert(0, Path(nvcc).resolve().parents[1] / "include")
+    from torch.utils import cpp_extension
+
+    if cpp_extension.CUDA_HOME:
+        candidates.insert(0, Path(cpp_extension.CUDA_HOME) / "include")
+    return next((path for path in candidates if (path / "cuda_runtime.h").is_file()), None)
+
+
+def test_cuda_binding_type_checks_against_the_torch_headers(tmp_path):
+    """csrc/cuda/ops_cuda.cpp (the torch side of the CUDA build) through the compiler's full type check, on a
+    machine whose torch has no CUDA: only the build-generated `cuda_cmake_macros.h`, absent from CPU wheels, is
+    stubbed. Catches a wrong ATen call or signature before a GPU machine ever builds it."""
+    import sysconfig
+
+    from torch.utils import cpp_extension
+
+    cuda_include = _cuda_include_dir()
+    if cuda_include is None:
+        pytest.skip("no CUDA toolkit headers (cuda_runtime.h) on this machine")
+    compiler = shutil.which("g++") or shutil.which("c++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    stub = tmp_path / "c10" / "cuda" / "impl"
+    stub.mkdir(parents=True)
+    (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
+    includes = [f"-I{path}" for path in cpp_extension.include_paths()]
+    command = [compiler, "-fsyntax-only", "-std=c++20", *includes, f"-I{tmp_path}", f"-I{cuda_include}",
+               f"-I{sysconfig.get_paths()['include']}", "-DTORCH_EXTENSION_NAME=_C",
+               str(KERNELS_CU.parent / "ops_cuda.cpp")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]

@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "../op_checks.h"
+
 namespace {
 
 // Token tiles are sized so that both feature-major tiles, (in + out) * tile floats, stay within this many bytes
@@ -30,18 +32,8 @@ constexpr int64_t kTileBytes = 1024 * 1024;
 constexpr int64_t kMinTokenTile = 16, kMaxTokenTile = 256;
 constexpr int64_t kDequantTile = 4096;
 
-void check_indices_tensor(const at::Tensor& indices, const char* op) {
-  TORCH_CHECK_VALUE(indices.dim() == 1, op, ": indices must be 1-D, got shape ", indices.sizes());
-  TORCH_CHECK_TYPE(indices.scalar_type() == at::kInt || indices.scalar_type() == at::kLong, op,
-                   ": indices must be int32 or int64, got ", indices.scalar_type());
-}
-
 void scatter_add_cpu(at::Tensor dense, const at::Tensor& indices, const at::Tensor& values) {
-  TORCH_CHECK_VALUE(dense.dim() == 2, "scatter_add_: dense must be 2-D, got shape ", dense.sizes());
-  check_indices_tensor(indices, "scatter_add_");
-  TORCH_CHECK_VALUE(values.dim() == 1 && values.size(0) == indices.size(0),
-                    "scatter_add_: values must be 1-D with one value per index, got shapes ", values.sizes(),
-                    " and ", indices.sizes());
+  peft_sparse_checks::check_scatter_add(dense, indices, values);
   const int64_t k = indices.size(0);
   if (k == 0) return;
   const int64_t rows = dense.size(0), cols = dense.size(1);
@@ -178,14 +170,7 @@ void transpose_tile(const scalar_t* source, int64_t stride_token, int64_t stride
 
 at::Tensor sddmm_gather_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
                             int64_t in_features) {
-  TORCH_CHECK_VALUE(grad_output.dim() == 2 && input.dim() == 2 && grad_output.size(0) == input.size(0),
-                    "sddmm_gather: expected grad_output (N, out) and input (N, in), got ", grad_output.sizes(),
-                    " and ", input.sizes());
-  TORCH_CHECK_VALUE(input.size(1) == in_features, "sddmm_gather: input has ", input.size(1),
-                    " features, expected in_features=", in_features);
-  TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "sddmm_gather: grad_output is ",
-                   grad_output.scalar_type(), " but input is ", input.scalar_type());
-  check_indices_tensor(indices, "sddmm_gather");
+  peft_sparse_checks::check_sddmm_gather(grad_output, input, indices, in_features);
   const bool fp64 = input.scalar_type() == at::kDouble;
   const int64_t k = indices.size(0);
   at::Tensor out = at::zeros({k}, input.options().dtype(fp64 ? at::kDouble : at::kFloat));
@@ -242,44 +227,17 @@ at::Tensor dequant_scatter_cpu(const at::Tensor& packed, const at::Tensor& absma
                                const std::optional<at::Tensor>& nested_absmax,
                                const std::optional<at::Tensor>& nested_code, int64_t nested_blocksize,
                                double offset) {
-  std::vector<int64_t> sizes;
-  int64_t numel = 1;
-  for (const auto& s : shape) {
-    sizes.push_back(s.expect_int());
-    numel *= sizes.back();
-  }
-  TORCH_CHECK_VALUE(blocksize > 0, "dequant_scatter: blocksize must be positive, got ", blocksize);
-  TORCH_CHECK_TYPE(packed.scalar_type() == at::kByte, "dequant_scatter: packed must be uint8, got ",
-                   packed.scalar_type());
-  TORCH_CHECK_VALUE(packed.numel() * 2 >= numel, "dequant_scatter: packed holds ", packed.numel() * 2,
-                    " 4-bit values, shape ", sizes, " needs ", numel);
-  TORCH_CHECK_VALUE(code.numel() == 16 && code.scalar_type() == at::kFloat,
-                    "dequant_scatter: code must be 16 float32 values, got ", code.numel(), " ", code.scalar_type());
-  TORCH_CHECK_TYPE(out_dtype == at::kFloat || out_dtype == at::kHalf || out_dtype == at::kBFloat16,
-                   "dequant_scatter: out_dtype must be float32, float16 or bfloat16, got ", out_dtype);
-  check_indices_tensor(indices, "dequant_scatter");
-  TORCH_CHECK_VALUE(values.dim() == 1 && values.size(0) == indices.size(0),
-                    "dequant_scatter: values must be 1-D with one value per index, got shapes ", values.sizes(),
-                    " and ", indices.sizes());
-  const bool nested = nested_absmax.has_value();
-  TORCH_CHECK_VALUE(nested == nested_code.has_value(),
-                    "dequant_scatter: nested_absmax and nested_code must be given together");
-  const int64_t num_blocks = (numel + blocksize - 1) / blocksize;
-  TORCH_CHECK_VALUE(absmax.numel() >= num_blocks, "dequant_scatter: absmax has ", absmax.numel(),
-                    " entries, expected ", num_blocks);
-  TORCH_CHECK_TYPE(absmax.scalar_type() == (nested ? at::kByte : at::kFloat), "dequant_scatter: absmax must be ",
-                   nested ? "uint8 (double quantisation)" : "float32", ", got ", absmax.scalar_type());
+  const auto layout = peft_sparse_checks::check_dequant_scatter(packed, absmax, code, blocksize, shape, out_dtype,
+                                                                indices, values, nested_absmax, nested_code,
+                                                                nested_blocksize);
+  const int64_t numel = layout.numel;
+  const bool nested = layout.nested;
   at::Tensor nested_absmax_c, nested_code_c;
   if (nested) {
-    TORCH_CHECK_VALUE(nested_blocksize > 0, "dequant_scatter: nested_blocksize must be positive");
     nested_absmax_c = nested_absmax->to(at::kFloat).contiguous();
     nested_code_c = nested_code->to(at::kFloat).contiguous();
-    TORCH_CHECK_VALUE(nested_code_c.numel() == 256, "dequant_scatter: nested_code must have 256 entries, got ",
-                      nested_code_c.numel());
-    TORCH_CHECK_VALUE(nested_absmax_c.numel() >= (num_blocks + nested_blocksize - 1) / nested_blocksize,
-                      "dequant_scatter: nested_absmax is too short");
   }
-  at::Tensor out = at::empty(sizes, packed.options().dtype(out_dtype));
+  at::Tensor out = at::empty(layout.sizes, packed.options().dtype(out_dtype));
   if (numel == 0) return out;
   const at::Tensor packed_c = packed.contiguous(), absmax_c = absmax.contiguous(), code_c = code.contiguous();
   const at::Tensor indices_c = indices.contiguous(), values_f = values.to(at::kFloat).contiguous();

@@ -51,7 +51,7 @@ def _jit_build() -> None:
     cpp_extension.load(
         name="peft_sparse_jit",
         sources=[str(path) for path in sources],
-        extra_cflags=["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"],
+        extra_cflags=["-O3", "-fopenmp", "-ffp-contract=off"],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
         verbose=False,
