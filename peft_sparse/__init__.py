@@ -8,7 +8,16 @@ Importing this package registers ``PeftType.SPARSE`` with upstream ``peft``, aft
     model = get_peft_model(base_model, peft_sparse.SparseConfig(target_modules=["q_proj", "v_proj"], density=0.01))
 """
 
+from .selection import SelectionReport, select_mask
 from .tuner import SparseConfig, SparseLayer, SparseModel, lora_equivalent_budget
 from .version import __version__
 
-__all__ = ["SparseConfig", "SparseLayer", "SparseModel", "__version__", "lora_equivalent_budget"]
+__all__ = [
+    "SelectionReport",
+    "SparseConfig",
+    "SparseLayer",
+    "SparseModel",
+    "__version__",
+    "lora_equivalent_budget",
+    "select_mask",
+]

@@ -10,7 +10,7 @@ the compute dtype, and only during one layer's forward or backward.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -32,12 +32,16 @@ def merged_weight(
 
 class _SparseLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, indices, values, fan_in_fan_out):
+    def forward(ctx, x, weight, bias, indices, values, fan_in_fan_out, grad_sink=None, weight_offset=None):
         compute_dtype = x.dtype
         merged = merged_weight(weight, indices, values, fan_in_fan_out, compute_dtype)
+        if weight_offset is not None:
+            merged += weight_offset.to(compute_dtype)
         out = torch.nn.functional.linear(x, merged, None if bias is None else bias.to(compute_dtype))
         ctx.save_for_backward(x, weight, indices, values)
         ctx.fan_in_fan_out = fan_in_fan_out
+        ctx.grad_sink = grad_sink
+        ctx.weight_offset = weight_offset
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -45,13 +49,15 @@ class _SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, weight, indices, values = ctx.saved_tensors
-        needs_x, needs_weight, needs_bias, _, needs_values, _ = ctx.needs_input_grad
+        needs_x, needs_weight, needs_bias, _, needs_values = ctx.needs_input_grad[:5]
         in_features = x.shape[-1]
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
         x_2d = x.reshape(-1, in_features)
         grad_x = grad_weight = grad_bias = grad_values = None
         if needs_x:
             merged = merged_weight(weight, indices, values, ctx.fan_in_fan_out, grad_out.dtype)
+            if ctx.weight_offset is not None:
+                merged += ctx.weight_offset.to(grad_out.dtype)
             grad_x = (grad_2d @ merged).reshape(x.shape).to(x.dtype)
             del merged
         if needs_values:
@@ -63,7 +69,11 @@ class _SparseLinearFunction(torch.autograd.Function):
             grad_weight = grad_logical.t() if ctx.fan_in_fan_out else grad_logical
         if needs_bias and ctx.has_bias:
             grad_bias = grad_2d.sum(dim=0).to(ctx.bias_dtype)
-        return grad_x, grad_weight, grad_bias, None, grad_values, None
+        if ctx.grad_sink is not None:
+            # Salience selection: the layer's dense weight gradient, built here from the layer's own input and
+            # output gradient, so it works whatever the base weight is stored as.
+            ctx.grad_sink(grad_2d, x_2d)
+        return grad_x, grad_weight, grad_bias, None, grad_values, None, None, None
 
 
 def sparse_linear(
@@ -73,6 +83,8 @@ def sparse_linear(
     indices: torch.Tensor,
     values: torch.Tensor,
     fan_in_fan_out: bool = False,
+    grad_sink: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
+    weight_offset: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Linear layer with a sparse additive delta on a frozen weight.
 
@@ -85,6 +97,10 @@ def sparse_linear(
         values: 1-D delta values (any floating dtype; typically float32 while the weight is bf16/fp16). Their
             gradient comes back in their own dtype.
         fan_in_fan_out: whether ``weight`` is stored transposed (GPT-2 ``Conv1D``).
+        grad_sink: salience selection only: called in the backward as ``grad_sink(grad_output_2d, input_2d)``, so
+            the caller can accumulate the dense weight gradient ``grad_output_2d.T @ input_2d`` as it chooses.
+        weight_offset: salience selection only: a dense ``(out, in)`` tensor added to the merged weight (GRaSP's
+            finite-difference Hessian-vector product evaluates the gradient at a perturbed weight).
 
     Returns:
         ``x @ (W0 + delta)^T + bias`` of shape ``(..., out)`` in ``x.dtype``.
@@ -94,4 +110,4 @@ def sparse_linear(
             f"sparse_linear: `indices` and `values` must be 1-D of equal length, got {tuple(indices.shape)} and "
             f"{tuple(values.shape)}"
         )
-    return _SparseLinearFunction.apply(x, weight, bias, indices, values, fan_in_fan_out)
+    return _SparseLinearFunction.apply(x, weight, bias, indices, values, fan_in_fan_out, grad_sink, weight_offset)

@@ -46,6 +46,8 @@ class SparseLayer(BaseTunerLayer):
         else:
             self.out_features, self.in_features = weight.shape
         self.kwargs = kwargs
+        # Set only while peft_sparse.select_mask estimates salience (see selection/salience.py).
+        self.salience_probe = None
 
     @property
     def num_weight_entries(self) -> int:
@@ -226,7 +228,12 @@ class Linear(nn.Module, SparseLayer):
         indices, values = self._delta(active)
         if not torch.is_autocast_enabled(x.device.type):
             x = self._cast_input_dtype(x, base.weight.dtype)
-        return sparse_linear(x, base.weight, base.bias, indices, values, self.fan_in_fan_out)
+        probe = self.salience_probe
+        if probe is None:
+            return sparse_linear(x, base.weight, base.bias, indices, values, self.fan_in_fan_out)
+        return sparse_linear(
+            x, base.weight, base.bias, indices, values, self.fan_in_fan_out, probe.accumulate, probe.weight_offset
+        )
 
     def __repr__(self) -> str:
         return "sparse." + super().__repr__()

@@ -1,0 +1,135 @@
+"""Salience metrics (SPEFT, arXiv 2412.13488, section 3): which entries of each targeted weight are worth training.
+
+Every metric is a small function of named per-layer tensors, all in the logical ``(out, in)`` layout:
+
+* ``weight`` -- the frozen base weight ``W`` (dequantised for quantised bases), as fp32;
+* ``grad`` -- ``G = sum_b g_b``, the dense gradient of the loss w.r.t. ``W`` summed over the salience batches;
+* ``grad_square`` -- ``sum_b g_b**2``, the per-batch squared gradients (Fisher);
+* ``hessian_grad`` -- ``H G``, a Hessian-vector product (GRaSP);
+* ``generator`` -- a seeded ``torch.Generator`` for the layer (random).
+
+Higher score = more salient; every metric is oriented so. Signs and absolute values follow the papers:
+
+========== =========================== ==========================================================================
+metric     score                       convention
+========== =========================== ==========================================================================
+magnitude  ``|W|``                     data-free; large weights matter
+gradient   ``|G|``                     magnitude of the *accumulated* gradient (sum first, then ``abs``), as
+                                       SPEFT's code does: entries whose gradient is consistently large
+snip       ``|G * W|``                 connection sensitivity, first-order loss change of removing the weight
+force      ``-(G * W)``                signed: FORCE as specified for this package keeps entries whose removal
+                                       would raise the loss the most when moving against the gradient
+taylor_fo  ``(G * W)**2``              squared first-order Taylor term
+grasp      ``-(H G) * W``              GRaSP: entries whose removal least reduces gradient flow score lowest
+fisher     ``sum_b g_b**2``            empirical Fisher, per-batch approximation of per-example squares
+random     ``U[0, 1)``                 seeded per layer from the config seed and the layer name
+========== =========================== ==========================================================================
+
+``synflow`` (data-free, on a linearised copy of the whole network) is not implemented yet: selecting it raises
+``NotImplementedError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["GradientProbe", "METRICS", "Metric"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A salience metric: what statistics it needs and how it scores a layer."""
+
+    name: str
+    needs_data: bool
+    needs_grad_square: bool
+    needs_hessian: bool
+    score: Callable[..., torch.Tensor]
+    gradient_passes: str  # the cost, for the README table
+
+
+def _magnitude(weight, **_):
+    return weight.abs()
+
+
+def _gradient(grad, **_):
+    return grad.abs()
+
+
+def _snip(weight, grad, **_):
+    return (grad * weight).abs()
+
+
+def _force(weight, grad, **_):
+    return -(grad * weight)
+
+
+def _taylor_fo(weight, grad, **_):
+    return (grad * weight).square()
+
+
+def _grasp(weight, hessian_grad, **_):
+    return -(hessian_grad * weight)
+
+
+def _fisher(grad_square, **_):
+    return grad_square
+
+
+def _random(weight, generator, **_):
+    return torch.rand(weight.shape, generator=generator).to(weight.device)
+
+
+METRICS: dict[str, Metric] = {
+    m.name: m
+    for m in (
+        Metric("magnitude", False, False, False, _magnitude, "0"),
+        Metric("gradient", True, False, False, _gradient, "1 per batch"),
+        Metric("snip", True, False, False, _snip, "1 per batch"),
+        Metric("force", True, False, False, _force, "1 per batch"),
+        Metric("taylor_fo", True, False, False, _taylor_fo, "1 per batch"),
+        Metric("grasp", True, False, True, _grasp, "2 per batch (finite-difference Hessian-vector product)"),
+        Metric("fisher", True, True, False, _fisher, "1 per batch"),
+        Metric("random", False, False, False, _random, "0"),
+    )
+}
+
+
+class GradientProbe:
+    """Accumulates one layer's dense weight gradient from inside the layer's backward.
+
+    Installed as ``layer.salience_probe`` while salience is estimated; :func:`peft_sparse.ops.sparse_linear` calls
+    :meth:`accumulate` with the layer's output gradient and input, so no dense gradient exists outside this object
+    and the base weight may be stored in any form (quantised included).
+
+    Args:
+        shape: the logical ``(out, in)`` shape.
+        dtype: accumulation dtype (fp32 by default; the compute dtype halves the memory at some precision cost).
+        device: where the accumulators live.
+        keep_square: also keep ``sum_b g_b**2`` (Fisher); needs a per-batch buffer besides the sum.
+    """
+
+    def __init__(self, shape, dtype: torch.dtype, device, keep_square: bool = False) -> None:
+        self.dtype = dtype
+        self.grad = torch.zeros(shape, dtype=dtype, device=device)
+        self.grad_square = torch.zeros(shape, dtype=dtype, device=device) if keep_square else None
+        self._batch = torch.zeros(shape, dtype=dtype, device=device) if keep_square else None
+        self.weight_offset: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [t for t in (self.grad, self.grad_square, self._batch, self.weight_offset) if t is not None]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def accumulate(self, grad_output_2d: torch.Tensor, input_2d: torch.Tensor) -> None:
+        target = self._batch if self._batch is not None else self.grad
+        target.addmm_(grad_output_2d.t().to(self.dtype), input_2d.to(self.dtype))
+
+    def end_batch(self) -> None:
+        if self._batch is not None:
+            self.grad += self._batch
+            self.grad_square.addcmul_(self._batch, self._batch)
+            self._batch.zero_()

@@ -1,0 +1,228 @@
+"""``select_mask``: choose every sparse layer's trainable entries by salience (SPEFT, Algorithm 1, t = 1)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..tuner.budget import allocate_budget
+from ..tuner.config import SparseConfig
+from ..tuner.indices import layer_seed
+from ..tuner.layer import SparseLayer
+from .salience import METRICS, GradientProbe
+from .topk import select_top_k
+
+__all__ = ["SelectionReport", "select_mask"]
+
+# GRaSP's Hessian-vector product is (grad(W + eps G) - grad(W)) / eps with eps = this * ||W|| / ||G||: small enough
+# for the first-order difference to be accurate, large enough to stay clear of fp32 cancellation.
+GRASP_RELATIVE_STEP = 1e-3
+
+
+@dataclass
+class SelectionReport:
+    """What :func:`select_mask` did."""
+
+    selection: str
+    budget: str
+    num_batches: int
+    per_layer: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    extra_memory_bytes: int = 0  # peak bytes of gradient accumulators and scores held at once
+
+    @property
+    def total(self) -> int:
+        return sum(self.per_layer.values())
+
+
+def _resolve(model: nn.Module, adapter_name: Optional[str]) -> tuple[nn.Module, str, SparseConfig]:
+    tuner = getattr(model, "base_model", model)
+    peft_config = getattr(tuner, "peft_config", None)
+    if not isinstance(peft_config, dict):
+        raise TypeError(f"select_mask: expected a peft model with a sparse adapter, got {type(model).__name__}")
+    if adapter_name is None:
+        active = getattr(tuner, "active_adapter", None)
+        adapter_name = active[0] if isinstance(active, (list, tuple)) else active
+    if adapter_name not in peft_config:
+        raise ValueError(f"select_mask: adapter_name {adapter_name!r} does not exist; adapters: {list(peft_config)}")
+    config = peft_config[adapter_name]
+    if not isinstance(config, SparseConfig):
+        raise ValueError(f"select_mask: adapter {adapter_name!r} is a {type(config).__name__}, not a SparseConfig")
+    return tuner.model if hasattr(tuner, "model") else tuner, adapter_name, config
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device)
+    if isinstance(batch, dict):
+        return {key: _to_device(value, device) for key, value in batch.items()}
+    return batch
+
+
+def _run_passes(model, layers, adapter_name, data, num_batches, loss_fn, description) -> int:
+    """Forward + backward over up to ``num_batches`` batches; the layers' probes collect the dense gradients."""
+    values = [layer.sparse_values[adapter_name] for _, layer in layers]
+    device = values[0].device
+    seen = 0
+    total = min(num_batches, len(data)) if hasattr(data, "__len__") else num_batches
+    for batch in tqdm(itertools.islice(iter(data), num_batches), total=total, desc=description, leave=False):
+        batch = _to_device(batch, device)
+        outputs = model(**batch) if isinstance(batch, dict) else model(batch)
+        loss = loss_fn(outputs, batch) if loss_fn is not None else outputs.loss
+        if loss is None:
+            raise ValueError("select_mask: the model returned no loss; pass labels in the batches or a loss_fn")
+        # autograd.grad, not backward: the layers' backward runs (and feeds the probes), but no parameter's .grad is
+        # touched, so selection leaves no trace in an optimizer's view of the model.
+        torch.autograd.grad(loss, values, allow_unused=True)
+        for _, layer in layers:
+            layer.salience_probe.end_batch()
+        seen += 1
+    if seen == 0:
+        raise ValueError("select_mask: `data` yielded no batch")
+    return seen
+
+
+def select_mask(
+    model: nn.Module,
+    data: Optional[Iterable] = None,
+    *,
+    num_batches: Optional[int] = None,
+    loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+    adapter_name: Optional[str] = None,
+    accumulation_dtype: torch.dtype = torch.float32,
+    layers_per_pass: Optional[int] = None,
+) -> SelectionReport:
+    """Choose the trainable entries of every sparse layer of an adapter by the salience metric of its config.
+
+    Computes the per-entry salience of every targeted weight over ``num_batches`` batches of ``data`` (see
+    :mod:`peft_sparse.selection.salience` for the metrics), picks the top-k (``budget="global"``: one exact top-k
+    over all targeted weights, ``"local"``: the same density in each layer), writes the new sorted indices into
+    every sparse layer and resets their values to zero. Call it before building the optimizer (the values
+    parameters are replaced by new ones of the selected sizes).
+
+    Args:
+        model: a ``PeftModel`` (or ``SparseModel``) with a sparse adapter.
+        data: an iterable of batches (dicts of tensors accepted by the model, with labels unless ``loss_fn`` is
+            given). Not needed for ``magnitude`` and ``random``.
+        num_batches: how many batches to use; defaults to ``config.salience_batches``.
+        loss_fn: ``loss_fn(outputs, batch) -> loss``; defaults to ``outputs.loss``.
+        adapter_name: the adapter to select for; defaults to the active one.
+        accumulation_dtype: dtype of the dense gradient accumulators. fp32 (default) costs 4 bytes per targeted
+            weight (8 for ``fisher``, whose per-batch squares need a second buffer); the model's compute dtype
+            halves that, at the cost of rounding in long sums.
+        layers_per_pass: estimate salience for this many layers at a time, re-reading the batches for each group:
+            the accumulators then never hold more than that many layers (at the cost of one pass over the data
+            per group). ``None``: all layers in one pass.
+
+    Returns:
+        A :class:`SelectionReport` (per-layer k, time taken, peak extra memory).
+    """
+    start = time.perf_counter()
+    root, adapter_name, config = _resolve(model, adapter_name)
+    if config.selection == "synflow":
+        raise NotImplementedError(
+            "select_mask: SparseConfig.selection='synflow' is not implemented yet; choose another metric"
+        )
+    metric = METRICS[config.selection]
+    layers = [(name, m) for name, m in root.named_modules() if isinstance(m, SparseLayer) and adapter_name in m.sparse_values]
+    if not layers:
+        raise ValueError(f"select_mask: no sparse layer holds adapter {adapter_name!r}")
+    merged = [name for name, layer in layers if layer.merged]
+    if merged:
+        raise ValueError(f"select_mask: layers {merged[:3]} are merged; unmerge the adapter before selecting")
+    if metric.needs_data and data is None:
+        raise ValueError(f"select_mask: SparseConfig.selection={config.selection!r} needs `data` (batches of training data)")
+    if num_batches is None:
+        num_batches = config.salience_batches
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"select_mask: num_batches must be a positive int, got {num_batches!r}")
+    if layers_per_pass is not None and (not isinstance(layers_per_pass, int) or layers_per_pass < 1):
+        raise ValueError(f"select_mask: layers_per_pass must be a positive int or None, got {layers_per_pass!r}")
+
+    sizes = [layer.num_weight_entries for _, layer in layers]
+    counts = allocate_budget(sizes, config.density, config.num_tunable_weights, config.budget)
+    generators = [torch.Generator().manual_seed(layer_seed(config.seed, name)) for name, _ in layers]
+    scores: list[torch.Tensor] = []
+    peak = held = 0
+    batches_seen = 0
+    group_size = layers_per_pass or len(layers)
+    for group_start in range(0, len(layers), group_size):
+        group = layers[group_start : group_start + group_size]
+        group_generators = generators[group_start : group_start + group_size]
+        statistics = [dict() for _ in group]
+        probe_bytes = 0
+        if metric.needs_data:
+            was_trainable = []
+            for _, layer in group:
+                logical = layer._logical_base_weight()
+                layer.salience_probe = GradientProbe(
+                    logical.shape, accumulation_dtype, logical.device, keep_square=metric.needs_grad_square
+                )
+                values = layer.sparse_values[adapter_name]
+                was_trainable.append(values.requires_grad)
+                values.requires_grad_(True)
+            try:
+                description = f"salience ({config.selection}) layers {group_start + 1}-{group_start + len(group)}"
+                batches_seen = _run_passes(model, group, adapter_name, data, num_batches, loss_fn, description)
+                if metric.needs_hessian:
+                    _hessian_grad_pass(model, group, adapter_name, data, num_batches, loss_fn, statistics)
+                probe_bytes = sum(layer.salience_probe.nbytes for _, layer in group)
+                for stats, (_, layer) in zip(statistics, group):
+                    probe = layer.salience_probe
+                    stats.setdefault("grad", probe.grad)
+                    stats["grad_square"] = probe.grad_square
+            finally:
+                for (_, layer), trainable in zip(group, was_trainable):
+                    layer.salience_probe = None
+                    layer.sparse_values[adapter_name].requires_grad_(trainable)
+        # The group's scores are computed while its accumulators are still alive; all scores are kept (the top-k
+        # needs them), so the peak is every earlier score + this group's accumulators + this group's scores.
+        for stats, (_, layer), generator in zip(statistics, group, group_generators):
+            weight = layer._logical_base_weight().float()
+            stats = {key: value.float() for key, value in stats.items() if value is not None}
+            score = metric.score(weight=weight, generator=generator, **stats).float()
+            scores.append(score)
+            held += score.numel() * score.element_size()
+        peak = max(peak, held + probe_bytes)
+        del statistics
+
+    tie_generators = [torch.Generator().manual_seed(layer_seed(config.seed + 1, name)) for name, _ in layers]
+    if config.budget == "global":
+        chosen = select_top_k(scores, sum(counts), tie_generators)
+    else:
+        chosen = [select_top_k([s], c, [g])[0] for s, c, g in zip(scores, counts, tie_generators)]
+    report = SelectionReport(config.selection, config.budget, batches_seen)
+    for (name, layer), indices in zip(layers, chosen):
+        layer.set_sparse_entries(adapter_name, indices)
+        report.per_layer[name] = indices.numel()
+    report.seconds = time.perf_counter() - start
+    report.extra_memory_bytes = peak
+    return report
+
+
+def _hessian_grad_pass(model, group, adapter_name, data, num_batches, loss_fn, statistics) -> None:
+    """GRaSP: H G by a finite difference of gradients, (G(W + eps G) - G(W)) / eps, one more pass over the data."""
+    weight_norm = sum(float(layer._logical_base_weight().float().square().sum()) for _, layer in group) ** 0.5
+    grad_norm = sum(float(layer.salience_probe.grad.float().square().sum()) for _, layer in group) ** 0.5
+    if grad_norm == 0.0:
+        for stats, (_, layer) in zip(statistics, group):
+            stats["hessian_grad"] = torch.zeros_like(layer.salience_probe.grad)
+        return
+    step = GRASP_RELATIVE_STEP * weight_norm / grad_norm
+    for stats, (_, layer) in zip(statistics, group):
+        probe = layer.salience_probe
+        stats["grad"] = probe.grad.clone()
+        probe.weight_offset = probe.grad * step
+        probe.grad = torch.zeros_like(probe.grad)
+    _run_passes(model, group, adapter_name, data, num_batches, loss_fn, "salience (grasp, perturbed)")
+    for stats, (_, layer) in zip(statistics, group):
+        probe = layer.salience_probe
+        stats["hessian_grad"] = (probe.grad - stats["grad"]) / step
+        probe.weight_offset = None

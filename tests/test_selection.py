@@ -1,0 +1,245 @@
+"""Salience selection (``peft_sparse.select_mask``) against hand computations on a tiny Llama.
+
+The reference gradients come from plain autograd on an unadapted float64 copy of the model (the weights made
+trainable), so the test judges the gradient probes inside the sparse layers' backward as well as the metrics.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import get_peft_model
+
+from peft_sparse import SparseConfig, select_mask
+from peft_sparse.selection import select_top_k
+from tiny_models import VOCAB, tiny_llama
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def _batches(seed: int = 0, count: int = 3):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(0, VOCAB, (2, 9), generator=gen)
+        out.append({"input_ids": ids, "labels": ids})
+    return out
+
+
+def _targeted(model):
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.split(".")[-1] in TARGETS
+    }
+
+
+def _reference_statistics(base, batches, hessian: bool = False):
+    """Dense G = sum_b g_b, F = sum_b g_b**2 and (optionally) exact H G, by plain autograd on the base model."""
+    model = copy.deepcopy(base)
+    if hessian:
+        model.set_attn_implementation("eager")  # SDPA on CPU has no double backward
+    layers = _targeted(model)
+    weights = [m.weight for m in layers.values()]
+    for w in weights:
+        w.requires_grad_(True)
+    grads = [torch.zeros_like(w) for w in weights]
+    squares = [torch.zeros_like(w) for w in weights]
+    for batch in batches:
+        g = torch.autograd.grad(model(**batch).loss, weights)
+        for total, square, gb in zip(grads, squares, g):
+            total += gb
+            square += gb * gb
+    hvp = None
+    if hessian:
+        hvp = [torch.zeros_like(w) for w in weights]
+        for batch in batches:
+            g = torch.autograd.grad(model(**batch).loss, weights, create_graph=True)
+            dot = sum((gb * G).sum() for gb, G in zip(g, grads))
+            for total, hb in zip(hvp, torch.autograd.grad(dot, weights)):
+                total += hb
+    names = list(layers)
+    stats = {name: {"weight": w.detach(), "grad": G, "grad_square": F} for name, w, G, F in zip(names, weights, grads, squares)}
+    if hvp is not None:
+        for name, h in zip(names, hvp):
+            stats[name]["hessian_grad"] = h
+    return stats
+
+
+EXPECTED = {
+    "magnitude": lambda s: s["weight"].abs(),
+    "gradient": lambda s: s["grad"].abs(),
+    "snip": lambda s: (s["grad"] * s["weight"]).abs(),
+    "force": lambda s: -(s["grad"] * s["weight"]),
+    "taylor_fo": lambda s: (s["grad"] * s["weight"]).square(),
+    "fisher": lambda s: s["grad_square"],
+    "grasp": lambda s: -(s["hessian_grad"] * s["weight"]),
+}
+
+
+def _selected(model, adapter="default"):
+    return {
+        name.replace("base_model.model.", ""): module.sparse_indices[adapter].long()
+        for name, module in model.named_modules()
+        if hasattr(module, "sparse_indices") and adapter in module.sparse_indices
+    }
+
+
+def _expected_local(stats, metric, density):
+    out = {}
+    for name, s in stats.items():
+        score = EXPECTED[metric](s).reshape(-1)
+        k = int(density * score.numel() + 0.5)
+        out[name] = score.topk(k).indices.sort().values
+    return out
+
+
+@pytest.mark.parametrize("metric", sorted(EXPECTED))
+def test_each_metric_matches_a_hand_computation(metric):
+    base = tiny_llama(seed=3, dtype=torch.float64)
+    batches = _batches()
+    stats = _reference_statistics(base, batches, hessian=metric == "grasp")
+    model = get_peft_model(copy.deepcopy(base), SparseConfig(target_modules=TARGETS, density=0.05, budget="local",
+                                                             selection=metric))
+    report = select_mask(model, batches, accumulation_dtype=torch.float64)
+    selected = _selected(model)
+    expected = _expected_local(stats, metric, 0.05)
+    assert set(selected) == set(expected)
+    for name in expected:
+        assert selected[name].numel() == expected[name].numel() == report.per_layer[name]
+        if metric == "grasp":
+            # H G is a finite difference here (exact double backward in the reference): allow a few boundary swaps.
+            overlap = len(set(selected[name].tolist()) & set(expected[name].tolist()))
+            assert overlap >= 0.9 * expected[name].numel(), (name, overlap, expected[name].numel())
+        else:
+            assert torch.equal(selected[name], expected[name]), name
+    assert report.num_batches == (0 if metric == "magnitude" else 3)
+
+
+def test_global_budget_equals_top_k_over_the_concatenation():
+    base = tiny_llama(seed=4, dtype=torch.float64)
+    batches = _batches(1)
+    stats = _reference_statistics(base, batches)
+    model = get_peft_model(copy.deepcopy(base), SparseConfig(target_modules=TARGETS, num_tunable_weights=300,
+                                                             selection="snip"))
+    select_mask(model, batches, accumulation_dtype=torch.float64)
+    names = list(stats)
+    scores = [EXPECTED["snip"](stats[n]).reshape(-1) for n in names]
+    top = torch.cat(scores).topk(300).indices
+    offsets = torch.tensor([0] + [s.numel() for s in scores]).cumsum(0)
+    selected = _selected(model)
+    for i, name in enumerate(names):
+        mine = top[(top >= offsets[i]) & (top < offsets[i + 1])] - offsets[i]
+        assert torch.equal(selected[name], mine.sort().values), name
+    assert sum(v.numel() for v in selected.values()) == 300
+
+
+@pytest.mark.parametrize("density", [0.013, 0.2])
+def test_local_budgets_are_exact_and_values_reset(density, capsys):
+    model = get_peft_model(tiny_llama(seed=5), SparseConfig(target_modules=TARGETS, density=density, budget="local",
+                                                            selection="gradient"))
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if hasattr(module, "sparse_values"):
+                module.sparse_values["default"].fill_(0.5)
+    select_mask(model, _batches(), num_batches=2)
+    total = 0
+    for module in model.modules():
+        if hasattr(module, "sparse_values"):
+            indices, values = module.sparse_indices["default"], module.sparse_values["default"]
+            assert indices.numel() == int(density * module.num_weight_entries + 0.5)
+            assert bool((indices[1:] > indices[:-1]).all())
+            assert values.requires_grad and torch.count_nonzero(values) == 0
+            total += indices.numel()
+    model.print_trainable_parameters()
+    assert f"trainable params: {total:,}" in capsys.readouterr().out
+
+
+def test_selection_leaves_no_gradients_and_is_reproducible():
+    config = SparseConfig(target_modules=TARGETS, density=0.05, selection="fisher", seed=7)
+    first = get_peft_model(tiny_llama(seed=6), config)
+    select_mask(first, _batches())
+    assert all(p.grad is None for p in first.parameters())
+    second = get_peft_model(tiny_llama(seed=6), copy.deepcopy(config))
+    report = select_mask(second, _batches(), layers_per_pass=1)
+    for name, indices in _selected(first).items():
+        assert torch.equal(indices, _selected(second)[name])
+    assert report.extra_memory_bytes > 0
+
+
+def test_layer_groups_bound_the_accumulator_memory():
+    def run(layers_per_pass):
+        model = get_peft_model(tiny_llama(seed=8), SparseConfig(target_modules=TARGETS, selection="gradient"))
+        return select_mask(model, _batches(), layers_per_pass=layers_per_pass), _selected(model)
+
+    all_at_once, selected_all = run(None)
+    one_by_one, selected_one = run(1)
+    assert all(torch.equal(selected_all[n], selected_one[n]) for n in selected_all)
+    assert one_by_one.extra_memory_bytes < all_at_once.extra_memory_bytes
+
+
+def test_random_selection_depends_on_the_seed_only():
+    def run(seed):
+        model = get_peft_model(tiny_llama(seed=9), SparseConfig(target_modules=TARGETS, selection="random", seed=seed))
+        select_mask(model)
+        return _selected(model)
+
+    a, b, c = run(1), run(1), run(2)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert any(not torch.equal(a[n], c[n]) for n in a)
+
+
+def test_bad_input_raises():
+    model = get_peft_model(tiny_llama(), SparseConfig(target_modules=TARGETS, selection="gradient"))
+    with pytest.raises(ValueError, match="needs `data`"):
+        select_mask(model)
+    with pytest.raises(ValueError, match="yielded no batch"):
+        select_mask(model, [])
+    with pytest.raises(ValueError, match="num_batches must be a positive int"):
+        select_mask(model, _batches(), num_batches=0)
+    with pytest.raises(ValueError, match="adapter_name 'nope' does not exist"):
+        select_mask(model, _batches(), adapter_name="nope")
+    with pytest.raises(TypeError, match="expected a peft model"):
+        select_mask(torch.nn.Linear(2, 2), _batches())
+    synflow = get_peft_model(tiny_llama(), SparseConfig(target_modules=TARGETS, selection="synflow"))
+    with pytest.raises(NotImplementedError, match="synflow"):
+        select_mask(synflow)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# select_top_k
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gens(n, seed=0):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+@pytest.mark.parametrize("k", [0, 1, 37, 500, 611])
+def test_top_k_without_ties_equals_sorting_the_concatenation(k):
+    gen = torch.Generator().manual_seed(k)
+    scores = [torch.randn(shape, generator=gen) for shape in [(7, 13), (1, 20), (50, 10)]]
+    chosen = select_top_k(scores, k, _gens(3))
+    flat = torch.cat([s.reshape(-1) for s in scores])
+    expected = set(flat.topk(k).indices.tolist())
+    offsets = [0, 91, 111]
+    got = {offset + int(i) for offset, c in zip(offsets, chosen) for i in c}
+    assert got == expected and sum(c.numel() for c in chosen) == k
+
+
+def test_top_k_ties_are_exact_and_seeded():
+    scores = [torch.tensor([3.0, 1.0, 1.0, 1.0, -2.0]), torch.tensor([1.0, 1.0, 5.0, float("nan"), -0.0, 0.0])]
+    picks = [select_top_k(scores, 4, _gens(2, seed)) for seed in range(8)]
+    for chosen in picks:
+        assert sum(c.numel() for c in chosen) == 4
+        assert 0 in chosen[0].tolist() and 2 in chosen[1].tolist()  # the two values above the tied 1.0s
+        tied = [(0, i) for i in chosen[0].tolist() if i in (1, 2, 3)] + [(1, i) for i in chosen[1].tolist() if i in (0, 1)]
+        assert len(tied) == 2
+    assert [c.tolist() for c in select_top_k(scores, 4, _gens(2, 3))] == [c.tolist() for c in picks[3]]
+    assert len({tuple(map(tuple, (c.tolist() for c in p))) for p in picks}) > 1  # the seed decides among ties
+    everything = select_top_k(scores, 11, _gens(2))
+    assert [c.tolist() for c in everything] == [list(range(5)), list(range(6))]
+    with pytest.raises(ValueError, match="k=12"):
+        select_top_k(scores, 12, _gens(2))
