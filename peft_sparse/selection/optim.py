@@ -1,0 +1,85 @@
+"""What happens to values and optimizer state when a layer's index set changes during training.
+
+Dynamic masks (SPEFT) and prune-and-regrow (SpIEL) rewrite a layer's ``indices`` with ``k`` fixed, so the values
+parameter keeps its identity and shape (optimizers, DDP buckets and gradient clipping never see a new parameter).
+:func:`reassign_entries` rewrites indices and values in place and remaps the optimizer state with the same rule:
+an entry that stays selected keeps its value and its per-entry optimizer state (moved to its new position in the
+sorted order); an entry that is new starts from zero value and zero state.
+
+Per-entry state is every state tensor with the parameter's shape (Adam/AdamW ``exp_avg``, ``exp_avg_sq``,
+``max_exp_avg_sq``; SGD ``momentum_buffer``). Scalar state such as Adam's ``step`` is shared by all entries of the
+parameter and is left as it is: new entries then get the bias correction of the parameter's step count, which for a
+zero second moment only scales their first updates. State laid out differently from the parameter (for example
+bitsandbytes' blockwise-quantised 8-bit moments) raises ``NotImplementedError`` rather than being silently kept.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..tuner.indices import check_indices, index_dtype
+
+__all__ = ["reassign_entries", "surviving_positions"]
+
+
+def surviving_positions(old_indices: torch.Tensor, new_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each new index: its position in ``old_indices`` and whether it was there at all (both sorted)."""
+    old = old_indices.to(torch.int64)
+    new = new_indices.to(device=old.device, dtype=torch.int64)
+    if old.numel() == 0:
+        return torch.zeros_like(new), torch.zeros(new.shape, dtype=torch.bool, device=new.device)
+    positions = torch.searchsorted(old, new).clamp_(max=old.numel() - 1)
+    return positions, old[positions] == new
+
+
+def _remap(tensor: torch.Tensor, positions: torch.Tensor, found: torch.Tensor) -> torch.Tensor:
+    remapped = torch.zeros_like(tensor)
+    remapped[found] = tensor[positions[found]]
+    return remapped
+
+
+def reassign_entries(
+    layer, adapter_name: str, new_indices: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None
+) -> int:
+    """Give ``layer``'s adapter a new index set of the same size, in place; return how many entries changed.
+
+    Values and optimizer state of surviving entries follow them; new entries start at zero. The values parameter
+    stays the same object, so an optimizer built on it remains valid.
+
+    Args:
+        layer: a :class:`~peft_sparse.tuner.layer.SparseLayer`.
+        adapter_name: the adapter whose entries change.
+        new_indices: sorted, unique flat positions, as many as the adapter has now.
+        optimizer: the optimizer holding the values parameter, if any; its per-entry state is remapped.
+
+    Raises:
+        ValueError: if the new set is invalid or of a different size (checked before anything changes).
+        NotImplementedError: if the optimizer keeps per-entry state in a layout other than the parameter's.
+    """
+    values = layer.sparse_values[adapter_name]
+    old_indices = layer.sparse_indices[adapter_name]
+    check_indices(new_indices, layer.num_weight_entries, f"{layer.layer_name}.sparse_indices.{adapter_name}")
+    if new_indices.numel() != old_indices.numel():
+        raise ValueError(
+            f"reassign_entries: {layer.layer_name!r} has {old_indices.numel()} entries for adapter "
+            f"{adapter_name!r}; got {new_indices.numel()} new indices (k must stay fixed)"
+        )
+    state = optimizer.state.get(values, {}) if optimizer is not None else {}
+    for key, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.shape != values.shape:
+            raise NotImplementedError(
+                f"reassign_entries: optimizer state {key!r} of shape {tuple(tensor.shape)} is not laid out per "
+                f"entry like the values {tuple(values.shape)}; remapping it is not supported"
+            )
+    positions, found = surviving_positions(old_indices, new_indices)
+    with torch.no_grad():
+        values.copy_(_remap(values, positions, found))
+        if values.grad is not None:
+            values.grad.copy_(_remap(values.grad, positions, found))
+        for key, tensor in state.items():
+            if isinstance(tensor, torch.Tensor) and tensor.shape == values.shape and tensor.dim() > 0:
+                tensor.copy_(_remap(tensor, positions, found))
+        old_indices.copy_(new_indices.to(device=old_indices.device, dtype=index_dtype(layer.num_weight_entries)))
+    return int((~found).sum())
