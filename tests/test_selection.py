@@ -243,3 +243,78 @@ def test_top_k_ties_are_exact_and_seeded():
     assert [c.tolist() for c in everything] == [list(range(5)), list(range(6))]
     with pytest.raises(ValueError, match="k=12"):
         select_top_k(scores, 12, _gens(2))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dynamic updates
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _trained_dynamic_model(selection="gradient"):
+    from peft_sparse import update_mask  # noqa: F401  (the public name)
+
+    model = get_peft_model(tiny_llama(seed=11), SparseConfig(target_modules=TARGETS, density=0.05,
+                                                             selection=selection, update="dynamic"))
+    batches = _batches(2)
+    select_mask(model, batches)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    for batch in batches * 2:
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model, optimizer, batches
+
+
+def test_dynamic_update_keeps_the_function_and_resets_only_changed_state(tmp_path):
+    from peft_sparse import update_mask
+    from peft_sparse.tuner.layer import SparseLayer
+
+    model, optimizer, batches = _trained_dynamic_model()
+    ids = batches[0]["input_ids"]
+    before = model(input_ids=ids).logits.detach()
+    layers = [m for m in model.modules() if isinstance(m, SparseLayer)]
+    old = [(m.sparse_indices["default"].long().clone(), m.sparse_values["default"].detach().clone(),
+            optimizer.state[m.sparse_values["default"]]["exp_avg"].clone()) for m in layers]
+
+    # new batches move the ranking
+    report = update_mask(model, _batches(5), optimizer=optimizer)
+
+    assert torch.equal(model(input_ids=ids).logits.detach(), before)
+    assert sum(report.per_layer.values()) > 0
+    residual_total = 0
+    for layer, (old_indices, old_values, old_moment) in zip(layers, old):
+        new_indices = layer.sparse_indices["default"].long()
+        assert new_indices.numel() == old_indices.numel()  # k fixed per layer
+        moment = optimizer.state[layer.sparse_values["default"]]["exp_avg"]
+        for position, index in enumerate(new_indices.tolist()):
+            hits = (old_indices == index).nonzero()
+            if hits.numel():
+                assert moment[position] == old_moment[hits[0, 0]]
+                assert layer.sparse_values["default"][position] == old_values[hits[0, 0]]
+            else:
+                assert moment[position] == 0
+        residual = layer.sparse_residual_indices["default"]
+        assert not set(residual.tolist()) & set(new_indices.tolist())  # residual never overlaps trainable entries
+        residual_total += residual.numel()
+    assert residual_total > 0
+
+    # training goes on, and what was moved to the residual is saved, reloaded and merged with the rest
+    model(**batches[0]).loss.backward()
+    optimizer.step()
+    after = model(input_ids=ids).logits.detach()
+    model.save_pretrained(tmp_path)
+    from peft import PeftModel
+
+    reloaded = PeftModel.from_pretrained(tiny_llama(seed=11), tmp_path)
+    torch.testing.assert_close(reloaded(input_ids=ids).logits, after, rtol=0, atol=1e-6)
+    merged = reloaded.merge_and_unload()
+    torch.testing.assert_close(merged(input_ids=ids).logits, after, rtol=1e-5, atol=1e-5)
+
+
+def test_fresh_selection_refuses_a_model_with_residual():
+    from peft_sparse import update_mask
+
+    model, optimizer, batches = _trained_dynamic_model()
+    update_mask(model, _batches(5), optimizer=optimizer)
+    with pytest.raises(ValueError, match="use update_mask|Use update_mask"):
+        select_mask(model, batches)

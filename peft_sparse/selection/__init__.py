@@ -2,7 +2,7 @@
 
 from .optim import reassign_entries, surviving_positions
 from .salience import METRICS, GradientProbe, Metric
-from .select import SelectionReport, select_mask
+from .select import SelectionReport, select_mask, update_mask
 from .topk import select_top_k
 
 __all__ = [
@@ -14,4 +14,5 @@ __all__ = [
     "select_mask",
     "select_top_k",
     "surviving_positions",
+    "update_mask",
 ]

@@ -15,11 +15,13 @@ from tqdm.auto import tqdm
 from ..tuner.budget import allocate_budget
 from ..tuner.config import SparseConfig
 from ..tuner.indices import layer_seed
+from ..ops import scatter_add
 from ..tuner.layer import SparseLayer
+from .optim import reassign_entries, surviving_positions
 from .salience import METRICS, GradientProbe
 from .topk import select_top_k
 
-__all__ = ["SelectionReport", "select_mask"]
+__all__ = ["SelectionReport", "select_mask", "update_mask"]
 
 # GRaSP's Hessian-vector product is (grad(W + eps G) - grad(W)) / eps with eps = this * ||W|| / ||G||: small enough
 # for the first-order difference to be accurate, large enough to stay clear of fp32 cancellation.
@@ -125,29 +127,137 @@ def select_mask(
         A :class:`SelectionReport` (per-layer k, time taken, peak extra memory).
     """
     start = time.perf_counter()
+    root, adapter_name, config, metric, layers = _prepare("select_mask", model, adapter_name, data)
+    with_residual = [name for name, layer in layers if layer.sparse_residual_indices[adapter_name].numel()]
+    if with_residual:
+        raise ValueError(
+            f"select_mask: layers {with_residual[:3]} hold deltas moved out by dynamic updates; a fresh mask would "
+            "drop or double-count them. Use update_mask during training."
+        )
+    scores, batches_seen, peak = _compute_scores(
+        model, layers, adapter_name, config, metric, data, num_batches, loss_fn, accumulation_dtype, layers_per_pass
+    )
+    counts = allocate_budget(
+        [layer.num_weight_entries for _, layer in layers], config.density, config.num_tunable_weights, config.budget
+    )
+    tie_generators = _tie_generators(config, layers)
+    if config.budget == "global":
+        chosen = select_top_k(scores, sum(counts), tie_generators)
+    else:
+        chosen = [select_top_k([s], c, [g])[0] for s, c, g in zip(scores, counts, tie_generators)]
+    report = SelectionReport(config.selection, config.budget, batches_seen)
+    for (name, layer), indices in zip(layers, chosen):
+        layer.set_sparse_entries(adapter_name, indices)
+        report.per_layer[name] = indices.numel()
+    report.seconds = time.perf_counter() - start
+    report.extra_memory_bytes = peak
+    return report
+
+
+def update_mask(
+    model: nn.Module,
+    data: Optional[Iterable] = None,
+    *,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    num_batches: Optional[int] = None,
+    loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
+    adapter_name: Optional[str] = None,
+    accumulation_dtype: torch.dtype = torch.float32,
+    layers_per_pass: Optional[int] = None,
+) -> SelectionReport:
+    """One dynamic mask update (SPEFT, ``update="dynamic"``): re-rank every layer's entries and move its ``k``.
+
+    Salience is recomputed on the weights the model computes with (base plus the adapter's whole delta, so the
+    deltas trained so far are folded in), and each layer keeps its current ``k``: its top-``k`` entries become the
+    trainable set. Nothing learned is lost and the model's function does not change: an entry that leaves the
+    trainable set keeps its delta in the layer's *residual* (``sparse_residual_indices/values``: used by the
+    forward, merges and ``save_pretrained``, no longer trained; for a quantised base this is also what avoids
+    re-quantising), and an entry that returns from the residual resumes from its delta. Indices are rewritten in
+    place with :func:`~peft_sparse.selection.optim.reassign_entries`, so the values parameters and the optimizer
+    stay valid; the optimizer state of entries that changed is reset to zero, that of the others is kept.
+
+    Args:
+        model, data, num_batches, loss_fn, adapter_name, accumulation_dtype, layers_per_pass: as for
+            :func:`select_mask`.
+        optimizer: the optimizer training the values, whose per-entry state is remapped.
+
+    Returns:
+        A :class:`SelectionReport` whose ``per_layer`` counts the entries that changed in each layer.
+    """
+    start = time.perf_counter()
+    _, adapter_name, config, metric, layers = _prepare("update_mask", model, adapter_name, data)
+    scores, batches_seen, peak = _compute_scores(
+        model, layers, adapter_name, config, metric, data, num_batches, loss_fn, accumulation_dtype, layers_per_pass
+    )
+    report = SelectionReport(config.selection, "per-layer k kept", batches_seen)
+    for (name, layer), score, generator in zip(layers, scores, _tie_generators(config, layers)):
+        new = select_top_k([score], layer.sparse_indices[adapter_name].numel(), [generator])[0]
+        report.per_layer[name] = _move_entries(layer, adapter_name, new, optimizer)
+    report.seconds = time.perf_counter() - start
+    report.extra_memory_bytes = peak
+    return report
+
+
+def _move_entries(layer, adapter_name: str, new: torch.Tensor, optimizer) -> int:
+    """Make ``new`` the trainable set: leaving deltas go to the residual, returning ones come back from it."""
+    values = layer.sparse_values[adapter_name]
+    old = layer.sparse_indices[adapter_name].to(torch.int64)
+    new = new.to(device=old.device)
+    _, stays = surviving_positions(new, old)  # for each old entry: is it still trainable?
+    leaving = ~stays & (values.detach() != 0)  # a zero delta carries nothing worth keeping
+    leaving_indices, leaving_values = old[leaving], values.detach()[leaving].float()
+    residual_indices = layer.sparse_residual_indices[adapter_name]
+    residual_values = layer.sparse_residual_values[adapter_name]
+    positions, returning = surviving_positions(residual_indices, new)  # for each new entry: in the residual?
+    changed = reassign_entries(layer, adapter_name, new, optimizer)
+    with torch.no_grad():
+        values[returning] = residual_values[positions[returning]].to(values.dtype)
+    _, keep = surviving_positions(new, residual_indices)  # residual entries that stay residual
+    keep = ~keep
+    merged_indices = torch.cat([residual_indices[keep], leaving_indices])
+    merged_values = torch.cat([residual_values[keep], leaving_values])
+    order = torch.argsort(merged_indices)
+    layer.sparse_residual_indices[adapter_name] = merged_indices[order]
+    layer.sparse_residual_values[adapter_name] = merged_values[order]
+    return changed
+
+
+def _prepare(caller: str, model, adapter_name, data):
     root, adapter_name, config = _resolve(model, adapter_name)
     if config.selection == "synflow":
-        raise NotImplementedError(
-            "select_mask: SparseConfig.selection='synflow' is not implemented yet; choose another metric"
-        )
+        raise NotImplementedError(f"{caller}: SparseConfig.selection='synflow' is not implemented yet; choose another metric")
     metric = METRICS[config.selection]
-    layers = [(name, m) for name, m in root.named_modules() if isinstance(m, SparseLayer) and adapter_name in m.sparse_values]
+    layers = [(n, m) for n, m in root.named_modules() if isinstance(m, SparseLayer) and adapter_name in m.sparse_values]
     if not layers:
-        raise ValueError(f"select_mask: no sparse layer holds adapter {adapter_name!r}")
+        raise ValueError(f"{caller}: no sparse layer holds adapter {adapter_name!r}")
     merged = [name for name, layer in layers if layer.merged]
     if merged:
-        raise ValueError(f"select_mask: layers {merged[:3]} are merged; unmerge the adapter before selecting")
+        raise ValueError(f"{caller}: layers {merged[:3]} are merged; unmerge the adapter before selecting")
     if metric.needs_data and data is None:
-        raise ValueError(f"select_mask: SparseConfig.selection={config.selection!r} needs `data` (batches of training data)")
+        raise ValueError(f"{caller}: SparseConfig.selection={config.selection!r} needs `data` (batches of training data)")
+    return root, adapter_name, config, metric, layers
+
+
+def _tie_generators(config, layers):
+    return [torch.Generator().manual_seed(layer_seed(config.seed + 1, name)) for name, _ in layers]
+
+
+def _effective_weight(layer, adapter_name: str) -> torch.Tensor:
+    """fp32 ``W0 + delta``: the weight the layer computes with (its trained delta folded in)."""
+    weight = layer._logical_base_weight().float().clone()
+    return scatter_add(weight, *layer.adapter_delta(adapter_name, detach=True))
+
+
+def _compute_scores(
+    model, layers, adapter_name, config, metric, data, num_batches, loss_fn, accumulation_dtype, layers_per_pass
+):
+    """Salience of every entry of every layer; returns (scores, batches seen, peak extra bytes)."""
     if num_batches is None:
         num_batches = config.salience_batches
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"select_mask: num_batches must be a positive int, got {num_batches!r}")
+        raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
     if layers_per_pass is not None and (not isinstance(layers_per_pass, int) or layers_per_pass < 1):
-        raise ValueError(f"select_mask: layers_per_pass must be a positive int or None, got {layers_per_pass!r}")
-
-    sizes = [layer.num_weight_entries for _, layer in layers]
-    counts = allocate_budget(sizes, config.density, config.num_tunable_weights, config.budget)
+        raise ValueError(f"layers_per_pass must be a positive int or None, got {layers_per_pass!r}")
     generators = [torch.Generator().manual_seed(layer_seed(config.seed, name)) for name, _ in layers]
     scores: list[torch.Tensor] = []
     peak = held = 0
@@ -185,26 +295,14 @@ def select_mask(
         # The group's scores are computed while its accumulators are still alive; all scores are kept (the top-k
         # needs them), so the peak is every earlier score + this group's accumulators + this group's scores.
         for stats, (_, layer), generator in zip(statistics, group, group_generators):
-            weight = layer._logical_base_weight().float()
+            weight = _effective_weight(layer, adapter_name)
             stats = {key: value.float() for key, value in stats.items() if value is not None}
             score = metric.score(weight=weight, generator=generator, **stats).float()
             scores.append(score)
             held += score.numel() * score.element_size()
         peak = max(peak, held + probe_bytes)
         del statistics
-
-    tie_generators = [torch.Generator().manual_seed(layer_seed(config.seed + 1, name)) for name, _ in layers]
-    if config.budget == "global":
-        chosen = select_top_k(scores, sum(counts), tie_generators)
-    else:
-        chosen = [select_top_k([s], c, [g])[0] for s, c, g in zip(scores, counts, tie_generators)]
-    report = SelectionReport(config.selection, config.budget, batches_seen)
-    for (name, layer), indices in zip(layers, chosen):
-        layer.set_sparse_entries(adapter_name, indices)
-        report.per_layer[name] = indices.numel()
-    report.seconds = time.perf_counter() - start
-    report.extra_memory_bytes = peak
-    return report
+    return scores, batches_seen, peak
 
 
 def _hessian_grad_pass(model, group, adapter_name, data, num_batches, loss_fn, statistics) -> None:

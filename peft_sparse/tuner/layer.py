@@ -28,12 +28,17 @@ class SparseLayer(BaseTunerLayer):
     """Mixin with the adapter state and the adapter bookkeeping shared by every sparse layer type."""
 
     adapter_layer_names = ("sparse_values",)
-    other_param_names = ("sparse_indices",)
+    other_param_names = ("sparse_indices", "sparse_residual_indices", "sparse_residual_values")
 
     def __init__(self, base_layer: nn.Module, layer_name: str = "", fan_in_fan_out: bool = False, **kwargs) -> None:
         self.base_layer = base_layer
         self.sparse_values = nn.ParameterDict({})
         self.sparse_indices = BufferDict({}, persistent=True)
+        # Deltas of entries that a dynamic mask update moved out of the trainable set: still part of the adapter's
+        # function (forward, merge, save), no longer trained. Sorted unique positions, fp32 values; empty unless
+        # update="dynamic".
+        self.sparse_residual_indices = BufferDict({}, persistent=True)
+        self.sparse_residual_values = BufferDict({}, persistent=True)
         self._disable_adapters = False
         self.merged_adapters = []
         self.fan_in_fan_out = fan_in_fan_out
@@ -65,6 +70,8 @@ class SparseLayer(BaseTunerLayer):
         device = self.get_base_layer().weight.device
         self.sparse_indices[adapter_name] = torch.empty(0, dtype=index_dtype(self.num_weight_entries), device=device)
         self.sparse_values[adapter_name] = nn.Parameter(torch.empty(0, dtype=delta_dtype, device=device))
+        self.sparse_residual_indices[adapter_name] = torch.empty(0, dtype=torch.int64, device=device)
+        self.sparse_residual_values[adapter_name] = torch.empty(0, dtype=torch.float32, device=device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def set_sparse_entries(
@@ -104,22 +111,35 @@ class SparseLayer(BaseTunerLayer):
         weight = self.get_base_layer().weight.data
         return weight.t() if self.fan_in_fan_out else weight
 
+    def adapter_delta(self, adapter_name: str, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """The adapter's whole delta as one (indices, values) pair: its trainable entries plus any residual."""
+        indices, values = self.sparse_indices[adapter_name], self.sparse_values[adapter_name]
+        if detach:
+            values = values.detach()
+        residual = self.sparse_residual_indices[adapter_name]
+        if residual.numel() == 0:
+            return indices, values
+        # Residual positions are never trainable positions (see peft_sparse.selection.update_mask), so the
+        # concatenation is the exact sum and the values' gradient is unaffected.
+        return (
+            torch.cat([indices.to(torch.int64), residual.to(indices.device)]),
+            torch.cat([values.float(), self.sparse_residual_values[adapter_name].to(values.device)]),
+        )
+
     def _delta(self, adapter_names: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Indices and values of the sum of the given adapters' deltas, as one (possibly unsorted) pair."""
         if len(adapter_names) == 1:
-            name = adapter_names[0]
-            return self.sparse_indices[name], self.sparse_values[name]
+            return self.adapter_delta(adapter_names[0])
         # Overlapping positions simply accumulate in the scatter, so concatenation is the exact sum.
-        indices = torch.cat([self.sparse_indices[name].to(torch.int64) for name in adapter_names])
-        values = torch.cat([self.sparse_values[name].float() for name in adapter_names])
-        return indices, values
+        pairs = [self.adapter_delta(name) for name in adapter_names]
+        return torch.cat([i.to(torch.int64) for i, _ in pairs]), torch.cat([v.float() for _, v in pairs])
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's delta as a dense ``(out, in)`` tensor in the base weight's dtype (allocates; for inspection
         and merging, not for the training path)."""
         base = self._logical_base_weight()
         delta = torch.zeros(base.shape, dtype=base.dtype, device=base.device)
-        return scatter_add(delta, self.sparse_indices[adapter_name], self.sparse_values[adapter_name].detach())
+        return scatter_add(delta, *self.adapter_delta(adapter_name, detach=True))
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the given (default: active) adapters' deltas into the base weight in place.
@@ -136,7 +156,7 @@ class SparseLayer(BaseTunerLayer):
             if name not in self.sparse_values:
                 continue
             target = self._logical_base_weight()
-            indices, values = self.sparse_indices[name], self.sparse_values[name].detach()
+            indices, values = self.adapter_delta(name, detach=True)
             with torch.no_grad():
                 if safe_merge:
                     candidate = scatter_add(target.clone(), indices, values)
@@ -157,7 +177,8 @@ class SparseLayer(BaseTunerLayer):
             if name not in self.sparse_values:
                 continue
             with torch.no_grad():
-                scatter_add(self._logical_base_weight(), self.sparse_indices[name], -self.sparse_values[name].detach())
+                indices, values = self.adapter_delta(name, detach=True)
+                scatter_add(self._logical_base_weight(), indices, -values)
 
     def _load_sparse_state_pre_hook(self, module, state_dict, prefix, local_metadata, strict, *args) -> None:
         """Validate an incoming adapter and resize this layer's tensors to it before ``load_state_dict`` copies.
@@ -187,6 +208,22 @@ class SparseLayer(BaseTunerLayer):
                 )
             if indices.shape != self.sparse_indices[name].shape:
                 self.set_sparse_entries(name, indices)
+            self._adopt_residual(name, state_dict, prefix)
+
+    def _adopt_residual(self, name: str, state_dict, prefix: str) -> None:
+        indices_key = f"{prefix}sparse_residual_indices.{name}"
+        values_key = f"{prefix}sparse_residual_values.{name}"
+        if indices_key not in state_dict and values_key not in state_dict:
+            return  # an adapter saved without residual (static mask, or an older version)
+        if (indices_key in state_dict) != (values_key in state_dict):
+            raise ValueError(f"Corrupt sparse adapter: {indices_key!r} and {values_key!r} must come together")
+        indices, values = state_dict[indices_key], state_dict[values_key]
+        check_indices(indices, self.num_weight_entries, indices_key)
+        if not isinstance(values, torch.Tensor) or not values.is_floating_point() or values.shape != indices.shape:
+            raise ValueError(f"{values_key}: expected {indices.numel()} floating values, got {_describe(values)}")
+        device = self.sparse_values[name].device
+        self.sparse_residual_indices[name] = torch.empty(indices.shape, dtype=torch.int64, device=device)
+        self.sparse_residual_values[name] = torch.empty(values.shape, dtype=torch.float32, device=device)
 
 
 

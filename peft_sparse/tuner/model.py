@@ -170,11 +170,12 @@ class SparseModel(BaseTuner):
             self.inject_adapter(self.model, adapter_name)
             for layer in self._layers_with_adapter(self.model, adapter_name):
                 present = [(name, w) for name, w in zip(adapters, weights) if name in layer.sparse_values]
-                union = torch.unique(torch.cat([layer.sparse_indices[name].to(torch.int64) for name, _ in present]))
+                deltas = [(layer.adapter_delta(name, detach=True), w) for name, w in present]
+                union = torch.unique(torch.cat([indices.to(torch.int64) for (indices, _), _ in deltas]))
                 values = torch.zeros(union.numel(), dtype=torch.float32, device=union.device)
-                for name, w in present:
-                    positions = torch.searchsorted(union, layer.sparse_indices[name].to(torch.int64))
-                    values.index_add_(0, positions, w * layer.sparse_values[name].detach().float())
+                for (indices, delta_values), w in deltas:
+                    positions = torch.searchsorted(union, indices.to(torch.int64))
+                    values.index_add_(0, positions, w * delta_values.float())
                 layer.set_sparse_entries(adapter_name, union, values)
         except Exception:
             del self.peft_config[adapter_name]
