@@ -118,6 +118,36 @@ def test_each_metric_matches_a_hand_computation(metric):
     assert report.num_batches == (0 if metric == "magnitude" else 3)
 
 
+def test_synflow_matches_a_hand_computation_and_restores_the_model():
+    base = tiny_llama(seed=12, dtype=torch.float64)
+    reference = copy.deepcopy(base)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.abs_()
+    layers = _targeted(reference)
+    weights = [m.weight for m in layers.values()]
+    for w in weights:
+        w.requires_grad_(True)
+    ones = torch.ones(1, 1, reference.config.hidden_size, dtype=torch.float64)
+    grads = torch.autograd.grad(reference(inputs_embeds=ones).logits.sum(), weights)
+    expected = {name: (g * w).reshape(-1) for name, g, w in zip(layers, grads, weights)}
+
+    model = get_peft_model(copy.deepcopy(base), SparseConfig(target_modules=TARGETS, density=0.05, budget="local",
+                                                             selection="synflow"))
+    model.train()
+    state_before = {k: v.clone() for k, v in model.state_dict().items()}
+    select_mask(model, accumulation_dtype=torch.float64)
+    selected = _selected(model)
+    for name, score in expected.items():
+        k = int(0.05 * score.numel() + 0.5)
+        assert torch.equal(selected[name], score.topk(k).indices.sort().values), name
+    state_after = model.state_dict()
+    for key, value in state_before.items():
+        if "sparse_" not in key:  # the base model comes back bit for bit (signs restored)
+            assert torch.equal(state_after[key], value), key
+    assert model.training
+
+
 def test_global_budget_equals_top_k_over_the_concatenation():
     base = tiny_llama(seed=4, dtype=torch.float64)
     batches = _batches(1)
@@ -203,9 +233,6 @@ def test_bad_input_raises():
         select_mask(model, _batches(), adapter_name="nope")
     with pytest.raises(TypeError, match="expected a peft model"):
         select_mask(torch.nn.Linear(2, 2), _batches())
-    synflow = get_peft_model(tiny_llama(), SparseConfig(target_modules=TARGETS, selection="synflow"))
-    with pytest.raises(NotImplementedError, match="synflow"):
-        select_mask(synflow)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -22,11 +22,13 @@ force      ``-(G * W)``                signed: FORCE as specified for this packa
 taylor_fo  ``(G * W)**2``              squared first-order Taylor term
 grasp      ``-(H G) * W``              GRaSP: entries whose removal least reduces gradient flow score lowest
 fisher     ``sum_b g_b**2``            empirical Fisher, per-batch approximation of per-example squares
+synflow    ``dR/d|W| * |W|``          data-free, R = 1^T (linearised network) 1; always >= 0
 random     ``U[0, 1)``                 seeded per layer from the config seed and the layer name
 ========== =========================== ==========================================================================
 
-``synflow`` (data-free, on a linearised copy of the whole network) is not implemented yet: selecting it raises
-``NotImplementedError``.
+``synflow`` scores ``(dR/dW) * |W|`` on the linearised network (all parameters replaced by their absolute value,
+an all-ones input, R = the sum of the outputs; see ``select._synflow_statistics`` for the numerical safety and how
+the model is restored exactly): data-free, one forward and backward pass.
 """
 
 from __future__ import annotations
@@ -79,6 +81,10 @@ def _fisher(grad_square, **_):
     return grad_square
 
 
+def _synflow(weight, grad, **_):
+    return grad * weight
+
+
 def _random(weight, generator, **_):
     return torch.rand(weight.shape, generator=generator).to(weight.device)
 
@@ -93,6 +99,7 @@ METRICS: dict[str, Metric] = {
         Metric("taylor_fo", True, False, False, _taylor_fo, "1 per batch"),
         Metric("grasp", True, False, True, _grasp, "2 per batch (finite-difference Hessian-vector product)"),
         Metric("fisher", True, True, False, _fisher, "1 per batch"),
+        Metric("synflow", False, False, False, _synflow, "1 (data-free, on the linearised network)"),
         Metric("random", False, False, False, _random, "0"),
     )
 }

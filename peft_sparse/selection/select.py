@@ -224,8 +224,6 @@ def _move_entries(layer, adapter_name: str, new: torch.Tensor, optimizer) -> int
 
 def _prepare(caller: str, model, adapter_name, data):
     root, adapter_name, config = _resolve(model, adapter_name)
-    if config.selection == "synflow":
-        raise NotImplementedError(f"{caller}: SparseConfig.selection='synflow' is not implemented yet; choose another metric")
     metric = METRICS[config.selection]
     layers = [(n, m) for n, m in root.named_modules() if isinstance(m, SparseLayer) and adapter_name in m.sparse_values]
     if not layers:
@@ -268,7 +266,9 @@ def _compute_scores(
         group_generators = generators[group_start : group_start + group_size]
         statistics = [dict() for _ in group]
         probe_bytes = 0
-        if metric.needs_data:
+        if metric.name == "synflow":
+            probe_bytes = _synflow_statistics(model, group, adapter_name, accumulation_dtype, statistics)
+        elif metric.needs_data:
             was_trainable = []
             for _, layer in group:
                 logical = layer._logical_base_weight()
@@ -295,7 +295,8 @@ def _compute_scores(
         # The group's scores are computed while its accumulators are still alive; all scores are kept (the top-k
         # needs them), so the peak is every earlier score + this group's accumulators + this group's scores.
         for stats, (_, layer), generator in zip(statistics, group, group_generators):
-            weight = _effective_weight(layer, adapter_name)
+            weight = stats.pop("linearised_weight", None)
+            weight = _effective_weight(layer, adapter_name) if weight is None else weight
             stats = {key: value.float() for key, value in stats.items() if value is not None}
             score = metric.score(weight=weight, generator=generator, **stats).float()
             scores.append(score)
@@ -303,6 +304,58 @@ def _compute_scores(
         peak = max(peak, held + probe_bytes)
         del statistics
     return scores, batches_seen, peak
+
+
+def _synflow_statistics(model, group, adapter_name, accumulation_dtype, statistics) -> int:
+    """SynFlow's dR/dW on the linearised network, for the layers of ``group``; returns the probes' bytes.
+
+    Linearised as in Tanaka et al. (2020): every parameter of the model replaced by its absolute value, dropout off,
+    an all-ones input (``inputs_embeds``, one token), R = the sum of the outputs. Afterwards every parameter gets
+    its sign back (``p[negative] *= -1`` is exact) and the model its train/eval mode. Numerical safety: with all
+    weights positive the activations of a plain deep chain grow like the product of the layers' norms, but the
+    pre-norm transformers this package targets re-normalise the residual stream in every block (RMSNorm /
+    LayerNorm), so R stays finite in fp32; scores are only ranked, never used as magnitudes. A LayerNorm that sees
+    the constant all-ones vector outputs its bias alone (the mean is subtracted), so for post-norm encoders the
+    signal reaching deeper layers is weak: prefer another metric there.
+    """
+    root = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embeddings = root.get_input_embeddings()
+    if embeddings is None:
+        raise ValueError("select_mask: selection='synflow' needs a model that accepts inputs_embeds")
+    parameters = [p for p in root.parameters()]
+    signs = [p.detach() < 0 for p in parameters]
+    was_training = root.training
+    was_trainable = []
+    try:
+        with torch.no_grad():
+            for p in parameters:
+                p.abs_()
+        root.eval()
+        for _, layer in group:
+            logical = layer._logical_base_weight()
+            layer.salience_probe = GradientProbe(logical.shape, accumulation_dtype, logical.device)
+            values = layer.sparse_values[adapter_name]
+            was_trainable.append(values.requires_grad)
+            values.requires_grad_(True)
+        weight = embeddings.weight
+        ones = torch.ones((1, 1, weight.shape[1]), dtype=weight.dtype, device=weight.device)
+        outputs = model(inputs_embeds=ones)
+        result = outputs.logits if getattr(outputs, "logits", None) is not None else outputs[0]
+        values = [layer.sparse_values[adapter_name] for _, layer in group]
+        torch.autograd.grad(result.float().sum(), values, allow_unused=True)
+        probe_bytes = sum(layer.salience_probe.nbytes for _, layer in group)
+        for stats, (_, layer) in zip(statistics, group):
+            stats["grad"] = layer.salience_probe.grad
+            stats["linearised_weight"] = _effective_weight(layer, adapter_name).abs()
+    finally:
+        for (_, layer), trainable in zip(group, was_trainable):
+            layer.salience_probe = None
+            layer.sparse_values[adapter_name].requires_grad_(trainable)
+        with torch.no_grad():
+            for p, negative in zip(parameters, signs):
+                p[negative] *= -1
+        root.train(was_training)
+    return probe_bytes
 
 
 def _hessian_grad_pass(model, group, adapter_name, data, num_batches, loss_fn, statistics) -> None:
