@@ -221,6 +221,15 @@ def test_random_selection_depends_on_the_seed_only():
     assert any(not torch.equal(a[n], c[n]) for n in a)
 
 
+def test_batches_may_be_batch_encodings_and_leave_the_data_untouched():
+    from transformers import BatchEncoding
+
+    data = [BatchEncoding(b) for b in _batches()]
+    model = get_peft_model(tiny_llama(seed=10), SparseConfig(target_modules=TARGETS, selection="gradient"))
+    report = select_mask(model, data)
+    assert report.num_batches == 3 and report.total == sum(_selected(model)[n].numel() for n in _selected(model))
+
+
 def test_bad_input_raises():
     model = get_peft_model(tiny_llama(), SparseConfig(target_modules=TARGETS, selection="gradient"))
     with pytest.raises(ValueError, match="needs `data`"):

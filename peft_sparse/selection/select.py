@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -63,7 +63,7 @@ def _resolve(model: nn.Module, adapter_name: Optional[str]) -> tuple[nn.Module, 
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device)
-    if isinstance(batch, dict):
+    if isinstance(batch, Mapping):  # dicts, and transformers' BatchEncoding (a UserDict)
         return {key: _to_device(value, device) for key, value in batch.items()}
     return batch
 
@@ -76,7 +76,7 @@ def _run_passes(model, layers, adapter_name, data, num_batches, loss_fn, descrip
     total = min(num_batches, len(data)) if hasattr(data, "__len__") else num_batches
     for batch in tqdm(itertools.islice(iter(data), num_batches), total=total, desc=description, leave=False):
         batch = _to_device(batch, device)
-        outputs = model(**batch) if isinstance(batch, dict) else model(batch)
+        outputs = model(**batch) if isinstance(batch, Mapping) else model(batch)
         loss = loss_fn(outputs, batch) if loss_fn is not None else outputs.loss
         if loss is None:
             raise ValueError("select_mask: the model returned no loss; pass labels in the batches or a loss_fn")
