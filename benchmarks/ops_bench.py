@@ -21,7 +21,6 @@ running it alone. All timings are medians over repeated runs.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import platform
 import statistics
@@ -191,10 +190,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def build_step(method: str, device: str, dtype: torch.dtype):
     """A model with the given adapter and a function running one training step on it; returns (step, trainable)."""
-    import peft_sparse  # noqa: F401
     from peft import LoraConfig, get_peft_model
 
-    from peft_sparse import SparseConfig, lora_equivalent_budget
+    from peft_sparse import SparseConfig, lora_equivalent_budget  # importing peft_sparse registers PeftType.SPARSE
 
     c = STEP_CONFIG
     model = _tiny_llama(device, dtype)

@@ -15,7 +15,6 @@ kernel bug in or out while debugging. Loading happens lazily, at the first op ca
 
 from __future__ import annotations
 
-import logging
 import os
 import threading
 import warnings
@@ -26,8 +25,6 @@ import torch
 FORCE_REFERENCE_ENV = "PEFT_SPARSE_FORCE_REFERENCE"
 BACKENDS = ("cpp", "cuda", "cupy", "reference")
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-
-logger = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _state: dict = {}  # "extension": "prebuilt" | "jit" | None, "cuda": backend name, "error": str
@@ -48,6 +45,7 @@ def _jit_build() -> None:
     missing = [str(path) for path in sources if not path.is_file()]
     if missing:
         raise FileNotFoundError(f"C++ sources not found (JIT builds need a source checkout): {missing}")
+    # Same sources and flags as setup.py's build of peft_sparse._C (setup.py cannot import this package).
     cpp_extension.load(
         name="peft_sparse_jit",
         sources=[str(path) for path in sources],

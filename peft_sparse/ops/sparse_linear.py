@@ -18,25 +18,32 @@ from .functional import scatter_add, sddmm_gather
 
 
 def merged_weight(
-    weight: torch.Tensor, indices: torch.Tensor, values: torch.Tensor, fan_in_fan_out: bool, dtype: torch.dtype
+    weight: torch.Tensor,
+    indices: torch.Tensor,
+    values: torch.Tensor,
+    fan_in_fan_out: bool,
+    dtype: torch.dtype,
+    offset: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Return ``W0 + delta`` as a new contiguous ``(out, in)`` tensor of ``dtype``; ``weight`` is not modified.
+    """Return ``W0 + delta`` (``+ offset`` if given) as a new contiguous ``(out, in)`` tensor of ``dtype``;
+    ``weight`` is not modified.
 
     ``fan_in_fan_out`` marks a weight stored as ``(in, out)`` (GPT-2 ``Conv1D``); the result is always in the
-    logical ``(out, in)`` layout that ``F.linear`` expects.
+    logical ``(out, in)`` layout that ``F.linear`` expects. ``offset`` is a dense ``(out, in)`` tensor (only salience
+    selection uses it).
     """
     logical = weight.t() if fan_in_fan_out else weight
-    merged = logical.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
-    return scatter_add(merged, indices, values)
+    merged = scatter_add(logical.to(dtype=dtype, memory_format=torch.contiguous_format, copy=True), indices, values)
+    if offset is not None:
+        merged += offset.to(dtype)
+    return merged
 
 
 class _SparseLinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, indices, values, fan_in_fan_out, grad_sink=None, weight_offset=None):
         compute_dtype = x.dtype
-        merged = merged_weight(weight, indices, values, fan_in_fan_out, compute_dtype)
-        if weight_offset is not None:
-            merged += weight_offset.to(compute_dtype)
+        merged = merged_weight(weight, indices, values, fan_in_fan_out, compute_dtype, weight_offset)
         out = torch.nn.functional.linear(x, merged, None if bias is None else bias.to(compute_dtype))
         ctx.save_for_backward(x, weight, indices, values)
         ctx.fan_in_fan_out = fan_in_fan_out
@@ -55,9 +62,7 @@ class _SparseLinearFunction(torch.autograd.Function):
         x_2d = x.reshape(-1, in_features)
         grad_x = grad_weight = grad_bias = grad_values = None
         if needs_x:
-            merged = merged_weight(weight, indices, values, ctx.fan_in_fan_out, grad_out.dtype)
-            if ctx.weight_offset is not None:
-                merged += ctx.weight_offset.to(grad_out.dtype)
+            merged = merged_weight(weight, indices, values, ctx.fan_in_fan_out, grad_out.dtype, ctx.weight_offset)
             grad_x = (grad_2d @ merged).reshape(x.shape).to(x.dtype)
             del merged
         if needs_values:

@@ -12,10 +12,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..ops import scatter_add
 from ..tuner.budget import allocate_budget
 from ..tuner.config import SparseConfig
 from ..tuner.indices import layer_seed
-from ..ops import scatter_add
 from ..tuner.layer import SparseLayer
 from .optim import reassign_entries, surviving_positions
 from .salience import METRICS, GradientProbe
