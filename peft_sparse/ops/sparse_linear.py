@@ -39,16 +39,29 @@ def merged_weight(
     return merged
 
 
+def _materialise(weight, indices, values, fan_in_fan_out, dtype, offset, dequantize):
+    """The merged dense weight the layer computes with: from a plain weight, or through ``dequantize``."""
+    if dequantize is None:
+        return merged_weight(weight, indices, values, fan_in_fan_out, dtype, offset)
+    merged = dequantize(indices, values, dtype)
+    if offset is not None:
+        merged += offset.to(dtype)
+    return merged
+
+
 class _SparseLinearFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, indices, values, fan_in_fan_out, grad_sink=None, weight_offset=None):
+    def forward(
+        ctx, x, weight, bias, indices, values, fan_in_fan_out, grad_sink=None, weight_offset=None, dequantize=None
+    ):
         compute_dtype = x.dtype
-        merged = merged_weight(weight, indices, values, fan_in_fan_out, compute_dtype, weight_offset)
+        merged = _materialise(weight, indices, values, fan_in_fan_out, compute_dtype, weight_offset, dequantize)
         out = torch.nn.functional.linear(x, merged, None if bias is None else bias.to(compute_dtype))
         ctx.save_for_backward(x, weight, indices, values)
         ctx.fan_in_fan_out = fan_in_fan_out
         ctx.grad_sink = grad_sink
         ctx.weight_offset = weight_offset
+        ctx.dequantize = dequantize
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         return out
@@ -59,15 +72,18 @@ class _SparseLinearFunction(torch.autograd.Function):
         needs_x, needs_weight, needs_bias, _, needs_values = ctx.needs_input_grad[:5]
         in_features = x.shape[-1]
         grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-        x_2d = x.reshape(-1, in_features)
+        # Under autocast the forward multiplied in the autocast dtype (the gradient's), not in x's.
+        x_2d = x.reshape(-1, in_features).to(grad_2d.dtype)
         grad_x = grad_weight = grad_bias = grad_values = None
         if needs_x:
-            merged = merged_weight(weight, indices, values, ctx.fan_in_fan_out, grad_out.dtype, ctx.weight_offset)
+            merged = _materialise(
+                weight, indices, values, ctx.fan_in_fan_out, grad_out.dtype, ctx.weight_offset, ctx.dequantize
+            )
             grad_x = (grad_2d @ merged).reshape(x.shape).to(x.dtype)
             del merged
         if needs_values:
             grad_values = sddmm_gather(grad_2d, x_2d, indices, in_features).to(values.dtype)
-        if needs_weight:
+        if needs_weight and ctx.dequantize is None:
             # The base weight is frozen in every peft-sparse setup; this branch only keeps the function a correct
             # autograd citizen if a caller unfreezes it.
             grad_logical = grad_2d.t().to(weight.dtype) @ x_2d.to(weight.dtype)
@@ -78,7 +94,7 @@ class _SparseLinearFunction(torch.autograd.Function):
             # Salience selection: the layer's dense weight gradient, built here from the layer's own input and
             # output gradient, so it works whatever the base weight is stored as.
             ctx.grad_sink(grad_2d, x_2d)
-        return grad_x, grad_weight, grad_bias, None, grad_values, None, None, None
+        return grad_x, grad_weight, grad_bias, None, grad_values, None, None, None, None
 
 
 def sparse_linear(
@@ -90,6 +106,7 @@ def sparse_linear(
     fan_in_fan_out: bool = False,
     grad_sink: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
     weight_offset: Optional[torch.Tensor] = None,
+    dequantize: Optional[Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Linear layer with a sparse additive delta on a frozen weight.
 
@@ -106,6 +123,10 @@ def sparse_linear(
             the caller can accumulate the dense weight gradient ``grad_output_2d.T @ input_2d`` as it chooses.
         weight_offset: salience selection only: a dense ``(out, in)`` tensor added to the merged weight (GRaSP's
             finite-difference Hessian-vector product evaluates the gradient at a perturbed weight).
+        dequantize: for a quantised base (``weight`` is then its packed storage, frozen): a function
+            ``dequantize(indices, values, dtype)`` returning the dense ``(out, in)`` weight in ``dtype`` with the delta
+            added, e.g. one :func:`peft_sparse.ops.dequant_scatter_4bit` pass. Called in the forward and again in
+            the backward, so no dense copy is kept between them.
 
     Returns:
         ``x @ (W0 + delta)^T + bias`` of shape ``(..., out)`` in ``x.dtype``.
@@ -115,4 +136,6 @@ def sparse_linear(
             f"sparse_linear: `indices` and `values` must be 1-D of equal length, got {tuple(indices.shape)} and "
             f"{tuple(values.shape)}"
         )
-    return _SparseLinearFunction.apply(x, weight, bias, indices, values, fan_in_fan_out, grad_sink, weight_offset)
+    return _SparseLinearFunction.apply(
+        x, weight, bias, indices, values, fan_in_fan_out, grad_sink, weight_offset, dequantize
+    )
