@@ -93,3 +93,55 @@ def make_batch(seed: int = 0, batch: int = 2, length: int = 9) -> dict[str, torc
 def logits(model, batch) -> torch.Tensor:
     with torch.no_grad():
         return model(**batch).logits
+
+
+def quantised_tiny_llama(directory, **bnb_kwargs):
+    """``tiny_llama()`` saved to ``directory`` (once) and loaded back through bitsandbytes with ``bnb_kwargs`` (e.g.
+    ``load_in_4bit=True, bnb_4bit_quant_type="nf4"``), on the CPU, in fp32 apart from the quantised weights."""
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if not (Path(directory) / "config.json").exists():
+        tiny_llama().save_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(
+        directory, quantization_config=BitsAndBytesConfig(**bnb_kwargs), device_map="cpu", dtype=torch.float32
+    )
+    return model.eval()
+
+
+def dequantised_copy(quantised_model) -> LlamaForCausalLM:
+    """A plain fp32 ``tiny_llama`` whose weights are the quantised model's weights, dequantised: the dense model that
+    computes what the quantised one computes."""
+    import bitsandbytes as bnb
+
+    dense = tiny_llama()
+    modules = dict(quantised_model.named_modules())
+    with torch.no_grad():
+        for name, module in dense.named_modules():
+            source = modules.get(name)
+            if hasattr(source, "get_base_layer"):  # a peft adapter layer wrapping the quantised layer
+                source = source.get_base_layer()
+            if isinstance(source, bnb.nn.Linear4bit):
+                weight = source.weight
+                module.weight.copy_(bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float())
+            elif isinstance(source, bnb.nn.Linear8bitLt):
+                scales = source.weight.SCB if source.weight.SCB is not None else source.state.SCB
+                module.weight.copy_(bnb.functional.int8_vectorwise_dequant(source.weight.data, scales))
+    return dense.eval()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer built locally (no downloads) whose ids fit ``VOCAB``: special tokens, lowercase
+    letters and a few words; anything else maps to ``<unk>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<s>", "</s>"]
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    vocab = {token: i for i, token in enumerate(specials + words + [chr(c) for c in range(ord("a"), ord("z") + 1)])}
+    assert len(vocab) <= VOCAB
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
+                                   bos_token="<s>", eos_token="</s>")

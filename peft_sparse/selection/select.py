@@ -242,7 +242,7 @@ def _tie_generators(config, layers):
 
 def _effective_weight(layer, adapter_name: str) -> torch.Tensor:
     """fp32 ``W0 + delta``: the weight the layer computes with (its trained delta folded in)."""
-    weight = layer._logical_base_weight().float().clone()
+    weight = layer.dequantized_weight(torch.float32)
     return scatter_add(weight, *layer.adapter_delta(adapter_name, detach=True))
 
 
@@ -271,9 +271,8 @@ def _compute_scores(
         elif metric.needs_data:
             was_trainable = []
             for _, layer in group:
-                logical = layer._logical_base_weight()
                 layer.salience_probe = GradientProbe(
-                    logical.shape, accumulation_dtype, logical.device, keep_square=metric.needs_grad_square
+                    layer.logical_shape, accumulation_dtype, layer.weight_device, keep_square=metric.needs_grad_square
                 )
                 values = layer.sparse_values[adapter_name]
                 was_trainable.append(values.requires_grad)
@@ -322,6 +321,14 @@ def _synflow_statistics(model, group, adapter_name, accumulation_dtype, statisti
     embeddings = root.get_input_embeddings()
     if embeddings is None:
         raise ValueError("select_mask: selection='synflow' needs a model that accepts inputs_embeds")
+    packed = sorted({type(p).__name__ for p in root.parameters() if type(p).__name__ == "Params4bit"})
+    if packed:
+        # |W| of a packed 4-bit weight is not a 4-bit weight of the same quantisation (NF4/FP4 codes are not
+        # symmetric bit patterns we could flip in place), so the network cannot be linearised exactly.
+        raise ValueError(
+            "select_mask: selection='synflow' cannot linearise a model with 4-bit (Params4bit) weights; choose a "
+            "data-aware metric such as 'gradient', or run SynFlow on the unquantised model"
+        )
     parameters = [p for p in root.parameters()]
     signs = [p.detach() < 0 for p in parameters]
     was_training = root.training
@@ -332,8 +339,7 @@ def _synflow_statistics(model, group, adapter_name, accumulation_dtype, statisti
                 p.abs_()
         root.eval()
         for _, layer in group:
-            logical = layer._logical_base_weight()
-            layer.salience_probe = GradientProbe(logical.shape, accumulation_dtype, logical.device)
+            layer.salience_probe = GradientProbe(layer.logical_shape, accumulation_dtype, layer.weight_device)
             values = layer.sparse_values[adapter_name]
             was_trainable.append(values.requires_grad)
             values.requires_grad_(True)
@@ -360,7 +366,7 @@ def _synflow_statistics(model, group, adapter_name, accumulation_dtype, statisti
 
 def _hessian_grad_pass(model, group, adapter_name, data, num_batches, loss_fn, statistics) -> None:
     """GRaSP: H G by a finite difference of gradients, (G(W + eps G) - G(W)) / eps, one more pass over the data."""
-    weight_norm = sum(float(layer._logical_base_weight().float().square().sum()) for _, layer in group) ** 0.5
+    weight_norm = sum(float(layer.dequantized_weight().square().sum()) for _, layer in group) ** 0.5
     grad_norm = sum(float(layer.salience_probe.grad.float().square().sum()) for _, layer in group) ** 0.5
     if grad_norm == 0.0:
         for stats, (_, layer) in zip(statistics, group):

@@ -85,8 +85,10 @@ def lora_equivalent_budget(
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, Conv1D)) or not check_target_module_exists(config, name):
             continue
-        rows, cols = module.weight.shape
-        total += r * (rows + cols)
+        if isinstance(module, nn.Linear):  # the module's sizes, not the weight's: a 4-bit weight is stored packed
+            total += r * (module.in_features + module.out_features)
+        else:
+            total += r * sum(module.weight.shape)
     if total == 0:
         raise ValueError(f"lora_equivalent_budget: target_modules={target_modules!r} matched no linear layer")
     return total

@@ -45,11 +45,14 @@ class SparseLayer(BaseTunerLayer):
         # The module's name in the model seeds its random index sets, so a layer's initial mask does not depend on
         # the order in which layers are created.
         self.layer_name = layer_name
-        weight = self.get_base_layer().weight
-        if fan_in_fan_out:
-            self.in_features, self.out_features = weight.shape
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            # Read from the module, not the weight: a quantised weight's tensor has its packed storage shape.
+            self.out_features, self.in_features = base.out_features, base.in_features
+        elif fan_in_fan_out:
+            self.in_features, self.out_features = base.weight.shape
         else:
-            self.out_features, self.in_features = weight.shape
+            self.out_features, self.in_features = base.weight.shape
         self.kwargs = kwargs
         # Set only while peft_sparse.select_mask estimates salience (see selection/salience.py).
         self.salience_probe = None
@@ -106,10 +109,23 @@ class SparseLayer(BaseTunerLayer):
         generator = torch.Generator().manual_seed(layer_seed(seed, self.layer_name))
         self.set_sparse_entries(adapter_name, random_indices(self.num_weight_entries, num_entries, generator))
 
+    @property
+    def logical_shape(self) -> tuple[int, int]:
+        """``(out_features, in_features)``: the shape of the weight the indices address."""
+        return self.out_features, self.in_features
+
+    @property
+    def weight_device(self) -> torch.device:
+        return self.get_base_layer().weight.device
+
     def _logical_base_weight(self) -> torch.Tensor:
         """The base weight's data as an ``(out, in)`` view (a transpose view for ``Conv1D``)."""
         weight = self.get_base_layer().weight.data
         return weight.t() if self.fan_in_fan_out else weight
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A new dense ``(out, in)`` copy of the frozen base weight in ``dtype`` (quantised layers dequantise)."""
+        return self._logical_base_weight().to(dtype=dtype, memory_format=torch.contiguous_format, copy=True)
 
     def adapter_delta(self, adapter_name: str, detach: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The adapter's whole delta as one (indices, values) pair: its trainable entries plus any residual."""

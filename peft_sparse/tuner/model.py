@@ -12,6 +12,7 @@ from peft.utils.other import _get_submodules
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .bnb import dispatch_bnb
 from .budget import allocate_budget
 from .config import SparseConfig
 from .layer import Linear, SparseLayer
@@ -31,7 +32,8 @@ def _unsupported_reason(layer_name: str, base_layer: nn.Module) -> str | None:
     kind = "quantised layer" if quantised else "layer"
     return (
         f"Target module {layer_name!r} is a {kind} of type {type(base_layer).__module__}.{type(base_layer).__name__}, "
-        "which peft-sparse does not support; supported types are torch.nn.Linear and transformers Conv1D"
+        "which peft-sparse does not support; supported types are torch.nn.Linear, transformers Conv1D, "
+        "bitsandbytes Linear4bit and bitsandbytes Linear8bitLt (int8 weights)"
     )
 
 
@@ -115,6 +117,9 @@ class SparseModel(BaseTuner):
     @staticmethod
     def _create_new_module(sparse_config: SparseConfig, adapter_name: str, target: nn.Module, layer_name: str):
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        quantised = dispatch_bnb(target, adapter_name, delta_dtype=sparse_config.torch_delta_dtype, layer_name=layer_name)
+        if quantised is not None:
+            return quantised
         reason = _unsupported_reason(layer_name, base_layer)
         if reason is not None:
             raise TypeError(reason)
