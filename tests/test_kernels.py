@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zlib
 
 import pytest
 import torch
@@ -351,10 +352,11 @@ def test_dequant_scatter_rejects_bad_input(compiled_ops):
 @pytest.mark.parametrize("out_dtype", OUT_DTYPES)
 @pytest.mark.parametrize("shape,blocksize", [((64, 48), 64), ((67, 45), 64), ((40, 130), 128)])
 def test_dequant_scatter_agrees_with_bitsandbytes(quant_type, double_quant, out_dtype, shape, blocksize):
-    """Without a delta, bit for bit ``dequantize_4bit``; with one, ``dequantize_4bit`` in fp32 plus the delta,
-    rounded once, which is within one rounding of ``dequantize_4bit(out_dtype)`` followed by a scatter-add."""
+    """Our contract: dequantise in fp32 (bit for bit ``dequantize_4bit`` in fp32), add the delta, round once to the
+    output dtype. bitsandbytes' own fp16/bf16 output may round an intermediate earlier (it does on some torch
+    versions: seen with torch 2.11 on the GPU machine's CPU path), so against it we allow one rounding."""
     bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is installed by .[dev]")
-    gen = _gen(hash((quant_type, double_quant, shape)) % 2**31)
+    gen = _gen(zlib.crc32(repr((quant_type, double_quant, shape, str(out_dtype))).encode()))
     weight = torch.randn(shape, generator=gen)
     packed, state = bnb_functional.quantize_4bit(weight, blocksize=blocksize, quant_type=quant_type,
                                                  compress_statistics=double_quant)
@@ -362,13 +364,17 @@ def test_dequant_scatter_agrees_with_bitsandbytes(quant_type, double_quant, out_
     indices = _indices(numel, numel // 20, gen, torch.int32)
     values = _randn(indices.numel(), gen) * 0.05
 
-    state.dtype = out_dtype
-    dequantized = bnb_functional.dequantize_4bit(packed, state)
-    assert torch.equal(ops.dequant_scatter_4bit(packed, state, indices[:0], values[:0]), dequantized)
-
-    fused = ops.dequant_scatter_4bit(packed, state, indices, values)
     state.dtype = torch.float32
     dequantized32 = bnb_functional.dequantize_4bit(packed, state)
+    assert torch.equal(ops.dequant_scatter_4bit(packed, state, indices[:0], values[:0], torch.float32), dequantized32)
+    state.dtype = out_dtype
+    dequantized = bnb_functional.dequantize_4bit(packed, state)
+    no_delta = ops.dequant_scatter_4bit(packed, state, indices[:0], values[:0])
+    assert torch.equal(no_delta, dequantized32.to(out_dtype))
+    one_rounding = torch.finfo(out_dtype).eps * dequantized32.abs() + torch.finfo(out_dtype).tiny
+    assert ((no_delta.double() - dequantized.double()).abs() <= one_rounding.double()).all()
+
+    fused = ops.dequant_scatter_4bit(packed, state, indices, values)
     expected = reference.scatter_add(dequantized32.clone(), indices, values).to(out_dtype)
     assert torch.equal(fused, expected)
     unfused = reference.scatter_add(dequantized.clone(), indices, values)
