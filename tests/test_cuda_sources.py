@@ -89,8 +89,11 @@ def test_cupy_launch_constants_match_the_kernel_source():
         return int(re.search(rf"#define {name} (\d+)", source).group(1))
 
     assert _cupy.THREADS == macro("PS_THREADS")
-    assert _cupy.SDDMM_ENTRIES_PER_BLOCK == macro("PS_SDDMM_ENTRIES_PER_THREAD") * macro("PS_THREADS")
+    assert "#define PS_WARPS_PER_BLOCK (PS_THREADS / 32)" in source  # one warp per sddmm entry
+    assert _cupy.SDDMM_ENTRIES_PER_BLOCK == macro("PS_THREADS") // 32
     assert _cupy.DEQUANT_TILE == macro("PS_DQ_TILE")
+    # the dequant kernel gives every thread PS_DQ_PER_THREAD consecutive elements of its block's tile
+    assert macro("PS_DQ_TILE") == macro("PS_THREADS") * macro("PS_DQ_PER_THREAD")
 
 
 def _cuda_include_dir() -> Path | None:

@@ -13,22 +13,22 @@
 //   pair); FLOPs = k.
 //
 // sddmm_gather: out[i] = sum_n grad_output[n, row_i] * input[n, col_i], with fp32 accumulation (fp64 for fp64).
-//   Launch: grid (ceil(k / (256 * 8)), splits), 256 threads, 8 entries per thread held in registers; the token
-//   dimension is split into `splits` ranges and walked in tiles of `tile_tokens` tokens: each tile of `input`
-//   (tile_tokens x in, all features) is read from device memory once per block into shared memory and reused by
-//   all 2048 entries of the block, whose grad_output reads hit L1 (consecutive entries share a row because the
-//   indices are sorted). Each split writes its partial sums to a workspace row; a second kernel adds the rows in a
-//   fixed order, so results are deterministic (no float atomics).
-//   Floors: bytes = N * (in + out) * sizeof(T) + k * (sizeof(index) + 4); FLOPs = 2 * k * N.
-//   Cost above the floor: `input` is re-read from L2 once per entry-block (ceil(k / 2048) times in all); that is
-//   the term a GPU tuning pass should attack first.
+//   Launch: grid (ceil(k / 8), splits), 256 threads: one warp per entry and token range; the binding passes
+//   token-contiguous operands, so each lane reads 16-byte vectors; warp-shuffle sums; per-split partial sums are
+//   added by a second kernel in a fixed order (deterministic, no float atomics). Splits are sized so a range of
+//   `input` stays in L2.
+//   Floors: bytes = N * (in + out) * sizeof(T) + k * (sizeof(index) + 4); FLOPs = 2 * k * N. The byte floor assumes
+//   every operand is read once; an unstructured mask makes each entry read its own two length-N vectors, so the
+//   realistic bound is 2 * k * N * sizeof(T) bytes from L2 (plus the transposes), or, from the other side, the
+//   dense product grad.T @ input on the tensor cores (2 * N * out * in FLOPs), whichever is smaller.
 //
 // dequant_scatter: bitsandbytes 4-bit (NF4/FP4 through a 16-entry code table, optional double quantisation)
 //   dequantised in fp32, a sparse fp32 delta added, rounded once to the output dtype.
-//   Launch: one block of 256 threads per 4096-element tile: the tile's 2048 packed bytes are read once (coalesced)
-//   and decoded into shared memory, the block's delta entries (found by binary search, indices sorted) are added
-//   with shared-memory atomics, and the tile is written out coalesced. Products use __fmul_rn/__fadd_rn so the
-//   compiler cannot contract them into FMAs: the fp32 values then equal bitsandbytes' bit for bit.
+//   Launch: one block of 256 threads per 4096-element tile, 16 elements per thread: one 8-byte load of packed
+//   codes, one absmax (every bitsandbytes block size is a multiple of 16), the thread's delta entries found by
+//   binary search (indices sorted) and added in index order in registers, then 16-byte stores. Products use
+//   __fmul_rn/__fadd_rn so the compiler cannot contract them into FMAs: the fp32 values then equal bitsandbytes'
+//   bit for bit.
 //   Floors: bytes = numel / 2 + numel / blocksize * sizeof(absmax) + numel * sizeof(out) + k * 8; FLOPs = numel.
 // ---------------------------------------------------------------------------------------------------------------
 
@@ -43,7 +43,6 @@ typedef long long ps_i64;
 typedef unsigned long long ps_u64;
 
 #define PS_THREADS 256
-#define PS_SDDMM_ENTRIES_PER_THREAD 8
 #define PS_DQ_TILE 4096
 
 // ---- storage types --------------------------------------------------------------------------------------------
@@ -125,75 +124,74 @@ __device__ __forceinline__ void scatter_add_body(typename Tr::T* dense, ps_i64 c
 }
 
 // ---- sddmm_gather ------------------------------------------------------------------------------------------------
+//
+// One warp per entry: the dot product of grad_output[:, row] and input[:, col] over this split's token range.
+// The launcher passes token-contiguous operands (stride_token == 1: the (N, features) tensors transposed once, a
+// cheap copy next to this kernel), so each lane reads 16 bytes at a time and the warp streams 512 contiguous
+// bytes per operand per step; consecutive entries (sorted indices) share their grad row, which stays in L1, and a
+// split's input columns are sized by the launcher to stay in L2. The warp's sum is reduced by shuffles in a fixed
+// order, so results are deterministic. Any other strides take the scalar loop (correct, slower).
+
+#define PS_WARPS_PER_BLOCK (PS_THREADS / 32)
+
+template <class Tr>
+__device__ __forceinline__ typename Tr::Acc ps_dot_contiguous(const typename Tr::T* a, const typename Tr::T* b,
+                                                              ps_i64 count, int lane) {
+  typedef typename Tr::T T;
+  typedef typename Tr::Acc Acc;
+  const int vec = 16 / (int)sizeof(T);
+  Acc sum = 0;
+  ps_i64 n = 0;
+  if ((((ps_u64)a | (ps_u64)b) & 15) == 0) {
+    const ps_i64 vector_end = count / vec * vec;
+    for (n = (ps_i64)lane * vec; n < vector_end; n += 32 * vec) {
+      const uint4 ua = *(const uint4*)(a + n);
+      const uint4 ub = *(const uint4*)(b + n);
+      const T* va = (const T*)&ua;
+      const T* vb = (const T*)&ub;
+#pragma unroll
+      for (int q = 0; q < 16 / (int)sizeof(T); ++q) sum += Tr::to_acc(va[q]) * Tr::to_acc(vb[q]);
+    }
+    n = vector_end;
+  }
+  for (ps_i64 m = n + lane; m < count; m += 32) sum += Tr::to_acc(a[m]) * Tr::to_acc(b[m]);
+  return sum;
+}
+
+template <class Acc>
+__device__ __forceinline__ Acc ps_warp_sum(Acc value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
 
 template <class Tr, class Idx>
 __device__ __forceinline__ void sddmm_body(const typename Tr::T* grad, ps_i64 grad_stride_token,
                                            ps_i64 grad_stride_feature, const typename Tr::T* input,
                                            ps_i64 input_stride_token, ps_i64 input_stride_feature, ps_i64 num_tokens,
                                            ps_i64 in_features, const Idx* indices, ps_i64 k,
-                                           ps_i64 tokens_per_split, int tile_tokens, typename Tr::Acc* partial) {
-  typedef typename Tr::T T;
+                                           ps_i64 tokens_per_split, int /*unused*/, typename Tr::Acc* partial) {
   typedef typename Tr::Acc Acc;
-  extern __shared__ __align__(16) unsigned char ps_shared[];
-  T* tile = (T*)ps_shared;
-
-  const ps_i64 first = (ps_i64)blockIdx.x * (PS_SDDMM_ENTRIES_PER_THREAD * PS_THREADS);
-  ps_i64 row[PS_SDDMM_ENTRIES_PER_THREAD];
-  ps_i64 col[PS_SDDMM_ENTRIES_PER_THREAD];
-  Acc acc[PS_SDDMM_ENTRIES_PER_THREAD];
-#pragma unroll
-  for (int j = 0; j < PS_SDDMM_ENTRIES_PER_THREAD; ++j) {
-    const ps_i64 e = first + threadIdx.x + (ps_i64)j * PS_THREADS;
-    acc[j] = 0;
-    row[j] = -1;
-    col[j] = 0;
-    if (e < k) {
-      const ps_i64 flat = (ps_i64)indices[e];
-      row[j] = flat / in_features;
-      col[j] = flat - row[j] * in_features;
-    }
-  }
+  const int lane = threadIdx.x & 31;
+  const ps_i64 entry = (ps_i64)blockIdx.x * PS_WARPS_PER_BLOCK + (threadIdx.x >> 5);
+  if (entry >= k) return;  // whole warps leave together
   const ps_i64 begin = (ps_i64)blockIdx.y * tokens_per_split;
   const ps_i64 end = begin + tokens_per_split < num_tokens ? begin + tokens_per_split : num_tokens;
-
-  if (tile_tokens > 0) {
-    for (ps_i64 n0 = begin; n0 < end; n0 += tile_tokens) {
-      const int count = (int)(end - n0 < tile_tokens ? end - n0 : tile_tokens);
-      __syncthreads();  // the previous tile is no longer read
-      for (int t = 0; t < count; ++t) {
-        const T* source = input + (n0 + t) * input_stride_token;
-        for (ps_i64 c = threadIdx.x; c < in_features; c += PS_THREADS) {
-          tile[t * in_features + c] = source[c * input_stride_feature];
-        }
-      }
-      __syncthreads();
-#pragma unroll
-      for (int j = 0; j < PS_SDDMM_ENTRIES_PER_THREAD; ++j) {
-        if (row[j] < 0) continue;
-        const T* grad_column = grad + n0 * grad_stride_token + row[j] * grad_stride_feature;
-        Acc sum = 0;
-        for (int t = 0; t < count; ++t) {
-          sum += Tr::to_acc(grad_column[t * grad_stride_token]) * Tr::to_acc(tile[t * in_features + col[j]]);
-        }
-        acc[j] += sum;
-      }
-    }
+  const ps_i64 flat = (ps_i64)indices[entry];
+  const ps_i64 row = flat / in_features;
+  const ps_i64 col = flat - row * in_features;
+  Acc sum = 0;
+  if (grad_stride_token == 1 && input_stride_token == 1) {
+    sum = ps_dot_contiguous<Tr>(grad + row * grad_stride_feature + begin, input + col * input_stride_feature + begin,
+                                end - begin, lane);
   } else {
-    // Rows too wide to stage even one token in shared memory: read both operands straight from global memory.
-    for (ps_i64 n = begin; n < end; ++n) {
-#pragma unroll
-      for (int j = 0; j < PS_SDDMM_ENTRIES_PER_THREAD; ++j) {
-        if (row[j] < 0) continue;
-        acc[j] += Tr::to_acc(grad[n * grad_stride_token + row[j] * grad_stride_feature]) *
-                  Tr::to_acc(input[n * input_stride_token + col[j] * input_stride_feature]);
-      }
+    for (ps_i64 n = begin + lane; n < end; n += 32) {
+      sum += Tr::to_acc(grad[n * grad_stride_token + row * grad_stride_feature]) *
+             Tr::to_acc(input[n * input_stride_token + col * input_stride_feature]);
     }
   }
-#pragma unroll
-  for (int j = 0; j < PS_SDDMM_ENTRIES_PER_THREAD; ++j) {
-    if (row[j] < 0) continue;
-    partial[(ps_i64)blockIdx.y * k + first + threadIdx.x + (ps_i64)j * PS_THREADS] = acc[j];
-  }
+  sum = ps_warp_sum<Acc>(sum);
+  if (lane == 0) partial[(ps_i64)blockIdx.y * k + entry] = sum;
 }
 
 template <class Acc>
@@ -217,6 +215,8 @@ __device__ __forceinline__ ps_i64 ps_lower_bound(const Idx* indices, ps_i64 k, p
   return low;
 }
 
+#define PS_DQ_PER_THREAD 16  // PS_DQ_TILE / PS_THREADS: 8 packed bytes in, 16 outputs out per thread
+
 template <class Tr, class Idx>
 __device__ __forceinline__ void dequant_scatter_body(const ps_u8* packed, const float* absmax_f32,
                                                      const ps_u8* absmax_q, const float* code, ps_i64 blocksize,
@@ -224,7 +224,7 @@ __device__ __forceinline__ void dequant_scatter_body(const ps_u8* packed, const 
                                                      ps_i64 nested_blocksize, float offset, ps_i64 numel,
                                                      const Idx* indices, const float* values, ps_i64 k,
                                                      typename Tr::T* out) {
-  __shared__ float tile[PS_DQ_TILE];
+  typedef typename Tr::T T;
   __shared__ float code_shared[16];
   __shared__ ps_i64 entry_range[2];
   const ps_i64 t0 = (ps_i64)blockIdx.x * PS_DQ_TILE;
@@ -234,32 +234,73 @@ __device__ __forceinline__ void dequant_scatter_body(const ps_u8* packed, const 
   if (threadIdx.x == 32) entry_range[1] = ps_lower_bound(indices, k, t1);
   __syncthreads();
 
-  const ps_i64 num_bytes = (t1 - t0 + 1) / 2;
+  const ps_i64 e0 = t0 + (ps_i64)threadIdx.x * PS_DQ_PER_THREAD;
+  if (e0 >= t1) return;
+  const ps_i64 count = t1 - e0 < PS_DQ_PER_THREAD ? t1 - e0 : PS_DQ_PER_THREAD;
+  float v[PS_DQ_PER_THREAD];
+  // 16 consecutive elements starting at a multiple of 16 share one absmax when the block size is a multiple of 16
+  // (every bitsandbytes block size is); otherwise each element looks its own up.
+  const bool one_block = (blocksize & 15) == 0;
   ps_i64 cached_block = -1;
   float cached_absmax = 0.f;
-  for (ps_i64 b = threadIdx.x; b < num_bytes; b += PS_THREADS) {
-    const ps_u8 byte = packed[t0 / 2 + b];
-    for (int half = 0; half < 2; ++half) {
-      const ps_i64 e = t0 + 2 * b + half;
-      if (e >= t1) break;
-      const ps_i64 block = e / blocksize;
-      if (block != cached_block) {
-        cached_block = block;
-        cached_absmax = absmax_q == 0 ? absmax_f32[block]
+  if (count == PS_DQ_PER_THREAD && (((ps_u64)(packed + e0 / 2)) & 7) == 0 && one_block) {
+    const uint2 raw = *(const uint2*)(packed + e0 / 2);
+    const ps_i64 block = e0 / blocksize;
+    const float scale = absmax_q == 0 ? absmax_f32[block]
                                       : __fadd_rn(__fmul_rn(nested_code[absmax_q[block]],
                                                             nested_absmax[block / nested_blocksize]),
                                                   offset);
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const ps_u32 byte = ((j < 4 ? raw.x : raw.y) >> (8 * (j & 3))) & 0xffu;
+      v[2 * j] = __fmul_rn(code_shared[byte >> 4], scale);
+      v[2 * j + 1] = __fmul_rn(code_shared[byte & 15], scale);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < PS_DQ_PER_THREAD; ++j) {
+      v[j] = 0.f;
+      if (j < count) {
+        const ps_i64 e = e0 + j;
+        const ps_i64 block = e / blocksize;
+        if (block != cached_block) {
+          cached_block = block;
+          cached_absmax = absmax_q == 0 ? absmax_f32[block]
+                                        : __fadd_rn(__fmul_rn(nested_code[absmax_q[block]],
+                                                              nested_absmax[block / nested_blocksize]),
+                                                    offset);
+        }
+        const ps_u32 byte = packed[e / 2];
+        v[j] = __fmul_rn(code_shared[(e & 1) == 0 ? (byte >> 4) : (byte & 15)], cached_absmax);
       }
-      const int nibble = half == 0 ? (byte >> 4) : (byte & 15);
-      tile[e - t0] = __fmul_rn(code_shared[nibble], cached_absmax);
     }
   }
-  __syncthreads();
-  for (ps_i64 e = entry_range[0] + threadIdx.x; e < entry_range[1]; e += PS_THREADS) {
-    atomicAdd(&tile[(ps_i64)indices[e] - t0], values[e]);
+  // The delta: this thread's entries, found by binary search inside the block's range, added in index order.
+  const ps_i64 first = entry_range[0], last = entry_range[1];
+  if (first < last) {
+    ps_i64 e = first + ps_lower_bound(indices + first, last - first, e0);
+    for (; e < last; ++e) {
+      const ps_i64 offset_in_run = (ps_i64)indices[e] - e0;
+      if (offset_in_run >= count) break;
+      const float delta = values[e];
+#pragma unroll
+      for (int j = 0; j < PS_DQ_PER_THREAD; ++j) {
+        if (j == offset_in_run) v[j] = __fadd_rn(v[j], delta);
+      }
+    }
   }
-  __syncthreads();
-  for (ps_i64 i = threadIdx.x; i < t1 - t0; i += PS_THREADS) out[t0 + i] = Tr::from_float(tile[i]);
+  __align__(16) T converted[PS_DQ_PER_THREAD];
+#pragma unroll
+  for (int j = 0; j < PS_DQ_PER_THREAD; ++j) converted[j] = Tr::from_float(v[j]);
+  T* target = out + e0;
+  if (count == PS_DQ_PER_THREAD && (((ps_u64)target) & 15) == 0) {
+#pragma unroll
+    for (int j = 0; j < PS_DQ_PER_THREAD; j += 16 / (int)sizeof(T)) {
+      *(uint4*)(target + j) = *(const uint4*)(converted + j);
+    }
+  } else {
+    for (int j = 0; j < count; ++j) target[j] = converted[j];
+  }
 }
 
 // ---- extern "C" entry points (stable names for CuPy) -------------------------------------------------------------
@@ -360,27 +401,23 @@ cudaError_t scatter_add(void* dense, DType dtype, int64_t cols, int64_t stride_r
 }
 
 SddmmPlan sddmm_plan(int64_t num_tokens, int64_t in_features, int64_t num_entries, DType input_dtype, int device) {
+  // Token ranges ("splits") small enough that a range of `input` (in_features x tokens) stays in L2 while every
+  // entry's warp reads its column, and numerous enough to give the GPU ~64 warps per SM when k is small.
   SddmmPlan plan{1, num_tokens > 0 ? num_tokens : 1, 0, 0};
-  int max_shared = 48 * 1024, num_sms = 1;
-  cudaDeviceGetAttribute(&max_shared, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  int num_sms = 1;
   cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-  // 64 KiB per block leaves room for three resident blocks per SM on Hopper and two on Ampere.
-  const int64_t budget = max_shared < 64 * 1024 ? max_shared : 64 * 1024;
-  const int64_t row_bytes = in_features * element_size(input_dtype);
-  int64_t tile = row_bytes > 0 ? budget / row_bytes : 0;
-  if (tile > 32) tile = 32;
-  if (tile > num_tokens) tile = num_tokens;
-  plan.tile_tokens = (int)tile;
-  plan.shared_bytes = (int)(tile * row_bytes);
-  const int64_t entry_blocks = ceil_div(num_entries, PS_SDDMM_ENTRIES_PER_THREAD * PS_THREADS);
-  const int64_t step = tile > 0 ? tile : 1;
-  int64_t splits = entry_blocks > 0 ? ceil_div(2 * (int64_t)num_sms, entry_blocks) : 1;
-  const int64_t max_splits = ceil_div(num_tokens > 0 ? num_tokens : 1, step);
-  if (splits > max_splits) splits = max_splits;
-  if (splits > 64) splits = 64;
+  const int64_t tokens = num_tokens > 0 ? num_tokens : 1;
+  const int64_t column_bytes = (in_features > 0 ? in_features : 1) * element_size(input_dtype);
+  int64_t chunk = (int64_t)(16 << 20) / column_bytes / 256 * 256;
+  if (chunk < 256) chunk = 256;
+  int64_t splits = ceil_div(tokens, chunk);
+  const int64_t wanted = ceil_div((int64_t)num_sms * 64, num_entries > 0 ? num_entries : 1);
+  const int64_t most = ceil_div(tokens, 64);
+  if (wanted > splits) splits = wanted < most ? wanted : most;
+  if (splits > 128) splits = 128;
   if (splits < 1) splits = 1;
-  plan.tokens_per_split = ceil_div(ceil_div(num_tokens > 0 ? num_tokens : 1, splits), step) * step;
-  plan.splits = ceil_div(num_tokens > 0 ? num_tokens : 1, plan.tokens_per_split);
+  plan.tokens_per_split = ceil_div(ceil_div(tokens, splits), 8) * 8;  // 16-byte aligned ranges for 16-bit types
+  plan.splits = ceil_div(tokens, plan.tokens_per_split);
   return plan;
 }
 
@@ -393,23 +430,16 @@ cudaError_t sddmm_gather(const void* grad_output, int64_t grad_stride_token, int
   const bool fp64 = dtype == DType::Float64;
   if (num_tokens == 0) return cudaMemsetAsync(out, 0, num_entries * (fp64 ? 8 : 4), stream);
   void* partial = plan.splits > 1 ? workspace : out;
-  const dim3 grid((unsigned)ceil_div(num_entries, PS_SDDMM_ENTRIES_PER_THREAD * PS_THREADS),
-                  (unsigned)plan.splits);
+  const dim3 grid((unsigned)ceil_div(num_entries, PS_WARPS_PER_BLOCK), (unsigned)plan.splits);
 #define PS_LAUNCH_SDDMM(SUFFIX, T, ACC)                                                                       \
   {                                                                                                           \
-    auto kernel = indices_int64 ? (void*)ps_sddmm_gather_##SUFFIX##_i64 : (void*)ps_sddmm_gather_##SUFFIX##_i32; \
-    if (plan.shared_bytes > 48 * 1024) {                                                                      \
-      cudaError_t status =                                                                                    \
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, plan.shared_bytes);        \
-      if (status != cudaSuccess) return status;                                                               \
-    }                                                                                                         \
     if (indices_int64)                                                                                        \
-      ps_sddmm_gather_##SUFFIX##_i64<<<grid, PS_THREADS, plan.shared_bytes, stream>>>(                         \
+      ps_sddmm_gather_##SUFFIX##_i64<<<grid, PS_THREADS, 0, stream>>>(                         \
           (const T*)grad_output, grad_stride_token, grad_stride_feature, (const T*)input, input_stride_token,  \
           input_stride_feature, num_tokens, in_features, (const ps_i64*)indices, num_entries,                  \
           plan.tokens_per_split, plan.tile_tokens, (ACC*)partial);                                             \
     else                                                                                                      \
-      ps_sddmm_gather_##SUFFIX##_i32<<<grid, PS_THREADS, plan.shared_bytes, stream>>>(                         \
+      ps_sddmm_gather_##SUFFIX##_i32<<<grid, PS_THREADS, 0, stream>>>(                         \
           (const T*)grad_output, grad_stride_token, grad_stride_feature, (const T*)input, input_stride_token,  \
           input_stride_feature, num_tokens, in_features, (const int*)indices, num_entries,                     \
           plan.tokens_per_split, plan.tile_tokens, (ACC*)partial);                                             \

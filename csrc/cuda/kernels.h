@@ -22,9 +22,9 @@ cudaError_t scatter_add(void* dense, DType dtype, int64_t cols, int64_t stride_r
 // How sddmm_gather splits its work; the binding allocates `splits * num_entries` accumulators of workspace.
 struct SddmmPlan {
   int64_t splits;            // token ranges reduced in a fixed order afterwards (deterministic sums)
-  int64_t tokens_per_split;  // a multiple of tile_tokens
-  int tile_tokens;           // tokens of `input` staged in shared memory at once (0: no staging)
-  int shared_bytes;          // dynamic shared memory per block
+  int64_t tokens_per_split;  // a multiple of 8 (16-byte aligned token ranges)
+  int tile_tokens;           // unused (kept 0): the kernel stages nothing in shared memory
+  int shared_bytes;          // unused (kept 0)
 };
 SddmmPlan sddmm_plan(int64_t num_tokens, int64_t in_features, int64_t num_entries, DType input_dtype, int device);
 

@@ -58,8 +58,12 @@ at::Tensor sddmm_gather_cuda(const at::Tensor& grad_output, const at::Tensor& in
   at::Tensor workspace;
   if (plan.splits > 1) workspace = at::empty({plan.splits * k}, out.options());
   const at::Tensor flat_indices = indices.contiguous();
-  check_launch(peft_sparse_cuda::sddmm_gather(grad_output.data_ptr(), grad_output.stride(0), grad_output.stride(1),
-                                              input.data_ptr(), input.stride(0), input.stride(1), dtype,
+  // The kernel streams each entry's two token vectors; token-contiguous copies (one transpose of each operand,
+  // cheap next to the gather) make those reads 16-byte vectors.
+  const at::Tensor grad_t = grad_output.stride(0) == 1 ? grad_output : grad_output.t().contiguous().t();
+  const at::Tensor input_t = input.stride(0) == 1 ? input : input.t().contiguous().t();
+  check_launch(peft_sparse_cuda::sddmm_gather(grad_t.data_ptr(), grad_t.stride(0), grad_t.stride(1),
+                                              input_t.data_ptr(), input_t.stride(0), input_t.stride(1), dtype,
                                               num_tokens, in_features, flat_indices.data_ptr(),
                                               flat_indices.scalar_type() == at::kLong, k, plan,
                                               plan.splits > 1 ? workspace.data_ptr() : nullptr, out.data_ptr(),

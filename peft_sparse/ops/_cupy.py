@@ -16,7 +16,7 @@ import torch
 from ._backend import CSRC
 
 THREADS = 256
-SDDMM_ENTRIES_PER_BLOCK = 8 * THREADS  # PS_SDDMM_ENTRIES_PER_THREAD * PS_THREADS in kernels.cu
+SDDMM_ENTRIES_PER_BLOCK = THREADS // 32  # one warp per entry: PS_WARPS_PER_BLOCK in kernels.cu
 DEQUANT_TILE = 4096  # PS_DQ_TILE in kernels.cu
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 _library = None
@@ -86,18 +86,23 @@ def scatter_add_cuda(dense: torch.Tensor, indices: torch.Tensor, values: torch.T
 
 
 def _sddmm_plan(num_tokens: int, in_features: int, num_entries: int, dtype: torch.dtype, device: torch.device):
-    """Mirror of ``sddmm_plan`` in kernels.cu."""
-    properties = torch.cuda.get_device_properties(device)
-    max_shared = getattr(properties, "shared_memory_per_block_optin", 48 * 1024)
-    budget = min(max_shared, 64 * 1024)
-    row_bytes = in_features * torch.empty((), dtype=dtype).element_size()
-    tile = min(budget // row_bytes if row_bytes else 0, 32, num_tokens)
-    entry_blocks = math.ceil(num_entries / SDDMM_ENTRIES_PER_BLOCK)
-    step = max(tile, 1)
+    """Mirror of ``sddmm_plan`` in kernels.cu: (splits, tokens_per_split)."""
+    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     tokens = max(num_tokens, 1)
-    splits = max(1, min(math.ceil(2 * properties.multi_processor_count / entry_blocks), math.ceil(tokens / step), 64))
-    tokens_per_split = math.ceil(math.ceil(tokens / splits) / step) * step
-    return math.ceil(tokens / tokens_per_split), tokens_per_split, tile, tile * row_bytes
+    column_bytes = max(in_features, 1) * torch.empty((), dtype=dtype).element_size()
+    chunk = max(256, (16 << 20) // column_bytes // 256 * 256)
+    splits = math.ceil(tokens / chunk)
+    wanted = math.ceil(num_sms * 64 / max(num_entries, 1))
+    if wanted > splits:
+        splits = min(wanted, math.ceil(tokens / 64))
+    splits = max(1, min(splits, 128))
+    tokens_per_split = math.ceil(math.ceil(tokens / splits) / 8) * 8
+    return math.ceil(tokens / tokens_per_split), tokens_per_split
+
+
+def _token_contiguous(tensor: torch.Tensor) -> torch.Tensor:
+    """The same (N, features) values with the token dimension contiguous (stride 1), as the kernel reads fastest."""
+    return tensor if tensor.stride(0) == 1 else tensor.t().contiguous().t()
 
 
 def sddmm_gather_cuda(grad_output, input, indices, in_features):
@@ -109,7 +114,8 @@ def sddmm_gather_cuda(grad_output, input, indices, in_features):
     k, num_tokens = indices.numel(), input.shape[0]
     if k == 0 or num_tokens == 0:
         return torch.zeros(k, dtype=accumulate, device=input.device)
-    splits, tokens_per_split, tile, shared_bytes = _sddmm_plan(num_tokens, in_features, k, input.dtype, input.device)
+    splits, tokens_per_split = _sddmm_plan(num_tokens, in_features, k, input.dtype, input.device)
+    grad_output, input = _token_contiguous(grad_output), _token_contiguous(input)
     out = torch.empty(k, dtype=accumulate, device=input.device)
     partial = torch.empty(splits * k, dtype=accumulate, device=input.device) if splits > 1 else out
     indices = indices.contiguous()
@@ -118,7 +124,7 @@ def sddmm_gather_cuda(grad_output, input, indices, in_features):
     kernel = _kernel(input.device, f"ps_sddmm_gather_{_SUFFIX[input.dtype]}_{_index_suffix(indices)}")
     _launch(kernel, (math.ceil(k / SDDMM_ENTRIES_PER_BLOCK), splits),
             (grad_output, grad_output.stride(0), grad_output.stride(1), input, input.stride(0), input.stride(1),
-             num_tokens, in_features, indices, k, tokens_per_split, np.int32(tile), partial), shared_bytes)
+             num_tokens, in_features, indices, k, tokens_per_split, np.int32(0), partial))
     if splits > 1:
         reduce = _kernel(input.device, "ps_reduce_splits_f64" if accumulate == torch.float64 else "ps_reduce_splits_f32")
         _launch(reduce, _blocks(k), (partial, splits, k, out))
