@@ -158,8 +158,11 @@ def test_prepare_model_for_kbit_training_and_gradient_checkpointing(model_dir):
             assert torch.allclose(results[mode][1][name], grads[name], atol=1e-7, rtol=1e-5), (mode, name)
 
 
-@pytest.mark.parametrize("bnb_kwargs", [four_bit("nf4", True, torch.float32), dict(load_in_8bit=True)],
-                         ids=["nf4", "int8"])
+@pytest.mark.parametrize(
+    "bnb_kwargs",
+    [four_bit("nf4", True, torch.float32), four_bit("fp4", False, torch.float32), dict(load_in_8bit=True)],
+    ids=["nf4", "fp4", "int8"],
+)
 def test_save_load_onto_quantised_and_unquantised_models(model_dir, tmp_path, bnb_kwargs):
     model = sparse(quantised_tiny_llama(model_dir, **bnb_kwargs), density=0.05, selection="magnitude")
     randomize(model, scale=0.3)
