@@ -5,7 +5,7 @@
 #
 # Stages:
 #   build      build peft_sparse._C in place with the CUDA kernels (TORCH_CUDA_ARCH_LIST, default 9.0)
-#   tests      the whole test suite, CUDA cases included (pytest-xdist when present)
+#   tests      the whole test suite, CUDA cases included (pytest-xdist when present; TESTS_PATHS to narrow it)
 #   sanitizer  compute-sanitizer memcheck over the CUDA kernel tests
 #   cupy       the CuPy/NVRTC path: the extension without CUDA kernels (JIT, CPU only), CUDA ops served by CuPy
 #   bench      benchmarks/ops_bench.py --device cuda (7B-class shapes) and, when present, the 4-bit step benchmark
@@ -49,7 +49,6 @@ for s in "${stages[@]}"; do
             MAX_JOBS=${MAX_JOBS:-16} timeout 400 "$PYTHON" setup.py -q build_ext --inplace >"$OUT/build.log" 2>&1
         rc=$?
         tail -5 "$OUT/build.log"
-        cp peft_sparse/_C*.so "$OUT/" 2>/dev/null
         "$PYTHON" -c "from peft_sparse import ops; b = ops.backend('cuda'); print('backend(cuda) =', b, \
 '| extension:', ops.extension_source()); assert b == 'cuda', b" || rc=1
         record build $rc
@@ -58,7 +57,9 @@ for s in "${stages[@]}"; do
         stage tests
         xdist=()
         "$PYTHON" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-        timeout ${TESTS_TIMEOUT:-300} "$PYTHON" -m pytest -q -p no:cacheprovider "${xdist[@]}" -rs tests >"$OUT/tests.log" 2>&1
+        # shellcheck disable=SC2086
+        timeout ${TESTS_TIMEOUT:-300} "$PYTHON" -m pytest -q -p no:cacheprovider "${xdist[@]}" -rs ${TESTS_PATHS:-tests} \
+            >"$OUT/tests.log" 2>&1
         rc=$?
         grep -E '^(FAILED|ERROR)|passed|failed' "$OUT/tests.log" | tail -30
         grep -c 'SKIPPED' "$OUT/tests.log" | sed 's/^/skipped lines: /'
@@ -91,15 +92,15 @@ b = ops.backend('cuda'); print('backend(cuda) =', b, '| extension:', ops.extensi
     bench)
         stage "benchmarks"
         timeout ${BENCH_TIMEOUT:-240} "$PYTHON" benchmarks/ops_bench.py --device cuda --repeats 20 >"$OUT/ops_bench_cuda.md" \
-            2>"$OUT/ops_bench_cuda.err"
+            2>>"$OUT/bench.err"
         rc=$?
-        cat "$OUT/ops_bench_cuda.md"; tail -5 "$OUT/ops_bench_cuda.err"
+        cat "$OUT/ops_bench_cuda.md"; tail -5 "$OUT/bench.err"
         record bench $rc
         if [ -f benchmarks/qlora_bench.py ]; then
             timeout ${QLORA_TIMEOUT:-240} "$PYTHON" benchmarks/qlora_bench.py --device cuda >"$OUT/qlora_bench_cuda.md" \
-                2>"$OUT/qlora_bench_cuda.err"
+                2>>"$OUT/bench.err"
             rc=$?
-            cat "$OUT/qlora_bench_cuda.md"; tail -5 "$OUT/qlora_bench_cuda.err"
+            cat "$OUT/qlora_bench_cuda.md"; tail -5 "$OUT/bench.err"
             record qlora_bench $rc
         fi
         ;;

@@ -23,6 +23,7 @@ EXPECTED_KERNELS = (
     [f"ps_scatter_add_{t}_{i}" for t in ("f32", "f64", "f16", "bf16") for i in ("i32", "i64")]
     + [f"ps_sddmm_gather_{t}_{i}" for t in ("f32", "f64", "f16", "bf16") for i in ("i32", "i64")]
     + [f"ps_dequant_scatter_{t}_{i}" for t in ("f32", "f16", "bf16") for i in ("i32", "i64")]
+    + [f"ps_dequant_fixup_{t}_{i}" for t in ("f32", "f16", "bf16") for i in ("i32", "i64")]
     + ["ps_reduce_splits_f32", "ps_reduce_splits_f64"]
 )
 

@@ -24,10 +24,13 @@
 //
 // dequant_scatter: bitsandbytes 4-bit (NF4/FP4 through a 16-entry code table, optional double quantisation)
 //   dequantised in fp32, a sparse fp32 delta added, rounded once to the output dtype.
-//   Launch: one block of 256 threads per 4096-element tile, 16 elements per thread: one 8-byte load of packed
-//   codes, one absmax (every bitsandbytes block size is a multiple of 16), the thread's delta entries found by
-//   binary search (indices sorted) and added in index order in registers, then 16-byte stores. Products use
-//   __fmul_rn/__fadd_rn so the compiler cannot contract them into FMAs: the fp32 values then equal bitsandbytes'
+//   Launch: two kernels on one stream. ps_dequant_scatter_*: one block of 256 threads per 4096-element tile, 16
+//   elements per thread (one 8-byte load of codes, one absmax: every bitsandbytes block size is a multiple of 16,
+//   16-byte stores), a pure stream that ignores the delta. ps_dequant_fixup_*: one thread per delta entry; the head
+//   of each run of equal (sorted) indices recomputes its fp32 value, adds the run's deltas in index order and
+//   overwrites the output, so every output is still rounded once. (A first version searched each tile's delta
+//   range at block start; the dependent loads of that binary search capped it at ~0.7 TB/s on an H200.) Products
+//   use __fmul_rn/__fadd_rn so the compiler cannot contract them into FMAs: the fp32 values equal bitsandbytes'
 //   bit for bit.
 //   Floors: bytes = numel / 2 + numel / blocksize * sizeof(absmax) + numel * sizeof(out) + k * 8; FLOPs = numel.
 // ---------------------------------------------------------------------------------------------------------------
@@ -144,6 +147,7 @@ __device__ __forceinline__ typename Tr::Acc ps_dot_contiguous(const typename Tr:
   ps_i64 n = 0;
   if ((((ps_u64)a | (ps_u64)b) & 15) == 0) {
     const ps_i64 vector_end = count / vec * vec;
+#pragma unroll 4
     for (n = (ps_i64)lane * vec; n < vector_end; n += 32 * vec) {
       const uint4 ua = *(const uint4*)(a + n);
       const uint4 ub = *(const uint4*)(b + n);
@@ -205,51 +209,36 @@ __device__ __forceinline__ void reduce_splits_body(const Acc* partial, ps_i64 sp
 
 // ---- dequant_scatter ---------------------------------------------------------------------------------------------
 
-template <class Idx>
-__device__ __forceinline__ ps_i64 ps_lower_bound(const Idx* indices, ps_i64 k, ps_i64 value) {
-  ps_i64 low = 0, high = k;
-  while (low < high) {
-    const ps_i64 mid = (low + high) >> 1;
-    if ((ps_i64)indices[mid] < value) low = mid + 1; else high = mid;
-  }
-  return low;
-}
-
 #define PS_DQ_PER_THREAD 16  // PS_DQ_TILE / PS_THREADS: 8 packed bytes in, 16 outputs out per thread
 
-template <class Tr, class Idx>
-__device__ __forceinline__ void dequant_scatter_body(const ps_u8* packed, const float* absmax_f32,
-                                                     const ps_u8* absmax_q, const float* code, ps_i64 blocksize,
-                                                     const float* nested_absmax, const float* nested_code,
-                                                     ps_i64 nested_blocksize, float offset, ps_i64 numel,
-                                                     const Idx* indices, const float* values, ps_i64 k,
-                                                     typename Tr::T* out) {
+__device__ __forceinline__ float ps_block_absmax(const float* absmax_f32, const ps_u8* absmax_q,
+                                                 const float* nested_absmax, const float* nested_code,
+                                                 ps_i64 nested_blocksize, float offset, ps_i64 block) {
+  return absmax_q == 0 ? absmax_f32[block]
+                       : __fadd_rn(__fmul_rn(nested_code[absmax_q[block]], nested_absmax[block / nested_blocksize]),
+                                   offset);
+}
+
+// Pass 1: the whole weight, dequantised and rounded to the output dtype, streamed with no look at the delta.
+template <class Tr>
+__device__ __forceinline__ void dequant_body(const ps_u8* packed, const float* absmax_f32, const ps_u8* absmax_q,
+                                             const float* code, ps_i64 blocksize, const float* nested_absmax,
+                                             const float* nested_code, ps_i64 nested_blocksize, float offset,
+                                             ps_i64 numel, typename Tr::T* out) {
   typedef typename Tr::T T;
   __shared__ float code_shared[16];
-  __shared__ ps_i64 entry_range[2];
-  const ps_i64 t0 = (ps_i64)blockIdx.x * PS_DQ_TILE;
-  const ps_i64 t1 = t0 + PS_DQ_TILE < numel ? t0 + PS_DQ_TILE : numel;
   if (threadIdx.x < 16) code_shared[threadIdx.x] = code[threadIdx.x];
-  if (threadIdx.x == 0) entry_range[0] = ps_lower_bound(indices, k, t0);
-  if (threadIdx.x == 32) entry_range[1] = ps_lower_bound(indices, k, t1);
   __syncthreads();
-
-  const ps_i64 e0 = t0 + (ps_i64)threadIdx.x * PS_DQ_PER_THREAD;
-  if (e0 >= t1) return;
-  const ps_i64 count = t1 - e0 < PS_DQ_PER_THREAD ? t1 - e0 : PS_DQ_PER_THREAD;
+  const ps_i64 e0 = (ps_i64)blockIdx.x * PS_DQ_TILE + (ps_i64)threadIdx.x * PS_DQ_PER_THREAD;
+  if (e0 >= numel) return;
+  const ps_i64 count = numel - e0 < PS_DQ_PER_THREAD ? numel - e0 : PS_DQ_PER_THREAD;
   float v[PS_DQ_PER_THREAD];
   // 16 consecutive elements starting at a multiple of 16 share one absmax when the block size is a multiple of 16
   // (every bitsandbytes block size is); otherwise each element looks its own up.
-  const bool one_block = (blocksize & 15) == 0;
-  ps_i64 cached_block = -1;
-  float cached_absmax = 0.f;
-  if (count == PS_DQ_PER_THREAD && (((ps_u64)(packed + e0 / 2)) & 7) == 0 && one_block) {
+  if (count == PS_DQ_PER_THREAD && (((ps_u64)(packed + e0 / 2)) & 7) == 0 && (blocksize & 15) == 0) {
     const uint2 raw = *(const uint2*)(packed + e0 / 2);
-    const ps_i64 block = e0 / blocksize;
-    const float scale = absmax_q == 0 ? absmax_f32[block]
-                                      : __fadd_rn(__fmul_rn(nested_code[absmax_q[block]],
-                                                            nested_absmax[block / nested_blocksize]),
-                                                  offset);
+    const float scale =
+        ps_block_absmax(absmax_f32, absmax_q, nested_absmax, nested_code, nested_blocksize, offset, e0 / blocksize);
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       const ps_u32 byte = ((j < 4 ? raw.x : raw.y) >> (8 * (j & 3))) & 0xffu;
@@ -257,35 +246,20 @@ __device__ __forceinline__ void dequant_scatter_body(const ps_u8* packed, const 
       v[2 * j + 1] = __fmul_rn(code_shared[byte & 15], scale);
     }
   } else {
+    ps_i64 cached_block = -1;
+    float scale = 0.f;
 #pragma unroll
     for (int j = 0; j < PS_DQ_PER_THREAD; ++j) {
       v[j] = 0.f;
       if (j < count) {
         const ps_i64 e = e0 + j;
-        const ps_i64 block = e / blocksize;
-        if (block != cached_block) {
-          cached_block = block;
-          cached_absmax = absmax_q == 0 ? absmax_f32[block]
-                                        : __fadd_rn(__fmul_rn(nested_code[absmax_q[block]],
-                                                              nested_absmax[block / nested_blocksize]),
-                                                    offset);
+        if (e / blocksize != cached_block) {
+          cached_block = e / blocksize;
+          scale = ps_block_absmax(absmax_f32, absmax_q, nested_absmax, nested_code, nested_blocksize, offset,
+                                  cached_block);
         }
         const ps_u32 byte = packed[e / 2];
-        v[j] = __fmul_rn(code_shared[(e & 1) == 0 ? (byte >> 4) : (byte & 15)], cached_absmax);
-      }
-    }
-  }
-  // The delta: this thread's entries, found by binary search inside the block's range, added in index order.
-  const ps_i64 first = entry_range[0], last = entry_range[1];
-  if (first < last) {
-    ps_i64 e = first + ps_lower_bound(indices + first, last - first, e0);
-    for (; e < last; ++e) {
-      const ps_i64 offset_in_run = (ps_i64)indices[e] - e0;
-      if (offset_in_run >= count) break;
-      const float delta = values[e];
-#pragma unroll
-      for (int j = 0; j < PS_DQ_PER_THREAD; ++j) {
-        if (j == offset_in_run) v[j] = __fadd_rn(v[j], delta);
+        v[j] = __fmul_rn(code_shared[(e & 1) == 0 ? (byte >> 4) : (byte & 15)], scale);
       }
     }
   }
@@ -301,6 +275,27 @@ __device__ __forceinline__ void dequant_scatter_body(const ps_u8* packed, const 
   } else {
     for (int j = 0; j < count; ++j) target[j] = converted[j];
   }
+}
+
+// Pass 2 (same stream, so after pass 1): each distinct delta position recomputes its fp32 dequantised value, adds
+// its run of (sorted, possibly repeated) delta values in index order, and overwrites the output with one rounding.
+// O(k) threads, no search: this is what keeps pass 1 a pure stream.
+template <class Tr, class Idx>
+__device__ __forceinline__ void dequant_fixup_body(const ps_u8* packed, const float* absmax_f32,
+                                                   const ps_u8* absmax_q, const float* code, ps_i64 blocksize,
+                                                   const float* nested_absmax, const float* nested_code,
+                                                   ps_i64 nested_blocksize, float offset, const Idx* indices,
+                                                   const float* values, ps_i64 k, typename Tr::T* out) {
+  const ps_i64 e = (ps_i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= k) return;
+  const ps_i64 position = (ps_i64)indices[e];
+  if (e > 0 && (ps_i64)indices[e - 1] == position) return;  // not the head of its run: the head adds it
+  const float scale = ps_block_absmax(absmax_f32, absmax_q, nested_absmax, nested_code, nested_blocksize, offset,
+                                      position / blocksize);
+  const ps_u32 byte = packed[position / 2];
+  float v = __fmul_rn(code[(position & 1) == 0 ? (byte >> 4) : (byte & 15)], scale);
+  for (ps_i64 j = e; j < k && (ps_i64)indices[j] == position; ++j) v = __fadd_rn(v, values[j]);
+  out[position] = Tr::from_float(v);
 }
 
 // ---- extern "C" entry points (stable names for CuPy) -------------------------------------------------------------
@@ -326,8 +321,17 @@ __device__ __forceinline__ void dequant_scatter_body(const ps_u8* packed, const 
       NAME(const ps_u8* packed, const float* absmax_f32, const ps_u8* absmax_q, const float* code,            \
            ps_i64 blocksize, const float* nested_absmax, const float* nested_code, ps_i64 nested_blocksize,    \
            float offset, ps_i64 numel, const IDX* indices, const float* values, ps_i64 k, TR::T* out) {       \
-    dequant_scatter_body<TR, IDX>(packed, absmax_f32, absmax_q, code, blocksize, nested_absmax, nested_code,   \
-                                  nested_blocksize, offset, numel, indices, values, k, out);                   \
+    dequant_body<TR>(packed, absmax_f32, absmax_q, code, blocksize, nested_absmax, nested_code,                \
+                     nested_blocksize, offset, numel, out);                                                    \
+  }
+
+#define PS_DEQUANT_FIXUP_KERNEL(NAME, TR, IDX)                                                                  \
+  extern "C" __global__ void __launch_bounds__(PS_THREADS)                                                     \
+      NAME(const ps_u8* packed, const float* absmax_f32, const ps_u8* absmax_q, const float* code,            \
+           ps_i64 blocksize, const float* nested_absmax, const float* nested_code, ps_i64 nested_blocksize,    \
+           float offset, ps_i64 numel, const IDX* indices, const float* values, ps_i64 k, TR::T* out) {       \
+    dequant_fixup_body<TR, IDX>(packed, absmax_f32, absmax_q, code, blocksize, nested_absmax, nested_code,     \
+                                nested_blocksize, offset, indices, values, k, out);                            \
   }
 
 #define PS_FOR_INDEX_TYPES(MACRO, PREFIX, TR, SUFFIX) \
@@ -345,6 +349,9 @@ PS_FOR_INDEX_TYPES(PS_SDDMM_KERNEL, ps_sddmm_gather, PsBF16, bf16)
 PS_FOR_INDEX_TYPES(PS_DEQUANT_KERNEL, ps_dequant_scatter, PsF32, f32)
 PS_FOR_INDEX_TYPES(PS_DEQUANT_KERNEL, ps_dequant_scatter, PsF16, f16)
 PS_FOR_INDEX_TYPES(PS_DEQUANT_KERNEL, ps_dequant_scatter, PsBF16, bf16)
+PS_FOR_INDEX_TYPES(PS_DEQUANT_FIXUP_KERNEL, ps_dequant_fixup, PsF32, f32)
+PS_FOR_INDEX_TYPES(PS_DEQUANT_FIXUP_KERNEL, ps_dequant_fixup, PsF16, f16)
+PS_FOR_INDEX_TYPES(PS_DEQUANT_FIXUP_KERNEL, ps_dequant_fixup, PsBF16, bf16)
 
 extern "C" __global__ void __launch_bounds__(PS_THREADS)
     ps_reduce_splits_f32(const float* partial, ps_i64 splits, ps_i64 k, float* out) {
@@ -473,14 +480,23 @@ cudaError_t dequant_scatter(const uint8_t* packed, const void* absmax, const flo
   const ps_u8* absmax_q = nested ? (const ps_u8*)absmax : nullptr;
   const dim3 grid((unsigned)ceil_div(numel, PS_DQ_TILE));
 #define PS_LAUNCH_DEQUANT(SUFFIX, T)                                                                         \
-  if (indices_int64)                                                                                         \
+  if (indices_int64) {                                                                                       \
     ps_dequant_scatter_##SUFFIX##_i64<<<grid, PS_THREADS, 0, stream>>>(                                       \
         packed, absmax_f32, absmax_q, code, blocksize, nested_absmax, nested_code, nested_blocksize, offset,  \
         numel, (const ps_i64*)indices, values, num_entries, (T*)out);                                         \
-  else                                                                                                       \
+    if (num_entries > 0)                                                                                     \
+      ps_dequant_fixup_##SUFFIX##_i64<<<blocks_for(num_entries), PS_THREADS, 0, stream>>>(                    \
+          packed, absmax_f32, absmax_q, code, blocksize, nested_absmax, nested_code, nested_blocksize, offset, \
+          numel, (const ps_i64*)indices, values, num_entries, (T*)out);                                       \
+  } else {                                                                                                   \
     ps_dequant_scatter_##SUFFIX##_i32<<<grid, PS_THREADS, 0, stream>>>(                                       \
         packed, absmax_f32, absmax_q, code, blocksize, nested_absmax, nested_code, nested_blocksize, offset,  \
-        numel, (const int*)indices, values, num_entries, (T*)out);
+        numel, (const int*)indices, values, num_entries, (T*)out);                                            \
+    if (num_entries > 0)                                                                                     \
+      ps_dequant_fixup_##SUFFIX##_i32<<<blocks_for(num_entries), PS_THREADS, 0, stream>>>(                    \
+          packed, absmax_f32, absmax_q, code, blocksize, nested_absmax, nested_code, nested_blocksize, offset, \
+          numel, (const int*)indices, values, num_entries, (T*)out);                                          \
+  }
   switch (out_dtype) {
     case DType::Float32: PS_LAUNCH_DEQUANT(f32, float) break;
     case DType::Float16: PS_LAUNCH_DEQUANT(f16, ps_u16) break;

@@ -146,12 +146,15 @@ def dequant_scatter_cuda(packed, absmax, code, blocksize, shape, out_dtype, indi
     values = values.to(torch.float32).contiguous()
     code = code.to(torch.float32).contiguous()
     null = torch.empty(0, device=packed.device)
-    kernel = _kernel(packed.device, f"ps_dequant_scatter_{_SUFFIX[out_dtype]}_{_index_suffix(indices)}")
-    _launch(kernel, (math.ceil(numel / DEQUANT_TILE),),
-            (packed.contiguous(), null if nested else absmax.contiguous(), absmax.contiguous() if nested else null,
-             code, blocksize, nested_absmax.float().contiguous() if nested else null,
-             nested_code.float().contiguous() if nested else null, nested_blocksize, float(offset), numel, indices,
-             values, indices.numel(), out))
+    args = (packed.contiguous(), null if nested else absmax.contiguous(), absmax.contiguous() if nested else null,
+            code, blocksize, nested_absmax.float().contiguous() if nested else null,
+            nested_code.float().contiguous() if nested else null, nested_blocksize, float(offset), numel, indices,
+            values, indices.numel(), out)
+    suffix = f"{_SUFFIX[out_dtype]}_{_index_suffix(indices)}"
+    # Two passes on one stream, as in kernels.cu: the dequantised stream, then each delta run's single rounding.
+    _launch(_kernel(packed.device, f"ps_dequant_scatter_{suffix}"), (math.ceil(numel / DEQUANT_TILE),), args)
+    if indices.numel():
+        _launch(_kernel(packed.device, f"ps_dequant_fixup_{suffix}"), _blocks(indices.numel()), args)
     return out
 
 
