@@ -358,7 +358,8 @@ def main() -> None:
         print(f"benchmarking on {device} ...", file=sys.stderr)
         lines += run_device(device, args.repeats)
     if not torch.cuda.is_available():
-        lines += ["GPU: no GPU was present for this run, so no GPU figures are given.", ""]
+        lines += ["This run had no GPU. GPU figures, measured on a lent GPU machine with `benchmarks/gpu_check.sh`, are "
+                  "in the GPU section of this file.", ""]
     text = "\n".join(lines)
     print(text)
     if args.write:
