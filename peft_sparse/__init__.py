@@ -8,7 +8,7 @@ Importing this package registers ``PeftType.SPARSE`` with upstream ``peft``, aft
     model = get_peft_model(base_model, peft_sparse.SparseConfig(target_modules=["q_proj", "v_proj"], density=0.01))
 """
 
-from .selection import SelectionReport, select_mask, update_mask
+from .selection import SelectionReport, SpIEL, SpielReport, select_mask, update_mask
 from .tuner import SparseConfig, SparseLayer, SparseModel, lora_equivalent_budget
 from .version import __version__
 
@@ -17,6 +17,8 @@ __all__ = [
     "SparseConfig",
     "SparseLayer",
     "SparseModel",
+    "SpIEL",
+    "SpielReport",
     "__version__",
     "lora_equivalent_budget",
     "select_mask",

@@ -20,6 +20,7 @@ def test_defaults():
     assert config.update == "static"
     assert config.salience_batches == 64
     assert config.regrow == "gradient"
+    assert config.reselection_schedule == "cosine"
     assert config.reselection_rate == 0.2
     assert config.accumulation_steps == 5
     assert config.delta_dtype == "float32" and config.torch_delta_dtype == torch.float32
@@ -62,6 +63,7 @@ def test_list_targets_become_sets():
         ({"selection": "grad"}, ValueError, r"selection.*'grad'"),
         ({"update": "sometimes"}, ValueError, r"update.*'sometimes'"),
         ({"regrow": "magic"}, ValueError, r"regrow.*'magic'"),
+        ({"reselection_schedule": "step"}, ValueError, r"reselection_schedule.*'step'"),
         ({"delta_dtype": "float64"}, ValueError, r"delta_dtype.*'float64'"),
         ({"update_interval": 0}, ValueError, r"update_interval.*0"),
         ({"salience_batches": 0}, ValueError, r"salience_batches.*0"),

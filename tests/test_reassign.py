@@ -85,3 +85,56 @@ def test_unsupported_optimizer_state_layout_raises():
     optimizer.state[values]["quantised_moment"] = torch.zeros(3, dtype=torch.uint8)
     with pytest.raises(NotImplementedError, match="quantised_moment"):
         reassign_entries(layer, "default", layer.sparse_indices["default"].long(), optimizer)
+
+
+@pytest.mark.parametrize("optimizer_name", ["AdamW8bit", "Adam8bit"])
+def test_bitsandbytes_8bit_moments_are_remapped_to_within_8bit_rounding(optimizer_name):
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the dev extra")
+    import bitsandbytes.functional as bnb_functional
+
+    from torch import nn
+
+    class Wide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.proj = nn.Linear(128, 128, bias=False)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    # 8192 entries: above bitsandbytes' 4096-element minimum for 8-bit (blockwise) state
+    model = get_peft_model(Wide(), SparseConfig(target_modules=["proj"], density=0.5))
+    layer = next(m for m in model.modules() if isinstance(m, SparseLayer))
+    values = layer.sparse_values["default"]
+    optimizer = getattr(bnb.optim, optimizer_name)([values], lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        (model(torch.randn(16, 128, generator=generator)) ** 2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    state = optimizer.state[values]
+    assert state["state1"].dtype == torch.uint8  # really the quantised layout
+
+    def moments():
+        return [bnb_functional.dequantize_blockwise(state[f"state{i}"], absmax=state[f"absmax{i}"],
+                                                    code=state[f"qmap{i}"], blocksize=256) for i in (1, 2)]
+
+    old = layer.sparse_indices["default"].long().clone()
+    before = moments()
+    # swap a quarter of the entries for positions outside the current set
+    free = torch.ones(128 * 128, dtype=torch.bool)
+    free[old] = False
+    incoming = torch.nonzero(free).flatten()[torch.randperm(int(free.sum()), generator=generator)[:2048]]
+    keep = old[torch.randperm(old.numel(), generator=generator)[: old.numel() - 2048]]
+    new = torch.sort(torch.cat([keep, incoming])).values
+    assert reassign_entries(layer, "default", new, optimizer) == 2048
+    after = moments()
+    survived = torch.isin(new, old)
+    old_position = torch.searchsorted(old, new[survived])
+    for moment_before, moment_after in zip(before, after):
+        # zero to the code map's resolution (bitsandbytes' unsigned dynamic map has no exact zero code)
+        assert moment_after[~survived].abs().max() <= 1e-4 * moment_before.abs().max()
+        expected = moment_before[old_position]
+        error = (moment_after[survived] - expected).abs().max() / expected.abs().max()
+        assert error < 0.02, error

@@ -3,6 +3,7 @@
 from .optim import reassign_entries, surviving_positions
 from .salience import METRICS, GradientProbe, Metric
 from .select import SelectionReport, select_mask, update_mask
+from .spiel import SpIEL, SpielReport, reselection_fraction
 from .topk import select_top_k
 
 __all__ = [
@@ -10,7 +11,10 @@ __all__ = [
     "GradientProbe",
     "Metric",
     "SelectionReport",
+    "SpIEL",
+    "SpielReport",
     "reassign_entries",
+    "reselection_fraction",
     "select_mask",
     "select_top_k",
     "surviving_positions",

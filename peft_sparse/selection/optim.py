@@ -7,10 +7,16 @@ an entry that stays selected keeps its value and its per-entry optimizer state (
 sorted order); an entry that is new starts from zero value and zero state.
 
 Per-entry state is every state tensor with the parameter's shape (Adam/AdamW ``exp_avg``, ``exp_avg_sq``,
-``max_exp_avg_sq``; SGD ``momentum_buffer``). Scalar state such as Adam's ``step`` is shared by all entries of the
-parameter and is left as it is: new entries then get the bias correction of the parameter's step count, which for a
-zero second moment only scales their first updates. State laid out differently from the parameter (for example
-bitsandbytes' blockwise-quantised 8-bit moments) raises ``NotImplementedError`` rather than being silently kept.
+``max_exp_avg_sq``; SGD ``momentum_buffer``; :class:`peft_sparse.optim.SM3`'s ``momentum_buffer``). bitsandbytes'
+8-bit optimizers (``AdamW8bit``, ``PagedAdamW8bit``, ...) keep blockwise-quantised moments (``state1``/``state2``
+with ``absmax1``/``absmax2`` and ``qmap1``/``qmap2``): those are dequantised, remapped and re-quantised with the
+same code map, so surviving moments move to within 8-bit rounding and new ones are zero to the map's resolution
+(its smallest code: the unsigned map of the second moment has no exact zero). State that an
+optimizer declares position-indexed (``optimizer.position_indexed_state``, e.g. SM3's row and column accumulators)
+describes dense positions rather than entries and is left as it is. Scalar state such as Adam's ``step`` is shared
+by all entries of the parameter and is left as it is: new entries then get the bias correction of the parameter's
+step count, which for a zero second moment only scales their first updates. Any other state laid out differently
+from the parameter raises ``NotImplementedError`` rather than being silently kept.
 """
 
 from __future__ import annotations
@@ -40,6 +46,35 @@ def _remap(tensor: torch.Tensor, positions: torch.Tensor, found: torch.Tensor) -
     return remapped
 
 
+# bitsandbytes 8-bit optimizer state that belongs to a quantised moment (handled with it, never on its own).
+_BNB_QUANTISED_KEYS = {"absmax1", "absmax2", "qmap1", "qmap2"}
+
+
+def _unwrap(optimizer):
+    """The optimizer holding the state (accelerate wraps the Trainer's in an AcceleratedOptimizer)."""
+    while optimizer is not None and hasattr(optimizer, "optimizer") and not hasattr(optimizer, "position_indexed_state"):
+        inner = optimizer.optimizer
+        if inner is optimizer or not isinstance(inner, torch.optim.Optimizer):
+            break
+        optimizer = inner
+    return optimizer
+
+
+def _remap_blockwise_8bit(state: dict, key: str, positions: torch.Tensor, found: torch.Tensor) -> None:
+    """Remap a bitsandbytes blockwise-quantised moment: dequantise, move entries, re-quantise with its code map."""
+    import bitsandbytes.functional as bnb_functional
+
+    which = key[-1]
+    codes, absmax, code_map = state[key], state[f"absmax{which}"], state[f"qmap{which}"]
+    blocksize = -(-codes.numel() // absmax.numel())
+    blocksize = 1 << (blocksize - 1).bit_length()  # bitsandbytes' block sizes are powers of two
+    dense = bnb_functional.dequantize_blockwise(codes, absmax=absmax, code=code_map, blocksize=blocksize)
+    remapped = _remap(dense, positions, found)
+    new_codes, new_state = bnb_functional.quantize_blockwise(remapped, code=code_map, blocksize=blocksize)
+    codes.copy_(new_codes)
+    absmax.copy_(new_state.absmax)
+
+
 def reassign_entries(
     layer, adapter_name: str, new_indices: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None
 ) -> int:
@@ -66,9 +101,13 @@ def reassign_entries(
             f"reassign_entries: {layer.layer_name!r} has {old_indices.numel()} entries for adapter "
             f"{adapter_name!r}; got {new_indices.numel()} new indices (k must stay fixed)"
         )
-    state = optimizer.state.get(values, {}) if optimizer is not None else {}
+    state = _unwrap(optimizer).state.get(values, {}) if optimizer is not None else {}
+    skipped = set(getattr(_unwrap(optimizer), "position_indexed_state", ())) | _BNB_QUANTISED_KEYS
+    quantised = [key for key in ("state1", "state2") if key in state and f"absmax{key[-1]}" in state]
     for key, tensor in state.items():
-        if isinstance(tensor, torch.Tensor) and tensor.dim() > 0 and tensor.shape != values.shape:
+        if key in skipped or not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+            continue
+        if tensor.shape != values.shape or (tensor.dtype == torch.uint8 and key not in quantised):
             raise NotImplementedError(
                 f"reassign_entries: optimizer state {key!r} of shape {tuple(tensor.shape)} is not laid out per "
                 f"entry like the values {tuple(values.shape)}; remapping it is not supported"
@@ -79,7 +118,10 @@ def reassign_entries(
         if values.grad is not None:
             values.grad.copy_(_remap(values.grad, positions, found))
         for key, tensor in state.items():
-            if isinstance(tensor, torch.Tensor) and tensor.shape == values.shape and tensor.dim() > 0:
-                tensor.copy_(_remap(tensor, positions, found))
+            if key in skipped or key in quantised or not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
+                continue
+            tensor.copy_(_remap(tensor, positions, found))
+        for key in quantised:
+            _remap_blockwise_8bit(state, key, positions, found)
         old_indices.copy_(new_indices.to(device=old_indices.device, dtype=index_dtype(layer.num_weight_entries)))
     return int((~found).sum())

@@ -15,6 +15,7 @@ SELECTION_METHODS = ("magnitude", "gradient", "snip", "force", "taylor_fo", "syn
 UPDATE_MODES = ("static", "dynamic", "spiel")
 BUDGET_MODES = ("global", "local")
 REGROW_METHODS = ("gradient", "momentum")
+RESELECTION_SCHEDULES = ("cosine", "linear", "constant")
 DELTA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -81,6 +82,9 @@ class SparseConfig(PeftConfig):
         reselection_rate (`float`):
             Fraction of each layer's entries pruned and regrown at a SpIEL update (decayed over training), in
             ``[0, 1]``.
+        reselection_schedule (`str`):
+            How the SpIEL prune fraction decays from ``reselection_rate`` over the run: ``"cosine"`` (default, to zero
+            at the last step), ``"linear"`` (to zero, as the SpIEL reference code) or ``"constant"``.
         accumulation_steps (`int`):
             SpIEL-AG: number of steps before an update over which dense gradients are accumulated.
         delta_dtype (`str`):
@@ -154,6 +158,10 @@ class SparseConfig(PeftConfig):
     reselection_rate: float = field(
         default=0.2, metadata={"help": "Fraction of entries pruned and regrown at a SpIEL update, in [0, 1]."}
     )
+    reselection_schedule: Literal["cosine", "linear", "constant"] = field(
+        default="cosine",
+        metadata={"help": "Decay of the SpIEL prune fraction over the run: 'cosine', 'linear' or 'constant'."},
+    )
     accumulation_steps: int = field(
         default=5, metadata={"help": "SpIEL-AG: steps before an update over which dense gradients are accumulated."}
     )
@@ -191,6 +199,7 @@ class SparseConfig(PeftConfig):
         _check_choice("selection", self.selection, SELECTION_METHODS)
         _check_choice("update", self.update, UPDATE_MODES)
         _check_choice("regrow", self.regrow, REGROW_METHODS)
+        _check_choice("reselection_schedule", self.reselection_schedule, RESELECTION_SCHEDULES)
         _check_choice("delta_dtype", self.delta_dtype, DELTA_DTYPES)
         _check_int("update_interval", self.update_interval, 1)
         _check_int("salience_batches", self.salience_batches, 1)
