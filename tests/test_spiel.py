@@ -311,3 +311,18 @@ def test_sm3_validates_its_arguments():
         SM3(model, lr="fast")
     with pytest.raises(TypeError, match="nn.Module"):
         SM3([torch.zeros(3, requires_grad=True)])
+
+
+def test_spiel_is_deterministic_for_a_seed():
+    def run():
+        model, layer = one_layer_model(k=30, update_interval=2, accumulation_steps=2, reselection_rate=0.5)
+        optimizer = torch.optim.AdamW([layer.sparse_values["default"]], lr=1e-2)
+        spiel = SpIEL(model, optimizer, num_training_steps=12)
+        generator = torch.Generator().manual_seed(9)
+        for _ in range(12):
+            x, target = torch.randn(4, IN, generator=generator), torch.randn(4, OUT, generator=generator)
+            step(model, optimizer, spiel, x, target)
+        return layer.sparse_indices["default"].clone(), layer.sparse_values["default"].detach().clone()
+
+    (indices_a, values_a), (indices_b, values_b) = run(), run()
+    assert torch.equal(indices_a, indices_b) and torch.equal(values_a, values_b)
