@@ -10,6 +10,7 @@ Importing this package registers ``PeftType.SPARSE`` with upstream ``peft``, aft
 
 from .selection import SelectionReport, SpIEL, SpielReport, select_mask, update_mask
 from .tuner import SparseConfig, SparseLayer, SparseModel, lora_equivalent_budget
+from .training import SparseTrainingCallback
 from .version import __version__
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "SparseConfig",
     "SparseLayer",
     "SparseModel",
+    "SparseTrainingCallback",
     "SpIEL",
     "SpielReport",
     "__version__",

@@ -62,21 +62,18 @@ class SM3(torch.optim.Optimizer):
         if adapter_name is None:
             adapter_name = _active_adapter(model)
         self.adapter_name = adapter_name
-        # values parameter -> its layer, so each step reads the layer's current indices (SpIEL rewrites them in place)
-        self._layers: dict[nn.Parameter, Any] = {}
-        for module in model.modules():
-            if isinstance(module, SparseLayer) and adapter_name in module.sparse_values:
-                values = module.sparse_values[adapter_name]
-                if values.requires_grad:
-                    self._layers[values] = module
+        # The layers are looked up again at every step (cheap), so a values parameter that select_mask or an adapter
+        # load replaced, and that was swapped into the parameter groups, is still matched with its layer.
+        self._sparse_layers = [m for m in model.modules()
+                               if isinstance(m, SparseLayer) and adapter_name in m.sparse_values]
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("SM3: the model has no trainable parameters")
         super().__init__(params, dict(lr=lr, momentum=momentum, beta=beta, eps=eps))
 
-    def layer_of(self, values: nn.Parameter):
-        """The sparse layer a values parameter belongs to (``None`` for other parameters)."""
-        return self._layers.get(values)
+    def _layers_by_values(self) -> dict[int, Any]:
+        return {id(layer.sparse_values[self.adapter_name]): layer for layer in self._sparse_layers
+                if self.adapter_name in layer.sparse_values}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -84,6 +81,7 @@ class SM3(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        layers = self._layers_by_values()
         for group in self.param_groups:
             lr, momentum, beta, eps = group["lr"], group["momentum"], group["beta"], group["eps"]
             for param in group["params"]:
@@ -91,7 +89,7 @@ class SM3(torch.optim.Optimizer):
                     continue
                 grad = param.grad.float()
                 state = self.state[param]
-                layer = self._layers.get(param)
+                layer = layers.get(id(param))
                 if layer is not None:
                     nu = self._sparse_accumulate(state, layer, grad, beta)
                 else:

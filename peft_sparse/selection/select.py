@@ -88,7 +88,22 @@ def _run_passes(model, layers, adapter_name, data, num_batches, loss_fn, descrip
         seen += 1
     if seen == 0:
         raise ValueError("select_mask: `data` yielded no batch")
+    _all_reduce_probes(layers)
     return seen
+
+
+def _all_reduce_probes(layers) -> None:
+    """Under torch.distributed, sum every rank's accumulators, so each rank scores the same global-batch salience
+    (and, with the same seeded tie-breaks, selects the same entries)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if torch.distributed.get_world_size() == 1:
+        return
+    for _, layer in layers:
+        probe = layer.salience_probe
+        for tensor in (probe.grad, probe.grad_square):
+            if tensor is not None:
+                torch.distributed.all_reduce(tensor)
 
 
 def select_mask(
@@ -100,6 +115,7 @@ def select_mask(
     adapter_name: Optional[str] = None,
     accumulation_dtype: torch.dtype = torch.float32,
     layers_per_pass: Optional[int] = None,
+    keep_layer_sizes: bool = False,
 ) -> SelectionReport:
     """Choose the trainable entries of every sparse layer of an adapter by the salience metric of its config.
 
@@ -122,6 +138,13 @@ def select_mask(
         layers_per_pass: estimate salience for this many layers at a time, re-reading the batches for each group:
             the accumulators then never hold more than that many layers (at the cost of one pass over the data
             per group). ``None``: all layers in one pass.
+        keep_layer_sizes: keep every layer's current ``k`` and rewrite its indices in place (the values
+            ``Parameter`` objects survive, so an optimizer or a DDP wrapper built on them stays valid; values are
+            still reset to zero). The budget is then the one allocated at injection; ``global`` no longer moves
+            entries between layers.
+
+    Under ``torch.distributed`` the gradient accumulators are summed over ranks before scoring, so every rank
+    selects the same entries from the salience of the global batch.
 
     Returns:
         A :class:`SelectionReport` (per-layer k, time taken, peak extra memory).
@@ -137,17 +160,28 @@ def select_mask(
     scores, batches_seen, peak = _compute_scores(
         model, layers, adapter_name, config, metric, data, num_batches, loss_fn, accumulation_dtype, layers_per_pass
     )
-    counts = allocate_budget(
-        [layer.num_weight_entries for _, layer in layers], config.density, config.num_tunable_weights, config.budget
-    )
     tie_generators = _tie_generators(config, layers)
-    if config.budget == "global":
+    if keep_layer_sizes:
+        counts = [layer.sparse_indices[adapter_name].numel() for _, layer in layers]
+    else:
+        counts = allocate_budget(
+            [layer.num_weight_entries for _, layer in layers], config.density, config.num_tunable_weights,
+            config.budget
+        )
+    if config.budget == "global" and not keep_layer_sizes:
         chosen = select_top_k(scores, sum(counts), tie_generators)
     else:
         chosen = [select_top_k([s], c, [g])[0] for s, c, g in zip(scores, counts, tie_generators)]
-    report = SelectionReport(config.selection, config.budget, batches_seen)
+    report = SelectionReport(config.selection, "per-layer k kept" if keep_layer_sizes else config.budget,
+                             batches_seen)
     for (name, layer), indices in zip(layers, chosen):
-        layer.set_sparse_entries(adapter_name, indices)
+        if keep_layer_sizes:
+            with torch.no_grad():
+                layer.sparse_values[adapter_name].zero_()
+            reassign_entries(layer, adapter_name, indices)
+        else:
+            layer.set_sparse_entries(adapter_name, indices)
+        layer.mask_chosen.add(adapter_name)
         report.per_layer[name] = indices.numel()
     report.seconds = time.perf_counter() - start
     report.extra_memory_bytes = peak
@@ -193,6 +227,7 @@ def update_mask(
     for (name, layer), score, generator in zip(layers, scores, _tie_generators(config, layers)):
         new = select_top_k([score], layer.sparse_indices[adapter_name].numel(), [generator])[0]
         report.per_layer[name] = _move_entries(layer, adapter_name, new, optimizer)
+        layer.mask_chosen.add(adapter_name)
     report.seconds = time.perf_counter() - start
     report.extra_memory_bytes = peak
     return report

@@ -124,6 +124,7 @@ class SpIEL:
             ``regrow="momentum"`` it must be a :class:`peft_sparse.optim.SM3` (possibly wrapped, e.g. by accelerate).
         num_training_steps: the run's length in optimizer steps (the schedule decays over it).
         adapter_name: the adapter (default: the active one).
+        start_step: optimizer steps already done (a resumed run; then also :meth:`load_state_dict`).
 
     Example:
         ```py
@@ -136,7 +137,7 @@ class SpIEL:
     """
 
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
-                 num_training_steps: int, adapter_name: Optional[str] = None) -> None:
+                 num_training_steps: int, adapter_name: Optional[str] = None, start_step: int = 0) -> None:
         root, adapter_name, config = _resolve(model, adapter_name)
         if config.update != "spiel":
             raise ValueError(f"SpIEL: adapter {adapter_name!r} has update={config.update!r}; set update='spiel'")
@@ -161,7 +162,9 @@ class SpIEL:
                        if isinstance(m, SparseLayer) and adapter_name in m.sparse_values]
         if not self.layers:
             raise ValueError(f"SpIEL: no sparse layer holds adapter {adapter_name!r}")
-        self.completed_steps = 0
+        if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
+            raise ValueError(f"SpIEL: start_step must be a non-negative int, got {start_step!r}")
+        self.completed_steps = start_step
         self.origins = {name: layer.sparse_values[adapter_name].detach().clone() for name, layer in self.layers}
         self.history: list[SpielReport] = []
         self._probing = False
@@ -275,9 +278,18 @@ class SpIEL:
 
     # --- checkpointing ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Where the schedule is and each entry's value at growth (indices and values live in the model)."""
+        """Where the schedule is, each entry's value at growth, and an open SpIEL-AG window's candidates and sums
+        (indices and values live in the model, moments in the optimizer)."""
+        probes = None
+        if self._probing:
+            probes = {}
+            for name, layer in self.layers:
+                probe = layer.salience_probe
+                probes[name] = {"seed": probe.seed,
+                                "candidates": None if probe.candidates is None else probe.candidates.clone(),
+                                "sums": None if probe.sums is None else probe.sums.clone()}
         return {"completed_steps": self.completed_steps, "num_training_steps": self.num_training_steps,
-                "origins": {name: tensor.clone() for name, tensor in self.origins.items()}}
+                "origins": {name: tensor.clone() for name, tensor in self.origins.items()}, "probes": probes}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = set(self.origins) - set(state.get("origins", {}))
@@ -288,7 +300,18 @@ class SpIEL:
         self.num_training_steps = int(state["num_training_steps"])
         for name in self.origins:
             self.origins[name] = state["origins"][name].to(self.origins[name].device)
-        self._maybe_start_window()
+        probes = state.get("probes")
+        if probes is None:
+            self._maybe_start_window()
+            return
+        for name, layer in self.layers:
+            saved = probes[name]
+            probe = _CandidateGradients(layer, self.adapter_name, int(saved["seed"]))
+            device = layer.sparse_values[self.adapter_name].device
+            if saved["candidates"] is not None:
+                probe.candidates, probe.sums = saved["candidates"].to(device), saved["sums"].to(device)
+            layer.salience_probe = probe
+        self._probing = True
 
     def close(self) -> None:
         """Remove any gradient probes (the run ended early)."""

@@ -56,6 +56,9 @@ class SparseLayer(BaseTunerLayer):
         self.kwargs = kwargs
         # Set only while peft_sparse.select_mask estimates salience (see selection/salience.py).
         self.salience_probe = None
+        # Adapters whose index set was chosen deliberately (by select_mask / update_mask, or loaded from a saved
+        # adapter) rather than being the seeded random placeholder; SparseTrainingCallback selects only otherwise.
+        self.mask_chosen: set[str] = set()
 
     @property
     def num_weight_entries(self) -> int:
@@ -225,6 +228,7 @@ class SparseLayer(BaseTunerLayer):
             if indices.shape != self.sparse_indices[name].shape:
                 self.set_sparse_entries(name, indices)
             self._adopt_residual(name, state_dict, prefix)
+            self.mask_chosen.add(name)
 
     def _adopt_residual(self, name: str, state_dict, prefix: str) -> None:
         indices_key = f"{prefix}sparse_residual_indices.{name}"

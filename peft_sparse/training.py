@@ -1,0 +1,188 @@
+"""``SparseTrainingCallback``: mask selection and mask updates inside ``transformers.Trainer`` and TRL's ``SFTTrainer``.
+
+```python
+trainer = SFTTrainer(model=model, args=args, train_dataset=data, callbacks=[SparseTrainingCallback()])
+trainer.train()
+```
+
+What it does, by the adapter's :class:`~peft_sparse.SparseConfig`:
+
+* **Train begin**: if the mask is still the seeded random placeholder (never chosen by ``select_mask``, never
+  loaded from a saved adapter), the run is not a resumed one, and ``selection`` is not ``"random"``, it runs
+  :func:`~peft_sparse.select_mask` on ``data`` or, by default, on the trainer's train dataloader
+  (``salience_batches`` batches). The Trainer has already built its optimizer (and, under DDP, wrapped the model)
+  by then, so the new values parameters are swapped into the optimizer's parameter groups; under DDP the layers
+  keep the sizes allocated at injection instead (``keep_layer_sizes=True``: DDP's gradient buckets are laid out
+  for them). Either way every rank selects the same entries (salience is summed over ranks).
+* **Every optimizer step** (``on_step_end``: gradient accumulation's micro-batches do not count): with
+  ``update="dynamic"``, :func:`~peft_sparse.update_mask` every ``update_interval`` steps; with ``update="spiel"``,
+  :class:`~peft_sparse.SpIEL` prune-and-regrow, using the optimizer the Trainer passes to callbacks.
+* **Logging**: each selection or update appends ``sparse/...`` figures (entries moved, seconds) to the Trainer's
+  ``state.log_history`` and to this module's logger.
+* **Checkpoints**: indices, values and residuals are in the saved adapter and the optimizer moments in the
+  Trainer's optimizer checkpoint; SpIEL's own state (growth records, an open gradient-accumulation window) is saved
+  as ``sparse_training_state.pt`` in each ``checkpoint-N`` folder and read back when ``trainer.train(
+  resume_from_checkpoint=...)`` resumes from ``output_dir/checkpoint-N``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable
+from typing import Any, Callable, Optional
+
+import torch
+from transformers import TrainerCallback
+
+from .selection.optim import _unwrap
+from .selection.select import _resolve, select_mask, update_mask
+from .selection.spiel import SpIEL
+from .tuner.layer import SparseLayer
+
+__all__ = ["SparseTrainingCallback"]
+
+logger = logging.getLogger(__name__)
+STATE_FILE = "sparse_training_state.pt"
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+class SparseTrainingCallback(TrainerCallback):
+    """Runs peft-sparse mask selection and updates inside a ``transformers.Trainer`` / TRL ``SFTTrainer``.
+
+    Args:
+        data: batches for salience (an iterable of dicts the model accepts, with labels); default: the trainer's
+            train dataloader.
+        adapter_name: the sparse adapter (default: the active one).
+        loss_fn: ``loss_fn(outputs, batch) -> loss`` for salience; default ``outputs.loss``.
+    """
+
+    def __init__(self, data: Optional[Iterable] = None, *, adapter_name: Optional[str] = None,
+                 loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None) -> None:
+        self.data = data
+        self.adapter_name = adapter_name
+        self.loss_fn = loss_fn
+        self.spiel: Optional[SpIEL] = None
+        self._train_dataloader = None
+
+    # --- helpers -------------------------------------------------------------------------------------------------
+    def _config(self, model):
+        _, adapter_name, config = _resolve(model, self.adapter_name)
+        return adapter_name, config
+
+    def _batches(self):
+        data = self.data if self.data is not None else self._train_dataloader
+        if data is None:
+            raise ValueError("SparseTrainingCallback: no data for salience; pass data=... or train with a dataloader")
+        return data
+
+    @staticmethod
+    def _record(state, logs: dict[str, float]) -> None:
+        logger.info("peft-sparse: %s", ", ".join(f"{k}={v:.4g}" for k, v in logs.items()))
+        state.log_history.append({**logs, "step": state.global_step})
+
+    # --- events --------------------------------------------------------------------------------------------------
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        self._train_dataloader = train_dataloader
+        adapter_name, config = self._config(model)
+        self.adapter_name = adapter_name
+        layers = [m for m in model.modules() if isinstance(m, SparseLayer) and adapter_name in m.sparse_values]
+        _check_optimizer_holds_values(optimizer, layers, adapter_name)
+        never_chosen = not any(adapter_name in layer.mask_chosen for layer in layers)
+        if state.global_step == 0 and never_chosen and config.selection != "random":
+            self._select(model, optimizer, state, layers, adapter_name)
+        if config.update == "spiel":
+            self.spiel = SpIEL(model, optimizer, num_training_steps=state.max_steps, adapter_name=adapter_name,
+                               start_step=state.global_step)
+            if state.global_step > 0:
+                self._restore(args, state)
+        return control
+
+    def _select(self, model, optimizer, state, layers, adapter_name) -> None:
+        keep_sizes = _world_size() > 1
+        old = [layer.sparse_values[adapter_name] for layer in layers]
+        report = select_mask(model, self._batches(), loss_fn=self.loss_fn, adapter_name=adapter_name,
+                             keep_layer_sizes=keep_sizes)
+        if not keep_sizes and optimizer is not None:
+            _swap_parameters(optimizer, {id(o): layer.sparse_values[adapter_name] for o, layer in zip(old, layers)})
+        self._record(state, {"sparse/selected_entries": float(report.total),
+                             "sparse/selection_seconds": report.seconds})
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        adapter_name, config = self._config(model)
+        if config.update == "spiel" and self.spiel is not None:
+            self.spiel.completed_steps = state.global_step - 1
+            report = self.spiel.step()
+            if report is not None:
+                self._record(state, {"sparse/regrown": float(report.total), "sparse/prune_fraction": report.fraction,
+                                     "sparse/update_seconds": report.seconds})
+        elif (config.update == "dynamic" and state.global_step % config.update_interval == 0
+              and state.global_step < state.max_steps):
+            report = update_mask(model, self._batches(), optimizer=optimizer, loss_fn=self.loss_fn,
+                                 adapter_name=adapter_name)
+            self._record(state, {"sparse/moved": float(report.total), "sparse/update_seconds": report.seconds})
+        return control
+
+    def on_save(self, args, state, control, **kwargs):
+        if self.spiel is None or not _is_main_process():
+            return control
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if os.path.isdir(folder):
+            torch.save(self.spiel.state_dict(), os.path.join(folder, STATE_FILE))
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.spiel is not None:
+            self.spiel.close()
+        return control
+
+    def _restore(self, args, state) -> None:
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+        if not os.path.isfile(path):
+            logger.warning(
+                "peft-sparse: resuming at step %d without %s; SpIEL restarts its growth records (all entries count "
+                "their movement from their current values) and any open gradient-accumulation window",
+                state.global_step, path)
+            self.spiel.origins = {name: layer.sparse_values[self.adapter_name].detach().clone()
+                                  for name, layer in self.spiel.layers}
+            return
+        self.spiel.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+
+
+def _check_optimizer_holds_values(optimizer, layers, adapter_name: str) -> None:
+    """An optimizer built before an adapter load or a selection that resized the values would silently train
+    nothing: say so."""
+    if optimizer is None:
+        return
+    held = {id(p) for group in _unwrap(optimizer).param_groups for p in group["params"]}
+    stale = [layer.layer_name for layer in layers
+             if layer.sparse_values[adapter_name].requires_grad and id(layer.sparse_values[adapter_name]) not in held]
+    if stale:
+        raise ValueError(
+            f"SparseTrainingCallback: the optimizer does not hold the sparse values of {stale[:3]} (it was built before "
+            "they were replaced, e.g. by loading a saved adapter or by select_mask); build the optimizer afterwards"
+        )
+
+
+def _swap_parameters(optimizer, replacements: dict[int, torch.nn.Parameter]) -> None:
+    """Point the optimizer's parameter groups at the newly selected values parameters (its state must be empty)."""
+    inner = _unwrap(optimizer)
+    for group in inner.param_groups:
+        params = []
+        for param in group["params"]:
+            if id(param) in replacements:
+                if inner.state.get(param):
+                    raise RuntimeError("SparseTrainingCallback: the optimizer already holds state for the old values")
+                param = replacements[id(param)]
+            params.append(param)
+        group["params"] = params

@@ -1,0 +1,203 @@
+"""SparseTrainingCallback with transformers' Trainer and TRL's SFTTrainer: selection at train begin, dynamic and
+SpIEL updates on optimizer steps, checkpoint resume, and two-process DDP consistency (gloo, CPU)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from peft_sparse import SparseLayer, SparseTrainingCallback
+from peft_sparse.tuner.indices import layer_seed, random_indices
+
+from tiny_models import quantised_tiny_llama, tiny_tokenizer
+from trainer_helpers import make_trainer, sparse_model, sparse_state
+
+HERE = Path(__file__).resolve().parent
+
+
+def sparse_log(trainer):
+    return [entry for entry in trainer.state.log_history if any(key.startswith("sparse/") for key in entry)]
+
+
+def test_callback_selects_the_mask_at_train_begin_and_the_optimizer_trains_it(tmp_path):
+    model = sparse_model(selection="gradient")
+    initial = sparse_state(model)
+    trainer = make_trainer(model, tmp_path, max_steps=4)
+    trainer.train()
+    log = sparse_log(trainer)
+    assert len(log) == 1 and log[0]["step"] == 0 and log[0]["sparse/selected_entries"] > 0
+    final = sparse_state(model)
+    assert any(not torch.equal(final[name][0], initial[name][0]) for name in final)  # a new mask
+    # ... and the optimizer trained the new values parameters (a global budget may leave some layers at k = 0)
+    assert all(final[name][1].abs().sum() > 0 for name in final if final[name][1].numel())
+    total = sum(indices.numel() for indices, _ in final.values())
+    assert total == sum(indices.numel() for indices, _ in initial.values())  # the global budget is kept
+
+
+def test_callback_leaves_a_chosen_or_random_mask_alone(tmp_path):
+    from peft_sparse import select_mask
+    from trainer_helpers import TokenData
+
+    model = sparse_model(selection="gradient")
+    batches = [{key: value.unsqueeze(0) for key, value in TokenData()[i].items()} for i in range(2)]
+    select_mask(model, batches)
+    chosen = sparse_state(model)
+    trainer = make_trainer(model, tmp_path, max_steps=2)
+    trainer.train()
+    assert not sparse_log(trainer)
+    assert all(torch.equal(sparse_state(model)[name][0], chosen[name][0]) for name in chosen)
+
+    random_model = sparse_model(selection="random")
+    trainer = make_trainer(random_model, tmp_path / "random", max_steps=2)
+    trainer.train()
+    assert not sparse_log(trainer)
+    for name, layer in random_model.named_modules():
+        if isinstance(layer, SparseLayer):
+            expected = random_indices(layer.num_weight_entries, layer.sparse_indices["default"].numel(),
+                                      torch.Generator().manual_seed(layer_seed(0, layer.layer_name)))
+            assert torch.equal(layer.sparse_indices["default"].long(), expected)
+
+
+def test_updates_happen_on_optimizer_steps_not_micro_batches(tmp_path):
+    model = sparse_model(selection="random", update="spiel", update_interval=3, accumulation_steps=2,
+                         reselection_rate=0.5)
+    sizes = {name: indices.numel() for name, (indices, _) in sparse_state(model).items()}
+    trainer = make_trainer(model, tmp_path, max_steps=8, gradient_accumulation_steps=2)
+    trainer.train()
+    log = sparse_log(trainer)
+    assert [entry["step"] for entry in log] == [3, 6]
+    assert all(entry["sparse/regrown"] > 0 for entry in log)
+    for name, (indices, values) in sparse_state(model).items():
+        assert indices.numel() == sizes[name] == values.numel()
+        assert torch.all(indices[1:] > indices[:-1])
+
+
+def test_dynamic_updates_run_every_interval(tmp_path):
+    model = sparse_model(selection="gradient", update="dynamic", update_interval=2)
+    trainer = make_trainer(model, tmp_path, max_steps=5)
+    trainer.train()
+    steps = [entry["step"] for entry in sparse_log(trainer)]
+    assert steps == [0, 2, 4]  # selection at begin, then updates
+
+
+@pytest.mark.parametrize("regrow", ["gradient", "momentum"])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, regrow):
+    def config():
+        return dict(selection="gradient", update="spiel", regrow=regrow, update_interval=4, accumulation_steps=3,
+                    reselection_rate=0.5)
+
+    def trainer_for(model, output_dir, **args):
+        trainer = make_trainer(model, output_dir, max_steps=10, **args)
+        if regrow == "momentum":  # SpIEL-MA needs SM3; the Trainer uses an optimizer it is given
+            from peft_sparse.optim import SM3
+
+            trainer.optimizer = SM3(model, lr=0.05)
+        return trainer
+
+    uninterrupted = sparse_model(**config())
+    trainer_for(uninterrupted, tmp_path / "a").train()
+    expected = sparse_state(uninterrupted)
+
+    first = sparse_model(**config())
+    trainer_for(first, tmp_path / "b", save_strategy="steps", save_steps=6).train()
+    checkpoint = tmp_path / "b" / "checkpoint-6"
+    assert (checkpoint / "sparse_training_state.pt").is_file()
+
+    resumed = sparse_model(**config())
+    if regrow == "momentum":  # an optimizer built by hand must see the checkpoint's (resized) values parameters
+        resumed.load_adapter(str(checkpoint), adapter_name="default")
+    trainer = trainer_for(resumed, tmp_path / "b")
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    # the checkpoint's history (selection at 0, update at 4), then only the step-8 update: no selection on resume
+    assert [entry["step"] for entry in sparse_log(trainer)] == [0, 4, 8]
+    got = sparse_state(resumed)
+    for name in expected:
+        assert torch.equal(got[name][0], expected[name][0]), name
+        assert torch.allclose(got[name][1], expected[name][1], atol=1e-6), name
+
+
+def test_sft_trainer_with_and_without_packing_on_a_4bit_model(tmp_path):
+    trl = pytest.importorskip("trl", reason="trl is in the dev extra")
+    datasets = pytest.importorskip("datasets")
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from peft_sparse import SparseConfig
+
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
+    texts = [" ".join(words[(i * 3 + j) % len(words)] for j in range(7)) for i in range(24)]
+    for packing in (False, True):
+        base = quantised_tiny_llama(tmp_path / "model", load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                    bnb_4bit_compute_dtype=torch.float32)
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+        model = get_peft_model(base, SparseConfig(target_modules=["q_proj", "v_proj", "down_proj"], density=0.1,
+                                                  selection="gradient", salience_batches=2, update="spiel",
+                                                  update_interval=2, accumulation_steps=1, reselection_rate=0.5))
+        args = trl.SFTConfig(output_dir=str(tmp_path / f"sft{packing}"), max_steps=5, per_device_train_batch_size=4,
+                             learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                             max_length=16, packing=packing, dataset_text_field="text", disable_tqdm=True)
+        trainer = trl.SFTTrainer(model=model, args=args, processing_class=tiny_tokenizer(),
+                                 train_dataset=datasets.Dataset.from_dict({"text": texts}),
+                                 callbacks=[SparseTrainingCallback()])
+        trainer.train()
+        assert [entry["step"] for entry in sparse_log(trainer)] == [0, 2, 4], packing
+        losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+        assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(out_dir: Path, update: str, processes: int, batch: int) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
+    if processes == 1:
+        command = [sys.executable, str(HERE / "ddp_train.py"), str(out_dir), update, str(batch)]
+    else:
+        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
+                   f"--master_port={_free_port()}", str(HERE / "ddp_train.py"), str(out_dir), update, str(batch)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_ddp_two_processes_match_one_process_and_agree_across_ranks(tmp_path):
+    _launch(tmp_path / "single", "static", processes=1, batch=8)
+    _launch(tmp_path / "ddp", "static", processes=2, batch=4)
+    single = torch.load(tmp_path / "single" / "rank0.pt")["state"]
+    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt")["state"] for r in (0, 1)]
+    for name in single:
+        assert torch.equal(ranks[0][name][0], ranks[1][name][0]), name  # identical selection on both ranks
+        assert torch.equal(ranks[0][name][1], ranks[1][name][1]), name
+        assert torch.equal(ranks[0][name][0], single[name][0]), name  # the same mask as one process
+        assert torch.allclose(ranks[0][name][1], single[name][1], rtol=1e-4, atol=1e-6), name
+
+
+def test_ddp_spiel_reselection_keeps_ranks_identical(tmp_path):
+    _launch(tmp_path / "spiel", "spiel", processes=2, batch=4)
+    outputs = [torch.load(tmp_path / "spiel" / f"rank{r}.pt") for r in (0, 1)]
+    assert [entry["step"] for entry in outputs[0]["log"]] == [0, 3, 6]
+    for name in outputs[0]["state"]:
+        for part in (0, 1):
+            assert torch.equal(outputs[0]["state"][name][part], outputs[1]["state"][name][part]), name
+
+
+def test_an_optimizer_built_before_the_values_were_replaced_is_refused(tmp_path):
+    from peft_sparse import select_mask
+    from trainer_helpers import TokenData
+
+    model = sparse_model(selection="gradient")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batches = [{key: value.unsqueeze(0) for key, value in TokenData()[i].items()} for i in range(2)]
+    select_mask(model, batches)  # replaces the values parameters (the global budget moves k between layers)
+    trainer = make_trainer(model, tmp_path, max_steps=2)
+    trainer.optimizer = optimizer
+    with pytest.raises(ValueError, match="build the optimizer afterwards"):
+        trainer.train()

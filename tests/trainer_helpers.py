@@ -1,0 +1,55 @@
+"""A tiny Llama, a fixed token data set and a Trainer with a sequential sampler, shared by the callback tests and the
+two-process DDP script (``ddp_train.py``). Sequential sampling makes a run with batch 2b on one process see the same
+global batches as a run with batch b on each of two processes (accelerate hands out whole batches round-robin)."""
+
+from __future__ import annotations
+
+import torch
+from peft import get_peft_model
+from torch.utils.data import Dataset, SequentialSampler
+from transformers import Trainer, TrainingArguments
+
+from peft_sparse import SparseConfig, SparseLayer, SparseTrainingCallback
+
+from tiny_models import VOCAB, tiny_llama
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+
+
+class TokenData(Dataset):
+    def __init__(self, size: int = 64, length: int = 12, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, VOCAB, (size, length), generator=generator)
+
+    def __len__(self) -> int:
+        return self.ids.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        ids = self.ids[index]
+        return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+
+
+class SequentialTrainer(Trainer):
+    def _get_train_sampler(self, train_dataset=None):
+        return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
+
+
+def sparse_model(**config):
+    config.setdefault("target_modules", TARGETS)
+    config.setdefault("density", 0.05)
+    config.setdefault("salience_batches", 2)
+    return get_peft_model(tiny_llama(), SparseConfig(**config))
+
+
+def make_trainer(model, output_dir, callback=None, **args) -> SequentialTrainer:
+    defaults = dict(output_dir=str(output_dir), use_cpu=True, report_to=[], per_device_train_batch_size=4,
+                    learning_rate=1e-2, max_steps=8, logging_steps=1, save_strategy="no", seed=0,
+                    disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant")
+    defaults.update(args)
+    return SequentialTrainer(model=model, args=TrainingArguments(**defaults), train_dataset=TokenData(),
+                             callbacks=[callback or SparseTrainingCallback()])
+
+
+def sparse_state(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    return {name: (m.sparse_indices["default"].clone(), m.sparse_values["default"].detach().clone())
+            for name, m in model.named_modules() if isinstance(m, SparseLayer)}
