@@ -561,3 +561,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
     assert all(g.abs().sum() > 0 for g in plain)
     for a, b in zip(plain, checkpointed):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_lora_equivalent_budget_matches_lora_on_all_linear_with_a_task_head():
+    from peft import LoraConfig
+
+    budget = lora_equivalent_budget(tiny_bert(), 4, "all-linear", task_type="SEQ_CLS")
+    lora = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", target_modules="all-linear", r=4))
+    assert budget == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)

@@ -60,11 +60,14 @@ def lora_equivalent_budget(
     r: int,
     target_modules: Union[list[str], str],
     exclude_modules: Optional[Union[list[str], str]] = None,
+    task_type: Optional[str] = None,
 ) -> int:
     """Number of trainable parameters a LoRA adapter of rank ``r`` on the same layers would have.
 
     LoRA adds ``r * (in + out)`` parameters to an ``out x in`` layer; summing that over the targeted layers gives
-    the ``num_tunable_weights`` at which a sparse adapter and a LoRA adapter are compared fairly.
+    the ``num_tunable_weights`` at which a sparse adapter and a LoRA adapter are compared fairly. Pass the
+    adapters' ``task_type``: with ``target_modules="all-linear"`` it decides, as in peft, which output layer (e.g.
+    a sequence classifier, trained densely through ``modules_to_save``) is left out.
 
     Example:
         ```py
@@ -79,7 +82,7 @@ def lora_equivalent_budget(
 
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ValueError(f"lora_equivalent_budget: r must be a positive int, got {r!r}")
-    config = SparseConfig(target_modules=target_modules, exclude_modules=exclude_modules)
+    config = SparseConfig(target_modules=target_modules, exclude_modules=exclude_modules, task_type=task_type)
     config = _maybe_include_all_linear_layers(config, model)
     total = 0
     for name, module in model.named_modules():
