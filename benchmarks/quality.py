@@ -9,6 +9,7 @@ with the same number of trainable weights (LoRA rank `--lora-r`'s count) plus th
 same optimizer (AdamW), learning rate, schedule, steps and batches:
 
 * `gradient`, `magnitude`, `random`: SPEFT static masks (salience over 16 training batches, one global budget);
+* `gradient_local`: the gradient mask with the same density in every layer (`budget="local"`);
 * `spiel`: SpIEL-AG from a random mask (update every 20 steps, 5 accumulation steps, rate 0.2, cosine);
 * `lora`: peft LoRA (alpha = 2r, no dropout).
 
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import quickstart  # noqa: E402
 from ops_bench import machine, write_section  # noqa: E402
 
-METHODS = ("gradient", "magnitude", "random", "spiel", "lora")
+METHODS = ("gradient", "magnitude", "random", "spiel", "lora", "gradient_local")
 
 
 def run(method: str, seed: int, steps: int, lora_r: int, lr: float) -> dict:
@@ -58,7 +59,8 @@ def run(method: str, seed: int, steps: int, lora_r: int, lr: float) -> dict:
     else:
         config = peft_sparse.SparseConfig(
             task_type="SEQ_CLS", target_modules="all-linear", num_tunable_weights=budget,
-            selection="random" if method == "spiel" else method, salience_batches=16, seed=seed,
+            selection={"spiel": "random", "gradient_local": "gradient"}.get(method, method), salience_batches=16,
+            budget="local" if method == "gradient_local" else "global", seed=seed,
             update="spiel" if method == "spiel" else "static", update_interval=20, accumulation_steps=5,
             reselection_rate=0.2)
         model = get_peft_model(base, config)
@@ -93,7 +95,7 @@ def run(method: str, seed: int, steps: int, lora_r: int, lr: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (data split, mask, head)")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="methods to compare")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS[:5]), choices=METHODS, help="methods to compare")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     parser.add_argument("--lora-r", type=int, default=4, help="LoRA rank; the sparse budget matches its count")
     parser.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate for every method")
@@ -108,8 +110,8 @@ def main() -> None:
             results[method].append(result)
             print(f"seed {seed} {method:9s} accuracy {result['accuracy']:.3f} loss {result['loss']:.3f} "
                   f"trainable {result['trainable']:,} ({result['seconds']:.0f} s)", file=sys.stderr, flush=True)
-    command = (f"python benchmarks/quality.py --seeds {' '.join(map(str, args.seeds))} --steps {args.steps} "
-               f"--lora-r {args.lora_r} --lr {args.lr:g} --write")
+    command = (f"python benchmarks/quality.py --seeds {' '.join(map(str, args.seeds))} --methods {' '.join(args.methods)} "
+               f"--steps {args.steps} --lora-r {args.lora_r} --lr {args.lr:g} --write")
     lines = ["## Quality: held-out accuracy over seeds (`benchmarks/quality.py`)", "",
              f"Command: `{command}`, run on {date.today()} on {machine('cpu')}.", "",
              "Task: the main job's (MiniLM-L6, which of 5 Debian `fortunes` files a quotation comes from; 551 train / "
@@ -121,7 +123,8 @@ def main() -> None:
     for method, runs in results.items():
         accuracies = [r["accuracy"] for r in runs]
         spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-        label = {"spiel": "SpIEL-AG (from random)", "lora": f"LoRA r={args.lora_r}"}.get(method, f"SPEFT {method}")
+        label = {"spiel": "SpIEL-AG (from random)", "lora": f"LoRA r={args.lora_r}",
+                 "gradient_local": "SPEFT gradient, local budget"}.get(method, f"SPEFT {method}")
         lines.append(f"| {label} | {runs[0]['trainable']:,} | {statistics.mean(accuracies):.1%} ± {spread:.1%} | "
                      f"{', '.join(f'{a:.1%}' for a in accuracies)} | "
                      f"{statistics.mean(r['loss'] for r in runs):.3f} |")
