@@ -64,6 +64,19 @@ def loss_and_grads(model, batch):
     return out.logits.detach(), grads
 
 
+def quantised_and_dense(model_dir, bnb_kwargs, batch_seed):
+    """(logits, value gradients) of a sparse adapter on the quantised model and, with the same adapter, on the dense
+    model that computes with the dequantised weights."""
+    quantised = sparse(quantised_tiny_llama(model_dir, **bnb_kwargs))
+    dense = sparse(dequantised_copy(quantised.get_base_model()))
+    batch = make_batch(seed=batch_seed)
+    results = []
+    for model in (quantised, dense):
+        randomize(model)
+        results.append(loss_and_grads(model, batch))
+    return results
+
+
 def test_bitsandbytes_layers_get_quantised_sparse_layers(model_dir):
     model = sparse(quantised_tiny_llama(model_dir, **four_bit()))
     kinds = {type(layer) for _, layer in layers(model)}
@@ -81,13 +94,9 @@ def test_bitsandbytes_layers_get_quantised_sparse_layers(model_dir):
 def test_4bit_outputs_and_value_gradients_match_the_dequantised_dense_model(model_dir, quant_type, double_quant,
                                                                              compute):
     compute_dtype = COMPUTE_DTYPES[compute]
-    quantised = sparse(quantised_tiny_llama(model_dir, **four_bit(quant_type, double_quant, compute_dtype)))
-    dense = sparse(dequantised_copy(quantised.get_base_model()))
-    for model in (quantised, dense):
-        randomize(model)
-    batch = make_batch(seed=3)
-    logits_q, grads_q = loss_and_grads(quantised, batch)
-    logits_d, grads_d = loss_and_grads(dense, batch)
+    (logits_q, grads_q), (logits_d, grads_d) = quantised_and_dense(
+        model_dir, four_bit(quant_type, double_quant, compute_dtype), batch_seed=3
+    )
     tolerance = TOLERANCE[compute_dtype]
     assert rel_error(logits_q, logits_d) < tolerance
     assert grads_q.keys() == grads_d.keys() and len(grads_q) == 14
@@ -97,13 +106,7 @@ def test_4bit_outputs_and_value_gradients_match_the_dequantised_dense_model(mode
 
 
 def test_8bit_outputs_and_value_gradients_match_the_dequantised_dense_model(model_dir):
-    quantised = sparse(quantised_tiny_llama(model_dir, load_in_8bit=True))
-    dense = sparse(dequantised_copy(quantised.get_base_model()))
-    for model in (quantised, dense):
-        randomize(model)
-    batch = make_batch(seed=4)
-    logits_q, grads_q = loss_and_grads(quantised, batch)
-    logits_d, grads_d = loss_and_grads(dense, batch)
+    (logits_q, grads_q), (logits_d, grads_d) = quantised_and_dense(model_dir, dict(load_in_8bit=True), batch_seed=4)
     assert rel_error(logits_q, logits_d) < 1e-5
     for name in grads_q:
         assert rel_error(grads_q[name], grads_d[name]) < 1e-4, name

@@ -110,13 +110,7 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
         return scatter_add(delta, *self.adapter_delta(adapter_name, detach=True))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [name for name in self.active_adapters if name in self.sparse_values]
+        active = self._adapters_to_apply()
         if not active:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()

@@ -153,6 +153,17 @@ class SparseLayer(BaseTunerLayer):
         pairs = [self.adapter_delta(name) for name in adapter_names]
         return torch.cat([i.to(torch.int64) for i, _ in pairs]), torch.cat([v.float() for _, v in pairs])
 
+    def _adapters_to_apply(self) -> list[str]:
+        """The active adapters a forward must add on top of the base layer; empty when the base layer alone gives
+        the output (adapters disabled, which first unmerges any merged ones, or already merged)."""
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return []
+        if self.merged:
+            return []
+        return [name for name in self.active_adapters if name in self.sparse_values]
+
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The adapter's delta as a dense ``(out, in)`` tensor in the base weight's dtype (allocates; for inspection
         and merging, not for the training path)."""
@@ -272,13 +283,7 @@ class Linear(nn.Module, SparseLayer):
         self.register_load_state_dict_pre_hook(self._load_sparse_state_pre_hook)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        if self.merged:
-            return self.base_layer(x, *args, **kwargs)
-        active = [name for name in self.active_adapters if name in self.sparse_values]
+        active = self._adapters_to_apply()
         if not active:
             return self.base_layer(x, *args, **kwargs)
         base = self.get_base_layer()
