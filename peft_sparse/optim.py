@@ -24,6 +24,8 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .ops.reference import split_indices
+
 __all__ = ["SM3"]
 
 
@@ -109,8 +111,7 @@ class SM3(torch.optim.Optimizer):
             state["row_accumulator"] = torch.zeros(out_features, dtype=torch.float32, device=grad.device)
             state["col_accumulator"] = torch.zeros(in_features, dtype=torch.float32, device=grad.device)
         rows_acc, cols_acc = state["row_accumulator"], state["col_accumulator"]
-        flat = layer.sparse_indices[self.adapter_name].to(torch.int64)
-        rows, cols = flat // in_features, flat % in_features
+        rows, cols = split_indices(layer.sparse_indices[self.adapter_name], in_features)
         nu = torch.minimum(rows_acc[rows], cols_acc[cols])
         if beta > 0:
             nu.mul_(beta)

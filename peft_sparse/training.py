@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 import torch
 from transformers import TrainerCallback
 
+from ._distributed import rank, world_size
 from .selection.optim import _unwrap
 from .selection.select import _resolve, select_mask, update_mask
 from .selection.spiel import SpIEL
@@ -44,12 +45,6 @@ __all__ = ["SparseTrainingCallback"]
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "sparse_training_state.pt"
-
-
-def _world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
 
 
 class SparseTrainingCallback(TrainerCallback):
@@ -104,7 +99,7 @@ class SparseTrainingCallback(TrainerCallback):
         return control
 
     def _select(self, model, optimizer, state, layers, adapter_name) -> None:
-        keep_sizes = _world_size() > 1
+        keep_sizes = world_size() > 1
         old = [layer.sparse_values[adapter_name] for layer in layers]
         report = select_mask(model, self._batches(), loss_fn=self.loss_fn, adapter_name=adapter_name,
                              keep_layer_sizes=keep_sizes)
@@ -129,7 +124,7 @@ class SparseTrainingCallback(TrainerCallback):
         return control
 
     def on_save(self, args, state, control, **kwargs):
-        if self.spiel is None or not _is_main_process():
+        if self.spiel is None or rank() != 0:
             return control
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
@@ -152,11 +147,6 @@ class SparseTrainingCallback(TrainerCallback):
                                   for name, layer in self.spiel.layers}
             return
         self.spiel.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-
-
-def _is_main_process() -> bool:
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
 
 
 def _check_optimizer_holds_values(optimizer, layers, adapter_name: str) -> None:

@@ -52,7 +52,7 @@ _BNB_QUANTISED_KEYS = {"absmax1", "absmax2", "qmap1", "qmap2"}
 
 def _unwrap(optimizer):
     """The optimizer holding the state (accelerate wraps the Trainer's in an AcceleratedOptimizer)."""
-    while optimizer is not None and hasattr(optimizer, "optimizer") and not hasattr(optimizer, "position_indexed_state"):
+    while optimizer is not None and hasattr(optimizer, "optimizer"):
         inner = optimizer.optimizer
         if inner is optimizer or not isinstance(inner, torch.optim.Optimizer):
             break
@@ -101,8 +101,9 @@ def reassign_entries(
             f"reassign_entries: {layer.layer_name!r} has {old_indices.numel()} entries for adapter "
             f"{adapter_name!r}; got {new_indices.numel()} new indices (k must stay fixed)"
         )
-    state = _unwrap(optimizer).state.get(values, {}) if optimizer is not None else {}
-    skipped = set(getattr(_unwrap(optimizer), "position_indexed_state", ())) | _BNB_QUANTISED_KEYS
+    optimizer = _unwrap(optimizer)
+    state = optimizer.state.get(values, {}) if optimizer is not None else {}
+    skipped = set(getattr(optimizer, "position_indexed_state", ())) | _BNB_QUANTISED_KEYS
     quantised = [key for key in ("state1", "state2") if key in state and f"absmax{key[-1]}" in state]
     for key, tensor in state.items():
         if key in skipped or not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .._distributed import world_size
 from ..ops import scatter_add
 from ..tuner.budget import allocate_budget
 from ..tuner.config import SparseConfig
@@ -95,9 +96,7 @@ def _run_passes(model, layers, adapter_name, data, num_batches, loss_fn, descrip
 def _all_reduce_probes(layers) -> None:
     """Under torch.distributed, sum every rank's accumulators, so each rank scores the same global-batch salience
     (and, with the same seeded tie-breaks, selects the same entries)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if torch.distributed.get_world_size() == 1:
+    if world_size() == 1:
         return
     for _, layer in layers:
         probe = layer.salience_probe
@@ -356,8 +355,7 @@ def _synflow_statistics(model, group, adapter_name, accumulation_dtype, statisti
     embeddings = root.get_input_embeddings()
     if embeddings is None:
         raise ValueError("select_mask: selection='synflow' needs a model that accepts inputs_embeds")
-    packed = sorted({type(p).__name__ for p in root.parameters() if type(p).__name__ == "Params4bit"})
-    if packed:
+    if any(type(p).__name__ == "Params4bit" for p in root.parameters()):
         # |W| of a packed 4-bit weight is not a 4-bit weight of the same quantisation (NF4/FP4 codes are not
         # symmetric bit patterns we could flip in place), so the network cannot be linearised exactly.
         raise ValueError(

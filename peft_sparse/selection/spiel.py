@@ -42,6 +42,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from .._distributed import world_size
 from ..ops import sddmm_gather
 from ..tuner.config import SparseConfig
 from ..tuner.indices import index_dtype, layer_seed
@@ -216,10 +217,13 @@ class SpIEL:
         for name, layer in self.layers:
             new_indices = _broadcast(self._reselect_layer(name, layer, fraction, probes.get(name)))
             old = layer.sparse_indices[self.adapter_name].to(torch.int64)
-            _, kept = surviving_positions(old, new_indices)
-            moved = int((~kept).sum())
+            positions, survived = surviving_positions(old, new_indices)
+            moved = int((~survived).sum())
             if moved:
-                self._apply(name, layer, new_indices)
+                origin = torch.zeros_like(self.origins[name])  # regrown entries grow from zero
+                origin[survived] = self.origins[name][positions[survived]]
+                reassign_entries(layer, self.adapter_name, new_indices, self.optimizer)
+                self.origins[name] = origin
             report.per_layer[name] = moved
         report.seconds = time.perf_counter() - start
         self.history.append(report)
@@ -268,14 +272,6 @@ class SpIEL:
         scores[indices] = -1.0  # active positions cannot be regrown
         return scores, None
 
-    def _apply(self, name: str, layer, new_indices: torch.Tensor) -> None:
-        old = layer.sparse_indices[self.adapter_name].to(torch.int64)
-        positions, survived = surviving_positions(old, new_indices)
-        origin = torch.zeros_like(self.origins[name])
-        origin[survived] = self.origins[name][positions[survived]]
-        reassign_entries(layer, self.adapter_name, new_indices, self.optimizer)
-        self.origins[name] = origin
-
     # --- checkpointing ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Where the schedule is, each entry's value at growth, and an open SpIEL-AG window's candidates and sums
@@ -320,7 +316,6 @@ class SpIEL:
 
 def _broadcast(indices: torch.Tensor) -> torch.Tensor:
     """Rank 0's index set on every rank (a no-op without torch.distributed)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return indices
-    torch.distributed.broadcast(indices, src=0)
+    if world_size() > 1:
+        torch.distributed.broadcast(indices, src=0)
     return indices
