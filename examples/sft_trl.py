@@ -22,9 +22,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from quickstart import CATEGORIES, read_fortunes  # noqa: E402
+from peft_sparse.cli.data import CATEGORIES, read_fortunes
 
 
 def parse_args(argv=None) -> argparse.Namespace:

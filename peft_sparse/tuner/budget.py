@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 from torch import nn
 
-__all__ = ["allocate_budget", "lora_equivalent_budget"]
+__all__ = ["allocate_budget", "lora_equivalent_budget", "targeted_linear_shapes"]
 
 
 def _split_proportionally(total: int, sizes: Sequence[int]) -> list[int]:
@@ -75,23 +75,36 @@ def lora_equivalent_budget(
         >>> config = SparseConfig(target_modules=["q_proj", "v_proj"], num_tunable_weights=budget)
         ```
     """
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ValueError(f"lora_equivalent_budget: r must be a positive int, got {r!r}")
+    shapes = targeted_linear_shapes(model, target_modules, exclude_modules, task_type)
+    if not shapes:
+        raise ValueError(f"lora_equivalent_budget: target_modules={target_modules!r} matched no linear layer")
+    return sum(r * (rows + cols) for rows, cols in shapes)
+
+
+def targeted_linear_shapes(
+    model: nn.Module,
+    target_modules: Union[list[str], str],
+    exclude_modules: Optional[Union[list[str], str]] = None,
+    task_type: Optional[str] = None,
+) -> list[tuple[int, int]]:
+    """The logical ``(out, in)`` shape of every linear layer (``nn.Linear``, GPT-2 ``Conv1D``) an adapter with these
+    ``target_modules`` / ``exclude_modules`` / ``task_type`` would target, in module order, as peft resolves them
+    (``"all-linear"`` included)."""
     from peft.tuners.tuners_utils import _maybe_include_all_linear_layers, check_target_module_exists
     from transformers.pytorch_utils import Conv1D
 
     from .config import SparseConfig
 
-    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
-        raise ValueError(f"lora_equivalent_budget: r must be a positive int, got {r!r}")
     config = SparseConfig(target_modules=target_modules, exclude_modules=exclude_modules, task_type=task_type)
     config = _maybe_include_all_linear_layers(config, model)
-    total = 0
+    shapes = []
     for name, module in model.named_modules():
         if not isinstance(module, (nn.Linear, Conv1D)) or not check_target_module_exists(config, name):
             continue
         if isinstance(module, nn.Linear):  # the module's sizes, not the weight's: a 4-bit weight is stored packed
-            total += r * (module.in_features + module.out_features)
-        else:
-            total += r * sum(module.weight.shape)
-    if total == 0:
-        raise ValueError(f"lora_equivalent_budget: target_modules={target_modules!r} matched no linear layer")
-    return total
+            shapes.append((module.out_features, module.in_features))
+        else:  # Conv1D stores its weight as (in, out)
+            shapes.append((module.weight.shape[1], module.weight.shape[0]))
+    return shapes

@@ -1,0 +1,51 @@
+"""``peft-sparse bench``: run the scripts in ``benchmarks/`` and print their ratio tables.
+
+The benchmarks live in the source checkout, not in the installed package (they write ``benchmarks/RESULTS.md``),
+so this command finds them next to the package, as an editable install from a clone has them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPTS = {"ops": "ops_bench.py", "qlora": "qlora_bench.py", "quality": "quality.py"}
+DEFAULT = ("ops", "qlora")
+
+
+def benchmarks_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("which", nargs="*", default=list(DEFAULT), choices=list(SCRIPTS), metavar="BENCHMARK",
+                        help=f"which benchmarks to run, of {list(SCRIPTS)} (quality trains 5 methods x 3 seeds: "
+                             "about an hour on 2 CPU cores)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed repetitions per measurement (median); default: each script's own")
+    parser.add_argument("--write", action="store_true", help="also rewrite their sections of benchmarks/RESULTS.md")
+
+
+def run(args: argparse.Namespace) -> int:
+    folder = benchmarks_dir()
+    if not folder.is_dir():
+        print(f"peft-sparse bench: error: {folder} not found; the benchmarks ship with the source checkout "
+              "(git clone, then pip install -e .)", file=sys.stderr)
+        return 2
+    if args.repeats is not None and args.repeats < 1:
+        print(f"peft-sparse bench: error: --repeats must be >= 1, got {args.repeats}", file=sys.stderr)
+        return 2
+    for name in dict.fromkeys(args.which):  # unique, in the given order
+        command = [sys.executable, str(folder / SCRIPTS[name])]
+        if args.repeats is not None and name != "quality":
+            command += ["--repeats", str(args.repeats)]
+        if args.write:
+            command.append("--write")
+        print(f"==== {' '.join(command[1:])}", flush=True)
+        completed = subprocess.run(command)
+        if completed.returncode != 0:
+            print(f"peft-sparse bench: {SCRIPTS[name]} failed (exit code {completed.returncode})", file=sys.stderr)
+            return 1
+    return 0

