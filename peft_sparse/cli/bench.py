@@ -22,7 +22,7 @@ def benchmarks_dir() -> Path:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("which", nargs="*", default=list(DEFAULT), choices=list(SCRIPTS), metavar="BENCHMARK",
                         help=f"which benchmarks to run, of {list(SCRIPTS)} (quality trains 5 methods x 3 seeds: "
-                             "about an hour on 2 CPU cores)")
+                             "about 25 minutes on 2 CPU cores)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repetitions per measurement (median); default: each script's own")
     parser.add_argument("--write", action="store_true", help="also rewrite their sections of benchmarks/RESULTS.md")
