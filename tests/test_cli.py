@@ -246,3 +246,36 @@ def test_finetune_sparse_only_keeps_the_exact_density_and_runs_spiel_on_a_4bit_b
                    if isinstance(m, torch.nn.Linear) and "classifier" not in n)
     assert run["adapter_params"] == round(0.1 * targeted) and run["update"] == "spiel"
     assert "4-bit NF4 base" in result.stdout and not (out / "loss_curves.png").exists()
+
+
+def test_bench_refuses_without_a_checkout_or_with_bad_repeats(monkeypatch, tmp_path, capsys):
+    from peft_sparse.cli import bench
+
+    assert bench.benchmarks_dir().is_dir()  # this checkout has them
+    assert main(["bench", "--repeats", "0"]) == 2
+    assert "--repeats must be >= 1, got 0" in capsys.readouterr().err
+    monkeypatch.setattr(bench, "benchmarks_dir", lambda: tmp_path / "benchmarks")
+    assert main(["bench"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "source checkout" in err
+    assert main(["bench", "nonsense"]) == 2
+    assert "unknown benchmark 'nonsense'" in capsys.readouterr().err
+
+
+def test_bench_runs_the_chosen_scripts_in_order_and_stops_at_a_failure(monkeypatch, tmp_path, capsys):
+    from peft_sparse.cli import bench
+
+    folder = tmp_path / "benchmarks"
+    folder.mkdir()
+    log = tmp_path / "log.txt"
+    for name, script in bench.SCRIPTS.items():
+        fail = "sys.exit(3)" if name == "qlora" else ""
+        (folder / script).write_text(f"import sys\nopen({str(log)!r}, 'a').write({name!r} + ' ' + "
+                                     f"' '.join(sys.argv[1:]) + '\\n')\n{fail}\n")
+    monkeypatch.setattr(bench, "benchmarks_dir", lambda: folder)
+    assert main(["bench", "quality", "ops", "--repeats", "3", "--write"]) == 0
+    assert [line.strip() for line in log.read_text().splitlines()] == ["quality --write", "ops --repeats 3 --write"]
+    log.unlink()
+    assert main(["bench"]) == 1  # ops, then qlora fails
+    assert [line.strip() for line in log.read_text().splitlines()] == ["ops", "qlora"]
+    assert "qlora_bench.py failed (exit code 3)" in capsys.readouterr().err

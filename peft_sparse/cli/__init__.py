@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "comes from, offline, on a CPU, in a few minutes.")
     finetune.add_arguments(finetune_parser)
     bench_parser = commands.add_parser(
-        "bench", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "bench",
         help="run the benchmarks in benchmarks/ and print their ratio tables",
         description="Run benchmarks/ops_bench.py (kernels vs reference ops; a training step vs LoRA vs the frozen "
                     "base) and benchmarks/qlora_bench.py (4-bit sparse vs QLoRA vs the frozen 4-bit base) and print "

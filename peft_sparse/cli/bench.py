@@ -20,8 +20,10 @@ def benchmarks_dir() -> Path:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("which", nargs="*", default=list(DEFAULT), choices=list(SCRIPTS), metavar="BENCHMARK",
-                        help=f"which benchmarks to run, of {list(SCRIPTS)} (quality trains 5 methods x 3 seeds: "
+    # No `choices`: Python 3.11's argparse checks an empty nargs="*" list against them and rejects it; run() checks.
+    parser.add_argument("which", nargs="*", metavar="BENCHMARK",
+                        help=f"which benchmarks to run, of {list(SCRIPTS)}; default {list(DEFAULT)} "
+                             "(quality trains 5 methods x 3 seeds: "
                              "about 25 minutes on 2 CPU cores)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed repetitions per measurement (median); default: each script's own")
@@ -29,15 +31,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    unknown = [name for name in args.which if name not in SCRIPTS]
+    if unknown:
+        print(f"peft-sparse bench: error: unknown benchmark {unknown[0]!r} (choose from {list(SCRIPTS)})",
+              file=sys.stderr)
+        return 2
+    if args.repeats is not None and args.repeats < 1:
+        print(f"peft-sparse bench: error: --repeats must be >= 1, got {args.repeats}", file=sys.stderr)
+        return 2
     folder = benchmarks_dir()
     if not folder.is_dir():
         print(f"peft-sparse bench: error: {folder} not found; the benchmarks ship with the source checkout "
               "(git clone, then pip install -e .)", file=sys.stderr)
         return 2
-    if args.repeats is not None and args.repeats < 1:
-        print(f"peft-sparse bench: error: --repeats must be >= 1, got {args.repeats}", file=sys.stderr)
-        return 2
-    for name in dict.fromkeys(args.which):  # unique, in the given order
+    for name in dict.fromkeys(args.which or DEFAULT):  # unique, in the given order
         command = [sys.executable, str(folder / SCRIPTS[name])]
         if args.repeats is not None and name != "quality":
             command += ["--repeats", str(args.repeats)]
