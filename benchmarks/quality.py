@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from ops_bench import machine, write_section  # noqa: E402
 
 from peft_sparse.cli import data, models  # noqa: E402
-from peft_sparse.cli.finetune import accuracy, batches  # noqa: E402
+from peft_sparse.cli.finetune import accuracy, batches, train  # noqa: E402
 
 METHODS = ("gradient", "magnitude", "random", "spiel", "lora", "gradient_local")
 
@@ -48,12 +48,10 @@ def run(method: str, seed: int, steps: int, lora_r: int, lr: float) -> dict:
     source = models.resolve(None)
     tokenizer = models.load_tokenizer(source)
     split = data.load(None, 750, seed)
-    train = split.train
-    train_batches = list(batches(train, tokenizer, 16))
+    train_batches = list(batches(split.train, tokenizer, 16))
     held_out_batches = list(batches(split.held_out, tokenizer, 64))
     base = models.load_classifier(source, len(split.label_names), seed, tokenizer)
     budget = peft_sparse.lora_equivalent_budget(base, r=lora_r, target_modules="all-linear", task_type="SEQ_CLS")
-    spiel = None
     if method == "lora":
         model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules="all-linear", r=lora_r,
                                                 lora_alpha=2 * lora_r, lora_dropout=0.0))
@@ -68,26 +66,9 @@ def run(method: str, seed: int, steps: int, lora_r: int, lr: float) -> dict:
         if method not in ("random", "spiel"):
             peft_sparse.select_mask(model, train_batches)
     trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
-    if method == "spiel":
-        spiel = peft_sparse.SpIEL(model, optimizer, num_training_steps=steps)
-    order = torch.Generator().manual_seed(seed)
-    model.train()
-    losses, epoch_batches = [], []
     start = time.perf_counter()
-    for _ in range(steps):
-        if not epoch_batches:
-            permutation = torch.randperm(len(train), generator=order).tolist()
-            epoch_batches = list(batches([train[i] for i in permutation], tokenizer, 16))
-        loss = model(**epoch_batches.pop(0)).loss
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad()
-        if spiel is not None:
-            spiel.step()
-        losses.append(loss.item())
+    losses, _ = train(model, split.train, tokenizer, steps=steps, lr=lr, batch_size=16, seed=seed,
+                      update="spiel" if method == "spiel" else "static")
     seconds = time.perf_counter() - start
     return {"accuracy": accuracy(model, held_out_batches), "loss": statistics.mean(losses[-10:]),
             "trainable": trainable, "seconds": seconds}

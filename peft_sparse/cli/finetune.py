@@ -170,12 +170,57 @@ def lora_rank_for(base, density: float) -> tuple[int, int]:
     return rank, rank * per_rank
 
 
+def train(model, examples, tokenizer, *, steps: int, lr: float, batch_size: int, seed: int, update: str = "static",
+          update_interval: int = 1, update_batches=None, to_device=lambda batch: batch,
+          progress: Optional[str] = None) -> tuple[list[float], list[float]]:
+    """Train ``model`` for ``steps`` optimizer steps on ``examples``: AdamW (no weight decay) on every trainable
+    parameter, the learning rate decaying linearly to zero, a fresh shuffle of the examples (seeded) each epoch.
+
+    ``update="spiel"`` runs SpIEL's prune-and-regrow after each step; ``"dynamic"`` re-ranks the mask with
+    ``update_mask`` on ``update_batches`` every ``update_interval`` steps (not after the last). ``progress`` names a
+    tqdm bar on stderr (None: no bar). Returns each step's loss and wall time (CUDA synchronised)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    import peft_sparse
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
+    spiel = peft_sparse.SpIEL(model, optimizer, num_training_steps=steps) if update == "spiel" else None
+    order = torch.Generator().manual_seed(seed)
+    cuda = torch.cuda.is_available()
+    losses, step_seconds, epoch_batches = [], [], []
+    model.train()
+    bar = tqdm(range(steps), desc=f"{progress or '':>16}", unit="step", file=sys.stderr, disable=progress is None)
+    for step in bar:
+        if not epoch_batches:  # a fresh shuffle of the training set each epoch
+            permutation = torch.randperm(len(examples), generator=order).tolist()
+            epoch_batches = [to_device(b) for b in batches([examples[i] for i in permutation], tokenizer, batch_size)]
+        batch = epoch_batches.pop(0)
+        start = time.perf_counter()
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if spiel is not None:
+            spiel.step()
+        elif update == "dynamic" and (step + 1) % update_interval == 0 and step + 1 < steps:
+            peft_sparse.update_mask(model, update_batches, optimizer=optimizer)
+        if cuda:
+            torch.cuda.synchronize()
+        step_seconds.append(time.perf_counter() - start)
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{statistics.mean(losses[-10:]):.3f}")
+    bar.close()
+    return losses, step_seconds
+
+
 def run_worker(args: argparse.Namespace) -> dict:
     """Train one method (``args.worker``) and return its record; the adapter goes to ``output_dir/label``."""
     import torch
     import transformers
     from peft import LoraConfig, get_peft_model
-    from tqdm.auto import tqdm
 
     import peft_sparse
 
@@ -222,38 +267,10 @@ def run_worker(args: argparse.Namespace) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accuracy_before = accuracy(model, held_out_batches)
 
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / args.steps)
-    spiel = None
-    if selection and args.update == "spiel":
-        spiel = peft_sparse.SpIEL(model, optimizer, num_training_steps=args.steps)
-    order = torch.Generator().manual_seed(args.seed)
-    losses, step_seconds, epoch_batches = [], [], []
-    model.train()
-    progress = tqdm(range(args.steps), desc=f"{label:>16}", unit="step", file=sys.stderr)
-    for step in progress:
-        if not epoch_batches:  # a fresh shuffle of the training set each epoch
-            permutation = torch.randperm(len(dataset.train), generator=order).tolist()
-            epoch_batches = [to_device(b) for b in
-                             batches([dataset.train[i] for i in permutation], tokenizer, args.batch_size)]
-        batch = epoch_batches.pop(0)
-        start = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if spiel is not None:
-            spiel.step()
-        elif selection and args.update == "dynamic" and (step + 1) % args.update_interval == 0 \
-                and step + 1 < args.steps:
-            peft_sparse.update_mask(model, train_batches, optimizer=optimizer)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        step_seconds.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        progress.set_postfix(loss=f"{statistics.mean(losses[-10:]):.3f}")
-    progress.close()
+    losses, step_seconds = train(
+        model, dataset.train, tokenizer, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+        update=args.update if selection else "static", update_interval=args.update_interval,
+        update_batches=train_batches, to_device=to_device, progress=label)
 
     accuracy_after = accuracy(model, held_out_batches)
     out = Path(args.output_dir) / label
