@@ -11,7 +11,7 @@ What it does, by the adapter's :class:`~peft_sparse.SparseConfig`:
   loaded from a saved adapter), the run is not a resumed one, and ``selection`` is not ``"random"``, it runs
   :func:`~peft_sparse.select_mask` on ``data`` or, by default, on the trainer's train dataloader
   (``salience_batches`` batches). The Trainer has already built its optimizer (and, under DDP, wrapped the model)
-  by then, so the new values parameters are swapped into the optimizer's parameter groups; under DDP the layers
+  by then; select_mask resizes the values parameters in place, so the optimizer still holds them; under DDP the layers
   keep the sizes allocated at injection instead (``keep_layer_sizes=True``: DDP's gradient buckets are laid out
   for them). Either way every rank selects the same entries (salience is summed over ranks).
 * **Every optimizer step** (``on_step_end``: gradient accumulation's micro-batches do not count): with
@@ -99,12 +99,9 @@ class SparseTrainingCallback(TrainerCallback):
         return control
 
     def _select(self, model, optimizer, state, layers, adapter_name) -> None:
-        keep_sizes = world_size() > 1
-        old = [layer.sparse_values[adapter_name] for layer in layers]
+        # select_mask resizes the values parameters in place, so the optimizer the Trainer built holds them still.
         report = select_mask(model, self._batches(), loss_fn=self.loss_fn, adapter_name=adapter_name,
-                             keep_layer_sizes=keep_sizes)
-        if not keep_sizes and optimizer is not None:
-            _swap_parameters(optimizer, {id(o): layer.sparse_values[adapter_name] for o, layer in zip(old, layers)})
+                             keep_layer_sizes=world_size() > 1)
         self._record(state, {"sparse/selected_entries": float(report.total),
                              "sparse/selection_seconds": report.seconds})
 
@@ -163,16 +160,3 @@ def _check_optimizer_holds_values(optimizer, layers, adapter_name: str) -> None:
             "they were replaced, e.g. by loading a saved adapter or by select_mask); build the optimizer afterwards"
         )
 
-
-def _swap_parameters(optimizer, replacements: dict[int, torch.nn.Parameter]) -> None:
-    """Point the optimizer's parameter groups at the newly selected values parameters (its state must be empty)."""
-    inner = _unwrap(optimizer)
-    for group in inner.param_groups:
-        params = []
-        for param in group["params"]:
-            if id(param) in replacements:
-                if inner.state.get(param):
-                    raise RuntimeError("SparseTrainingCallback: the optimizer already holds state for the old values")
-                param = replacements[id(param)]
-            params.append(param)
-        group["params"] = params

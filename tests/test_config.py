@@ -23,7 +23,8 @@ def test_defaults():
     assert config.reselection_schedule == "cosine"
     assert config.reselection_rate == 0.2
     assert config.accumulation_steps == 5
-    assert config.delta_dtype == "float32" and config.torch_delta_dtype == torch.float32
+    assert config.delta_dtype is None and config.torch_delta_dtype is None  # peft's autocast_adapter_dtype rule
+    assert config.init_weights is True
 
 
 def test_every_field_is_documented():

@@ -140,7 +140,14 @@ def test_synflow_matches_a_hand_computation_and_restores_the_model():
     selected = _selected(model)
     for name, score in expected.items():
         k = int(0.05 * score.numel() + 0.5)
-        assert torch.equal(selected[name], score.topk(k).indices.sort().values), name
+        # A valid top-k, judged by value: with one token, attention's softmax is 1 whatever the query, so q_proj's
+        # salience is exactly zero everywhere and any k entries are a top-k. Comparing against torch.topk's indices
+        # would test how its kernel orders ties, which differs between CPUs (it failed on AVX512 machines).
+        kth_largest = score.topk(k).values[-1]
+        assert selected[name].numel() == k == selected[name].unique().numel(), name
+        assert bool((score[selected[name]] >= kth_largest).all()), name
+    assert any(bool(score.topk(k + 1).values[-2] > score.topk(k + 1).values[-1]) for score in expected.values()
+               for k in [int(0.05 * score.numel() + 0.5)])  # some layer's top-k is unique, so the check has teeth
     state_after = model.state_dict()
     for key, value in state_before.items():
         if "sparse_" not in key:  # the base model comes back bit for bit (signs restored)
@@ -174,7 +181,7 @@ def test_local_budgets_are_exact_and_values_reset(density, capsys):
         for name, module in model.named_modules():
             if hasattr(module, "sparse_values"):
                 module.sparse_values["default"].fill_(0.5)
-    select_mask(model, _batches(), num_batches=2)
+    select_mask(model, _batches(), num_batches=2, reset_values=True)
     total = 0
     for module in model.modules():
         if hasattr(module, "sparse_values"):

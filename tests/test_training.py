@@ -189,14 +189,26 @@ def test_ddp_spiel_reselection_keeps_ranks_identical(tmp_path):
             assert torch.equal(outputs[0]["state"][name][part], outputs[1]["state"][name][part]), name
 
 
-def test_an_optimizer_built_before_the_values_were_replaced_is_refused(tmp_path):
+def test_an_optimizer_built_before_select_mask_trains_the_selected_entries(tmp_path):
     from peft_sparse import select_mask
     from trainer_helpers import TokenData
 
     model = sparse_model(selection="gradient")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     batches = [{key: value.unsqueeze(0) for key, value in TokenData()[i].items()} for i in range(2)]
-    select_mask(model, batches)  # replaces the values parameters (the global budget moves k between layers)
+    select_mask(model, batches)  # resizes the values parameters in place (the global budget moves k between layers)
+    trainer = make_trainer(model, tmp_path, max_steps=2)
+    trainer.optimizer = optimizer
+    trainer.train()
+    assert any(values.any() for _, values in sparse_state(model).values())
+
+
+def test_an_optimizer_that_does_not_hold_the_values_is_refused(tmp_path):
+    model = sparse_model(selection="random")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    layer = next(m for m in model.modules() if isinstance(m, SparseLayer))
+    # what a low_cpu_mem_usage adapter load does: new Parameter objects the optimizer has never seen
+    layer.sparse_values["default"] = torch.nn.Parameter(layer.sparse_values["default"].detach().clone())
     trainer = make_trainer(model, tmp_path, max_steps=2)
     trainer.optimizer = optimizer
     with pytest.raises(ValueError, match="build the optimizer afterwards"):

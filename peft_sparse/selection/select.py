@@ -81,6 +81,13 @@ def _run_passes(model, layers, adapter_name, data, num_batches, loss_fn, descrip
         loss = loss_fn(outputs, batch) if loss_fn is not None else outputs.loss
         if loss is None:
             raise ValueError("select_mask: the model returned no loss; pass labels in the batches or a loss_fn")
+        if not bool(torch.isfinite(loss.detach()).all()):
+            # Non-finite gradients would rank entries by NaN/inf, i.e. by tie-breaking: a mask chosen at random
+            # that claims to be salient.
+            raise ValueError(
+                f"select_mask: the loss of salience batch {seen} (0-based) is {loss.detach().float().tolist()}; "
+                "salience needs finite losses (check the batch's inputs and labels, or the model's dtype)"
+            )
         # autograd.grad, not backward: the layers' backward runs (and feeds the probes), but no parameter's .grad is
         # touched, so selection leaves no trace in an optimizer's view of the model.
         torch.autograd.grad(loss, values, allow_unused=True)
@@ -115,6 +122,7 @@ def select_mask(
     accumulation_dtype: torch.dtype = torch.float32,
     layers_per_pass: Optional[int] = None,
     keep_layer_sizes: bool = False,
+    reset_values: bool = False,
 ) -> SelectionReport:
     """Choose the trainable entries of every sparse layer of an adapter by the salience metric of its config.
 
@@ -141,6 +149,12 @@ def select_mask(
             ``Parameter`` objects survive, so an optimizer or a DDP wrapper built on them stays valid; values are
             still reset to zero). The budget is then the one allocated at injection; ``global`` no longer moves
             entries between layers.
+        reset_values: selection sets every value to zero, so it refuses an adapter that holds values other than
+            its initial ones (trained, loaded or set by hand), which would be lost; ``True`` discards them
+            deliberately.
+
+    The values ``Parameter`` objects keep their identity (they are resized in place), so an optimizer built
+    before ``select_mask`` and not stepped yet trains the selected entries.
 
     Under ``torch.distributed`` the gradient accumulators are summed over ranks before scoring, so every rank
     selects the same entries from the salience of the global batch.
@@ -155,6 +169,13 @@ def select_mask(
         raise ValueError(
             f"select_mask: layers {with_residual[:3]} hold deltas moved out by dynamic updates; a fresh mask would "
             "drop or double-count them. Use update_mask during training."
+        )
+    trained = [name for name, layer in layers if _holds_trained_values(layer, adapter_name, config)]
+    if trained and not reset_values:
+        raise ValueError(
+            f"select_mask: adapter {adapter_name!r} holds trained values in {len(trained)} layer(s) (e.g. "
+            f"{trained[:3]}); selecting a mask resets every value to zero and would lose them. Select before "
+            "training, or pass reset_values=True to discard them."
         )
     scores, batches_seen, peak = _compute_scores(
         model, layers, adapter_name, config, metric, data, num_batches, loss_fn, accumulation_dtype, layers_per_pass
@@ -254,6 +275,21 @@ def _move_entries(layer, adapter_name: str, new: torch.Tensor, optimizer) -> int
     layer.sparse_residual_indices[adapter_name] = merged_indices[order]
     layer.sparse_residual_values[adapter_name] = merged_values[order]
     return changed
+
+
+def _holds_trained_values(layer: SparseLayer, adapter_name: str, config: SparseConfig) -> bool:
+    """Whether the adapter's values in ``layer`` are anything but the ones it was created with (zeros, or the
+    seeded ``init_weights=False`` draws, recomputed to compare)."""
+    values = layer.sparse_values[adapter_name].detach()
+    if not bool(values.any()):
+        return False
+    if config.init_weights or adapter_name in layer.mask_chosen:
+        return True
+    indices, initial = layer.initial_entries(values.numel(), config.seed, init_weights=False)
+    return not (
+        torch.equal(layer.sparse_indices[adapter_name].cpu().to(torch.int64), indices)
+        and torch.equal(values.cpu(), initial.to(values.dtype))
+    )
 
 
 def _prepare(caller: str, model, adapter_name, data):

@@ -65,7 +65,7 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
     """Forward, merge and unmerge shared by the quantised layer types; subclasses say how to dequantise and
     re-quantise their weight."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, delta_dtype: torch.dtype = torch.float32,
+    def __init__(self, base_layer: nn.Module, adapter_name: str, delta_dtype: Optional[torch.dtype] = None,
                  layer_name: str = "", **kwargs) -> None:
         super().__init__()
         SparseLayer.__init__(self, base_layer, layer_name=layer_name, fan_in_fan_out=False, **kwargs)
@@ -110,9 +110,9 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
         return scatter_add(delta, *self.adapter_delta(adapter_name, detach=True))
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        active = self._adapters_to_apply()
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
+        return self._dispatch_forward(x, *args, **kwargs)
+
+    def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         input_dtype = x.dtype
         compute_dtype = self._compute_dtype(x)

@@ -40,7 +40,7 @@ class SparseConfig(PeftConfig):
     arXiv 2412.13488) and may evolve during training (``update``; SpIEL, arXiv 2401.16405).
 
     Until a salience-based selection runs, every layer starts from a seeded uniform-random index set of its budgeted
-    size, with all values zero, so a fresh adapter is exactly the identity.
+    size, with all values zero (``init_weights=True``), so a fresh adapter is exactly the identity.
 
     Args:
         target_modules (`Optional[Union[list[str], str]]`):
@@ -87,11 +87,18 @@ class SparseConfig(PeftConfig):
             at the last step), ``"linear"`` (to zero, as the SpIEL reference code) or ``"constant"``.
         accumulation_steps (`int`):
             SpIEL-AG: number of steps before an update over which dense gradients are accumulated.
-        delta_dtype (`str`):
-            Dtype of the trainable values: ``"float32"`` (default), ``"bfloat16"`` or ``"float16"``; independent of
-            the base model's compute dtype.
+        delta_dtype (`Optional[str]`):
+            Dtype of the trainable values. ``None`` (default) follows peft's rule for every tuner: float32 when the
+            adapter is created or loaded with ``autocast_adapter_dtype=True`` (peft's default), else the base layer's
+            dtype (float32 over quantised layers). ``"float32"``, ``"bfloat16"`` or ``"float16"`` pins the dtype:
+            it wins over ``autocast_adapter_dtype`` and over the base model's dtype, and survives loading with
+            ``low_cpu_mem_usage=True``.
+        init_weights (`bool`):
+            ``True`` (default): every value starts at zero, so a fresh adapter is exactly the identity. ``False``:
+            values start as seeded draws from ``N(0, 1 / in_features)``, a non-identity adapter (as ``init_weights=
+            False`` in LoRA, SHiRA or Super-Tuning), meant for tests of merging, saving and loading.
         seed (`int`):
-            Seed for random index sets and for deterministic tie-breaking.
+            Seed for random index sets, ``init_weights=False`` values and deterministic tie-breaking.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -165,10 +172,28 @@ class SparseConfig(PeftConfig):
     accumulation_steps: int = field(
         default=5, metadata={"help": "SpIEL-AG: steps before an update over which dense gradients are accumulated."}
     )
-    delta_dtype: Literal["float32", "bfloat16", "float16"] = field(
-        default="float32", metadata={"help": "Dtype of the trainable values: 'float32', 'bfloat16' or 'float16'."}
+    delta_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Dtype of the trainable values. None: float32 with autocast_adapter_dtype=True (peft's default), else "
+                "the base layer's dtype. 'float32', 'bfloat16' or 'float16' pins it, whatever the base model and "
+                "autocast_adapter_dtype."
+            )
+        },
     )
-    seed: int = field(default=0, metadata={"help": "Seed for random index sets and deterministic tie-breaking."})
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "True: values start at zero (the adapter is the identity). False: seeded non-zero values (a "
+                "non-identity adapter, for tests)."
+            )
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed for random index sets, init_weights=False values and tie-breaking."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -194,13 +219,17 @@ class SparseConfig(PeftConfig):
         if not (math.isfinite(self.density) and 0.0 < self.density <= 1.0):
             raise ValueError(f"SparseConfig.density must be in (0, 1], got {self.density!r}")
         if self.num_tunable_weights is not None:
-            _check_int("num_tunable_weights", self.num_tunable_weights, 0)
+            # An adapter with nothing to train is never what the user meant: refuse it rather than train nothing.
+            _check_int("num_tunable_weights", self.num_tunable_weights, 1)
         _check_choice("budget", self.budget, BUDGET_MODES)
         _check_choice("selection", self.selection, SELECTION_METHODS)
         _check_choice("update", self.update, UPDATE_MODES)
         _check_choice("regrow", self.regrow, REGROW_METHODS)
         _check_choice("reselection_schedule", self.reselection_schedule, RESELECTION_SCHEDULES)
-        _check_choice("delta_dtype", self.delta_dtype, DELTA_DTYPES)
+        if self.delta_dtype is not None:
+            _check_choice("delta_dtype", self.delta_dtype, DELTA_DTYPES)
+        if not isinstance(self.init_weights, bool):
+            raise TypeError(f"SparseConfig.init_weights must be a bool, got {self.init_weights!r}")
         _check_int("update_interval", self.update_interval, 1)
         _check_int("salience_batches", self.salience_batches, 1)
         _check_int("accumulation_steps", self.accumulation_steps, 1)
@@ -216,6 +245,6 @@ class SparseConfig(PeftConfig):
             )
 
     @property
-    def torch_delta_dtype(self) -> torch.dtype:
-        """``delta_dtype`` as a ``torch.dtype``."""
-        return DELTA_DTYPES[self.delta_dtype]
+    def torch_delta_dtype(self) -> Optional[torch.dtype]:
+        """``delta_dtype`` as a ``torch.dtype``, or ``None`` when it is left to peft's dtype rule."""
+        return None if self.delta_dtype is None else DELTA_DTYPES[self.delta_dtype]

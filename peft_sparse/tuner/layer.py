@@ -4,7 +4,10 @@ Per adapter a layer holds
 
 * ``sparse_indices[name]``: a persistent integer buffer of row-major flat positions into the logical ``(out, in)``
   weight (sorted, unique, int32 where ``out * in < 2**31``), and
-* ``sparse_values[name]``: a trainable ``Parameter`` of the same length in the adapter's ``delta_dtype``.
+* ``sparse_values[name]``: a trainable ``Parameter`` of the same length in the adapter's delta dtype, and
+* ``sparse_shape[name]``: a persistent ``int64`` buffer ``[out, in]``, the logical shape the indices address. It is
+  saved with the adapter, so loading onto a layer of another shape is refused instead of scattering the entries
+  onto other weights.
 
 The forward pass goes through :func:`peft_sparse.ops.sparse_linear`, whose backward never materialises the dense
 weight gradient.
@@ -28,7 +31,7 @@ class SparseLayer(BaseTunerLayer):
     """Mixin with the adapter state and the adapter bookkeeping shared by every sparse layer type."""
 
     adapter_layer_names = ("sparse_values",)
-    other_param_names = ("sparse_indices", "sparse_residual_indices", "sparse_residual_values")
+    other_param_names = ("sparse_indices", "sparse_residual_indices", "sparse_residual_values", "sparse_shape")
 
     def __init__(self, base_layer: nn.Module, layer_name: str = "", fan_in_fan_out: bool = False, **kwargs) -> None:
         self.base_layer = base_layer
@@ -39,6 +42,10 @@ class SparseLayer(BaseTunerLayer):
         # update="dynamic".
         self.sparse_residual_indices = BufferDict({}, persistent=True)
         self.sparse_residual_values = BufferDict({}, persistent=True)
+        self.sparse_shape = BufferDict({}, persistent=True)
+        # Per adapter, the dtype the config pins its values to (SparseConfig.delta_dtype), or None where peft's
+        # autocast_adapter_dtype rule decides (see SparseModel._cast_adapter_dtype).
+        self.pinned_delta_dtype: dict[str, Optional[torch.dtype]] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.fan_in_fan_out = fan_in_fan_out
@@ -65,29 +72,87 @@ class SparseLayer(BaseTunerLayer):
         """Number of entries of the logical ``(out, in)`` weight (the size of the index space)."""
         return self.out_features * self.in_features
 
-    def update_layer(self, adapter_name: str, delta_dtype: torch.dtype, inference_mode: bool = False) -> None:
+    def update_layer(
+        self, adapter_name: str, delta_dtype: Optional[torch.dtype], inference_mode: bool = False
+    ) -> None:
         """Create an empty (``k = 0``) adapter; :meth:`set_sparse_entries` or :meth:`reset_random` sizes it.
 
         The model sizes every layer's adapter only once it knows all targeted layers, because a global budget is
-        split across them.
+        split across them. ``delta_dtype=None`` creates the values in the base weight's dtype (float32 over a
+        quantised weight), as peft creates every adapter; ``SparseModel._cast_adapter_dtype`` then applies
+        ``autocast_adapter_dtype``.
         """
         if adapter_name in self.sparse_values:
             raise ValueError(f"adapter_name {adapter_name!r} already exists in layer {self.layer_name!r}")
-        device = self.get_base_layer().weight.device
+        weight = self.get_base_layer().weight
+        device = weight.device
+        if delta_dtype is not None:
+            values_dtype = delta_dtype
+        elif weight.is_floating_point() and type(weight).__name__ not in ("Params4bit", "Int8Params"):
+            values_dtype = weight.dtype
+        else:
+            values_dtype = torch.float32
+        self.pinned_delta_dtype[adapter_name] = delta_dtype
         self.sparse_indices[adapter_name] = torch.empty(0, dtype=index_dtype(self.num_weight_entries), device=device)
-        self.sparse_values[adapter_name] = nn.Parameter(torch.empty(0, dtype=delta_dtype, device=device))
+        self.sparse_values[adapter_name] = nn.Parameter(torch.empty(0, dtype=values_dtype, device=device))
         self.sparse_residual_indices[adapter_name] = torch.empty(0, dtype=torch.int64, device=device)
         self.sparse_residual_values[adapter_name] = torch.empty(0, dtype=torch.float32, device=device)
+        self.sparse_shape[adapter_name] = torch.tensor(self.logical_shape, dtype=torch.int64, device=device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete the adapter's tensors (peft) and this layer's own records of it, so that an adapter added later
+        under the same name starts clean (a fresh, never-selected mask)."""
+        super().delete_adapter(adapter_name)
+        self.mask_chosen.discard(adapter_name)
+        self.pinned_delta_dtype.pop(adapter_name, None)
+
+    def cast_values(self, adapter_name: str, dtype: torch.dtype) -> None:
+        """Give the adapter's values ``dtype``, keeping the ``Parameter`` object (and its ``requires_grad``)."""
+        values = self.sparse_values[adapter_name]
+        if values.dtype != dtype:
+            values.data = values.data.to(dtype)
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+        """Move the adapter to the base layer's device, keeping the dtypes it has.
+
+        peft's version also casts every floating tensor to the base layer's dtype; after a ``low_cpu_mem_usage``
+        load that would silently round float32 deltas to bf16/fp16 (and the fp32 residual with them). The values
+        keep the dtype they were loaded in, or the one the config pins.
+
+        Also the one place that sees the result of a ``low_cpu_mem_usage`` load (peft calls it right after
+        ``load_state_dict(assign=True)``): tensors still on the meta device were missing from the file, which is
+        refused here, naming them, instead of failing later with "Cannot copy out of meta tensor".
+        """
+        if adapter_name not in self.sparse_values:
+            return
+        containers = {name: getattr(self, name) for name in self.adapter_layer_names + self.other_param_names}
+        missing = [f"{self.layer_name}.{name}.{adapter_name}" for name, container in containers.items()
+                   if name != "sparse_shape" and container[adapter_name].device.type == "meta"]
+        if missing:
+            raise ValueError(
+                f"Cannot load sparse adapter {adapter_name!r}: the checkpoint has no tensors for {missing}; it was "
+                "saved from a model without this layer, or the file is incomplete"
+            )
+        target = device if device is not None else self.weight_device
+        if containers["sparse_shape"][adapter_name].device.type == "meta":
+            # A file written before shapes were recorded (the load pre-hook warned): the range check passed.
+            self.sparse_shape[adapter_name] = torch.tensor(self.logical_shape, dtype=torch.int64)
+        for name, container in containers.items():
+            container[adapter_name] = container[adapter_name].to(target)
+        pinned = self.pinned_delta_dtype.get(adapter_name)
+        if pinned is not None:
+            self.cast_values(adapter_name, pinned)
 
     def set_sparse_entries(
         self, adapter_name: str, indices: torch.Tensor, values: Optional[torch.Tensor] = None
     ) -> None:
         """Replace the index set (and values) of an existing adapter, validating first.
 
-        ``values`` defaults to zeros. The values ``Parameter`` is replaced by a new one of the new length, so call
-        this before building the optimizer; code that must keep ``k`` fixed during training rewrites the existing
-        tensors in place instead.
+        ``values`` defaults to zeros. The values ``Parameter`` keeps its identity and is resized in place, so an
+        optimizer built before a selection trains the selected entries (it must not have stepped yet: moments of
+        the old length would not fit). Code that must keep ``k`` fixed during training rewrites the existing tensors
+        in place instead (see ``peft_sparse.selection``).
         """
         if adapter_name not in self.sparse_values:
             raise ValueError(f"adapter_name {adapter_name!r} does not exist in layer {self.layer_name!r}")
@@ -103,14 +168,27 @@ class SparseLayer(BaseTunerLayer):
             )
         device = old_values.device
         self.sparse_indices[adapter_name] = indices.to(device=device, dtype=index_dtype(self.num_weight_entries))
-        self.sparse_values[adapter_name] = nn.Parameter(
-            values.detach().to(device=device, dtype=old_values.dtype), requires_grad=old_values.requires_grad
-        )
+        old_values.data = values.detach().to(device=device, dtype=old_values.dtype).clone()
 
-    def reset_random(self, adapter_name: str, num_entries: int, seed: int) -> None:
-        """Give ``adapter_name`` a uniformly random, seeded index set of ``num_entries`` entries with zero values."""
+    def initial_entries(self, num_entries: int, seed: int, init_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The seeded index set and values an adapter of ``num_entries`` entries starts from in this layer.
+
+        A function of the seed, the layer's name and ``num_entries`` only, so it can be recomputed to tell whether
+        an adapter still holds its initial values. Values are zero with ``init_weights``, else draws from
+        ``N(0, 1 / in_features)``: the scale of the layer's own default initialisation, so the delta is visible
+        without swamping the base weight.
+        """
         generator = torch.Generator().manual_seed(layer_seed(seed, self.layer_name))
-        self.set_sparse_entries(adapter_name, random_indices(self.num_weight_entries, num_entries, generator))
+        indices = random_indices(self.num_weight_entries, num_entries, generator)
+        if init_weights:
+            return indices, torch.zeros(num_entries, dtype=torch.float32)
+        values = torch.randn(num_entries, generator=generator, dtype=torch.float32) / self.in_features**0.5
+        return indices, values
+
+    def reset_random(self, adapter_name: str, num_entries: int, seed: int, init_weights: bool = True) -> None:
+        """Give ``adapter_name`` a uniformly random, seeded index set of ``num_entries`` entries, with zero values
+        (``init_weights=True``) or seeded non-zero ones (see :meth:`initial_entries`)."""
+        self.set_sparse_entries(adapter_name, *self.initial_entries(num_entries, seed, init_weights))
 
     @property
     def logical_shape(self) -> tuple[int, int]:
@@ -152,6 +230,46 @@ class SparseLayer(BaseTunerLayer):
         # Overlapping positions simply accumulate in the scatter, so concatenation is the exact sum.
         pairs = [self.adapter_delta(name) for name in adapter_names]
         return torch.cat([i.to(torch.int64) for i, _ in pairs]), torch.cat([v.float() for _, v in pairs])
+
+    def _dispatch_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The forward every sparse layer type shares: base layer alone, the active adapters, or (with
+        ``adapter_names=``, injected by ``SparseModel._enable_peft_forward_hooks``) one adapter per batch row."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is not None:
+            self._check_adapter_names(x, adapter_names)
+            if not self.disable_adapters:
+                return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
+        active = self._adapters_to_apply()
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        return self._adapted_forward(x, active, *args, **kwargs)
+
+    def _adapted_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The layer's output with the sum of the given adapters' deltas on the base weight."""
+        raise NotImplementedError
+
+    def _check_adapter_names(self, x: torch.Tensor, adapter_names: list[str]) -> None:
+        if len(adapter_names) != len(x):
+            raise ValueError(
+                f"Length of `adapter_names` should be the same as the number of inputs, but got {len(adapter_names)} "
+                f"and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any
+    ) -> torch.Tensor:
+        """Each batch row through its own adapter (``"__base__"``, or an adapter this layer lacks: the base layer)."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):  # unique, in order of appearance
+            if name == "__base__" or name not in self.sparse_values:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=x.device)
+            result[rows] = self._adapted_forward(x[rows], [name], *args, **kwargs).to(result.dtype)
+        return result
 
     def _adapters_to_apply(self) -> list[str]:
         """The active adapters a forward must add on top of the base layer; empty when the base layer alone gives
@@ -227,6 +345,7 @@ class SparseLayer(BaseTunerLayer):
             if has_indices != has_values:
                 present, absent = (indices_key, values_key) if has_indices else (values_key, indices_key)
                 raise ValueError(f"Corrupt sparse adapter: found {present!r} but not {absent!r}")
+            self._check_saved_shape(state_dict, f"{prefix}sparse_shape.{name}")
             indices, values = state_dict[indices_key], state_dict[values_key]
             check_indices(indices, self.num_weight_entries, indices_key)
             if not isinstance(values, torch.Tensor) or not values.is_floating_point() or values.dim() != 1:
@@ -240,6 +359,27 @@ class SparseLayer(BaseTunerLayer):
                 self.set_sparse_entries(name, indices)
             self._adopt_residual(name, state_dict, prefix)
             self.mask_chosen.add(name)
+
+    def _check_saved_shape(self, state_dict, shape_key: str) -> None:
+        """Refuse an adapter saved on a layer of another logical shape: its flat positions would address other
+        weights (an entry at (r, c) of a 64-wide layer lands on another (row, col) of a 96-wide one)."""
+        saved = state_dict.get(shape_key)
+        if saved is None:
+            warnings.warn(
+                "Loading a sparse adapter saved without layer shapes (peft-sparse < 0.2): only the index range is "
+                "checked, so an adapter saved on a model with other layer sizes may load onto the wrong weights. "
+                "Save it again to record the shapes.",
+                UserWarning,
+                stacklevel=2,
+            )
+            state_dict[shape_key] = torch.tensor(self.logical_shape, dtype=torch.int64)
+            return
+        saved_shape = tuple(int(v) for v in saved.reshape(-1).tolist())
+        if saved_shape != self.logical_shape:
+            raise ValueError(
+                f"Cannot load the sparse adapter into layer {self.layer_name!r}: it was saved on a layer of shape "
+                f"(out, in) = {saved_shape}, this layer is {self.logical_shape}"
+            )
 
     def _adopt_residual(self, name: str, state_dict, prefix: str) -> None:
         indices_key = f"{prefix}sparse_residual_indices.{name}"
@@ -271,7 +411,7 @@ class Linear(nn.Module, SparseLayer):
         self,
         base_layer: nn.Module,
         adapter_name: str,
-        delta_dtype: torch.dtype = torch.float32,
+        delta_dtype: Optional[torch.dtype] = None,
         layer_name: str = "",
         fan_in_fan_out: bool = False,
         **kwargs,
@@ -283,9 +423,9 @@ class Linear(nn.Module, SparseLayer):
         self.register_load_state_dict_pre_hook(self._load_sparse_state_pre_hook)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        active = self._adapters_to_apply()
-        if not active:
-            return self.base_layer(x, *args, **kwargs)
+        return self._dispatch_forward(x, *args, **kwargs)
+
+    def _adapted_forward(self, x: torch.Tensor, active: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.get_base_layer()
         indices, values = self._delta(active)
         if not torch.is_autocast_enabled(x.device.type):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import functools
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from peft.utils.other import _get_submodules
+from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, _get_submodules
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -65,24 +67,37 @@ class SparseModel(BaseTuner):
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
         """Inject the adapter's layers, then size every layer's index set from the adapter's budget.
 
-        If anything fails, every layer injected for this adapter is removed again before the error propagates, so
-        the model is never left half-adapted.
+        The config is validated again first (a config mutated after construction, ``config.density = 5.0``, is
+        refused here rather than half-applied). If anything fails, every layer injected for this adapter is removed
+        again before the error propagates, so the model is never left half-adapted.
         """
+        config = self.peft_config[adapter_name]
+        if isinstance(config, SparseConfig):
+            config.validate()
         try:
             super().inject_adapter(model, adapter_name, *args, **kwargs)
-            self._allocate_budget(model, adapter_name)
+            if not self._entries_given:
+                self._allocate_budget(model, adapter_name)
         except Exception:
             self._remove_adapter_layers(model, adapter_name)
             raise
 
+    # Set while add_weighted_adapter injects a layer set whose entries it writes itself.
+    _entries_given = False
+
     def _allocate_budget(self, model: nn.Module, adapter_name: str) -> None:
         config = self.peft_config[adapter_name]
         layers = self._layers_with_adapter(model, adapter_name)
-        counts = allocate_budget(
-            [layer.num_weight_entries for layer in layers], config.density, config.num_tunable_weights, config.budget
-        )
+        sizes = [layer.num_weight_entries for layer in layers]
+        counts = allocate_budget(sizes, config.density, config.num_tunable_weights, config.budget)
+        if sum(counts) == 0:
+            raise ValueError(
+                f"SparseConfig.density={config.density!r} gives 0 trainable entries over the {sum(sizes)} weights of "
+                f"the {len(layers)} targeted layers (budget={config.budget!r}); raise the density or set "
+                "num_tunable_weights"
+            )
         for layer, count in zip(layers, counts):
-            layer.reset_random(adapter_name, count, config.seed)
+            layer.reset_random(adapter_name, count, config.seed, config.init_weights)
 
     @staticmethod
     def _layers_with_adapter(model: nn.Module, adapter_name: str) -> list[SparseLayer]:
@@ -135,9 +150,46 @@ class SparseModel(BaseTuner):
         )
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
-        # peft would upcast fp16/bf16 adapter weights to fp32 here; sparse values already live in the dtype the
-        # user chose with `SparseConfig.delta_dtype`, which must win.
-        return None
+        """peft's dtype rule for the values, unless ``SparseConfig.delta_dtype`` pins them.
+
+        With ``delta_dtype=None`` the values were created in the base layer's dtype; ``autocast_adapter_dtype=True``
+        upcasts fp16/bf16 values to float32 (peft's default for every tuner), ``False`` leaves them. A pinned
+        ``delta_dtype`` is kept either way. The residual of dynamic updates stays float32.
+        """
+        if not autocast_adapter_dtype:
+            return
+        for layer in self._layers_with_adapter(self.model, adapter_name):
+            if layer.pinned_delta_dtype.get(adapter_name) is None:
+                if layer.sparse_values[adapter_name].dtype in (torch.float16, torch.bfloat16):
+                    layer.cast_values(adapter_name, torch.float32)
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
+        """Mixed adapter batches: ``model(..., adapter_names=[...])`` runs row ``i`` through adapter
+        ``adapter_names[i]`` (``"__base__"``: no adapter), as LoRA does. Inference only."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
+        if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
+            raise TypeError(f"`adapter_names` must be a list of str, got {adapter_names!r}")
+        known = {name for module in self.model.modules() if isinstance(module, SparseLayer)
+                 for name in module.sparse_values}
+        unknown = {name for name in adapter_names if name != "__base__"} - known
+        if unknown:
+            raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
+        handles = []
+        hook = functools.partial(_inject_adapter_names, adapter_names=list(adapter_names))
+        try:
+            for module in self.model.modules():
+                if isinstance(module, (SparseLayer, AuxiliaryTrainingWrapper)):
+                    handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
 
     def add_weighted_adapter(self, adapters: Sequence[str], weights: Sequence[float], adapter_name: str) -> None:
         """Add a new adapter that is the weighted sum of existing sparse adapters.
@@ -167,12 +219,33 @@ class SparseModel(BaseTuner):
         configs = [self.peft_config[name] for name in adapters]
         if any(not isinstance(c, SparseConfig) for c in configs):
             raise ValueError("add_weighted_adapter: all adapters must be sparse adapters")
-        if any(c.target_modules != configs[0].target_modules for c in configs[1:]):
-            raise ValueError("add_weighted_adapter: all adapters must have the same target_modules")
-
-        self.peft_config[adapter_name] = dataclasses.replace(configs[0], num_tunable_weights=None)
+        wrappers = [m for m in self.model.modules() if isinstance(m, ModulesToSaveWrapper)]
+        # A densely trained module cannot be summed like a delta: with two trained copies there is no right answer.
+        shared = [w for w in wrappers if sum(name in w.modules_to_save for name in adapters) > 1]
+        if shared:
+            raise ValueError(
+                "Cannot add weighted adapters if they target the same module with modules_to_save, but found "
+                f"{len(shared)} such instance(s)."
+            )
+        modules_to_save = sorted({m for c in configs for m in (c.modules_to_save or [])}) or None
+        self.peft_config[adapter_name] = dataclasses.replace(
+            configs[0], num_tunable_weights=None, target_modules=_union_of_targets(adapters, configs),
+            modules_to_save=modules_to_save,
+        )
         try:
-            self.inject_adapter(self.model, adapter_name)
+            self._entries_given = True
+            try:
+                self.inject_adapter(self.model, adapter_name)
+            finally:
+                self._entries_given = False
+            # The one adapter that trained a module in modules_to_save gives the new adapter its trained copy (a
+            # fresh copy of the original module would silently drop that training).
+            for wrapper in wrappers:
+                owners = [name for name in adapters if name in wrapper.modules_to_save]
+                if owners and adapter_name in wrapper.modules_to_save:
+                    wrapper.modules_to_save[adapter_name].load_state_dict(
+                        wrapper.modules_to_save[owners[0]].state_dict()
+                    )
             for layer in self._layers_with_adapter(self.model, adapter_name):
                 present = [(name, w) for name, w in zip(adapters, weights) if name in layer.sparse_values]
                 deltas = [(layer.adapter_delta(name, detach=True), w) for name, w in present]
@@ -185,5 +258,25 @@ class SparseModel(BaseTuner):
         except Exception:
             del self.peft_config[adapter_name]
             self._remove_adapter_layers(self.model, adapter_name)
+            for wrapper in wrappers:
+                wrapper.modules_to_save.pop(adapter_name, None)
             raise
         self._mark_only_adapters_as_trainable(self.model)
+
+
+def _union_of_targets(adapters: list[str], configs: list[SparseConfig]):
+    """The weighted adapter's ``target_modules``: every layer any of the adapters targets (as LoRA combines them)."""
+    targets = [c.target_modules for c in configs]
+    if all(isinstance(t, str) for t in targets):
+        return targets[0] if len(set(targets)) == 1 else "|".join(f"({t})" for t in targets)
+    if all(isinstance(t, (set, list, tuple)) for t in targets):
+        return set().union(*targets)
+    raise ValueError(
+        "add_weighted_adapter: cannot combine adapters whose target_modules mix a regex string and a list: "
+        + ", ".join(f"{name!r}: {t!r}" for name, t in zip(adapters, targets))
+    )
+
+
+def _inject_adapter_names(module, args, kwargs, adapter_names):
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
