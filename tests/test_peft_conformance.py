@@ -10,6 +10,7 @@ Non-identity adapters come from ``init_weights=False``, as in peft's own tests.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 
 import pytest
@@ -259,6 +260,10 @@ def test_training_changes_only_the_adapters_parameters(variant):
         assert changed == (name in trainable), name
 
 
+# peft < 0.19's PeftModel.add_adapter has no autocast_adapter_dtype (it always autocasts).
+ADD_ADAPTER_TAKES_AUTOCAST = "autocast_adapter_dtype" in inspect.signature(PeftModel.add_adapter).parameters
+
+
 # --- adapter dtype -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("base_dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no-autocast"])
@@ -276,8 +281,11 @@ def test_adapter_dtype_follows_peft_unless_the_config_pins_it(tmp_path, base_dty
     def value_dtypes(model):
         return {p.dtype for n, p in model.named_parameters() if "sparse_values" in n}
 
+    if not autocast and not ADD_ADAPTER_TAKES_AUTOCAST:
+        pytest.skip("this peft's PeftModel.add_adapter cannot turn autocast_adapter_dtype off")
     model = get_peft_model(mlp(dtype=base_dtype), config, autocast_adapter_dtype=autocast)
-    model.add_adapter("other", copy.deepcopy(config), autocast_adapter_dtype=autocast)
+    add_kwargs = {"autocast_adapter_dtype": autocast} if ADD_ADAPTER_TAKES_AUTOCAST else {}
+    model.add_adapter("other", copy.deepcopy(config), **add_kwargs)
     assert value_dtypes(model) == {expected}
     saved = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     model.save_pretrained(tmp_path, selected_adapters=["default", "other"])
@@ -396,7 +404,7 @@ def test_delete_adapter_leaves_nothing_behind(tmp_path):
     assert "b" not in model.peft_config
     assert not [n for n, _ in model.named_parameters() if n.endswith(".b")]
     assert not [n for n, _ in model.named_buffers() if n.endswith(".b")]
-    assert "b" not in layer.mask_chosen and "b" not in layer.pinned_delta_dtype
+    assert "b" not in layer.mask_chosen and "b" not in layer.values_dtype
     # Re-adding the name starts a fresh adapter: SparseTrainingCallback selects its mask again.
     model.add_adapter("b", SparseConfig(target_modules=["lin0"], density=0.2))
     model.set_adapter("b")

@@ -43,9 +43,9 @@ class SparseLayer(BaseTunerLayer):
         self.sparse_residual_indices = BufferDict({}, persistent=True)
         self.sparse_residual_values = BufferDict({}, persistent=True)
         self.sparse_shape = BufferDict({}, persistent=True)
-        # Per adapter, the dtype the config pins its values to (SparseConfig.delta_dtype), or None where peft's
-        # autocast_adapter_dtype rule decides (see SparseModel._cast_adapter_dtype).
-        self.pinned_delta_dtype: dict[str, Optional[torch.dtype]] = {}
+        # Per adapter, the dtype its values live in: SparseConfig.delta_dtype where the config pins one, else decided
+        # by peft's autocast_adapter_dtype rule (SparseModel._cast_adapter_dtype). Loading never changes it.
+        self.values_dtype: dict[str, torch.dtype] = {}
         self._disable_adapters = False
         self.merged_adapters = []
         self.fan_in_fan_out = fan_in_fan_out
@@ -78,21 +78,14 @@ class SparseLayer(BaseTunerLayer):
         """Create an empty (``k = 0``) adapter; :meth:`set_sparse_entries` or :meth:`reset_random` sizes it.
 
         The model sizes every layer's adapter only once it knows all targeted layers, because a global budget is
-        split across them. ``delta_dtype=None`` creates the values in the base weight's dtype (float32 over a
-        quantised weight), as peft creates every adapter; ``SparseModel._cast_adapter_dtype`` then applies
-        ``autocast_adapter_dtype``.
+        split across them. ``delta_dtype=None`` creates float32 values; ``SparseModel._cast_adapter_dtype`` casts
+        them to the base layer's dtype where peft is asked not to autocast (``autocast_adapter_dtype=False``).
         """
         if adapter_name in self.sparse_values:
             raise ValueError(f"adapter_name {adapter_name!r} already exists in layer {self.layer_name!r}")
-        weight = self.get_base_layer().weight
-        device = weight.device
-        if delta_dtype is not None:
-            values_dtype = delta_dtype
-        elif weight.is_floating_point() and type(weight).__name__ not in ("Params4bit", "Int8Params"):
-            values_dtype = weight.dtype
-        else:
-            values_dtype = torch.float32
-        self.pinned_delta_dtype[adapter_name] = delta_dtype
+        device = self.weight_device
+        values_dtype = delta_dtype if delta_dtype is not None else torch.float32
+        self.values_dtype[adapter_name] = values_dtype
         self.sparse_indices[adapter_name] = torch.empty(0, dtype=index_dtype(self.num_weight_entries), device=device)
         self.sparse_values[adapter_name] = nn.Parameter(torch.empty(0, dtype=values_dtype, device=device))
         self.sparse_residual_indices[adapter_name] = torch.empty(0, dtype=torch.int64, device=device)
@@ -105,20 +98,30 @@ class SparseLayer(BaseTunerLayer):
         under the same name starts clean (a fresh, never-selected mask)."""
         super().delete_adapter(adapter_name)
         self.mask_chosen.discard(adapter_name)
-        self.pinned_delta_dtype.pop(adapter_name, None)
+        self.values_dtype.pop(adapter_name, None)
+
+    @property
+    def base_dtype(self) -> torch.dtype:
+        """The dtype peft gives an adapter that is not autocast: the base weight's, float32 over a quantised one."""
+        weight = self.get_base_layer().weight
+        quantised = type(weight).__name__ in ("Params4bit", "Int8Params") or not weight.is_floating_point()
+        return torch.float32 if quantised else weight.dtype
 
     def cast_values(self, adapter_name: str, dtype: torch.dtype) -> None:
-        """Give the adapter's values ``dtype``, keeping the ``Parameter`` object (and its ``requires_grad``)."""
+        """Give the adapter's values ``dtype`` from now on, keeping the ``Parameter`` object (and its
+        ``requires_grad``)."""
+        self.values_dtype[adapter_name] = dtype
         values = self.sparse_values[adapter_name]
         if values.dtype != dtype:
             values.data = values.data.to(dtype)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
-        """Move the adapter to the base layer's device, keeping the dtypes it has.
+        """Move the adapter to the base layer's device; the values take the dtype decided for them.
 
-        peft's version also casts every floating tensor to the base layer's dtype; after a ``low_cpu_mem_usage``
-        load that would silently round float32 deltas to bf16/fp16 (and the fp32 residual with them). The values
-        keep the dtype they were loaded in, or the one the config pins.
+        peft's version casts every floating tensor to the base layer's dtype; after a ``low_cpu_mem_usage`` load
+        that would silently round float32 deltas to bf16/fp16 (and the fp32 residual with them). Here the values
+        get the dtype the adapter was created with (``values_dtype``), whatever the file held, exactly as a regular
+        load copies into the existing tensors; residuals stay float32.
 
         Also the one place that sees the result of a ``low_cpu_mem_usage`` load (peft calls it right after
         ``load_state_dict(assign=True)``): tensors still on the meta device were missing from the file, which is
@@ -140,9 +143,7 @@ class SparseLayer(BaseTunerLayer):
             self.sparse_shape[adapter_name] = torch.tensor(self.logical_shape, dtype=torch.int64)
         for name, container in containers.items():
             container[adapter_name] = container[adapter_name].to(target)
-        pinned = self.pinned_delta_dtype.get(adapter_name)
-        if pinned is not None:
-            self.cast_values(adapter_name, pinned)
+        self.cast_values(adapter_name, self.values_dtype[adapter_name])
 
     def set_sparse_entries(
         self, adapter_name: str, indices: torch.Tensor, values: Optional[torch.Tensor] = None

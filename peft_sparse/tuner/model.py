@@ -152,16 +152,28 @@ class SparseModel(BaseTuner):
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """peft's dtype rule for the values, unless ``SparseConfig.delta_dtype`` pins them.
 
-        With ``delta_dtype=None`` the values were created in the base layer's dtype; ``autocast_adapter_dtype=True``
-        upcasts fp16/bf16 values to float32 (peft's default for every tuner), ``False`` leaves them. A pinned
-        ``delta_dtype`` is kept either way. The residual of dynamic updates stays float32.
+        With ``delta_dtype=None`` the values are float32 (what ``autocast_adapter_dtype=True``, peft's default,
+        gives every tuner); ``autocast_adapter_dtype=False`` puts them in the base layer's dtype. A pinned
+        ``delta_dtype`` is kept either way. The residual of dynamic updates stays float32. (peft < 0.19 does not
+        call this from ``add_adapter``: added adapters then keep float32.)
         """
-        if not autocast_adapter_dtype:
+        config = self.peft_config[adapter_name]
+        if isinstance(config, SparseConfig) and config.delta_dtype is not None:
             return
         for layer in self._layers_with_adapter(self.model, adapter_name):
-            if layer.pinned_delta_dtype.get(adapter_name) is None:
-                if layer.sparse_values[adapter_name].dtype in (torch.float16, torch.bfloat16):
-                    layer.cast_values(adapter_name, torch.float32)
+            layer.cast_values(adapter_name, torch.float32 if autocast_adapter_dtype else layer.base_dtype)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter; refused while it is merged (its delta would stay in the base weights with nothing
+        left to unmerge it), on every peft version."""
+        merged = [layer.layer_name for layer in self._layers_with_adapter(self.model, adapter_name)
+                  if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(
+                f"Cannot delete adapter {adapter_name!r} while it is merged into {len(merged)} layer(s) (e.g. "
+                f"{merged[0]!r}); call unmerge_adapter() first"
+            )
+        super().delete_adapter(adapter_name)
 
     @contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs) -> Iterator[None]:
