@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import csv
+import errno
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from peft_sparse.cli import data, finetune, main, models
+from peft_sparse.cli import build_parser, data, finetune, main, models
 
 FINETUNE_OPTIONS = ["--model", "--data", "--method", "--selection", "--density", "--update", "--steps",
                     "--output-dir", "--load-in-4bit", "--compare-masks", "--seed"]
@@ -54,7 +58,7 @@ def tiny_model_dir(tmp_path_factory):
 
 def run_cli(*argv, timeout=600):
     return subprocess.run([sys.executable, "-m", "peft_sparse.cli", *map(str, argv)], capture_output=True,
-                          text=True, timeout=timeout)
+                          text=True, timeout=timeout, check=False)
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -95,6 +99,14 @@ def test_bench_help_and_no_command(capsys):
         (["--model", "{tmp}"], "--model"),  # a folder without config.json
         (["--model", "not-a-builtin-and-not-cached/model-xyz"], "--model"),
         (["--max-examples", "3"], "--max-examples"),
+        # Refused before the model is looked for ("{tmp}/none" would otherwise be named), so before anything runs.
+        (["--seed", "-1", "--model", "{tmp}/none"], "--seed must be in [0, "),
+        (["--seed", str(2**64), "--model", "{tmp}/none"], "--seed must be in [0, "),
+        (["--lr", "inf", "--model", "{tmp}/none"], "--lr must be a finite number in (0, 3.4e+37], got inf"),
+        (["--lr", "nan", "--model", "{tmp}/none"], "--lr must be a finite number in (0, 3.4e+37], got nan"),
+        (["--lr", "1e38", "--model", "{tmp}/none"], "--lr must be a finite number in (0, 3.4e+37], got 1e+38"),
+        (["--density", "nan", "--model", "{tmp}/none"], "--density must be in (0, 1], got nan"),
+        (["--density", "inf", "--model", "{tmp}/none"], "--density must be in (0, 1], got inf"),
     ],
 )
 def test_bad_arguments_give_one_line_and_exit_code_2(argv, named, tmp_path, capsys):
@@ -129,6 +141,98 @@ def test_bad_data_gives_one_line_and_exit_code_2(content, named, tmp_path, capsy
     assert len(err.strip().splitlines()) == 1 and named in err, err
 
 
+@pytest.mark.parametrize(
+    ("output_dir", "named"),
+    [
+        ("file", "--output-dir '{tmp}/file' is a file, not a folder"),
+        ("file/sub", "--output-dir '{tmp}/file/sub': '{tmp}/file' is a file, not a folder"),
+        ("with_file_for_adapter", "'{tmp}/with_file_for_adapter/lora' is a file, not a folder"),
+        ("with_folder_for_results", "'{tmp}/with_folder_for_results/results.json' is a folder, not a file"),
+    ],
+)
+def test_unusable_output_dir_is_refused_before_anything_runs(output_dir, named, tmp_path, capsys):
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "with_file_for_adapter").mkdir()
+    (tmp_path / "with_file_for_adapter" / "lora").write_text("not a folder")
+    (tmp_path / "with_folder_for_results" / "results.json").mkdir(parents=True)
+    with pytest.raises(SystemExit) as exit_info:  # a model that does not exist: refused before it is looked for
+        main(["finetune", "--output-dir", str(tmp_path / output_dir), "--model", str(tmp_path / "none")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and named.format(tmp=tmp_path) in err, err
+
+
+def test_unwritable_output_dir_is_refused_before_anything_runs(tmp_path, capsys, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root ignores permission bits: have os.access answer as for anyone else
+        real_access = os.access
+        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == locked
+                            else real_access(path, mode, **kw))
+    try:
+        for output_dir in (locked, locked / "sub" / "dir"):
+            with pytest.raises(SystemExit) as exit_info:
+                main(["finetune", "--output-dir", str(output_dir), "--model", str(tmp_path / "none")])
+            assert exit_info.value.code == 2
+            err = capsys.readouterr().err
+            assert len(err.strip().splitlines()) == 1 and f"--output-dir {str(output_dir)!r}" in err, err
+            assert err.rstrip().endswith(f"{str(locked)!r} is not writable"), err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_dir_that_cannot_be_created_at_run_time_gives_one_line(tiny_model_dir, jsonl, tmp_path, capsys,
+                                                                       monkeypatch):
+    """What the up-front check cannot see (a read-only file system, a folder removed meanwhile) is still one line."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setattr(finetune, "output_dir_problem", lambda output_dir, labels: None)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--model", str(tiny_model_dir), "--data", str(jsonl), "--output-dir",
+              str(tmp_path / "file" / "sub")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--output-dir" in err and "cannot be created" in err, err
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "named"),
+    [
+        ("latin1.csv", "text,label\nun caf\xe9 noir,x\n".encode("latin-1"),
+         ["latin1.csv", "is not UTF-8 text: line 2 has byte 0xe9"]),
+        ("latin1.jsonl", '{"text": "caf\xe9", "label": "x"}\n'.encode("latin-1"), ["is not UTF-8 text: line 1"]),
+        ("null.jsonl", b'{"text": "a b", "label": "x"}\n{"text": "c d", "label": null}\n',
+         ["line 2 field 'label' is null"]),
+        ("null.json", b'[{"text": "a b", "label": "x"}, {"text": "c d", "label": null}]',
+         ["record 2 field 'label' is null"]),
+        ("short.csv", b"text,label\na b,x\nc d\n", ["line 3 field 'label' is null or missing"]),
+        ("empty.csv", b"text,label\na b,x\nc d,\n", ["line 3 field 'label' is empty"]),
+        ("nan.jsonl", b'{"text": "a b", "label": 1}\n{"text": "c d", "label": NaN}\n',
+         ["line 2 field 'label' is nan"]),
+        ("list.jsonl", b'{"text": "a b", "label": ["x"]}\n', ["line 1 field 'label' is a list"]),
+        ("mixed.jsonl", b'{"text": "a b", "label": 1}\n{"text": "c d", "label": "1"}\n',
+         ["labels mix int and str", "line 1: 1", "line 2: '1'"]),
+        ("mixed.json", b'[{"text": "a b", "label": "cat"}, {"text": "c d", "label": 0}]',
+         ["labels mix str and int", "record 1: 'cat'", "record 2: 0"]),
+        ("bool.jsonl", b'{"text": "a b", "label": true}\n{"text": "c d", "label": 1.0}\n',
+         ["labels mix bool and float"]),
+        ("scalar.json", b'"just text"', ["the JSON value is a str; expected an array of records"]),
+        ("broken.json", b'[{"text": "a b", "label": "x"},\n {"text": "c d", "label": "y"\n', ["is not valid JSON",
+                                                                                            "line 3"]),
+    ],
+)
+def test_bad_data_files_give_one_line_naming_the_record(name, content, named, tmp_path, capsys):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["finetune", "--data", str(path), "--max-examples", "100", "--model", str(tmp_path / "none")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("peft-sparse finetune: error: --data"), err
+    for part in named:
+        assert part in err, err
+
+
 # ------------------------------------------------------------------------------------------------ data
 
 
@@ -147,6 +251,30 @@ def test_jsonl_csv_and_saved_dataset_read_the_same_records(jsonl, tmp_path):
     expected = [(r["text"], r["label"]) for r in rows]
     for path in (jsonl, tmp_path / "data.csv", tmp_path / "saved", tmp_path / "saved_dict"):
         assert data.read_records(path) == expected, path
+
+
+def test_bom_csv_json_array_and_json_lines_in_json_read_the_same_records(jsonl, tmp_path):
+    rows = records()
+    rows[0] = {**rows[0], "text": "caf\u00e9 " + rows[0]["text"]}  # UTF-8 text beyond ASCII
+    with open(tmp_path / "bom.csv", "w", newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8"
+        writer = csv.DictWriter(f, fieldnames=["text", "label"])
+        writer.writeheader()
+        writer.writerows(rows)
+    (tmp_path / "array.json").write_text(json.dumps(rows, indent=2))
+    (tmp_path / "bom.json").write_text(json.dumps(rows), encoding="utf-8-sig")
+    (tmp_path / "lines.json").write_text("\n".join(json.dumps(r) for r in rows) + "\n")  # accepted before too
+    expected = [(r["text"], r["label"]) for r in rows]
+    for name in ("bom.csv", "array.json", "bom.json", "lines.json"):
+        assert data.read_records(tmp_path / name) == expected, name
+
+
+def test_equal_numeric_labels_are_one_class(tmp_path):
+    path = tmp_path / "numeric.jsonl"
+    labels = [1, 1.0, 2, 2.0, 10, 10.0, 2.5, 2.5]
+    path.write_text("\n".join(json.dumps({"text": f"text {i}", "label": y}) for i, y in enumerate(labels * 2)))
+    recs = data.read_records(path)
+    assert [y for _, y in recs] == ["1", "1", "2", "2", "10", "10", "2.5", "2.5"] * 2
+    assert data.split(recs, 16, seed=0).label_names == ["1", "2", "2.5", "10"]  # numeric order
 
 
 def test_split_is_stratified_balanced_disjoint_and_seeded():
@@ -190,6 +318,42 @@ def test_lora_rank_for_gives_the_count_peft_lora_trains(tiny_model_dir):
         lora = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules="all-linear", r=rank))
         assert count == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
         base = lora.unload()
+
+
+def test_density_1_gives_a_lora_count_the_sparse_adapter_can_take():
+    """--method both gives the sparse adapter LoRA's count; at --density 1 the LoRA rank nearest to every weight can
+    hold more parameters than there are weights (here 17 ranks of 864 > 14,336), which the sparse adapter refused."""
+    from peft import get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import peft_sparse
+
+    torch.manual_seed(0)
+    base = BertForSequenceClassification(BertConfig(
+        vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
+        max_position_embeddings=16, num_labels=3))
+    targeted = sum(m.weight.numel() for n, m in base.named_modules()
+                   if isinstance(m, torch.nn.Linear) and "classifier" not in n)
+    rank, count = finetune.lora_rank_for(base, 1.0)
+    assert count <= targeted < count + count // rank  # the largest rank that fits
+    model = get_peft_model(base, peft_sparse.SparseConfig(task_type="SEQ_CLS", target_modules="all-linear",
+                                                          selection="random", num_tunable_weights=count))
+    assert sum(p.numel() for n, p in model.named_parameters() if "sparse_values" in n) == count
+
+
+def test_a_diverging_loss_stops_training_naming_the_step(tiny_model_dir, jsonl):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    split = data.load(str(jsonl), 750, 0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    with pytest.raises(finetune.FinetuneError, match="the training loss became nan at step 2 of 4"):
+        finetune.train(model, split.train, tokenizer, steps=4, lr=1e30, batch_size=8, seed=0)
+    # Whatever makes a trained parameter non-finite after the last loss was taken, it is not handed back as trained.
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
+    model.unused = torch.nn.Parameter(torch.tensor([float("nan")]))
+    with pytest.raises(finetune.FinetuneError, match="the trained parameter unused holds inf or nan after step 1"):
+        finetune.train(model, split.train, tokenizer, steps=1, lr=1e-3, batch_size=8, seed=0)
 
 
 def test_builtin_models_resolve_or_say_how_to_install(monkeypatch):
@@ -246,6 +410,50 @@ def test_finetune_sparse_only_keeps_the_exact_density_and_runs_spiel_on_a_4bit_b
                    if isinstance(m, torch.nn.Linear) and "classifier" not in n)
     assert run["adapter_params"] == round(0.1 * targeted) and run["update"] == "spiel"
     assert "4-bit NF4 base" in result.stdout and not (out / "loss_curves.png").exists()
+
+
+def test_a_diverging_run_gives_one_line_and_exit_code_2_and_saves_nothing(tiny_model_dir, jsonl, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("finetune", "--model", tiny_model_dir, "--data", jsonl, "--method", "lora", "--steps", 4,
+                     "--batch-size", 8, "--lr", 1e30, "--output-dir", out)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "the lora run: the training loss became nan at step 2 of 4" in errors[0], errors
+    assert "Traceback" not in result.stderr and not (out / "lora").exists() and not (out / "results.json").exists()
+
+
+def test_a_full_disk_at_save_time_still_prints_the_results(tiny_model_dir, jsonl, tmp_path, monkeypatch, capsys):
+    """The worker's adapter, then results.json and loss_curves.png cannot be written (ENOSPC): the table is printed,
+    one line names each of them and where, partial or stale files are removed, and the exit code is 1."""
+    import matplotlib.figure
+    from peft import PeftModel
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text("[]")  # a previous run's, which must not pass for this one's
+    (out / "loss_curves.png").write_bytes(b"old")
+    argv = ["finetune", "--model", str(tiny_model_dir), "--data", str(jsonl), "--method", "lora", "--steps", "2",
+            "--batch-size", "8", "--output-dir", str(out)]
+    monkeypatch.setattr(PeftModel, "save_pretrained", no_space)
+    record = finetune.run_worker(build_parser().parse_args([*argv, "--worker", "lora"]))  # in this process
+    assert record["adapter_dir"] is None and len(record["losses"]) == 2
+    assert f"the lora adapter to {out / 'lora'} (No space left on device" in record["adapter_error"]
+
+    capsys.readouterr()
+    monkeypatch.setattr(finetune, "run_method", lambda label, argv: (0, json.loads(json.dumps(record))))
+    monkeypatch.setattr(Path, "write_text", no_space)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "| LoRA r=" in captured.out and f"{record['held_out_accuracy']:.1%}" in captured.out
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("peft-sparse finetune: error: could not write the lora adapter"), line
+    for path in (out / "lora", out / "results.json", out / "loss_curves.png"):
+        assert f" to {path} (No space left on device" in line, line
+    assert not (out / "results.json").exists() and not (out / "loss_curves.png").exists()
 
 
 def test_bench_refuses_without_a_checkout_or_with_bad_repeats(monkeypatch, tmp_path, capsys):

@@ -1,7 +1,9 @@
 """The ``peft-sparse`` command line: ``peft-sparse finetune`` (the main job) and ``peft-sparse bench``.
 
-Bad arguments end with one line on stderr naming the option and the value, and exit code 2 (argparse's
-convention); a failed run exits with 1.
+Bad arguments, bad data, and problems found once a run is under way (an output folder that cannot be created, a
+training loss that became inf or nan) end with one line on stderr naming the option or the field and the value, and
+exit code 2 (argparse's convention); a failed run exits with 1, as does a run whose results could not all be written
+(its table is still printed, and one line names what is missing).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.exit(USAGE_ERROR, f"peft-sparse finetune: error: {problem}\n")
         try:
             return finetune.run(args, argv[1:])
-        except (data.DataError, models.ModelNotFound) as err:
+        except (data.DataError, models.ModelNotFound, finetune.FinetuneError) as err:
             parser.exit(USAGE_ERROR, f"peft-sparse finetune: error: {err}\n")
     from . import bench
 

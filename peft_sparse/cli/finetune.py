@@ -3,31 +3,44 @@ LoRA at the same trainable-parameter count, then compare them.
 
 Each method runs in its own Python process (this one re-invoked with ``--worker``), so that its peak memory is its
 own and nothing one run leaves behind (allocator caches, autograd state) tilts the next. The parent collects each
-run's JSON record, prints the comparison table, and writes ``results.json`` and ``loss_curves.png`` next to the
-adapters.
+run's JSON record (sent on the worker's stdout, not through a file, so that a full disk cannot lose it), prints the
+comparison table, and writes ``results.json`` and ``loss_curves.png`` next to the adapters. What cannot be written
+(e.g. a full disk) is named in one line on stderr after the table, and the exit code is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
 from ..tuner.config import SELECTION_METHODS, UPDATE_MODES
+from . import USAGE_ERROR, models
 from . import data as data_module
-from . import models
 
 CHOICE_METHODS = ("sparse", "lora", "both")
 MAX_TOKENS = 64  # the built-in quotations are at most 200 characters: well under 64 word pieces
 HELD_OUT_BATCH = 64
 ACCUMULATION_STEPS = 5  # SpIEL-AG: backward passes whose gradients choose the regrown entries (capped by the interval)
+MAX_SEED = 2**64 - 1  # torch.manual_seed's range
+# AdamW's first step is lr / (1 - beta1) = 10 x lr, and torch refuses (with a traceback) a step that float32, the
+# trainable parameters' dtype, cannot hold.
+MAX_LR = 3.4028234663852886e38 / 10
+RESULTS_FILE, PLOT_FILE = "results.json", "loss_curves.png"
+
+
+class FinetuneError(Exception):
+    """A problem found only once the command is under way (the output folder cannot be created, the training loss
+    diverged, ...): reported like a bad argument, as one line naming it, with exit code 2."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,14 +58,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-masks", action="store_true",
                         help="also train sparse adapters with magnitude and random masks at the same count")
     parser.add_argument("--density", type=float, default=0.01,
-                        help="fraction of the targeted linear weights trained by the sparse adapter; with "
-                             "--method both, LoRA takes the rank nearest to this count and the sparse adapter "
-                             "exactly LoRA's count")
+                        help="fraction of the targeted linear weights trained by the sparse adapter, in (0, 1]; "
+                             "LoRA takes the rank nearest to this count (at most the targeted weights' count), and "
+                             "with --method both the sparse adapter takes exactly LoRA's count")
     parser.add_argument("--update", default="static", choices=UPDATE_MODES,
                         help="static mask; dynamic: re-rank every --update-interval steps; spiel: prune-and-regrow")
     parser.add_argument("--update-interval", type=int, default=20, help="steps between mask updates (dynamic, spiel)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per method")
-    parser.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate (adapter and head), linear decay")
+    parser.add_argument("--lr", type=float, default=5e-3,
+                        help=f"AdamW learning rate (adapter and head), linear decay, at most {MAX_LR:.3g}; a run "
+                             "whose training loss becomes inf or nan stops there, unsaved, with exit code 2")
     parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
     parser.add_argument("--max-examples", type=int, default=750,
                         help="records used in all (train + held-out), balanced over the labels")
@@ -60,11 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--load-in-4bit", action="store_true",
                         help="quantise the base to bitsandbytes NF4 (double quantisation) first, QLoRA-style")
     parser.add_argument("--output-dir", default="outputs/finetune",
-                        help="where each adapter, results.json and loss_curves.png are written")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split, the mask, the head and the order")
+                        help="where each adapter, results.json and loss_curves.png are written; checked before "
+                             "training. If one of them cannot be written (e.g. a full disk), the table is still "
+                             "printed, one line on stderr names what is missing and where, and the exit code is 1")
+    parser.add_argument("--seed", type=int, default=0,
+                        help=f"seed of the split, the mask, the head and the order, 0 to {MAX_SEED}")
     parser.add_argument("--no-plot", action="store_true", help="skip loss_curves.png")
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method, write JSON
-    parser.add_argument("--result", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method, JSON to stdout
 
 
 def check_arguments(args: argparse.Namespace) -> Optional[str]:
@@ -73,8 +90,10 @@ def check_arguments(args: argparse.Namespace) -> Optional[str]:
         return f"--steps must be >= 1, got {args.steps}"
     if not 0.0 < args.density <= 1.0:
         return f"--density must be in (0, 1], got {args.density}"
-    if not args.lr > 0.0:
-        return f"--lr must be > 0, got {args.lr}"
+    if not 0.0 < args.lr <= MAX_LR:  # lr inf would train to nan without a complaint
+        return f"--lr must be a finite number in (0, {MAX_LR:.3g}], got {args.lr}"
+    if not 0 <= args.seed <= MAX_SEED:
+        return f"--seed must be in [0, {MAX_SEED}], got {args.seed}"
     for name in ("batch_size", "update_interval", "salience_batches"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}"
@@ -84,6 +103,34 @@ def check_arguments(args: argparse.Namespace) -> Optional[str]:
         return f"--data {args.data!r} does not exist"
     if args.method == "lora" and args.compare_masks:
         return "--compare-masks needs a sparse method (--method sparse or both), got --method lora"
+    return output_dir_problem(args.output_dir, [label for label, _ in planned_runs(args)])
+
+
+def output_dir_problem(output_dir: str, labels: list[str]) -> str | None:
+    """Why ``output_dir`` cannot receive the results (None when it can), found without creating anything, so that
+    a run that could not be saved is refused before any training rather than failing after it.
+
+    Each of ``labels`` becomes a folder in it (an adapter), next to the results and the plot."""
+    path = Path(output_dir)
+    try:
+        for folder in (path, *path.parents):  # the nearest existing one decides; "out/run" is made in "out" or "."
+            if folder.is_dir():
+                if not os.access(folder, os.W_OK | os.X_OK):
+                    where = "" if folder == path else f" cannot be created: {str(folder)!r}"
+                    return f"--output-dir {output_dir!r}{where} is not writable"
+                break
+            if os.path.lexists(folder):  # a file (or a dangling link) where a folder has to be
+                where = "" if folder == path else f": {str(folder)!r}"
+                return f"--output-dir {output_dir!r}{where} is a file, not a folder"
+        if path.is_dir():  # what a run writes must not be blocked by something of the other kind already there
+            wanted = [(label, True) for label in labels] + [(RESULTS_FILE, False), (PLOT_FILE, False)]
+            for name, folder_wanted in wanted:
+                existing = path / name
+                if existing.exists() and existing.is_dir() != folder_wanted:
+                    kind = "a file, not a folder" if folder_wanted else "a folder, not a file"
+                    return f"--output-dir {output_dir!r}: {str(existing)!r} is {kind}"
+    except OSError as err:  # e.g. a parent folder that may not be searched (Path.is_dir raises on EACCES)
+        return f"--output-dir {output_dir!r} cannot be checked ({err.strerror or err})"
     return None
 
 
@@ -159,14 +206,25 @@ def _peak_memory_mb(device: str) -> float:
     return float("nan")
 
 
+def targeted_weights(base) -> int:
+    """How many weights the adapters' layers (every linear layer but the head) hold."""
+    from ..tuner.budget import targeted_linear_shapes
+
+    return sum(rows * cols for rows, cols in targeted_linear_shapes(base, "all-linear", task_type="SEQ_CLS"))
+
+
 def lora_rank_for(base, density: float) -> tuple[int, int]:
     """The rank of a LoRA adapter over every linear layer whose trainable count is nearest to ``density`` of those
-    layers' weights, and that count (the sparse adapter's budget when the two are compared)."""
+    layers' weights, and that count (the sparse adapter's budget when the two are compared).
+
+    The rank is at most the largest whose count fits in those weights (but at least 1): near ``density=1`` the
+    nearest rank can overshoot them, and a sparse adapter cannot train more entries than there are."""
     from ..tuner.budget import targeted_linear_shapes
 
     shapes = targeted_linear_shapes(base, "all-linear", task_type="SEQ_CLS")
     per_rank = sum(rows + cols for rows, cols in shapes)
-    rank = max(1, round(density * sum(rows * cols for rows, cols in shapes) / per_rank))
+    total = sum(rows * cols for rows, cols in shapes)
+    rank = max(1, min(round(density * total / per_rank), total // per_rank))
     return rank, rank * per_rank
 
 
@@ -178,7 +236,11 @@ def train(model, examples, tokenizer, *, steps: int, lr: float, batch_size: int,
 
     ``update="spiel"`` runs SpIEL's prune-and-regrow after each step; ``"dynamic"`` re-ranks the mask with
     ``update_mask`` on ``update_batches`` every ``update_interval`` steps (not after the last). ``progress`` names a
-    tqdm bar on stderr (None: no bar). Returns each step's loss and wall time (CUDA synchronised)."""
+    tqdm bar on stderr (None: no bar). Returns each step's loss and wall time (CUDA synchronised).
+
+    Raises:
+        FinetuneError: when a step's loss, or a trained parameter after the last step, is inf or nan: training on
+            cannot recover, and an adapter of nans must not be saved as a result."""
     import torch
     from tqdm.auto import tqdm
 
@@ -211,9 +273,48 @@ def train(model, examples, tokenizer, *, steps: int, lr: float, batch_size: int,
             torch.cuda.synchronize()
         step_seconds.append(time.perf_counter() - start)
         losses.append(loss.item())
+        if not math.isfinite(losses[-1]):
+            bar.close()
+            raise FinetuneError(f"{_run_name(progress)}the training loss became {losses[-1]} at step {step + 1} of "
+                                f"{steps} (learning rate {lr:g}); try a lower learning rate")
         bar.set_postfix(loss=f"{statistics.mean(losses[-10:]):.3f}")
     bar.close()
+    # The last step's loss was computed before that step's update, which can itself overflow (a huge learning rate).
+    diverged = next((name for name, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()),
+                    None)
+    if diverged is not None:
+        raise FinetuneError(f"{_run_name(progress)}the trained parameter {diverged} holds inf or nan after step "
+                            f"{steps} (learning rate {lr:g}); try a lower learning rate")
     return losses, step_seconds
+
+
+def _run_name(progress: str | None) -> str:
+    return f"the {progress} run: " if progress else ""
+
+
+def attempt_write(what: str, path: Path, write: Callable[[], None], left_behind: str = "") -> str | None:
+    """Call ``write``; when it fails with an OSError (a full disk, a read-only or vanished folder), return a phrase
+    naming ``what`` was not written, where and why (and ``left_behind``, what that leaves there), so that the run's
+    results can still be shown. None when it was written."""
+    try:
+        write()
+    except OSError as err:
+        return f"{what} to {path} ({err.strerror or err}{'; ' + left_behind if left_behind else ''})"
+    return None
+
+
+def save_adapter(model, folder: Path) -> None:
+    """Write the trained adapter (peft's ``save_pretrained``) to ``folder``."""
+    model.save_pretrained(folder)
+
+
+def write_results(records: list[dict], path: Path) -> None:
+    """Write every run's record to ``path`` as JSON."""
+    try:
+        path.write_text(json.dumps(records, indent=1))
+    except OSError:
+        path.unlink(missing_ok=True)  # a truncated results.json (or an old one) must not pass for this run's
+        raise
 
 
 def run_worker(args: argparse.Namespace) -> dict:
@@ -244,6 +345,10 @@ def run_worker(args: argparse.Namespace) -> dict:
     rank = count = None
     if args.method == "both" or not selection:
         rank, count = lora_rank_for(base, args.density)
+        total = targeted_weights(base)
+        if selection and count > total:  # only where rank 1 already overshoots (vector-like layers)
+            raise FinetuneError(f"--method both: LoRA's smallest adapter (rank 1) has {count} parameters, more than "
+                                f"the {total} weights a sparse adapter could train; use --method sparse or lora")
     if selection:
         budget = dict(num_tunable_weights=count) if count is not None else dict(density=args.density)
         config = peft_sparse.SparseConfig(
@@ -274,14 +379,17 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     accuracy_after = accuracy(model, held_out_batches)
     out = Path(args.output_dir) / label
-    model.save_pretrained(out)
+    # A failed save (a full disk) must not lose the finished run: the record still goes back, naming the failure.
+    adapter_error = attempt_write(f"the {label} adapter", out, lambda: save_adapter(model, out),
+                                  left_behind="what is there is incomplete")
     return {
         "label": label, "method": "sparse" if selection else "lora", "selection": selection,
         "update": args.update if selection else "", "lora_rank": rank if not selection else None,
         "adapter_params": adapter_params, "trainable": trainable, "losses": losses,
         "step_seconds_median": statistics.median(step_seconds), "selection_seconds": selection_seconds,
         "held_out_accuracy_before": accuracy_before, "held_out_accuracy": accuracy_after,
-        "peak_memory_mb": _peak_memory_mb(device), "device": device, "adapter_dir": str(out),
+        "peak_memory_mb": _peak_memory_mb(device), "device": device,
+        "adapter_dir": None if adapter_error else str(out), "adapter_error": adapter_error,
         "model": source.description, "data": dataset.source, "labels": dataset.label_names,
         "num_train": len(dataset.train), "num_held_out": len(dataset.held_out),
     }
@@ -317,6 +425,7 @@ def table(records: list[dict]) -> str:
 
 
 def plot(records: list[dict], path: Path) -> None:
+    """The loss curves of every run, written to ``path`` (PNG)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,44 +445,80 @@ def plot(records: list[dict], path: Path) -> None:
     axis.grid(alpha=0.3)
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    try:
+        figure.savefig(path)
+    except OSError:
+        path.unlink(missing_ok=True)  # a truncated image (or an old one) must not pass for this run's
+        raise
+    finally:
+        plt.close(figure)
+
+
+def run_method(label: str, argv: list[str]) -> tuple[int, dict | None]:
+    """Run one method in its own process: its exit code and, when it succeeded, its record."""
+    command = [sys.executable, "-m", "peft_sparse.cli", "finetune", *argv, "--worker", label]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    completed = subprocess.run(command, env=env, stdout=subprocess.PIPE, check=False)
+    if completed.returncode != 0:
+        return completed.returncode, None
+    return 0, json.loads(completed.stdout)
+
+
+def _send_record(args: argparse.Namespace) -> int:
+    """Worker side: run the method and write its record to stdout, the one thing written there."""
+    channel = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+    sys.stdout.flush()
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # anything else (Python or native code) goes to stderr
+    record = run_worker(args)
+    with channel:
+        channel.write(json.dumps(record))
+    return 0
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.worker is not None:
-        record = run_worker(args)
-        Path(args.result).write_text(json.dumps(record))
-        return 0
+        return _send_record(args)
     # Fail fast, in this process, on what the workers would otherwise each fail on.
     data_module.load(args.data, args.max_examples, args.seed)
     models.resolve(args.model)
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # what check_arguments cannot see (a read-only file system, a race)
+        raise FinetuneError(f"--output-dir {args.output_dir!r} cannot be created ({err.strerror or err})") from None
     records = []
     start = time.perf_counter()
     for label, _ in planned_runs(args):
-        result = output_dir / f"{label}.json"
-        command = [sys.executable, "-m", "peft_sparse.cli", "finetune", *argv, "--worker", label,
-                   "--result", str(result)]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-        completed = subprocess.run(command, env=env)
-        if completed.returncode != 0:
-            print(f"peft-sparse finetune: the {label} run failed (exit code {completed.returncode})", file=sys.stderr)
+        code, record = run_method(label, argv)
+        if code == USAGE_ERROR:  # the worker has said why, in one line (a diverged loss, ...)
+            return USAGE_ERROR
+        if code != 0:
+            print(f"peft-sparse finetune: the {label} run failed (exit code {code})", file=sys.stderr)
             return 1
-        records.append(json.loads(result.read_text()))
-        result.unlink()
+        records.append(record)
+    not_written = [r["adapter_error"] for r in records if r["adapter_error"]]
+    results_path, plot_path = output_dir / RESULTS_FILE, output_dir / PLOT_FILE
+    results_error = attempt_write(RESULTS_FILE, results_path, lambda: write_results(records, results_path))
     first = records[0]
-    (output_dir / "results.json").write_text(json.dumps(records, indent=1))
     print(f"\nmodel: {first['model']}")
     print(f"data:  {first['data']}: {first['num_train']} train / {first['num_held_out']} held-out records, "
           f"{len(first['labels'])} labels (chance {1 / len(first['labels']):.0%})")
     print(f"{args.steps} steps of {args.batch_size}, AdamW lr {args.lr:g}; device {first['device']}"
           + (", 4-bit NF4 base" if args.load_in_4bit else "") + "\n")
     print(table(records))
-    print(f"\nadapters: {', '.join(r['adapter_dir'] for r in records)}; results: {output_dir / 'results.json'}")
+    saved = [r["adapter_dir"] for r in records if r["adapter_dir"]]
+    print(f"\nadapters: {', '.join(saved) or 'none written'}; "
+          f"results: {'not written' if results_error else results_path}")
+    not_written += [results_error] if results_error else []
     if not args.no_plot:
-        plot(records, output_dir / "loss_curves.png")
-        print(f"loss curves: {output_dir / 'loss_curves.png'}")
+        plot_error = attempt_write(PLOT_FILE, plot_path, lambda: plot(records, plot_path))
+        if plot_error:
+            not_written.append(plot_error)
+        else:
+            print(f"loss curves: {plot_path}")
     print(f"wall time: {time.perf_counter() - start:.0f} s")
+    if not_written:
+        print(f"peft-sparse finetune: error: could not write {'; '.join(not_written)}; the table above holds the "
+              "results (exit code 1)", file=sys.stderr)
+        return 1
     return 0
