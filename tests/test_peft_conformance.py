@@ -422,7 +422,7 @@ def test_delete_adapter_refusals():
     with pytest.raises(ValueError, match="typo"):
         model.delete_adapter("typo")
     model.merge_adapter(["a"])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['a'\] while they are merged"):
         model.delete_adapter("a")
     assert "a" in model.peft_config and "a" in model.base_model.model.lin0.sparse_values
     model.unmerge_adapter()

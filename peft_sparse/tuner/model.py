@@ -166,13 +166,9 @@ class SparseModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter; refused while it is merged (its delta would stay in the base weights with nothing
         left to unmerge it), on every peft version."""
-        merged = [layer.layer_name for layer in self._layers_with_adapter(self.model, adapter_name)
-                  if adapter_name in layer.merged_adapters]
-        if merged:
-            raise ValueError(
-                f"Cannot delete adapter {adapter_name!r} while it is merged into {len(merged)} layer(s) (e.g. "
-                f"{merged[0]!r}); call unmerge_adapter() first"
-            )
+        if any(adapter_name in layer.merged_adapters for layer in self._layers_with_adapter(self.model, adapter_name)):
+            # peft >= 0.19's own wording, so callers see one message whatever the peft version
+            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first.")
         super().delete_adapter(adapter_name)
 
     @contextmanager
