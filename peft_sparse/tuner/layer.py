@@ -367,8 +367,8 @@ class SparseLayer(BaseTunerLayer):
         saved = state_dict.get(shape_key)
         if saved is None:
             warnings.warn(
-                "Loading a sparse adapter saved without layer shapes (by an earlier peft-sparse): only the index range is "
-                "checked, so an adapter saved on a model with other layer sizes may load onto the wrong weights. "
+                "Loading a sparse adapter saved without layer shapes (by an earlier peft-sparse): only the index range "
+                "is checked, so an adapter saved on a model with other layer sizes may load onto the wrong weights. "
                 "Save it again to record the shapes.",
                 UserWarning,
                 stacklevel=2,

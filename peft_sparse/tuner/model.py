@@ -168,7 +168,9 @@ class SparseModel(BaseTuner):
         left to unmerge it), on every peft version."""
         if any(adapter_name in layer.merged_adapters for layer in self._layers_with_adapter(self.model, adapter_name)):
             # peft >= 0.19's own wording, so callers see one message whatever the peft version
-            raise ValueError(f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first.")
+            raise ValueError(
+                f"Cannot delete adapter(s) {[adapter_name]} while they are merged. Please unmerge them first."
+            )
         super().delete_adapter(adapter_name)
 
     @contextmanager
