@@ -3,8 +3,10 @@
 Fresh random inputs for every case: several shapes (k = 0, one row, one column, sizes that are not multiples of the
 kernels' tiles or of the quantisation block), fp32/bf16/fp16/fp64, int32/int64 indices, contiguous and strided
 inputs. Then ``torch.library.opcheck`` on every op, ``torch.compile`` of a model built on ``sparse_linear``, and the
-4-bit op against bitsandbytes itself. CUDA cases run where a GPU is present and are skipped, with the reason, where
-none is.
+4-bit op on weights quantised by bitsandbytes: judged by the reference decode in float64 and the original weight,
+and compared with bitsandbytes' own ``dequantize_4bit`` (skipped, with the measured reason, only for a weight that
+this machine's bitsandbytes mis-decodes: ``bnb_defects``). CUDA cases run where a GPU is present and are skipped, with
+the reason, where none is.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import torch
 from peft_sparse import ops
 from peft_sparse.ops import reference
 from peft_sparse.ops._backend import FORCE_REFERENCE_ENV
+
+from bnb_defects import GROSS, dequantize_4bit_defect
 
 NO_CUDA = "no CUDA device on this machine: the CUDA kernels are verified on a GPU machine"
 DEVICES = [
@@ -347,14 +351,16 @@ def test_dequant_scatter_rejects_bad_input(compiled_ops):
                                      nested_absmax=torch.ones(1), nested_code=torch.zeros(256))
 
 
-@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-@pytest.mark.parametrize("double_quant", [False, True])
-@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
-@pytest.mark.parametrize("shape,blocksize", [((64, 48), 64), ((67, 45), 64), ((40, 130), 128)])
-def test_dequant_scatter_agrees_with_bitsandbytes(quant_type, double_quant, out_dtype, shape, blocksize):
-    """Our contract: dequantise in fp32 (bit for bit ``dequantize_4bit`` in fp32), add the delta, round once to the
-    output dtype. bitsandbytes' own fp16/bf16 output may round an intermediate earlier (it does on some torch
-    versions: seen with torch 2.11 on the GPU machine's CPU path), so against it we allow one rounding."""
+# Weights quantised by bitsandbytes: in_features 48 (even, not a multiple of the block: on some CPUs bitsandbytes'
+# own dequantize_4bit mis-decodes it, see bnb_defects), 45 (odd: bitsandbytes' generic CPU path), 130 with blocksize
+# 128, and in_features that are multiples of the block, as real models have.
+BNB_CASES = [((64, 48), 64), ((67, 45), 64), ((40, 130), 128), ((48, 128), 64), ((40, 256), 128)]
+# Largest gap between neighbouring codes relative to the block's absmax: NF4 0.304 (-1 to -0.696), FP4 1/3.
+HALF_GAP = {"nf4": 0.3038 / 2, "fp4": 1 / 6}
+
+
+def _bnb_quantised(quant_type, double_quant, out_dtype, shape, blocksize):
+    """(original weight, packed, QuantState, indices, values) for a bitsandbytes-quantised random weight."""
     bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is installed by .[dev]")
     gen = _gen(zlib.crc32(repr((quant_type, double_quant, shape, str(out_dtype))).encode()))
     weight = torch.randn(shape, generator=gen)
@@ -363,9 +369,69 @@ def test_dequant_scatter_agrees_with_bitsandbytes(quant_type, double_quant, out_
     numel = math.prod(shape)
     indices = _indices(numel, numel // 20, gen, torch.int32)
     values = _randn(indices.numel(), gen) * 0.05
+    return weight, packed, state, indices, values
+
+
+def _block_absmax(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
+    flat = weight.reshape(-1)
+    flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % blocksize)])
+    return flat.view(-1, blocksize).abs().amax(dim=1).repeat_interleave(blocksize)[: weight.numel()].view_as(weight)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+@pytest.mark.parametrize("shape,blocksize", BNB_CASES)
+def test_dequant_scatter_decodes_bitsandbytes_4bit_weights(quant_type, double_quant, out_dtype, shape, blocksize):
+    """Judged without bitsandbytes' own decode: the reference decode (float64, exact) of what ``quantize_4bit`` made
+    is the original weight rounded to the nearest code of its block, and the op is that decode plus the delta,
+    rounded once to the output dtype, bit for bit."""
+    from tiny_models import decode_4bit
+
+    weight, packed, state, indices, values = _bnb_quantised(quant_type, double_quant, out_dtype, shape, blocksize)
+    decoded = decode_4bit(packed, state)
+    assert decoded.dtype == torch.float64 and decoded.shape == shape
+    # Rounding to the nearest code: at most half the largest code gap times the block's absmax s, plus the error
+    # |s' - s| of the decoded scale s' (8-bit double quantisation of the absmax); the element at the absmax decodes
+    # to exactly ±s' (both code books hold ±1), so s' is the absmax of the decoded block.
+    scale, decoded_scale = _block_absmax(weight.double(), blocksize), _block_absmax(decoded, blocksize)
+    if not double_quant:
+        assert torch.equal(decoded_scale, scale)  # the fp32 absmax is stored as is
+    bound = HALF_GAP[quant_type] * scale + (decoded_scale - scale).abs()
+    assert ((decoded - weight.double()).abs() <= bound).all()
+
+    state.dtype = torch.float32
+    assert torch.equal(ops.dequant_scatter_4bit(packed, state, indices[:0], values[:0]).double(), decoded)
+    state.dtype = out_dtype
+    assert torch.equal(ops.dequant_scatter_4bit(packed, state, indices[:0], values[:0]), decoded.to(out_dtype))
+    fused = ops.dequant_scatter_4bit(packed, state, indices, values)
+    expected = reference.scatter_add(decoded.clone(), indices, values.double())  # float64: exact sums of two fp32
+    assert torch.equal(fused, expected.float().to(out_dtype))
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("out_dtype", OUT_DTYPES)
+@pytest.mark.parametrize("shape,blocksize", BNB_CASES)
+def test_dequant_scatter_agrees_with_bitsandbytes(quant_type, double_quant, out_dtype, shape, blocksize):
+    """Our contract: dequantise in fp32 (bit for bit ``dequantize_4bit`` in fp32), add the delta, round once to the
+    output dtype. bitsandbytes' own fp16/bf16 output may round an intermediate earlier (it does on some torch
+    versions: seen with torch 2.11 on the GPU machine's CPU path), so against it we allow one rounding.
+
+    Skipped only where this machine's bitsandbytes has the ``dequantize_4bit`` defect (``bnb_defects``, probed at
+    run time) and mis-decodes this very weight; the test above still judges our decode of it."""
+    from tiny_models import decode_4bit
+
+    bnb_functional = pytest.importorskip("bitsandbytes.functional", reason="bitsandbytes is installed by .[dev]")
+    _, packed, state, indices, values = _bnb_quantised(quant_type, double_quant, out_dtype, shape, blocksize)
 
     state.dtype = torch.float32
     dequantized32 = bnb_functional.dequantize_4bit(packed, state)
+    ours = decode_4bit(packed, state)
+    gap = float((dequantized32.double() - ours).norm() / ours.norm())
+    if gap > GROSS and (reason := dequantize_4bit_defect()):
+        pytest.skip(f"{reason}; this {shape[0]}x{shape[1]} weight (blocksize {blocksize}) decodes {gap:.0%} away "
+                    "from the reference decode")
     assert torch.equal(ops.dequant_scatter_4bit(packed, state, indices[:0], values[:0], torch.float32), dequantized32)
     state.dtype = out_dtype
     dequantized = bnb_functional.dequantize_4bit(packed, state)

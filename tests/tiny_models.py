@@ -35,6 +35,22 @@ def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCau
     return LlamaForCausalLM(config).to(dtype).eval()
 
 
+def tiny_llama_aligned(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    """A ``tiny_llama`` whose linear layers all have ``in_features`` a multiple of 64 (64 and 128), bitsandbytes'
+    default 4-bit block, as real models have (``tiny_llama``'s 32 and 48 are not: see ``bnb_defects``)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    return LlamaForCausalLM(config).to(dtype).eval()
+
+
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
@@ -98,12 +114,19 @@ def logits(model, batch) -> torch.Tensor:
 def quantised_tiny_llama(directory, **bnb_kwargs):
     """``tiny_llama()`` saved to ``directory`` (once) and loaded back through bitsandbytes with ``bnb_kwargs`` (e.g.
     ``load_in_4bit=True, bnb_4bit_quant_type="nf4"``), on the CPU, in fp32 apart from the quantised weights."""
+    return quantised_model(directory, tiny_llama, **bnb_kwargs)
+
+
+def quantised_model(directory, factory, **bnb_kwargs):
+    """``factory()`` (``tiny_llama``, ``tiny_llama_aligned``) saved to ``directory`` (once; one directory per
+    factory) and loaded back through bitsandbytes with ``bnb_kwargs``, on the CPU, in fp32 apart from the quantised
+    weights."""
     from pathlib import Path
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     if not (Path(directory) / "config.json").exists():
-        tiny_llama().save_pretrained(directory)
+        factory().save_pretrained(directory)
     model = AutoModelForCausalLM.from_pretrained(
         directory, quantization_config=BitsAndBytesConfig(**bnb_kwargs), device_map="cpu", dtype=torch.float32
     )
@@ -111,11 +134,48 @@ def quantised_tiny_llama(directory, **bnb_kwargs):
 
 
 def dequantised_copy(quantised_model) -> LlamaForCausalLM:
-    """A plain fp32 ``tiny_llama`` whose weights are the quantised model's weights, dequantised: the dense model that
-    computes what the quantised one computes."""
+    """A plain fp32 ``tiny_llama`` whose weights are the quantised model's weights, dequantised by bitsandbytes: the
+    dense model that computes what the quantised one computes, where bitsandbytes' ``dequantize_4bit`` is sound. On
+    some CPUs it is not for ``tiny_llama``'s shapes (``bnb_defects``); ``reference_dequantised_copy`` decodes with
+    peft-sparse's own reference instead."""
+    return _dense_copy(quantised_model, tiny_llama(), decoder="bitsandbytes")
+
+
+def reference_dequantised_copy(quantised_model, factory=tiny_llama, dtype: torch.dtype = torch.float64):
+    """``factory(dtype=dtype)`` holding the quantised model's parameters, its 4-bit weights decoded by peft-sparse's
+    pure-PyTorch reference (``decode_4bit``) instead of by bitsandbytes; the judge of what a 4-bit model computes,
+    on any CPU. The decode is exact in fp32, so ``dtype=torch.float32`` gives the same weights bit for bit."""
+    return _dense_copy(quantised_model, factory(dtype=dtype), decoder="reference")
+
+
+def decode_4bit(packed: torch.Tensor, quant_state, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """A bitsandbytes 4-bit weight (packed bytes and ``QuantState``) decoded by peft-sparse's pure-PyTorch reference
+    (``peft_sparse.ops.reference.dequant_scatter``), independent of bitsandbytes' own ``dequantize_4bit``. The decode
+    is computed in fp32, as bitsandbytes computes it, so float64 (the default) and float32 hold it exactly."""
+    from peft_sparse.ops import reference
+
+    if getattr(quant_state, "packing_format_for_cpu", False):
+        raise ValueError("decode_4bit: the weight was repacked by bitsandbytes' CPU inference forward (bf16 absmax); "
+                         "decode it before running bitsandbytes' forward on it")
+    nested = bool(getattr(quant_state, "nested", False))
+    state2 = quant_state.state2 if nested else None
+    empty = torch.zeros(0, dtype=torch.int64)
+    return reference.dequant_scatter(
+        packed, quant_state.absmax, quant_state.code, int(quant_state.blocksize), tuple(quant_state.shape), dtype,
+        empty, empty.to(dtype),
+        nested_absmax=state2.absmax if nested else None,
+        nested_code=state2.code if nested else None,
+        nested_blocksize=int(state2.blocksize) if nested else 256,
+        offset=float(quant_state.offset) if nested else 0.0,
+    )
+
+
+def _dense_copy(quantised_model, dense, decoder: str):
+    """``dense`` with the quantised model's parameters: 4-bit weights decoded by ``decoder`` ("reference" or
+    "bitsandbytes"), int8 weights by bitsandbytes' row-wise formula (the one peft-sparse's 8-bit layer uses), and
+    every other parameter copied."""
     import bitsandbytes as bnb
 
-    dense = tiny_llama()
     modules = dict(quantised_model.named_modules())
     with torch.no_grad():
         for name, module in dense.named_modules():
@@ -124,10 +184,22 @@ def dequantised_copy(quantised_model) -> LlamaForCausalLM:
                 source = source.get_base_layer()
             if isinstance(source, bnb.nn.Linear4bit):
                 weight = source.weight
-                module.weight.copy_(bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float())
+                if decoder == "reference":
+                    decoded = decode_4bit(weight.data, weight.quant_state, dtype=torch.float64)
+                else:
+                    decoded = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).float()
+                module.weight.copy_(decoded)
+                if source.bias is not None:
+                    module.bias.copy_(source.bias)
             elif isinstance(source, bnb.nn.Linear8bitLt):
                 scales = source.weight.SCB if source.weight.SCB is not None else source.state.SCB
                 module.weight.copy_(bnb.functional.int8_vectorwise_dequant(source.weight.data, scales))
+                if source.bias is not None:
+                    module.bias.copy_(source.bias)
+            elif source is not None:
+                own = dict(source.named_parameters(recurse=False))
+                for key, parameter in module.named_parameters(recurse=False):
+                    parameter.copy_(own[key])
     return dense.eval()
 
 
