@@ -118,9 +118,13 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
         compute_dtype = self._compute_dtype(x)
         if not torch.is_autocast_enabled(x.device.type):
             x = x.to(compute_dtype)
-        indices, values = _sorted_delta(*self._delta(active))
+        if active:
+            indices, values = _sorted_delta(*self._delta(active))
+        else:  # the base alone (see Linear4bit._base_forward)
+            indices = torch.zeros(0, dtype=torch.int64, device=x.device)
+            values = torch.zeros(0, dtype=torch.float32, device=x.device)
         bias = base.bias
-        probe = self.salience_probe
+        probe = self.salience_probe if active else None
         out = sparse_linear(
             x,
             base.weight,
@@ -188,6 +192,17 @@ class Linear4bit(_QuantisedSparseLayer):
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
             base.quant_state = state = weight.quant_state
         return state
+
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base alone through our own decode, not bitsandbytes' forward.
+
+        Two reasons. bitsandbytes' CPU forward is not the same on every CPU: on AVX512-BF16 machines its eval-mode
+        forward repacks the weight in place for a bf16 kernel (which ``_quant_state`` can only undo lossily: the
+        base weight moved by up to 0.5 % of a block's absmax) and it mis-decodes or fails when ``in_features`` is
+        not a multiple of the blocksize. And with one decode for both paths, a disabled adapter gives exactly what
+        the adapted path gives with a zero delta (a DPO-style reference model compares the two).
+        """
+        return self._adapted_forward(x, [], *args, **kwargs)
 
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         # bitsandbytes' own rule: the layer's compute dtype when set, else the input's.

@@ -242,8 +242,12 @@ class SparseLayer(BaseTunerLayer):
                 return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         active = self._adapters_to_apply()
         if not active:
-            return self.base_layer(x, *args, **kwargs)
+            return self._base_forward(x, *args, **kwargs)
         return self._adapted_forward(x, active, *args, **kwargs)
+
+    def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer alone (adapters disabled or merged, or a ``"__base__"`` row of a mixed batch)."""
+        return self.base_layer(x, *args, **kwargs)
 
     def _adapted_forward(self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """The layer's output with the sum of the given adapters' deltas on the base weight."""
@@ -264,7 +268,7 @@ class SparseLayer(BaseTunerLayer):
         self, x: torch.Tensor, adapter_names: list[str], *args: Any, **kwargs: Any
     ) -> torch.Tensor:
         """Each batch row through its own adapter (``"__base__"``, or an adapter this layer lacks: the base layer)."""
-        result = self.base_layer(x, *args, **kwargs)
+        result = self._base_forward(x, *args, **kwargs)
         for name in dict.fromkeys(adapter_names):  # unique, in order of appearance
             if name == "__base__" or name not in self.sparse_values:
                 continue
