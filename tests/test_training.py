@@ -15,7 +15,7 @@ import torch
 from peft_sparse import SparseLayer, SparseTrainingCallback
 from peft_sparse.tuner.indices import layer_seed, random_indices
 
-from tiny_models import quantised_tiny_llama, tiny_tokenizer
+from tiny_models import quantised_model, tiny_llama_aligned, tiny_tokenizer
 from trainer_helpers import make_trainer, sparse_model, sparse_state
 
 HERE = Path(__file__).resolve().parent
@@ -132,8 +132,10 @@ def test_sft_trainer_with_and_without_packing_on_a_4bit_model(tmp_path):
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
     texts = [" ".join(words[(i * 3 + j) % len(words)] for j in range(7)) for i in range(24)]
     for packing in (False, True):
-        base = quantised_tiny_llama(tmp_path / "model", load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                    bnb_4bit_compute_dtype=torch.float32)
+        # 64-aligned in_features: the layers left untargeted run bitsandbytes' own forward, which mis-decodes
+        # narrower ones on AVX512-BF16 CPUs (tests/bnb_defects.py)
+        base = quantised_model(tmp_path / "model", tiny_llama_aligned, load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                               bnb_4bit_compute_dtype=torch.float32)
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         model = get_peft_model(base, SparseConfig(target_modules=["q_proj", "v_proj", "down_proj"], density=0.1,
                                                   selection="gradient", salience_batches=2, update="spiel",
