@@ -302,8 +302,8 @@ def test_adapter_dtype_follows_peft_unless_the_config_pins_it(tmp_path, base_dty
 
 # --- several adapters --------------------------------------------------------------------------------------------
 def two_adapters(first: dict, second: dict):
-    model = get_peft_model(mlp(), SparseConfig(**first, init_weights=False), adapter_name="a")
-    model.add_adapter("b", SparseConfig(**second, init_weights=False))
+    model = get_peft_model(mlp(), SparseConfig(**first, init_weights=False), adapter_name="one")
+    model.add_adapter("two", SparseConfig(**second, init_weights=False))
     return model
 
 
@@ -319,12 +319,12 @@ def single(kwargs: dict) -> nn.Module:
 def test_multiple_active_adapters_add_their_deltas(pair):
     batch = inputs()
     model = two_adapters(*pair)
-    model.base_model.set_adapter(["a", "b"])
+    model.base_model.set_adapter(["one", "two"])
     both = output(model, batch)
     base_out = output(mlp(), batch)
     assert not torch.allclose(both, output(single(pair[0]), batch))
     assert not torch.allclose(both, output(single(pair[1]), batch))
-    model.merge_adapter(["a", "b"])
+    model.merge_adapter(["one", "two"])
     torch.testing.assert_close(output(model, batch), both, rtol=1e-5, atol=1e-5)
     model.unmerge_adapter()
     with model.disable_adapter():
@@ -337,48 +337,48 @@ def test_mixed_adapter_batch_runs_each_row_through_its_adapter(pair):
     model = two_adapters(*pair).eval()
     with model.disable_adapter():
         base_out = output(model, batch)
-    model.set_adapter("a")
+    model.set_adapter("one")
     out_a = output(model, batch)
-    model.set_adapter("b")
+    model.set_adapter("two")
     out_b = output(model, batch)
-    names = ["__base__", "a", "b"] * 3
+    names = ["__base__", "one", "two"] * 3
     mixed = output(model, {**batch, "adapter_names": names})
     torch.testing.assert_close(mixed[0::3], base_out[0::3])
     torch.testing.assert_close(mixed[1::3], out_a[1::3])
     torch.testing.assert_close(mixed[2::3], out_b[2::3])
-    assert model.active_adapters == ["b"]  # the forward left the model's state alone
+    assert model.active_adapters == ["two"]  # the forward left the model's state alone
 
 
 def test_mixed_adapter_batch_refusals():
     model = two_adapters(*SAME).eval()
     batch = inputs(rows=3)
     with pytest.raises(ValueError, match="non-existing adapter.*typo"):
-        model(**batch, adapter_names=["a", "typo", "__base__"])
+        model(**batch, adapter_names=["one", "typo", "__base__"])
     with pytest.raises(ValueError, match="should be the same as the number of inputs.*2 and 3"):
-        model(**batch, adapter_names=["a", "b"])
+        model(**batch, adapter_names=["one", "two"])
     model.train()
     with pytest.raises(ValueError, match="training mode"):
-        model(**batch, adapter_names=["a", "b", "a"])
+        model(**batch, adapter_names=["one", "two", "one"])
     model.eval()
     model.merge_adapter()
     with pytest.raises(ValueError, match="merged adapters"):
-        model(**batch, adapter_names=["a", "b", "a"])
+        model(**batch, adapter_names=["one", "two", "one"])
 
 
 def test_mixed_adapter_batch_with_modules_to_save():
     config = {"target_modules": ["lin0"], "density": 0.2, "modules_to_save": ["head"]}
     model = two_adapters(config, {**config, "seed": 5}).eval()
-    for adapter in ("a", "b"):
+    for adapter in ("one", "two"):
         with torch.no_grad():
-            model.base_model.model.head.modules_to_save[adapter].bias.add_(1.0 if adapter == "a" else -1.0)
+            model.base_model.model.head.modules_to_save[adapter].bias.add_(1.0 if adapter == "one" else -1.0)
     batch = inputs(rows=4)
     expected = {}
-    for adapter in ("a", "b"):
+    for adapter in ("one", "two"):
         model.set_adapter(adapter)
         expected[adapter] = output(model, batch)
-    mixed = output(model, {**batch, "adapter_names": ["a", "b", "b", "a"]})
-    torch.testing.assert_close(mixed[[0, 3]], expected["a"][[0, 3]])
-    torch.testing.assert_close(mixed[[1, 2]], expected["b"][[1, 2]])
+    mixed = output(model, {**batch, "adapter_names": ["one", "two", "two", "one"]})
+    torch.testing.assert_close(mixed[[0, 3]], expected["one"][[0, 3]])
+    torch.testing.assert_close(mixed[[1, 2]], expected["two"][[1, 2]])
 
 
 def test_requires_grad_follows_the_active_adapter_and_inference_mode():
@@ -387,11 +387,11 @@ def test_requires_grad_follows_the_active_adapter_and_inference_mode():
     def trainable():
         return {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad}
 
-    assert trainable() == {"a"}
-    model.set_adapter("b")
-    assert trainable() == {"b"}
-    model.base_model.set_adapter(["a", "b"])
-    assert trainable() == {"a", "b"}
+    assert trainable() == {"one"}
+    model.set_adapter("two")
+    assert trainable() == {"two"}
+    model.base_model.set_adapter(["one", "two"])
+    assert trainable() == {"one", "two"}
     model.add_adapter("c", SparseConfig(target_modules=["lin1"], density=0.2, inference_mode=True))
     assert "c" not in trainable()
 
@@ -399,16 +399,16 @@ def test_requires_grad_follows_the_active_adapter_and_inference_mode():
 def test_delete_adapter_leaves_nothing_behind(tmp_path):
     model = two_adapters(*SAME)
     layer = model.base_model.model.lin0
-    layer.mask_chosen.add("b")  # as select_mask or a load would
-    model.delete_adapter("b")
-    assert "b" not in model.peft_config
-    assert not [n for n, _ in model.named_parameters() if n.endswith(".b")]
-    assert not [n for n, _ in model.named_buffers() if n.endswith(".b")]
-    assert "b" not in layer.mask_chosen and "b" not in layer.values_dtype
+    layer.mask_chosen.add("two")  # as select_mask or a load would
+    model.delete_adapter("two")
+    assert "two" not in model.peft_config
+    assert not [n for n, _ in model.named_parameters() if n.endswith(".two")]
+    assert not [n for n, _ in model.named_buffers() if n.endswith(".two")]
+    assert "two" not in layer.mask_chosen and "two" not in layer.values_dtype
     # Re-adding the name starts a fresh adapter: SparseTrainingCallback selects its mask again.
-    model.add_adapter("b", SparseConfig(target_modules=["lin0"], density=0.2))
-    model.set_adapter("b")
-    assert "b" not in layer.mask_chosen
+    model.add_adapter("two", SparseConfig(target_modules=["lin0"], density=0.2))
+    model.set_adapter("two")
+    assert "two" not in layer.mask_chosen
     calls = []
     callback = SparseTrainingCallback(data=[inputs()], loss_fn=lambda out, batch: out.mean())
     callback._select = lambda *args: calls.append(args)
@@ -421,15 +421,15 @@ def test_delete_adapter_refusals():
     model = two_adapters(*SAME)
     with pytest.raises(ValueError, match="typo"):
         model.delete_adapter("typo")
-    model.merge_adapter(["a"])
-    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['a'\] while they are merged"):
-        model.delete_adapter("a")
-    assert "a" in model.peft_config and "a" in model.base_model.model.lin0.sparse_values
+    model.merge_adapter(["one"])
+    with pytest.raises(ValueError, match=r"Cannot delete adapter\(s\) \['one'\] while they are merged"):
+        model.delete_adapter("one")
+    assert "one" in model.peft_config and "one" in model.base_model.model.lin0.sparse_values
     model.unmerge_adapter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model.delete_adapter("a")  # the active one: another becomes active
-    assert model.active_adapters == ["b"]
+        model.delete_adapter("one")  # the active one: another becomes active
+    assert model.active_adapters == ["two"]
 
 
 # --- add_weighted_adapter ----------------------------------------------------------------------------------------
@@ -440,11 +440,12 @@ def delta(model, layer_name: str, adapter: str) -> torch.Tensor:
 @pytest.mark.parametrize("pair", [SAME, DIFFERENT], ids=["same targets", "different targets"])
 def test_add_weighted_adapter_sums_the_deltas_over_the_union_of_targets(pair):
     model = two_adapters(*pair)
-    model.add_weighted_adapter(["a", "b"], [0.5, -2.0], adapter_name="mix")
+    model.add_weighted_adapter(["one", "two"], [0.5, -2.0], adapter_name="mix")
     targets = set(pair[0]["target_modules"]) | set(pair[1]["target_modules"])
     for layer_name in targets:
         layer = getattr(model.base_model.model, layer_name)
-        expected = sum(w * layer.get_delta_weight(n) for n, w in (("a", 0.5), ("b", -2.0)) if n in layer.sparse_values)
+        weights = (("one", 0.5), ("two", -2.0))
+        expected = sum(w * layer.get_delta_weight(n) for n, w in weights if n in layer.sparse_values)
         torch.testing.assert_close(delta(model, layer_name, "mix"), expected)
     model.set_adapter("mix")
     batch = inputs()
@@ -454,15 +455,15 @@ def test_add_weighted_adapter_sums_the_deltas_over_the_union_of_targets(pair):
 
 def test_add_weighted_adapter_with_a_negative_weight_negates():
     model = two_adapters(*SAME)
-    model.add_weighted_adapter(["a"], [-1.0], adapter_name="minus")
-    torch.testing.assert_close(delta(model, "lin0", "minus"), -delta(model, "lin0", "a"))
+    model.add_weighted_adapter(["one"], [-1.0], adapter_name="minus")
+    torch.testing.assert_close(delta(model, "lin0", "minus"), -delta(model, "lin0", "one"))
 
 
 def test_add_weighted_adapter_refuses_two_trained_copies_of_a_module():
     config = {"target_modules": ["lin0"], "density": 0.2, "modules_to_save": ["head"]}
     model = two_adapters(config, {**config, "seed": 2})
     with pytest.raises(ValueError, match="same module with modules_to_save, but found 1 such instance"):
-        model.add_weighted_adapter(["a", "b"], [1.0, 1.0], adapter_name="mix")
+        model.add_weighted_adapter(["one", "two"], [1.0, 1.0], adapter_name="mix")
     assert "mix" not in model.peft_config
     assert "mix" not in model.base_model.model.lin0.sparse_values
     assert "mix" not in model.base_model.model.head.modules_to_save
@@ -473,6 +474,6 @@ def test_add_weighted_adapter_keeps_the_one_trained_module_to_save():
                          {"target_modules": ["lin0"], "density": 0.2, "modules_to_save": ["head"], "seed": 2})
     head = model.base_model.model.head
     with torch.no_grad():
-        head.modules_to_save["b"].weight.mul_(3.0)  # "trained"
-    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], adapter_name="mix")
-    torch.testing.assert_close(head.modules_to_save["mix"].weight, head.modules_to_save["b"].weight)
+        head.modules_to_save["two"].weight.mul_(3.0)  # "trained"
+    model.add_weighted_adapter(["one", "two"], [1.0, 1.0], adapter_name="mix")
+    torch.testing.assert_close(head.modules_to_save["mix"].weight, head.modules_to_save["two"].weight)
