@@ -11,9 +11,9 @@ What it does, by the adapter's :class:`~peft_sparse.SparseConfig`:
   loaded from a saved adapter), the run is not a resumed one, and ``selection`` is not ``"random"``, it runs
   :func:`~peft_sparse.select_mask` on ``data`` or, by default, on the trainer's train dataloader
   (``salience_batches`` batches). The Trainer has already built its optimizer (and, under DDP, wrapped the model)
-  by then; select_mask resizes the values parameters in place, so the optimizer still holds them; under DDP the layers
-  keep the sizes allocated at injection instead (``keep_layer_sizes=True``: DDP's gradient buckets are laid out
-  for them). Either way every rank selects the same entries (salience is summed over ranks).
+  by then; ``select_mask`` resizes the values parameters in place, so the optimizer still holds them. Under DDP
+  the layers keep the sizes allocated at injection instead (``keep_layer_sizes=True``: DDP's gradient buckets are
+  laid out for them). Either way every rank selects the same entries (salience is summed over ranks).
 * **Every optimizer step** (``on_step_end``: gradient accumulation's micro-batches do not count): with
   ``update="dynamic"``, :func:`~peft_sparse.update_mask` every ``update_interval`` steps; with ``update="spiel"``,
   :class:`~peft_sparse.SpIEL` prune-and-regrow, using the optimizer the Trainer passes to callbacks.
@@ -147,8 +147,8 @@ class SparseTrainingCallback(TrainerCallback):
 
 
 def _check_optimizer_holds_values(optimizer, layers, adapter_name: str) -> None:
-    """An optimizer built before an adapter load or a selection that resized the values would silently train
-    nothing: say so."""
+    """An optimizer that does not hold the values parameters (built before they were replaced, e.g. by a
+    ``low_cpu_mem_usage`` adapter load) would silently train nothing: say so."""
     if optimizer is None:
         return
     held = {id(p) for group in _unwrap(optimizer).param_groups for p in group["params"]}
@@ -156,7 +156,8 @@ def _check_optimizer_holds_values(optimizer, layers, adapter_name: str) -> None:
              if layer.sparse_values[adapter_name].requires_grad and id(layer.sparse_values[adapter_name]) not in held]
     if stale:
         raise ValueError(
-            f"SparseTrainingCallback: the optimizer does not hold the sparse values of {stale[:3]} (it was built before "
-            "they were replaced, e.g. by loading a saved adapter or by select_mask); build the optimizer afterwards"
+            f"SparseTrainingCallback: the optimizer does not hold the sparse values of {stale[:3]} (it was built "
+            "before they were replaced, e.g. by loading an adapter with low_cpu_mem_usage=True); build the optimizer "
+            "afterwards"
         )
 
