@@ -8,19 +8,16 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from peft_sparse import SparseConfig, SparseLayer, select_mask
-from tiny_models import VOCAB, make_batch, tiny_llama
+from tiny_models import llama_of_width, make_batch, tiny_llama
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
-def llama(hidden: int, seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4)
-    return LlamaForCausalLM(config).eval()
+def llama(hidden: int) -> LlamaForCausalLM:
+    return llama_of_width(hidden, 2 * hidden)
 
 
 def sparse_layers(model) -> list[SparseLayer]:

@@ -21,34 +21,30 @@ from transformers import (
 VOCAB = 97
 
 
-def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+def llama_of_width(hidden: int, intermediate: int, seed: int = 0, dtype: torch.dtype = torch.float32
+                   ) -> LlamaForCausalLM:
+    """A 2-layer Llama with the given hidden and MLP widths (4 heads, 2 key/value heads), seeded, in eval mode."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
     )
     return LlamaForCausalLM(config).to(dtype).eval()
+
+
+def tiny_llama(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
+    return llama_of_width(32, 48, seed, dtype)
 
 
 def tiny_llama_aligned(seed: int = 0, dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
     """A ``tiny_llama`` whose linear layers all have ``in_features`` a multiple of 64 (64 and 128), bitsandbytes'
     default 4-bit block, as real models have (``tiny_llama``'s 32 and 48 are not: see ``bnb_defects``)."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).to(dtype).eval()
+    return llama_of_width(64, 128, seed, dtype)
 
 
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
