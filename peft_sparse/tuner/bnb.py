@@ -87,6 +87,11 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
     def _compute_dtype(self, x: torch.Tensor) -> torch.dtype:
         return x.dtype
 
+    @property
+    def base_dtype(self) -> torch.dtype:
+        # The stored weight is packed integers; peft gives adapters over quantised layers float32.
+        return torch.float32
+
     def _restore(self, saved: dict[str, Any]) -> None:
         self.get_base_layer().weight = saved["weight"]
 

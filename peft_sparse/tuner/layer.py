@@ -102,10 +102,8 @@ class SparseLayer(BaseTunerLayer):
 
     @property
     def base_dtype(self) -> torch.dtype:
-        """The dtype peft gives an adapter that is not autocast: the base weight's, float32 over a quantised one."""
-        weight = self.get_base_layer().weight
-        quantised = type(weight).__name__ in ("Params4bit", "Int8Params") or not weight.is_floating_point()
-        return torch.float32 if quantised else weight.dtype
+        """The dtype peft gives an adapter that is not autocast: the base weight's (quantised layers: float32)."""
+        return self.get_base_layer().weight.dtype
 
     def cast_values(self, adapter_name: str, dtype: torch.dtype) -> None:
         """Give the adapter's values ``dtype`` from now on, keeping the ``Parameter`` object (and its
@@ -131,16 +129,13 @@ class SparseLayer(BaseTunerLayer):
             return
         containers = {name: getattr(self, name) for name in self.adapter_layer_names + self.other_param_names}
         missing = [f"{self.layer_name}.{name}.{adapter_name}" for name, container in containers.items()
-                   if name != "sparse_shape" and container[adapter_name].device.type == "meta"]
+                   if container[adapter_name].device.type == "meta"]
         if missing:
             raise ValueError(
                 f"Cannot load sparse adapter {adapter_name!r}: the checkpoint has no tensors for {missing}; it was "
                 "saved from a model without this layer, or the file is incomplete"
             )
         target = device if device is not None else self.weight_device
-        if containers["sparse_shape"][adapter_name].device.type == "meta":
-            # A file written before shapes were recorded (the load pre-hook warned): the range check passed.
-            self.sparse_shape[adapter_name] = torch.tensor(self.logical_shape, dtype=torch.int64)
         for name, container in containers.items():
             container[adapter_name] = container[adapter_name].to(target)
         self.cast_values(adapter_name, self.values_dtype[adapter_name])
@@ -377,6 +372,8 @@ class SparseLayer(BaseTunerLayer):
                 UserWarning,
                 stacklevel=2,
             )
+            # The load then fills the record from here, a low_cpu_mem_usage load (which assigns what the file
+            # holds) included.
             state_dict[shape_key] = torch.tensor(self.logical_shape, dtype=torch.int64)
             return
         saved_shape = tuple(int(v) for v in saved.reshape(-1).tolist())
