@@ -100,8 +100,14 @@ class SparseTrainingCallback(TrainerCallback):
 
     def _select(self, model, optimizer, state, layers, adapter_name) -> None:
         # select_mask resizes the values parameters in place, so the optimizer the Trainer built holds them still.
+        # Salience is measured in training mode, the mode the Trainer puts the model in at its first step (at
+        # train begin a model fresh from from_pretrained is still in eval mode). Besides dropout, that matters for
+        # bitsandbytes: on AVX512-BF16 CPUs its eval-mode 4-bit forward repacks the weights in place (lossily),
+        # which under FSDP also disagrees with the sharded copy.
+        model.train()
         report = select_mask(model, self._batches(), loss_fn=self.loss_fn, adapter_name=adapter_name,
                              keep_layer_sizes=world_size() > 1)
+        _match_optimizer_to_entries(optimizer, layers, adapter_name)
         self._record(state, {"sparse/selected_entries": float(report.total),
                              "sparse/selection_seconds": report.seconds})
 
@@ -140,10 +146,34 @@ class SparseTrainingCallback(TrainerCallback):
                 "peft-sparse: resuming at step %d without %s; SpIEL restarts its growth records (all entries count "
                 "their movement from their current values) and any open gradient-accumulation window",
                 state.global_step, path)
-            self.spiel.origins = {name: layer.sparse_values[self.adapter_name].detach().clone()
-                                  for name, layer in self.spiel.layers}
+            self.spiel.restart_growth_records()
             return
         self.spiel.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _match_optimizer_to_entries(optimizer, layers, adapter_name: str) -> None:
+    """After a selection at train begin (nothing stepped yet): the optimizer holds exactly the values that have
+    entries. A global budget can empty a layer (its values are then frozen, see ``SparseLayer._trainable_once_sized``)
+    or give entries to one that had none when the Trainer built the optimizer; membership must follow, because a
+    resumed run builds its optimizer from the checkpoint's mask and loads the saved optimizer state by position."""
+    optimizer = _unwrap(optimizer)
+    if optimizer is None:
+        return
+    all_values = [layer.sparse_values[adapter_name] for layer in layers]
+    empty = {id(v) for v in all_values if v.numel() == 0}
+    held: set[int] = set()
+    home = None  # the group new entries join: the one already holding this adapter's values (same lr, decay)
+    for group in optimizer.param_groups:
+        group["params"] = [p for p in group["params"] if id(p) not in empty]
+        ids = {id(p) for p in group["params"]}
+        held |= ids
+        if home is None and any(id(v) in ids for v in all_values):
+            home = group
+    for values in all_values:
+        if values.numel() == 0:
+            optimizer.state.pop(values, None)
+        elif values.requires_grad and id(values) not in held:
+            (home or optimizer.param_groups[0])["params"].append(values)
 
 
 def _check_optimizer_holds_values(optimizer, layers, adapter_name: str) -> None:

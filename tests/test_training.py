@@ -205,6 +205,26 @@ def test_an_optimizer_built_before_select_mask_trains_the_selected_entries(tmp_p
     assert any(values.any() for _, values in sparse_state(model).values())
 
 
+def test_the_optimizer_follows_which_layers_selection_left_with_entries(tmp_path):
+    model = sparse_model(selection="gradient", budget="local")
+    layers = [m for m in model.modules() if isinstance(m, SparseLayer)]
+    layers[0].set_sparse_entries("default", torch.empty(0, dtype=torch.int64))  # k = 0: frozen
+    trainer = make_trainer(model, tmp_path, max_steps=2)
+    trainer.train()  # the Trainer built its optimizer without layers[0]; the local budget gives it entries
+    held = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert all(id(layer.sparse_values["default"]) in held for layer in layers)
+    assert all(layer.sparse_values["default"].any() for layer in layers)  # all trained, layers[0] included
+
+    model = sparse_model(selection="gradient", budget="global")
+    trainer = make_trainer(model, tmp_path / "global", max_steps=2)
+    trainer.train()  # the global budget empties some layers: they leave the optimizer
+    layers = [m for m in model.modules() if isinstance(m, SparseLayer)]
+    empty = [layer for layer in layers if layer.sparse_values["default"].numel() == 0]
+    held = [id(p) for group in trainer.optimizer.param_groups for p in group["params"]]
+    assert empty and not any(id(layer.sparse_values["default"]) in held for layer in empty)
+    assert len(held) == len(set(held)) == len(layers) - len(empty)
+
+
 def test_an_optimizer_that_does_not_hold_the_values_is_refused(tmp_path):
     model = sparse_model(selection="random")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

@@ -23,6 +23,7 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .._distributed import whole
 from ..ops import scatter_add, sparse_linear
 from .indices import check_indices, index_dtype, layer_seed, random_indices
 
@@ -66,6 +67,12 @@ class SparseLayer(BaseTunerLayer):
         # Adapters whose index set was chosen deliberately (by select_mask / update_mask, or loaded from a saved
         # adapter) rather than being the seeded random placeholder; SparseTrainingCallback selects only otherwise.
         self.mask_chosen: set[str] = set()
+        # An adapter with no entries in this layer (k = 0, a legitimate outcome of a global budget) keeps its empty
+        # values parameter frozen: DDP (without find_unused_parameters), FSDP2 (whose reduce-scatter cannot chunk an
+        # empty gradient), torch.distributed.checkpoint (which wants optimizer state for every parameter that
+        # requires grad) and optimizers then all leave it alone. Here, per adapter: whether it is to require grad
+        # once it has entries again (what peft's set_adapter / set_requires_grad asked for while it was empty).
+        self._trainable_once_sized: dict[str, bool] = {}
 
     @property
     def num_weight_entries(self) -> int:
@@ -99,6 +106,24 @@ class SparseLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self.mask_chosen.discard(adapter_name)
         self.values_dtype.pop(adapter_name, None)
+        self._trainable_once_sized.pop(adapter_name, None)
+
+    def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._freeze_empty_values(list(self.sparse_values))
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        super().set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self._freeze_empty_values([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+
+    def _freeze_empty_values(self, adapter_names: list[str]) -> None:
+        """After peft set ``requires_grad`` on these adapters: freeze those without entries here, remembering what
+        peft asked for until they have entries (see ``_trainable_once_sized``)."""
+        for name in adapter_names:
+            values = self.sparse_values[name] if name in self.sparse_values else None
+            if values is not None and values.numel() == 0:
+                self._trainable_once_sized[name] = values.requires_grad
+                values.requires_grad_(False)
 
     @property
     def base_dtype(self) -> torch.dtype:
@@ -139,6 +164,7 @@ class SparseLayer(BaseTunerLayer):
         for name, container in containers.items():
             container[adapter_name] = container[adapter_name].to(target)
         self.cast_values(adapter_name, self.values_dtype[adapter_name])
+        self._freeze_empty_values([adapter_name])
 
     def set_sparse_entries(
         self, adapter_name: str, indices: torch.Tensor, values: Optional[torch.Tensor] = None
@@ -163,8 +189,14 @@ class SparseLayer(BaseTunerLayer):
                 f"indices, got {tuple(values.shape)}"
             )
         device = old_values.device
+        was_empty = old_values.numel() == 0
         self.sparse_indices[adapter_name] = indices.to(device=device, dtype=index_dtype(self.num_weight_entries))
         old_values.data = values.detach().to(device=device, dtype=old_values.dtype).clone()
+        if indices.numel() == 0 and not was_empty:
+            self._trainable_once_sized[adapter_name] = old_values.requires_grad
+            old_values.requires_grad_(False)
+        elif indices.numel() and was_empty:
+            old_values.requires_grad_(self._trainable_once_sized.pop(adapter_name, old_values.requires_grad))
 
     def initial_entries(self, num_entries: int, seed: int, init_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The seeded index set and values an adapter of ``num_entries`` entries starts from in this layer.
@@ -197,7 +229,7 @@ class SparseLayer(BaseTunerLayer):
 
     def _logical_base_weight(self) -> torch.Tensor:
         """The base weight's data as an ``(out, in)`` view (a transpose view for ``Conv1D``)."""
-        weight = self.get_base_layer().weight.data
+        weight = whole(self.get_base_layer().weight.data)  # all of it, also where FSDP2 shards it
         return weight.t() if self.fan_in_fan_out else weight
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -208,6 +240,11 @@ class SparseLayer(BaseTunerLayer):
         """The adapter's whole delta as one (indices, values) pair: its trainable entries plus any residual."""
         indices, values = self.sparse_indices[adapter_name], self.sparse_values[adapter_name]
         if detach:
+            # Outside forward, FSDP2 holds the values sharded; inspection and merges need all of them.
+            values = whole(values.detach())
+        if values.numel() == 0:
+            # No entries here (frozen, see _trainable_once_sized): no gradient either, not even an empty one, should
+            # requires_grad have been switched on by other means (FSDP2 cannot reduce-scatter an empty gradient).
             values = values.detach()
         residual = self.sparse_residual_indices[adapter_name]
         if residual.numel() == 0:
