@@ -24,6 +24,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
+from ._distributed import is_sharded, local_part, whole
 from .ops.reference import split_indices
 
 __all__ = ["SM3"]
@@ -89,7 +90,10 @@ class SM3(torch.optim.Optimizer):
             for param in group["params"]:
                 if param.grad is None:
                     continue
-                grad = param.grad.float()
+                # Under FSDP2 a sharded parameter's statistics are computed over all of its entries (SM3's row
+                # and column maxima span the whole layer): every rank gathers the gradient, runs the same
+                # update on the whole tensor and applies its own chunk. The state is then whole on every rank.
+                grad = whole(param.grad).float()
                 state = self.state[param]
                 layer = layers.get(id(param))
                 if layer is not None:
@@ -101,7 +105,8 @@ class SM3(torch.optim.Optimizer):
                     buffer = state.setdefault("momentum_buffer", torch.zeros_like(grad))
                     buffer.mul_(momentum).add_(update, alpha=1.0 - momentum)
                     update = buffer
-                param.add_(update.to(param.dtype), alpha=-lr)
+                target = param.to_local() if is_sharded(param) else param
+                target.add_(local_part(param, update).to(param.dtype), alpha=-lr)
                 state["step"] = state.get("step", 0) + 1
         return loss
 

@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 
+from .._distributed import is_sharded, whole, write_whole
 from ..tuner.indices import check_indices, index_dtype
 
 __all__ = ["reassign_entries", "surviving_positions"]
@@ -113,15 +114,23 @@ def reassign_entries(
                 f"reassign_entries: optimizer state {key!r} of shape {tuple(tensor.shape)} is not laid out per "
                 f"entry like the values {tuple(values.shape)}; remapping it is not supported"
             )
+    if quantised and is_sharded(values):
+        raise NotImplementedError(
+            f"reassign_entries: {layer.layer_name!r} has sharded (FSDP2) values and a blockwise 8-bit optimizer "
+            f"state {quantised}; remapping quantised moments of a sharded parameter is not supported (use a 32-bit "
+            "optimizer such as torch.optim.AdamW)"
+        )
     positions, found = surviving_positions(old_indices, new_indices)
     with torch.no_grad():
-        values.copy_(_remap(values, positions, found))
+        # Under FSDP2 values, their gradient and the moments are sharded: remap the whole tensors (identically on
+        # every rank) and write each rank's chunk back in place.
+        write_whole(values, _remap(whole(values), positions, found))
         if values.grad is not None:
-            values.grad.copy_(_remap(values.grad, positions, found))
+            write_whole(values.grad, _remap(whole(values.grad), positions, found))
         for key, tensor in state.items():
             if key in skipped or key in quantised or not isinstance(tensor, torch.Tensor) or tensor.dim() == 0:
                 continue
-            tensor.copy_(_remap(tensor, positions, found))
+            write_whole(tensor, _remap(whole(tensor), positions, found))
         for key in quantised:
             _remap_blockwise_8bit(state, key, positions, found)
         old_indices.copy_(new_indices.to(device=old_indices.device, dtype=index_dtype(layer.num_weight_entries)))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .._distributed import world_size
+from .._distributed import is_sharded, whole, world_size, write_whole
 from ..ops import scatter_add
 from ..tuner.budget import allocate_budget
 from ..tuner.config import SparseConfig
@@ -88,9 +88,7 @@ def _run_passes(model, layers, adapter_name, data, num_batches, loss_fn, descrip
                 f"select_mask: the loss of salience batch {seen} (0-based) is {loss.detach().float().tolist()}; "
                 "salience needs finite losses (check the batch's inputs and labels, or the model's dtype)"
             )
-        # autograd.grad, not backward: the layers' backward runs (and feeds the probes), but no parameter's .grad is
-        # touched, so selection leaves no trace in an optimizer's view of the model.
-        torch.autograd.grad(loss, values, allow_unused=True)
+        _probe_backward(model, loss, values)
         for _, layer in layers:
             layer.salience_probe.end_batch()
         seen += 1
@@ -98,6 +96,28 @@ def _run_passes(model, layers, adapter_name, data, num_batches, loss_fn, descrip
         raise ValueError("select_mask: `data` yielded no batch")
     _all_reduce_probes(layers)
     return seen
+
+
+def _probe_backward(model, loss: torch.Tensor, values: list[torch.Tensor]) -> None:
+    """Run the backward that feeds the layers' salience probes, leaving every parameter's ``.grad`` as it was, so
+    that selection leaves no trace in an optimizer's view of the model.
+
+    On one process or under DDP, ``autograd.grad`` with respect to the values does that. Under FSDP2 the forward
+    computes with unsharded copies of the parameters, so the sharded values are not in the graph: ``autograd.grad``
+    would run nothing (and the probes would see no gradient, i.e. the mask would be chosen by tie-breaks). There a
+    regular ``backward`` runs, and the gradients it leaves (FSDP reduce-scatters them into the sharded ``.grad``)
+    are put back to what they were.
+    """
+    if not any(is_sharded(v) for v in values):
+        torch.autograd.grad(loss, values, allow_unused=True)
+        return
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.grad for p in parameters]
+    for p in parameters:
+        p.grad = None
+    loss.backward()
+    for p, grad in zip(parameters, saved):
+        p.grad = grad
 
 
 def _all_reduce_probes(layers) -> None:
@@ -259,14 +279,17 @@ def _move_entries(layer, adapter_name: str, new: torch.Tensor, optimizer) -> int
     old = layer.sparse_indices[adapter_name].to(torch.int64)
     new = new.to(device=old.device)
     _, stays = surviving_positions(new, old)  # for each old entry: is it still trainable?
-    leaving = ~stays & (values.detach() != 0)  # a zero delta carries nothing worth keeping
-    leaving_indices, leaving_values = old[leaving], values.detach()[leaving].float()
+    old_values = whole(values.detach())  # all entries, also where FSDP2 shards them
+    leaving = ~stays & (old_values != 0)  # a zero delta carries nothing worth keeping
+    leaving_indices, leaving_values = old[leaving], old_values[leaving].float()
     residual_indices = layer.sparse_residual_indices[adapter_name]
     residual_values = layer.sparse_residual_values[adapter_name]
     positions, returning = surviving_positions(residual_indices, new)  # for each new entry: in the residual?
     changed = reassign_entries(layer, adapter_name, new, optimizer)
     with torch.no_grad():
-        values[returning] = residual_values[positions[returning]].to(values.dtype)
+        new_values = whole(values.detach()).clone()
+        new_values[returning] = residual_values[positions[returning]].to(values.dtype)
+        write_whole(values, new_values)
     _, keep = surviving_positions(new, residual_indices)  # residual entries that stay residual
     keep = ~keep
     merged_indices = torch.cat([residual_indices[keep], leaving_indices])
@@ -280,7 +303,7 @@ def _move_entries(layer, adapter_name: str, new: torch.Tensor, optimizer) -> int
 def _holds_trained_values(layer: SparseLayer, adapter_name: str, config: SparseConfig) -> bool:
     """Whether the adapter's values in ``layer`` are anything but the ones it was created with (zeros, or the
     seeded ``init_weights=False`` draws, recomputed to compare)."""
-    values = layer.sparse_values[adapter_name].detach()
+    values = whole(layer.sparse_values[adapter_name].detach())
     if not bool(values.any()):
         return False
     if config.init_weights or adapter_name in layer.mask_chosen:
@@ -417,7 +440,7 @@ def _synflow_statistics(model, group, adapter_name, accumulation_dtype, statisti
         outputs = model(inputs_embeds=ones)
         result = outputs.logits if getattr(outputs, "logits", None) is not None else outputs[0]
         values = [layer.sparse_values[adapter_name] for _, layer in group]
-        torch.autograd.grad(result.float().sum(), values, allow_unused=True)
+        _probe_backward(model, result.float().sum(), values)
         probe_bytes = sum(layer.salience_probe.nbytes for _, layer in group)
         for stats, (_, layer) in zip(statistics, group):
             stats["grad"] = layer.salience_probe.grad

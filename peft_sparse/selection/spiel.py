@@ -42,7 +42,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from .._distributed import world_size
+from .._distributed import whole, world_size
 from ..ops import sddmm_gather
 from ..tuner.config import SparseConfig
 from ..tuner.indices import index_dtype, layer_seed
@@ -166,7 +166,7 @@ class SpIEL:
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"SpIEL: start_step must be a non-negative int, got {start_step!r}")
         self.completed_steps = start_step
-        self.origins = {name: layer.sparse_values[adapter_name].detach().clone() for name, layer in self.layers}
+        self.restart_growth_records()
         self.history: list[SpielReport] = []
         self._probing = False
         self._maybe_start_window()
@@ -233,7 +233,7 @@ class SpIEL:
         """The layer's next index set (sorted, k entries; the current one when nothing moves)."""
         adapter = self.adapter_name
         indices = layer.sparse_indices[adapter].to(torch.int64)
-        values = layer.sparse_values[adapter].detach().float()
+        values = whole(layer.sparse_values[adapter].detach()).float()
         k = indices.numel()
         count = int(fraction * k)
         if count == 0:
@@ -308,6 +308,12 @@ class SpIEL:
                 probe.candidates, probe.sums = saved["candidates"].to(device), saved["sums"].to(device)
             layer.salience_probe = probe
         self._probing = True
+
+    def restart_growth_records(self) -> None:
+        """Count every entry's movement from its current value (used at start, and when a resumed run has no saved
+        SpIEL state). Gathers the values where FSDP2 shards them: a collective under ``torch.distributed``."""
+        self.origins = {name: whole(layer.sparse_values[self.adapter_name].detach()).clone()
+                        for name, layer in self.layers}
 
     def close(self) -> None:
         """Remove any gradient probes (the run ended early)."""

@@ -29,6 +29,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from .._distributed import whole
 from ..ops import dequant_scatter_4bit, scatter_add, sparse_linear
 from .layer import SparseLayer
 
@@ -184,13 +185,22 @@ class Linear4bit(_QuantisedSparseLayer):
     """Sparse adapter over ``bitsandbytes.nn.Linear4bit``."""
 
     def _quant_state(self):
-        import bitsandbytes as bnb
         from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
 
         base = self.get_base_layer()
-        bnb.nn.modules.fix_4bit_weight_quant_state_from_module(base)
         weight = base.weight
-        state = weight.quant_state
+        state = getattr(weight, "quant_state", None)
+        if state is None:
+            # FSDP replaced the Params4bit by a plain tensor (unsharded, in forward) or a DTensor (sharded) over the
+            # same packed storage; bitsandbytes keeps the state on the module for this case. Read it there, without
+            # re-wrapping the weight as bitsandbytes' own forward does: FSDP owns that parameter.
+            state = getattr(base, "quant_state", None)
+            if state is None:
+                raise ValueError(
+                    f"{self.layer_name}: the 4-bit base weight ({type(weight).__name__}) carries no quantisation state "
+                    "and neither does its module; it was not quantised by bitsandbytes"
+                )
+            return state
         if getattr(state, "packing_format_for_cpu", False):
             # bitsandbytes repacks the weight for its AVX512-BF16 CPU inference kernel after an eval-mode forward;
             # undo that (as its own state_dict saving does) so the standard layout is what we read.
@@ -216,7 +226,7 @@ class Linear4bit(_QuantisedSparseLayer):
 
     def _dequantizer(self):
         state = self._quant_state()
-        packed = self.get_base_layer().weight.data
+        packed = whole(self.get_base_layer().weight.data)  # all of it, also where FSDP2 shards it
 
         def dequantize(indices: torch.Tensor, values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
             return dequant_scatter_4bit(packed, state, indices, values, dtype)
