@@ -41,12 +41,14 @@ def sparse_model(**config):
     return get_peft_model(tiny_llama(), SparseConfig(**config))
 
 
+DEFAULT_ARGS = dict(use_cpu=True, report_to=[], per_device_train_batch_size=4, learning_rate=1e-2, max_steps=8,
+                    logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0,
+                    lr_scheduler_type="constant")
+
+
 def make_trainer(model, output_dir, callback=None, **args) -> SequentialTrainer:
-    defaults = dict(output_dir=str(output_dir), use_cpu=True, report_to=[], per_device_train_batch_size=4,
-                    learning_rate=1e-2, max_steps=8, logging_steps=1, save_strategy="no", seed=0,
-                    disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant")
-    defaults.update(args)
-    return SequentialTrainer(model=model, args=TrainingArguments(**defaults), train_dataset=TokenData(),
+    arguments = TrainingArguments(**{**DEFAULT_ARGS, "output_dir": str(output_dir), **args})
+    return SequentialTrainer(model=model, args=arguments, train_dataset=TokenData(),
                              callbacks=[callback or SparseTrainingCallback()])
 
 
