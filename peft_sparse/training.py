@@ -87,9 +87,14 @@ class SparseTrainingCallback(TrainerCallback):
         adapter_name, config = self._config(model)
         self.adapter_name = adapter_name
         layers = [m for m in model.modules() if isinstance(m, SparseLayer) and adapter_name in m.sparse_values]
-        _check_optimizer_holds_values(optimizer, layers, adapter_name)
         never_chosen = not any(adapter_name in layer.mask_chosen for layer in layers)
-        if state.global_step == 0 and never_chosen and config.selection != "random":
+        selects = state.global_step == 0 and never_chosen and config.selection != "random"
+        stage = _deepspeed_zero_stage(optimizer)
+        if stage is not None:
+            _refuse_what_deepspeed_cannot_run(config, stage, layers, adapter_name, selects)
+        else:
+            _check_optimizer_holds_values(optimizer, layers, adapter_name)
+        if selects:
             self._select(model, optimizer, state, layers, adapter_name)
         if config.update == "spiel":
             self.spiel = SpIEL(model, optimizer, num_training_steps=state.max_steps, adapter_name=adapter_name,
@@ -149,6 +154,44 @@ class SparseTrainingCallback(TrainerCallback):
             self.spiel.restart_growth_records()
             return
         self.spiel.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _deepspeed_zero_stage(optimizer) -> Optional[int]:
+    """The ZeRO stage (1/2 or 3) when the Trainer's optimizer is a DeepSpeed ZeRO optimizer, else ``None``."""
+    seen = set()
+    while optimizer is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        if type(optimizer).__module__.startswith("deepspeed."):
+            return 3 if "Stage3" in type(optimizer).__name__ else 2
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+def _refuse_what_deepspeed_cannot_run(config, stage: int, layers, adapter_name: str, selects: bool) -> None:
+    """DeepSpeed ZeRO copies every trainable parameter into flat, partitioned buffers (and a float32 master copy)
+    when the Trainer wraps the model, before any callback runs. Whatever rewrites values or optimizer state per
+    entry after that would act on copies DeepSpeed no longer reads: refuse it here, before a step, instead of
+    training something else than the mask says."""
+    where = "SparseTrainingCallback under DeepSpeed ZeRO"
+    if config.update != "static":
+        raise ValueError(
+            f"{where}: update={config.update!r} moves entries and their optimizer moments, which ZeRO keeps flattened "
+            "and partitioned; train dynamic masks and SpIEL with FSDP2 or DDP, or use update='static'"
+        )
+    if selects:
+        raise ValueError(
+            f"{where}: selection={config.selection!r} would choose the mask after DeepSpeed copied the values; choose "
+            "it before training: peft_sparse.select_mask(model, trainer.get_train_dataloader()) before "
+            "trainer.train() (or selection='random')"
+        )
+    # ZeRO-3 has already swapped every parameter's data for an empty partition; ds_numel is its real size
+    empty = [layer.layer_name for layer in layers
+             if getattr(layer.sparse_values[adapter_name], "ds_numel", layer.sparse_values[adapter_name].numel()) == 0]
+    if stage == 3 and empty:
+        raise ValueError(
+            f"{where}: ZeRO-3 cannot gather a parameter with no elements, and {len(empty)} layer(s) have no entries "
+            f"(e.g. {empty[:3]}, left empty by the global budget); use budget='local', ZeRO-2 or FSDP2"
+        )
 
 
 def _match_optimizer_to_entries(optimizer, layers, adapter_name: str) -> None:

@@ -1,9 +1,10 @@
 """Run by tests/test_distributed.py: train a tiny sparse Llama with the Trainer and SparseTrainingCallback on one
-process, or on two under ``torch.distributed.run`` (gloo, CPU) with FSDP2 or DDP, and write what the tests compare.
+process, or on two under ``torch.distributed.run`` (gloo, CPU) with FSDP2, DDP or DeepSpeed ZeRO, and write what the
+tests compare.
 
     python fsdp_train.py OUT_DIR '{"engine": "fsdp", "update": "static", ...}'
 
-Options (JSON): ``engine`` ("single", "ddp", "fsdp"), ``update``, ``budget``, ``selection``, ``batch`` (per
+Options (JSON): ``engine`` ("single", "ddp", "fsdp", "zero2", "zero3"), ``update``, ``budget``, ``selection``, ``batch`` (per
 process), ``steps``, ``select_before_wrapping`` (call ``select_mask`` on the trainer's dataloader before
 ``trainer.train()``, so a global budget may give layers k = 0), ``optimizer`` ("adamw" or "sm3"), ``quantised``
 (a 4-bit NF4 base; ``quant_storage`` names its storage dtype), ``save_steps`` and ``resume`` (a checkpoint folder
@@ -16,6 +17,8 @@ accelerate turns FSDP on only for accelerator device types (its ``AcceleratorSta
 ``MULTI_CPU``), so on CPU the trainer below switches both shared states to FSDP after the Trainer built its Accelerator:
 from there on it is accelerate's own FSDP2 path (``fsdp2_prepare_model`` wrapping every ``LlamaDecoderLayer`` and
 the model with ``fully_shard``, FSDP2 optimizer parameter swap, full-state-dict saving) that runs, over gloo.
+DeepSpeed runs on its own CPU accelerator (``DS_ACCELERATOR=cpu``, gloo); there accelerate needs to be told the
+process group (see ``deepspeed_on_cpu``).
 """
 
 import json
@@ -52,6 +55,19 @@ class FSDPOnCPUTrainer(SequentialTrainer):
         self.is_fsdp_enabled = True
 
 
+def deepspeed_on_cpu(arguments) -> None:
+    """Without an accelerator device accelerate leaves its process state single-process under DeepSpeed (no
+    backend, so one process, every rank reading every batch) while DeepSpeed itself initialises gloo over all
+    ranks; tell accelerate the process group DeepSpeed built, so the dataloader is sharded as on GPUs."""
+    from accelerate import PartialState
+
+    arguments.device  # sets up accelerate's and DeepSpeed's process state
+    state = PartialState()
+    state.backend = "gloo"
+    state.num_processes = torch.distributed.get_world_size()
+    state.process_index = state.local_process_index = torch.distributed.get_rank()
+
+
 class SM3Trainer(SequentialTrainer):
     """Builds peft-sparse's SM3 (SpIEL-MA's optimizer). The Trainer refuses ``optimizers=(...)`` under FSDP (the
     optimizer must be built on the wrapped model's parameters), so it is built here, where the Trainer builds its
@@ -86,6 +102,11 @@ def main() -> None:
     args = dict(per_device_train_batch_size=options.get("batch", 4), max_steps=options.get("steps", 6))
     if engine != "single":
         args["ddp_backend"] = "gloo"
+    if engine.startswith("zero"):  # "zero2", "zero3": DeepSpeed ZeRO on its CPU accelerator
+        args["deepspeed"] = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+                             "gradient_clipping": "auto", "zero_optimization": {"stage": int(engine[-1])},
+                             "zero_allow_untested_optimizer": True}
+        args["use_cpu"] = False  # accelerate turns DeepSpeed off for use_cpu; DS_ACCELERATOR=cpu keeps it on CPU
     if engine == "ddp":
         # as plain DDP: layers a global budget leaves empty must not need the unused-parameter search (which the
         # Trainer switches on for peft models by default)
@@ -95,9 +116,12 @@ def main() -> None:
     trainer_class = FSDPOnCPUTrainer if engine == "fsdp" else SequentialTrainer
     if options.get("optimizer") == "sm3":
         trainer_class = type("SM3" + trainer_class.__name__, (SM3Trainer, trainer_class), {})
-    trainer = trainer_class(model=model, args=trainer_helpers.TrainingArguments(
-        **{**trainer_helpers.DEFAULT_ARGS, "output_dir": str(out_dir / "run"), **args}),
-        train_dataset=TokenData(), callbacks=[SparseTrainingCallback()])
+    arguments = trainer_helpers.TrainingArguments(
+        **{**trainer_helpers.DEFAULT_ARGS, "output_dir": str(out_dir / "run"), **args})
+    if engine.startswith("zero"):
+        deepspeed_on_cpu(arguments)
+    trainer = trainer_class(model=model, args=arguments, train_dataset=TokenData(),
+                            callbacks=[SparseTrainingCallback()])
     if options.get("select_before_wrapping"):
         model.train()  # as the Trainer's own selection does (see SparseTrainingCallback._select)
         select_mask(model, trainer.get_train_dataloader())

@@ -34,12 +34,16 @@ class Runs:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.done: dict[str, Path] = {}
+        self.launched = 0
 
-    def __call__(self, resume_from: Path | None = None, **options) -> Path:
+    def __call__(self, resume_from: Path | None = None, expect_error: bool = False, **options) -> Path | str:
+        """Run once per set of options; returns the output folder, or with ``expect_error`` the failed run's
+        output (asserting that it failed)."""
         key = json.dumps(options, sort_keys=True) + str(resume_from)
         if key in self.done:
             return self.done[key]
-        out_dir = self.root / f"run{len(self.done)}"
+        self.launched += 1
+        out_dir = self.root / f"run{self.launched}"
         out_dir.mkdir(parents=True)
         if resume_from is not None:  # the checkpoint to resume from, where the Trainer looks for it
             checkpoint = resume_from / "run" / options["resume"]
@@ -52,9 +56,12 @@ class Runs:
         else:
             command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                        f"--master_port={_free_port()}", *script]
-        env = dict(os.environ, OMP_NUM_THREADS="1",
+        env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                    PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if expect_error:
+            assert result.returncode != 0, "the run was expected to fail"
+            return result.stdout + result.stderr
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
         self.done[key] = out_dir
         return out_dir
@@ -205,3 +212,65 @@ def test_a_4bit_base_under_fsdp_matches_one_process_and_merges(runs, quant_stora
     assert (adapted - plain).abs().max() > 1e-4  # the trained delta changes the output
     # The merge re-quantises W0 + delta to the 4-bit grid: far closer to the adapted model than the base is.
     assert (merged - adapted).abs().max() < 0.5 * (adapted - plain).abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed ZeRO (its CPU accelerator, gloo): static masks; what ZeRO cannot run is refused at train begin
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_a_static_mask_under_deepspeed_zero_matches_one_process(runs, engine):
+    pytest.importorskip("deepspeed")
+    options = dict(budget="local", selection="random")
+    assert_same_adapter(runs(engine="single", batch=4, **options), runs(engine=engine, batch=2, **options))
+
+
+def test_a_mask_selected_before_training_with_empty_layers_under_zero2_matches_one_process(runs):
+    pytest.importorskip("deepspeed")
+    options = dict(budget="global", select_before_wrapping=True)
+    adapter = assert_same_adapter(runs(engine="single", batch=4, **options), runs(engine="zero2", batch=2, **options))
+    assert 0 in _sizes(adapter)
+
+
+@pytest.mark.parametrize(("engine", "options", "message"), [
+    ("zero2", dict(update="dynamic"), "update='dynamic' moves entries"),
+    ("zero2", dict(update="spiel"), "update='spiel' moves entries"),
+    ("zero2", dict(selection="gradient"), "selection='gradient' would choose the mask after DeepSpeed"),
+    ("zero3", dict(budget="global", select_before_wrapping=True), "ZeRO-3 cannot gather a parameter with no"),
+])
+def test_what_deepspeed_zero_cannot_run_is_refused_at_train_begin(runs, engine, options, message):
+    pytest.importorskip("deepspeed")
+    output = runs(engine=engine, batch=2, expect_error=True, **options)
+    assert f"SparseTrainingCallback under DeepSpeed ZeRO: {message}" in output
+    assert "'loss'" not in output  # refused before the first optimizer step
+
+
+def test_select_mask_on_an_fsdp_model_refuses_to_move_the_budget_between_layers(tmp_path):
+    """One gloo process is enough to shard: values become DTensors whose layout fixes each layer's k."""
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(HERE)!r})
+import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+from trainer_helpers import TokenData, sparse_model
+from peft_sparse import SparseLayer, select_mask
+dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+model = sparse_model(selection="gradient", budget="global")
+fully_shard(model)
+batches = [{{key: value.unsqueeze(0) for key, value in TokenData()[i].items()}} for i in range(2)]
+try:
+    select_mask(model, batches)
+except ValueError as error:
+    print("REFUSED:", error)
+sizes = [m.sparse_values["default"].shape[0] for m in model.modules() if isinstance(m, SparseLayer)]
+select_mask(model, batches, keep_layer_sizes=True)
+assert [m.sparse_values["default"].shape[0] for m in model.modules() if isinstance(m, SparseLayer)] == sizes
+print("KEPT")
+dist.destroy_process_group()
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "REFUSED: select_mask: the values are sharded by FSDP2" in result.stdout
+    assert "KEPT" in result.stdout

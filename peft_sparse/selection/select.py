@@ -177,13 +177,20 @@ def select_mask(
     before ``select_mask`` and not stepped yet trains the selected entries.
 
     Under ``torch.distributed`` the gradient accumulators are summed over ranks before scoring, so every rank
-    selects the same entries from the salience of the global batch.
+    selects the same entries from the salience of the global batch. On a model wrapped with FSDP2 the values
+    cannot be resized: ``keep_layer_sizes=True`` is required there (refused otherwise).
 
     Returns:
         A :class:`SelectionReport` (per-layer k, time taken, peak extra memory).
     """
     start = time.perf_counter()
     root, adapter_name, config, metric, layers = _prepare("select_mask", model, adapter_name, data)
+    if not keep_layer_sizes and any(is_sharded(layer.sparse_values[adapter_name]) for _, layer in layers):
+        raise ValueError(
+            "select_mask: the values are sharded by FSDP2, whose shards are laid out for each layer's current k, so "
+            "the budget cannot move between layers now; pass keep_layer_sizes=True, or select before wrapping the "
+            "model (before trainer.train() with a Trainer)"
+        )
     with_residual = [name for name, layer in layers if layer.sparse_residual_indices[adapter_name].numel()]
     if with_residual:
         raise ValueError(
