@@ -11,7 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = {"ops": "ops_bench.py", "qlora": "qlora_bench.py", "quality": "quality.py"}
+SCRIPTS = {"ops": "ops_bench.py", "qlora": "qlora_bench.py", "quality": "quality.py",
+           "distributed": "distributed_bench.py"}
+TAKES_REPEATS = ("ops", "qlora")
 DEFAULT = ("ops", "qlora")
 
 
@@ -23,10 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # No `choices`: Python 3.11's argparse checks an empty nargs="*" list against them and rejects it; run() checks.
     parser.add_argument("which", nargs="*", metavar="BENCHMARK",
                         help=f"which benchmarks to run, of {list(SCRIPTS)}; default {list(DEFAULT)} "
-                             "(quality trains 5 methods x 3 seeds: "
-                             "about 25 minutes on 2 CPU cores)")
+                             "(quality trains 5 methods x 3 seeds: about 25 minutes on 2 CPU cores; distributed "
+                             "runs FSDP2 and DDP on 2 processes: about 1.5 minutes)")
     parser.add_argument("--repeats", type=int, default=None,
-                        help="timed repetitions per measurement (median); default: each script's own")
+                        help="timed repetitions per measurement (median) for ops and qlora; default: each "
+                             "script's own")
     parser.add_argument("--write", action="store_true", help="also rewrite their sections of benchmarks/RESULTS.md")
 
 
@@ -46,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for name in dict.fromkeys(args.which or DEFAULT):  # unique, in the given order
         command = [sys.executable, str(folder / SCRIPTS[name])]
-        if args.repeats is not None and name != "quality":
+        if args.repeats is not None and name in TAKES_REPEATS:
             command += ["--repeats", str(args.repeats)]
         if args.write:
             command.append("--write")
