@@ -1,9 +1,10 @@
-"""FSDP2 (``fully_shard`` through accelerate, as ``Trainer`` drives it) against one process, on CPU over gloo.
+"""Distributed training on CPU over gloo against one process: FSDP2 (``fully_shard`` through accelerate, as
+``Trainer`` drives it), DDP and DeepSpeed ZeRO.
 
-Every test launches ``fsdp_train.py`` (see its docstring for how accelerate's FSDP2 path is driven on CPU) on two
-processes with a per-process batch of 2 and compares with one process and a batch of 4: the same global batches, so
-the adapter ``trainer.save_model`` writes (the full state gathered from the shards) must be the same file, indices
-exactly, values to float32 rounding, and both ranks must hold identical (gathered) adapters.
+Every test launches ``distributed_train.py`` (see its docstring for how accelerate's FSDP2 and DeepSpeed paths are
+driven on CPU) on two processes with a per-process batch of 2 and compares with one process and a batch of 4: the
+same global batches, so the adapter ``trainer.save_model`` writes (the full state gathered from the shards) must be
+the same file, indices exactly, values to float32 rounding, and both ranks must hold identical (gathered) adapters.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def _free_port() -> int:
 
 
 class Runs:
-    """Launches ``fsdp_train.py`` once per distinct set of options and remembers where its outputs are."""
+    """Launches ``distributed_train.py`` once per distinct set of options and remembers where its outputs are."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -50,7 +51,7 @@ class Runs:
             (out_dir / "run").mkdir()
             subprocess.run(["cp", "-r", str(checkpoint), str(out_dir / "run")], check=True)
         processes = 1 if options.get("engine", "single") == "single" else 2
-        script = [str(HERE / "fsdp_train.py"), str(out_dir), json.dumps(options)]
+        script = [str(HERE / "distributed_train.py"), str(out_dir), json.dumps(options)]
         if processes == 1:
             command = [sys.executable, *script]
         else:

@@ -17,6 +17,10 @@ describes dense positions rather than entries and is left as it is. Scalar state
 by all entries of the parameter and is left as it is: new entries then get the bias correction of the parameter's
 step count, which for a zero second moment only scales their first updates. Any other state laid out differently
 from the parameter raises ``NotImplementedError`` rather than being silently kept.
+
+Under FSDP2 the values, their gradient and the moments are sharded ``DTensor``s: every rank gathers the whole
+tensors, remaps them identically and writes its own chunk back in place (``peft_sparse._distributed``); 8-bit
+moments of sharded values are refused.
 """
 
 from __future__ import annotations

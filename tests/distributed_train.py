@@ -2,10 +2,10 @@
 process, or on two under ``torch.distributed.run`` (gloo, CPU) with FSDP2, DDP or DeepSpeed ZeRO, and write what the
 tests compare.
 
-    python fsdp_train.py OUT_DIR '{"engine": "fsdp", "update": "static", ...}'
+    python distributed_train.py OUT_DIR '{"engine": "fsdp", "update": "static", ...}'
 
-Options (JSON): ``engine`` ("single", "ddp", "fsdp", "zero2", "zero3"), ``update``, ``budget``, ``selection``, ``batch`` (per
-process), ``steps``, ``select_before_wrapping`` (call ``select_mask`` on the trainer's dataloader before
+Options (JSON): ``engine`` ("single", "ddp", "fsdp", "zero2", "zero3"), ``update``, ``budget``, ``selection``,
+``batch`` (per process), ``steps``, ``select_before_wrapping`` (call ``select_mask`` on the trainer's dataloader before
 ``trainer.train()``, so a global budget may give layers k = 0), ``optimizer`` ("adamw" or "sm3"), ``quantised``
 (a 4-bit NF4 base; ``quant_storage`` names its storage dtype), ``save_steps`` and ``resume`` (a checkpoint folder
 name to resume from).
@@ -47,8 +47,9 @@ class FSDPOnCPUTrainer(SequentialTrainer):
 
         state = self.accelerator.state
         state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap="LlamaDecoderLayer",
-            state_dict_type="FULL_STATE_DICT", reshard_after_forward=True, cpu_ram_efficient_loading=False,
+            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap="LlamaDecoderLayer", state_dict_type="FULL_STATE_DICT",
+            reshard_after_forward=True, cpu_ram_efficient_loading=False,
         )
         # Both shared states: every AcceleratorState() built later copies PartialState's over its own.
         state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
