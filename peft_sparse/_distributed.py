@@ -69,8 +69,3 @@ def local_part(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     for dim, (start, length) in enumerate(zip(offset, shape)):
         value = value.narrow(dim, start, length)
     return value
-
-
-def has_sharded_parameters(model: torch.nn.Module) -> bool:
-    """Whether any parameter of ``model`` is sharded (the model was wrapped with FSDP2's ``fully_shard``)."""
-    return any(is_sharded(p) for p in model.parameters())

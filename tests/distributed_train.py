@@ -33,10 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trainer_helpers  # noqa: E402
 from tiny_models import quantised_model, tiny_llama, tiny_llama_aligned  # noqa: E402
-from trainer_helpers import SequentialTrainer, TokenData  # noqa: E402
+from trainer_helpers import SequentialTrainer, TokenData, sparse_log, sparse_state  # noqa: E402
 
-from peft_sparse import SparseConfig, SparseLayer, SparseTrainingCallback, select_mask  # noqa: E402
-from peft_sparse._distributed import whole  # noqa: E402
+from peft_sparse import SparseConfig, SparseTrainingCallback, select_mask  # noqa: E402
 
 
 class FSDPOnCPUTrainer(SequentialTrainer):
@@ -130,10 +129,7 @@ def main() -> None:
     trainer.train(resume_from_checkpoint=str(out_dir / "run" / resume) if resume else None)
     trainer.save_model(str(out_dir / "adapter"))
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    state = {name: (m.sparse_indices["default"].clone(), whole(m.sparse_values["default"].detach()).clone())
-             for name, m in model.named_modules() if isinstance(m, SparseLayer)}
-    log = [entry for entry in trainer.state.log_history if any(key.startswith("sparse/") for key in entry)]
-    torch.save({"state": state, "log": log}, out_dir / f"rank{rank}.pt")
+    torch.save({"state": sparse_state(model), "log": sparse_log(trainer)}, out_dir / f"rank{rank}.pt")
 
 
 if __name__ == "__main__":

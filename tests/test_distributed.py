@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +19,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from trainer_helpers import free_port
+
 HERE = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class Runs:
@@ -56,7 +51,7 @@ class Runs:
             command = [sys.executable, *script]
         else:
             command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                       f"--master_port={_free_port()}", *script]
+                       f"--master_port={free_port()}", *script]
         env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
                    PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
         result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -108,6 +103,28 @@ def test_a_global_budget_that_leaves_layers_empty_trains_under_fsdp_like_one_pro
     assert_ranks_identical(runs(engine="fsdp", batch=2, **options))
     trained = [t for k, t in adapter.items() if "sparse_values" in k and t.numel()]
     assert all(bool(t.any()) for t in trained)
+
+
+def _rank_states(out_dir: Path) -> list[dict]:
+    return [torch.load(out_dir / f"rank{r}.pt") for r in (0, 1)]
+
+
+def test_ddp_two_processes_match_one_process_and_agree_across_ranks(runs):
+    single = torch.load(runs(engine="single", batch=8, steps=7) / "rank0.pt")["state"]
+    ranks = [output["state"] for output in _rank_states(runs(engine="ddp", batch=4, steps=7))]
+    for name in single:
+        assert torch.equal(ranks[0][name][0], ranks[1][name][0]), name  # identical selection on both ranks
+        assert torch.equal(ranks[0][name][1], ranks[1][name][1]), name
+        assert torch.equal(ranks[0][name][0], single[name][0]), name  # the same mask as one process
+        assert torch.allclose(ranks[0][name][1], single[name][1], rtol=1e-4, atol=1e-6), name
+
+
+def test_ddp_spiel_reselection_keeps_ranks_identical(runs):
+    outputs = _rank_states(runs(engine="ddp", batch=4, steps=7, update="spiel"))
+    assert [entry["step"] for entry in outputs[0]["log"]] == [0, 3, 6]
+    for name in outputs[0]["state"]:
+        for part in (0, 1):
+            assert torch.equal(outputs[0]["state"][name][part], outputs[1]["state"][name][part]), name
 
 
 def test_a_global_budget_that_leaves_layers_empty_trains_under_ddp_like_one_process(runs):

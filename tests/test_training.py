@@ -1,13 +1,7 @@
 """SparseTrainingCallback with transformers' Trainer and TRL's SFTTrainer: selection at train begin, dynamic and
-SpIEL updates on optimizer steps, checkpoint resume, and two-process DDP consistency (gloo, CPU)."""
+SpIEL updates on optimizer steps and checkpoint resume (multi-process runs: tests/test_distributed.py)."""
 
 from __future__ import annotations
-
-import os
-import socket
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,13 +10,7 @@ from peft_sparse import SparseLayer, SparseTrainingCallback
 from peft_sparse.tuner.indices import layer_seed, random_indices
 
 from tiny_models import quantised_model, tiny_llama_aligned, tiny_tokenizer
-from trainer_helpers import make_trainer, sparse_model, sparse_state
-
-HERE = Path(__file__).resolve().parent
-
-
-def sparse_log(trainer):
-    return [entry for entry in trainer.state.log_history if any(key.startswith("sparse/") for key in entry)]
+from trainer_helpers import make_trainer, sparse_log, sparse_model, sparse_state
 
 
 def test_callback_selects_the_mask_at_train_begin_and_the_optimizer_trains_it(tmp_path):
@@ -150,45 +138,6 @@ def test_sft_trainer_with_and_without_packing_on_a_4bit_model(tmp_path):
         assert [entry["step"] for entry in sparse_log(trainer)] == [0, 2, 4], packing
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
         assert len(losses) == 5 and all(torch.isfinite(torch.tensor(losses)))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(out_dir: Path, update: str, processes: int, batch: int) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-    if processes == 1:
-        command = [sys.executable, str(HERE / "ddp_train.py"), str(out_dir), update, str(batch)]
-    else:
-        command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                   f"--master_port={_free_port()}", str(HERE / "ddp_train.py"), str(out_dir), update, str(batch)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-
-
-def test_ddp_two_processes_match_one_process_and_agree_across_ranks(tmp_path):
-    _launch(tmp_path / "single", "static", processes=1, batch=8)
-    _launch(tmp_path / "ddp", "static", processes=2, batch=4)
-    single = torch.load(tmp_path / "single" / "rank0.pt")["state"]
-    ranks = [torch.load(tmp_path / "ddp" / f"rank{r}.pt")["state"] for r in (0, 1)]
-    for name in single:
-        assert torch.equal(ranks[0][name][0], ranks[1][name][0]), name  # identical selection on both ranks
-        assert torch.equal(ranks[0][name][1], ranks[1][name][1]), name
-        assert torch.equal(ranks[0][name][0], single[name][0]), name  # the same mask as one process
-        assert torch.allclose(ranks[0][name][1], single[name][1], rtol=1e-4, atol=1e-6), name
-
-
-def test_ddp_spiel_reselection_keeps_ranks_identical(tmp_path):
-    _launch(tmp_path / "spiel", "spiel", processes=2, batch=4)
-    outputs = [torch.load(tmp_path / "spiel" / f"rank{r}.pt") for r in (0, 1)]
-    assert [entry["step"] for entry in outputs[0]["log"]] == [0, 3, 6]
-    for name in outputs[0]["state"]:
-        for part in (0, 1):
-            assert torch.equal(outputs[0]["state"][name][part], outputs[1]["state"][name][part]), name
 
 
 def test_an_optimizer_built_before_select_mask_trains_the_selected_entries(tmp_path):

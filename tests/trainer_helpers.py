@@ -1,8 +1,10 @@
 """A tiny Llama, a fixed token data set and a Trainer with a sequential sampler, shared by the callback tests and the
-two-process DDP script (``ddp_train.py``). Sequential sampling makes a run with batch 2b on one process see the same
+multi-process script (``distributed_train.py``). Sequential sampling makes a run with batch 2b on one process see the same
 global batches as a run with batch b on each of two processes (accelerate hands out whole batches round-robin)."""
 
 from __future__ import annotations
+
+import socket
 
 import torch
 from peft import get_peft_model
@@ -10,6 +12,7 @@ from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainingArguments
 
 from peft_sparse import SparseConfig, SparseLayer, SparseTrainingCallback
+from peft_sparse._distributed import whole
 
 from tiny_models import VOCAB, tiny_llama
 
@@ -53,5 +56,18 @@ def make_trainer(model, output_dir, callback=None, **args) -> SequentialTrainer:
 
 
 def sparse_state(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    return {name: (m.sparse_indices["default"].clone(), m.sparse_values["default"].detach().clone())
+    """Every sparse layer's indices and values (whole: gathered where FSDP2 shards them, a collective then)."""
+    return {name: (m.sparse_indices["default"].clone(), whole(m.sparse_values["default"].detach()).clone())
             for name, m in model.named_modules() if isinstance(m, SparseLayer)}
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now, for ``torch.distributed.run --master_port``."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def sparse_log(trainer) -> list[dict]:
+    """The ``sparse/...`` entries SparseTrainingCallback added to the Trainer's log history."""
+    return [entry for entry in trainer.state.log_history if any(key.startswith("sparse/") for key in entry)]

@@ -120,7 +120,7 @@ class SparseLayer(BaseTunerLayer):
         """After peft set ``requires_grad`` on these adapters: freeze those without entries here, remembering what
         peft asked for until they have entries (see ``_trainable_once_sized``)."""
         for name in adapter_names:
-            values = self.sparse_values[name] if name in self.sparse_values else None
+            values = self.sparse_values.get(name)
             if values is not None and values.numel() == 0:
                 self._trainable_once_sized[name] = values.requires_grad
                 values.requires_grad_(False)
@@ -193,8 +193,7 @@ class SparseLayer(BaseTunerLayer):
         self.sparse_indices[adapter_name] = indices.to(device=device, dtype=index_dtype(self.num_weight_entries))
         old_values.data = values.detach().to(device=device, dtype=old_values.dtype).clone()
         if indices.numel() == 0 and not was_empty:
-            self._trainable_once_sized[adapter_name] = old_values.requires_grad
-            old_values.requires_grad_(False)
+            self._freeze_empty_values([adapter_name])
         elif indices.numel() and was_empty:
             old_values.requires_grad_(self._trainable_once_sized.pop(adapter_name, old_values.requires_grad))
 
