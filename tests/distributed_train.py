@@ -130,6 +130,11 @@ def main() -> None:
     trainer.save_model(str(out_dir / "adapter"))
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     torch.save({"state": sparse_state(model), "log": sparse_log(trainer)}, out_dir / f"rank{rank}.pt")
+    if torch.distributed.is_initialized():
+        # Leave together and tear the process group down before the interpreter does: a rank that exits while
+        # gloo's threads still serve the other one can abort ("terminate called without an active exception").
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
