@@ -57,6 +57,10 @@ VARIANTS = [
     ("dynamic", "mlp", {"target_modules": ["lin0", "lin1"], "density": 0.2, "update": "dynamic"}),
     ("spiel", "mlp", {"target_modules": ["lin0", "lin1"], "density": 0.2, "update": "spiel", "update_interval": 5}),
     ("conv1d", "gpt2", {"target_modules": ["c_attn", "c_proj"], "density": 0.1}),
+    # the sparse + low-rank hybrid (RoSA): every behaviour again with a low-rank term beside the entries
+    ("hybrid", "mlp", {"target_modules": ["lin0", "lin1"], "density": 0.1, "r": 2, "lora_alpha": 4,
+                       "modules_to_save": ["head"]}),
+    ("hybrid conv1d", "gpt2", {"target_modules": ["c_attn", "c_proj"], "density": 0.05, "r": 2}),
 ]
 IDS = [name for name, _, _ in VARIANTS]
 
@@ -158,7 +162,8 @@ def test_saved_state_holds_only_adapter_tensors(variant):
     _, kind, kwargs = variant
     model = make(kind, kwargs)
     keys = get_peft_model_state_dict(model).keys()
-    allowed = ("sparse_indices", "sparse_values", "sparse_residual_indices", "sparse_residual_values", "sparse_shape")
+    allowed = ("sparse_indices", "sparse_values", "sparse_residual_indices", "sparse_residual_values", "sparse_shape",
+               "sparse_lora_A", "sparse_lora_B")
     for key in keys:
         assert any(f".{part}" in key for part in allowed) or "head" in key, key
     assert any(".sparse_shape" in key for key in keys)
@@ -246,7 +251,9 @@ def test_training_changes_only_the_adapters_parameters(variant):
     model.train()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    assert trainable and all("sparse_values" in n or "modules_to_save" in n for n in trainable), trainable
+    adapter_parts = ("sparse_values", "sparse_lora_A", "sparse_lora_B", "modules_to_save")
+    assert trainable and all(any(part in n for part in adapter_parts) for n in trainable), trainable
+    assert any("sparse_lora_A" in n for n in trainable) == bool(kwargs.get("r")), trainable
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
     for step in range(3):
         batch = model_inputs(kind, seed=step)

@@ -67,13 +67,13 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
     re-quantise their weight."""
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, delta_dtype: Optional[torch.dtype] = None,
-                 layer_name: str = "", **kwargs) -> None:
+                 layer_name: str = "", low_rank: Optional[dict[str, Any]] = None, **kwargs) -> None:
         super().__init__()
         SparseLayer.__init__(self, base_layer, layer_name=layer_name, fan_in_fan_out=False, **kwargs)
         self._active_adapter = adapter_name
         # The quantised weight as it was before the first merge (a plain dict: not a parameter, not saved).
         self._premerge: dict[str, Any] = {}
-        self.update_layer(adapter_name, delta_dtype)
+        self.update_layer(adapter_name, delta_dtype, **(low_rank or {}))
         self.register_load_state_dict_pre_hook(self._load_sparse_state_pre_hook)
 
     # --- what each quantised type provides -------------------------------------------------------------------
@@ -111,9 +111,10 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
         return self._dequantizer()(empty, empty.float(), dtype)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The adapter's delta as a dense fp32 ``(out, in)`` tensor (allocates; for inspection)."""
+        """The adapter's delta (sparse entries plus any low-rank term) as a dense fp32 ``(out, in)`` tensor
+        (allocates; for inspection)."""
         delta = torch.zeros(self.logical_shape, dtype=torch.float32, device=self.weight_device)
-        return scatter_add(delta, *self.adapter_delta(adapter_name, detach=True))
+        return self._merged_delta_into(delta, adapter_name)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._dispatch_forward(x, *args, **kwargs)
@@ -142,7 +143,7 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
             None if probe is None else probe.weight_offset,
             dequantize=self._dequantizer(),
         )
-        return out.to(input_dtype)
+        return self._add_low_rank_output(out, x, active).to(input_dtype)
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Merge the given (default: active) adapters into the quantised weight: dequantise, add, re-quantise.
@@ -158,6 +159,10 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
         with torch.no_grad():
             indices, values = _sorted_delta(*self._delta(names))
             dense = self._dequantizer()(indices, values.detach(), torch.float32)
+            for name in names:
+                low_rank = self.low_rank_delta(name)
+                if low_rank is not None:
+                    dense += low_rank.to(dense.device)
             if safe_merge and not torch.isfinite(dense).all():
                 raise ValueError(f"NaNs or infs detected in the merged weights; adapters {names!r} seem broken")
             snapshot = self._snapshot()

@@ -99,6 +99,14 @@ class SparseConfig(PeftConfig):
             False`` in LoRA, SHiRA or Super-Tuning), meant for tests of merging, saving and loading.
         seed (`int`):
             Seed for random index sets, ``init_weights=False`` values and deterministic tie-breaking.
+        r (`int`):
+            Rank of an optional low-rank term added to every sparse layer (the sparse + low-rank hybrid of RoSA,
+            arXiv 2401.04679; "Supra" in peft's Super-Tuning): the delta becomes ``scatter(indices, values) +
+            (lora_alpha / r) * B @ A`` with ``A`` (``r x in``) initialised as in LoRA and ``B`` (``out x r``) zero.
+            ``0`` (default) means no low-rank term. ``density`` / ``num_tunable_weights`` count the sparse entries
+            only; the low-rank term adds ``r * (in + out)`` per layer.
+        lora_alpha (`float`):
+            Scale of the low-rank term (``lora_alpha / r``), as LoRA's ``lora_alpha``.
     """
 
     target_modules: Optional[Union[list[str], str]] = field(
@@ -194,6 +202,16 @@ class SparseConfig(PeftConfig):
     seed: int = field(
         default=0, metadata={"help": "Seed for random index sets, init_weights=False values and tie-breaking."}
     )
+    r: int = field(
+        default=0,
+        metadata={
+            "help": (
+                "Rank of a low-rank term added to every sparse layer (sparse + low-rank hybrid, RoSA); 0: none. "
+                "density / num_tunable_weights count the sparse entries only."
+            )
+        },
+    )
+    lora_alpha: float = field(default=8, metadata={"help": "Scale of the low-rank term: lora_alpha / r (as in LoRA)."})
 
     def __post_init__(self):
         super().__post_init__()
@@ -234,6 +252,12 @@ class SparseConfig(PeftConfig):
         _check_int("salience_batches", self.salience_batches, 1)
         _check_int("accumulation_steps", self.accumulation_steps, 1)
         _check_int("seed", self.seed, 0)
+        _check_int("r", self.r, 0)
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+            raise TypeError(f"SparseConfig.lora_alpha must be a number, got {type(self.lora_alpha).__name__} "
+                            f"{self.lora_alpha!r}")
+        if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
+            raise ValueError(f"SparseConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
         if isinstance(self.reselection_rate, bool) or not isinstance(self.reselection_rate, (int, float)):
             raise TypeError(f"SparseConfig.reselection_rate must be a float, got {self.reselection_rate!r}")
         if not (math.isfinite(self.reselection_rate) and 0.0 <= self.reselection_rate <= 1.0):

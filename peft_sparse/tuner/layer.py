@@ -8,6 +8,9 @@ Per adapter a layer holds
 * ``sparse_shape[name]``: a persistent ``int64`` buffer ``[out, in]``, the logical shape the indices address. It is
   saved with the adapter, so loading onto a layer of another shape is refused instead of scattering the entries
   onto other weights.
+* with ``SparseConfig(r > 0)`` (the sparse + low-rank hybrid, RoSA), also ``sparse_lora_A[name]`` (``r x in``) and
+  ``sparse_lora_B[name]`` (``out x r``, zero at initialisation): the layer's delta is then
+  ``scatter(indices, values) + (lora_alpha / r) * B @ A``, trained, merged, saved and loaded together.
 
 The forward pass goes through :func:`peft_sparse.ops.sparse_linear`, whose backward never materialises the dense
 weight gradient.
@@ -17,6 +20,8 @@ from __future__ import annotations
 
 import warnings
 from typing import Any, Optional
+
+import math
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -31,7 +36,7 @@ from .indices import check_indices, index_dtype, layer_seed, random_indices
 class SparseLayer(BaseTunerLayer):
     """Mixin with the adapter state and the adapter bookkeeping shared by every sparse layer type."""
 
-    adapter_layer_names = ("sparse_values",)
+    adapter_layer_names = ("sparse_values", "sparse_lora_A", "sparse_lora_B")
     other_param_names = ("sparse_indices", "sparse_residual_indices", "sparse_residual_values", "sparse_shape")
 
     def __init__(self, base_layer: nn.Module, layer_name: str = "", fan_in_fan_out: bool = False, **kwargs) -> None:
@@ -44,6 +49,10 @@ class SparseLayer(BaseTunerLayer):
         self.sparse_residual_indices = BufferDict({}, persistent=True)
         self.sparse_residual_values = BufferDict({}, persistent=True)
         self.sparse_shape = BufferDict({}, persistent=True)
+        # The low-rank term of a hybrid adapter (SparseConfig.r > 0); adapters with r = 0 have no entry here.
+        self.sparse_lora_A = nn.ParameterDict({})
+        self.sparse_lora_B = nn.ParameterDict({})
+        self.lora_scaling: dict[str, float] = {}
         # Per adapter, the dtype its values live in: SparseConfig.delta_dtype where the config pins one, else decided
         # by peft's autocast_adapter_dtype rule (SparseModel._cast_adapter_dtype). Loading never changes it.
         self.values_dtype: dict[str, torch.dtype] = {}
@@ -80,13 +89,23 @@ class SparseLayer(BaseTunerLayer):
         return self.out_features * self.in_features
 
     def update_layer(
-        self, adapter_name: str, delta_dtype: Optional[torch.dtype], inference_mode: bool = False
+        self,
+        adapter_name: str,
+        delta_dtype: Optional[torch.dtype],
+        inference_mode: bool = False,
+        r: int = 0,
+        lora_alpha: float = 8,
+        init_weights: bool = True,
+        seed: int = 0,
     ) -> None:
         """Create an empty (``k = 0``) adapter; :meth:`set_sparse_entries` or :meth:`reset_random` sizes it.
 
         The model sizes every layer's adapter only once it knows all targeted layers, because a global budget is
         split across them. ``delta_dtype=None`` creates float32 values; ``SparseModel._cast_adapter_dtype`` casts
         them to the base layer's dtype where peft is asked not to autocast (``autocast_adapter_dtype=False``).
+
+        ``r > 0`` adds the low-rank term: ``A`` is drawn as LoRA draws it (Kaiming-uniform, seeded from ``seed`` and
+        the layer's name), ``B`` is zero with ``init_weights`` (the adapter stays the identity), else seeded draws.
         """
         if adapter_name in self.sparse_values:
             raise ValueError(f"adapter_name {adapter_name!r} already exists in layer {self.layer_name!r}")
@@ -98,7 +117,43 @@ class SparseLayer(BaseTunerLayer):
         self.sparse_residual_indices[adapter_name] = torch.empty(0, dtype=torch.int64, device=device)
         self.sparse_residual_values[adapter_name] = torch.empty(0, dtype=torch.float32, device=device)
         self.sparse_shape[adapter_name] = torch.tensor(self.logical_shape, dtype=torch.int64, device=device)
+        if r > 0:
+            self._add_low_rank(adapter_name, r, lora_alpha, init_weights, seed, values_dtype, device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    def _add_low_rank(self, adapter_name: str, r: int, lora_alpha: float, init_weights: bool, seed: int,
+                      dtype: torch.dtype, device: torch.device) -> None:
+        generator = torch.Generator().manual_seed(layer_seed(seed, self.layer_name) + 1)
+        lora_a = torch.empty(r, self.in_features)
+        nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
+        if init_weights:
+            lora_b = torch.zeros(self.out_features, r)
+        else:
+            lora_b = torch.randn(self.out_features, r, generator=generator) / r
+        self.sparse_lora_A[adapter_name] = nn.Parameter(lora_a.to(device=device, dtype=dtype))
+        self.sparse_lora_B[adapter_name] = nn.Parameter(lora_b.to(device=device, dtype=dtype))
+        self.lora_scaling[adapter_name] = lora_alpha / r
+
+    def low_rank_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
+        """The adapter's low-rank term ``scaling * B @ A`` as a dense float32 ``(out, in)`` tensor, or ``None``
+        when the adapter has none (``r = 0``)."""
+        if adapter_name not in self.sparse_lora_A:
+            return None
+        lora_a = whole(self.sparse_lora_A[adapter_name].detach()).float()
+        lora_b = whole(self.sparse_lora_B[adapter_name].detach()).float()
+        return (lora_b @ lora_a) * self.lora_scaling[adapter_name]
+
+    def _add_low_rank_output(self, result: torch.Tensor, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """``result`` plus the low-rank terms of the given adapters applied to ``x`` (computed in each term's
+        dtype, as LoRA does); ``result`` itself when none of them has one."""
+        for name in adapter_names:
+            lora_a = self.sparse_lora_A.get(name)
+            if lora_a is None:
+                continue
+            lora_b = self.sparse_lora_B[name]
+            term = nn.functional.linear(nn.functional.linear(x.to(lora_a.dtype), lora_a), lora_b)
+            result = result + (term * self.lora_scaling[name]).to(result.dtype)
+        return result
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete the adapter's tensors (peft) and this layer's own records of it, so that an adapter added later
@@ -106,6 +161,7 @@ class SparseLayer(BaseTunerLayer):
         super().delete_adapter(adapter_name)
         self.mask_chosen.discard(adapter_name)
         self.values_dtype.pop(adapter_name, None)
+        self.lora_scaling.pop(adapter_name, None)
         self._trainable_once_sized.pop(adapter_name, None)
 
     def set_adapter(self, adapter_names, inference_mode: bool = False) -> None:
@@ -131,12 +187,13 @@ class SparseLayer(BaseTunerLayer):
         return self.get_base_layer().weight.dtype
 
     def cast_values(self, adapter_name: str, dtype: torch.dtype) -> None:
-        """Give the adapter's values ``dtype`` from now on, keeping the ``Parameter`` object (and its
-        ``requires_grad``)."""
+        """Give the adapter's values (and its low-rank factors, if any) ``dtype`` from now on, keeping the
+        ``Parameter`` objects (and their ``requires_grad``)."""
         self.values_dtype[adapter_name] = dtype
-        values = self.sparse_values[adapter_name]
-        if values.dtype != dtype:
-            values.data = values.data.to(dtype)
+        for container in (self.sparse_values, self.sparse_lora_A, self.sparse_lora_B):
+            parameter = container.get(adapter_name)
+            if parameter is not None and parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
 
     def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
         """Move the adapter to the base layer's device; the values take the dtype decided for them.
@@ -152,7 +209,8 @@ class SparseLayer(BaseTunerLayer):
         """
         if adapter_name not in self.sparse_values:
             return
-        containers = {name: getattr(self, name) for name in self.adapter_layer_names + self.other_param_names}
+        containers = {name: getattr(self, name) for name in self.adapter_layer_names + self.other_param_names
+                      if adapter_name in getattr(self, name)}
         missing = [f"{self.layer_name}.{name}.{adapter_name}" for name, container in containers.items()
                    if container[adapter_name].device.type == "meta"]
         if missing:
@@ -319,11 +377,24 @@ class SparseLayer(BaseTunerLayer):
         return [name for name in self.active_adapters if name in self.sparse_values]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The adapter's delta as a dense ``(out, in)`` tensor in the base weight's dtype (allocates; for inspection
-        and merging, not for the training path)."""
+        """The adapter's delta (sparse entries plus any low-rank term) as a dense ``(out, in)`` tensor in the base
+        weight's dtype (allocates; for inspection and merging, not for the training path)."""
         base = self._logical_base_weight()
-        delta = torch.zeros(base.shape, dtype=base.dtype, device=base.device)
-        return scatter_add(delta, *self.adapter_delta(adapter_name, detach=True))
+        delta = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
+        delta = scatter_add(delta, *self.adapter_delta(adapter_name, detach=True))
+        low_rank = self.low_rank_delta(adapter_name)
+        if low_rank is not None:
+            delta += low_rank.to(delta.device)
+        return delta.to(base.dtype)
+
+    def _merged_delta_into(self, target: torch.Tensor, adapter_name: str, sign: float = 1.0) -> torch.Tensor:
+        """``target`` (in place) plus ``sign`` times the adapter's whole delta."""
+        indices, values = self.adapter_delta(adapter_name, detach=True)
+        scatter_add(target, indices, values if sign > 0 else -values)
+        low_rank = self.low_rank_delta(adapter_name)
+        if low_rank is not None:
+            target += (sign * low_rank).to(device=target.device, dtype=target.dtype)
+        return target
 
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         """Add the given (default: active) adapters' deltas into the base weight in place.
@@ -340,15 +411,14 @@ class SparseLayer(BaseTunerLayer):
             if name not in self.sparse_values:
                 continue
             target = self._logical_base_weight()
-            indices, values = self.adapter_delta(name, detach=True)
             with torch.no_grad():
                 if safe_merge:
-                    candidate = scatter_add(target.clone(), indices, values)
+                    candidate = self._merged_delta_into(target.clone(), name)
                     if not torch.isfinite(candidate).all():
                         raise ValueError(f"NaNs or infs detected in the merged weights; adapter {name!r} seems broken")
                     target.copy_(candidate)
                 else:
-                    scatter_add(target, indices, values)
+                    self._merged_delta_into(target, name)
             self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -361,8 +431,7 @@ class SparseLayer(BaseTunerLayer):
             if name not in self.sparse_values:
                 continue
             with torch.no_grad():
-                indices, values = self.adapter_delta(name, detach=True)
-                scatter_add(self._logical_base_weight(), indices, -values)
+                self._merged_delta_into(self._logical_base_weight(), name, sign=-1.0)
 
     def _load_sparse_state_pre_hook(self, module, state_dict, prefix, local_metadata, strict, *args) -> None:
         """Validate an incoming adapter and resize this layer's tensors to it before ``load_state_dict`` copies.
@@ -452,12 +521,13 @@ class Linear(nn.Module, SparseLayer):
         delta_dtype: Optional[torch.dtype] = None,
         layer_name: str = "",
         fan_in_fan_out: bool = False,
+        low_rank: Optional[dict[str, Any]] = None,
         **kwargs,
     ) -> None:
         super().__init__()
         SparseLayer.__init__(self, base_layer, layer_name=layer_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, delta_dtype)
+        self.update_layer(adapter_name, delta_dtype, **(low_rank or {}))
         self.register_load_state_dict_pre_hook(self._load_sparse_state_pre_hook)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -470,10 +540,12 @@ class Linear(nn.Module, SparseLayer):
             x = self._cast_input_dtype(x, base.weight.dtype)
         probe = self.salience_probe
         if probe is None:
-            return sparse_linear(x, base.weight, base.bias, indices, values, self.fan_in_fan_out)
-        return sparse_linear(
-            x, base.weight, base.bias, indices, values, self.fan_in_fan_out, probe.accumulate, probe.weight_offset
-        )
+            result = sparse_linear(x, base.weight, base.bias, indices, values, self.fan_in_fan_out)
+        else:
+            result = sparse_linear(
+                x, base.weight, base.bias, indices, values, self.fan_in_fan_out, probe.accumulate, probe.weight_offset
+            )
+        return self._add_low_rank_output(result, x, active)
 
     def __repr__(self) -> str:
         return "sparse." + super().__repr__()

@@ -121,7 +121,8 @@ class SparseModel(BaseTuner):
         if current_key is None:
             raise ValueError("current_key must not be None")
         if isinstance(target, SparseLayer):
-            target.update_layer(adapter_name, sparse_config.torch_delta_dtype, inference_mode=sparse_config.inference_mode)
+            target.update_layer(adapter_name, sparse_config.torch_delta_dtype, inference_mode=sparse_config.inference_mode,
+                                **_low_rank_kwargs(sparse_config))
             return
         new_module = self._create_new_module(sparse_config, adapter_name, target, current_key)
         if adapter_name not in self.active_adapters:
@@ -132,7 +133,9 @@ class SparseModel(BaseTuner):
     @staticmethod
     def _create_new_module(sparse_config: SparseConfig, adapter_name: str, target: nn.Module, layer_name: str):
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        quantised = dispatch_bnb(target, adapter_name, delta_dtype=sparse_config.torch_delta_dtype, layer_name=layer_name)
+        low_rank = _low_rank_kwargs(sparse_config)
+        quantised = dispatch_bnb(target, adapter_name, delta_dtype=sparse_config.torch_delta_dtype, layer_name=layer_name,
+                                 low_rank=low_rank)
         if quantised is not None:
             return quantised
         reason = _unsupported_reason(layer_name, base_layer)
@@ -147,6 +150,7 @@ class SparseModel(BaseTuner):
             delta_dtype=sparse_config.torch_delta_dtype,
             layer_name=layer_name,
             fan_in_fan_out=fan_in_fan_out,
+            low_rank=low_rank,
         )
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
@@ -238,9 +242,12 @@ class SparseModel(BaseTuner):
                 f"{len(shared)} such instance(s)."
             )
         modules_to_save = sorted({m for c in configs for m in (c.modules_to_save or [])}) or None
+        # Low-rank terms combine exactly by concatenation (as LoRA's "cat"): A stacks the adapters' A, B their
+        # weighted, scaled B, and the new term has scaling 1.
+        ranks = [c.r for c in configs]
         self.peft_config[adapter_name] = dataclasses.replace(
             configs[0], num_tunable_weights=None, target_modules=_union_of_targets(adapters, configs),
-            modules_to_save=modules_to_save,
+            modules_to_save=modules_to_save, r=sum(ranks), lora_alpha=sum(ranks) or configs[0].lora_alpha,
         )
         try:
             self._entries_given = True
@@ -265,6 +272,8 @@ class SparseModel(BaseTuner):
                     positions = torch.searchsorted(union, indices.to(torch.int64))
                     values.index_add_(0, positions, w * delta_values.float())
                 layer.set_sparse_entries(adapter_name, union, values)
+                if sum(ranks):
+                    _write_concatenated_low_rank(layer, adapter_name, adapters, weights, ranks)
         except Exception:
             del self.peft_config[adapter_name]
             self._remove_adapter_layers(self.model, adapter_name)
@@ -272,6 +281,32 @@ class SparseModel(BaseTuner):
                 wrapper.modules_to_save.pop(adapter_name, None)
             raise
         self._mark_only_adapters_as_trainable(self.model)
+
+
+def _write_concatenated_low_rank(layer: SparseLayer, adapter_name: str, adapters: list[str], weights: list[float],
+                                 ranks: list[int]) -> None:
+    """Give ``adapter_name`` the low-rank term ``sum_a weight_a * scaling_a * B_a @ A_a`` of the given adapters, as
+    one term of rank ``sum(ranks)`` (blocks of zeros for an adapter without a term in this layer)."""
+    a_blocks, b_blocks = [], []
+    for name, weight, rank in zip(adapters, weights, ranks):
+        if rank == 0:
+            continue
+        if name in layer.sparse_lora_A:
+            a_blocks.append(layer.sparse_lora_A[name].detach().float())
+            b_blocks.append(layer.sparse_lora_B[name].detach().float() * (weight * layer.lora_scaling[name]))
+        else:
+            a_blocks.append(torch.zeros(rank, layer.in_features))
+            b_blocks.append(torch.zeros(layer.out_features, rank))
+    with torch.no_grad():
+        for container, blocks, dim in ((layer.sparse_lora_A, a_blocks, 0), (layer.sparse_lora_B, b_blocks, 1)):
+            target = container[adapter_name]
+            target.copy_(torch.cat([b.to(target.device) for b in blocks], dim=dim))
+    layer.lora_scaling[adapter_name] = 1.0
+
+
+def _low_rank_kwargs(config: SparseConfig) -> dict:
+    """What a layer needs to build the config's low-rank term (``r = 0``: none)."""
+    return {"r": config.r, "lora_alpha": config.lora_alpha, "init_weights": config.init_weights, "seed": config.seed}
 
 
 def _union_of_targets(adapters: list[str], configs: list[SparseConfig]):
