@@ -1,4 +1,5 @@
-"""The ``peft-sparse`` command line: ``peft-sparse finetune`` (the main job) and ``peft-sparse bench``.
+"""The ``peft-sparse`` command line: ``peft-sparse finetune`` (the main job), ``peft-sparse sft`` (supervised
+fine-tuning of a causal LM through TRL, with TRL's arguments) and ``peft-sparse bench``.
 
 Bad arguments, bad data, and problems found once a run is under way (an output folder that cannot be created, a
 training loss that became inf or nan) end with one line on stderr naming the option or the field and the value, and
@@ -48,11 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
                     "base) and benchmarks/qlora_bench.py (4-bit sparse vs QLoRA vs the frozen 4-bit base) and print "
                     "their ratio tables. Needs a source checkout (benchmarks/ next to the package).")
     bench.add_arguments(bench_parser)
+    # Listed here for --help; `peft-sparse sft ...` is parsed by TRL's own parser (peft_sparse.cli.sft), see main().
+    commands.add_parser(
+        "sft", add_help=False,
+        help="supervised fine-tuning of a causal LM with a sparse adapter through TRL's SFTTrainer, TRL's arguments "
+             "(optionally compared with LoRA)")
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["sft"]:
+        from . import sft
+
+        return sft.run(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

@@ -106,31 +106,32 @@ def check_arguments(args: argparse.Namespace) -> Optional[str]:
     return output_dir_problem(args.output_dir, [label for label, _ in planned_runs(args)])
 
 
-def output_dir_problem(output_dir: str, labels: list[str]) -> str | None:
+def output_dir_problem(output_dir: str, labels: list[str], option: str = "--output-dir") -> str | None:
     """Why ``output_dir`` cannot receive the results (None when it can), found without creating anything, so that
     a run that could not be saved is refused before any training rather than failing after it.
 
-    Each of ``labels`` becomes a folder in it (an adapter), next to the results and the plot."""
+    Each of ``labels`` becomes a folder in it (an adapter), next to the results and the plot; ``option`` is how the
+    message names the command's output-folder option."""
     path = Path(output_dir)
     try:
         for folder in (path, *path.parents):  # the nearest existing one decides; "out/run" is made in "out" or "."
             if folder.is_dir():
                 if not os.access(folder, os.W_OK | os.X_OK):
                     where = "" if folder == path else f" cannot be created: {str(folder)!r}"
-                    return f"--output-dir {output_dir!r}{where} is not writable"
+                    return f"{option} {output_dir!r}{where} is not writable"
                 break
             if os.path.lexists(folder):  # a file (or a dangling link) where a folder has to be
                 where = "" if folder == path else f": {str(folder)!r}"
-                return f"--output-dir {output_dir!r}{where} is a file, not a folder"
+                return f"{option} {output_dir!r}{where} is a file, not a folder"
         if path.is_dir():  # what a run writes must not be blocked by something of the other kind already there
             wanted = [(label, True) for label in labels] + [(RESULTS_FILE, False), (PLOT_FILE, False)]
             for name, folder_wanted in wanted:
                 existing = path / name
                 if existing.exists() and existing.is_dir() != folder_wanted:
                     kind = "a file, not a folder" if folder_wanted else "a folder, not a file"
-                    return f"--output-dir {output_dir!r}: {str(existing)!r} is {kind}"
+                    return f"{option} {output_dir!r}: {str(existing)!r} is {kind}"
     except OSError as err:  # e.g. a parent folder that may not be searched (Path.is_dir raises on EACCES)
-        return f"--output-dir {output_dir!r} cannot be checked ({err.strerror or err})"
+        return f"{option} {output_dir!r} cannot be checked ({err.strerror or err})"
     return None
 
 
@@ -175,7 +176,7 @@ def accuracy(model, held_out_batches) -> float:
     return correct / total
 
 
-def _reset_peak_memory(device: str) -> None:
+def reset_peak_memory(device: str) -> None:
     """Start the peak-memory count here, so that loading (a GGUF model is de-quantised on load) is left out."""
     import torch
 
@@ -189,7 +190,7 @@ def _reset_peak_memory(device: str) -> None:
         pass
 
 
-def _peak_memory_mb(device: str) -> float:
+def peak_memory_mb(device: str) -> float:
     """Peak allocated CUDA memory, or on CPU the process's peak resident set (VmHWM): model, activations,
     gradients, optimizer state and the Python/torch runtime itself."""
     import torch
@@ -363,7 +364,7 @@ def run_worker(args: argparse.Namespace) -> dict:
     train_batches = [to_device(b) for b in train_batches]
     held_out_batches = [to_device(b) for b in held_out_batches]
 
-    _reset_peak_memory(device)
+    reset_peak_memory(device)
     selection_seconds = 0.0
     if selection and selection != "random":
         selection_seconds = peft_sparse.select_mask(model, train_batches).seconds
@@ -388,7 +389,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "adapter_params": adapter_params, "trainable": trainable, "losses": losses,
         "step_seconds_median": statistics.median(step_seconds), "selection_seconds": selection_seconds,
         "held_out_accuracy_before": accuracy_before, "held_out_accuracy": accuracy_after,
-        "peak_memory_mb": _peak_memory_mb(device), "device": device,
+        "peak_memory_mb": peak_memory_mb(device), "device": device,
         "adapter_dir": None if adapter_error else str(out), "adapter_error": adapter_error,
         "model": source.description, "data": dataset.source, "labels": dataset.label_names,
         "num_train": len(dataset.train), "num_held_out": len(dataset.held_out),
@@ -456,7 +457,13 @@ def plot(records: list[dict], path: Path) -> None:
 
 def run_method(label: str, argv: list[str]) -> tuple[int, dict | None]:
     """Run one method in its own process: its exit code and, when it succeeded, its record."""
-    command = [sys.executable, "-m", "peft_sparse.cli", "finetune", *argv, "--worker", label]
+    return run_worker_process(["finetune", *argv, "--worker", label])
+
+
+def run_worker_process(cli_argv: list[str]) -> tuple[int, dict | None]:
+    """Run ``peft-sparse *cli_argv`` (a worker: see :func:`send_record`) in a fresh Python process, offline: its exit
+    code and, when it succeeded, the JSON record it wrote to stdout. Its stderr (progress, errors) is the user's."""
+    command = [sys.executable, "-m", "peft_sparse.cli", *cli_argv]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     completed = subprocess.run(command, env=env, stdout=subprocess.PIPE, check=False)
     if completed.returncode != 0:
@@ -464,12 +471,13 @@ def run_method(label: str, argv: list[str]) -> tuple[int, dict | None]:
     return 0, json.loads(completed.stdout)
 
 
-def _send_record(args: argparse.Namespace) -> int:
-    """Worker side: run the method and write its record to stdout, the one thing written there."""
+def send_record(work: Callable[[], dict]) -> int:
+    """Worker side: call ``work`` and write the record it returns to stdout as JSON, the one thing written there
+    (anything else printed meanwhile, by Python or native code, goes to stderr)."""
     channel = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # anything else (Python or native code) goes to stderr
-    record = run_worker(args)
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    record = work()
     with channel:
         channel.write(json.dumps(record))
     return 0
@@ -477,7 +485,7 @@ def _send_record(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
     if args.worker is not None:
-        return _send_record(args)
+        return send_record(lambda: run_worker(args))
     # Fail fast, in this process, on what the workers would otherwise each fail on.
     data_module.load(args.data, args.max_examples, args.seed)
     models.resolve(args.model)

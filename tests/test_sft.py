@@ -1,0 +1,320 @@
+"""``peft-sparse sft``: TRL's arguments and ours, the data formats TRL trains on, completion-only masking, the LoRA
+comparison, saved adapters, 4-bit and sparse + low-rank runs, on a tiny Llama with a chat template built here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from peft_sparse import SparseLayer
+from peft_sparse.cli import main, sft
+
+# (inflected form, dictionary form): the tiny model learns them; one-word answers, as the built-in base_form task.
+PAIRS = [("mice", "mouse"), ("geese", "goose"), ("feet", "foot"), ("teeth", "tooth"), ("went", "go"), ("ran", "run"),
+         ("sang", "sing"), ("swam", "swim"), ("best", "good"), ("worse", "bad"), ("oxen", "ox"), ("men", "man")]
+QUESTION = "what is the dictionary form of {} ?"
+SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
+# A chat template in the style of ChatML; words are separated by spaces, as the word-level tokenizer splits them.
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
+FAST = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--logging_steps", "1",
+        "--salience_batches", "2", "--eval_fraction", "0.25"]
+
+
+def user(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+def assistant(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+ROWS = {  # the same examples in each format TRL's SFTTrainer takes
+    "prompt_completion": [{"prompt": user(QUESTION.format(a)), "completion": assistant(b), "task": "base_form",
+                           "answer": b} for a, b in PAIRS * 2],
+    "standard_prompt_completion": [{"prompt": QUESTION.format(a), "completion": f" {b}", "answer": b}
+                                   for a, b in PAIRS * 2],
+    "messages": [{"messages": user(QUESTION.format(a)) + assistant(b), "answer": b} for a, b in PAIRS * 2],
+    "text": [{"text": f"{QUESTION.format(a)} {b}"} for a, b in PAIRS * 2],
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A 2-layer Llama (64-wide: bitsandbytes' 4-bit block) and a word-level tokenizer with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    words = sorted({w for a, b in PAIRS for w in (a, b)} | set(QUESTION.split()) | {"user", "assistant"})
+    vocab = {token: i for i, token in enumerate(SPECIALS + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
+                                        bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=vocab["<pad>"], bos_token_id=vocab["<|im_start|>"],
+                         eos_token_id=vocab["<|im_end|>"])
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def cli(*argv) -> int:
+    """``peft-sparse *argv`` in this process: its exit code, whether returned or raised (argparse exits)."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code
+
+
+# ------------------------------------------------------------------------------------------------ arguments
+
+
+def test_help_lists_sft_with_trls_arguments_and_ours(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "sft" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sft", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--model_name_or_path", "--dataset_name", "--dataset_train_split", "--dataset_test_split",
+                   "--learning_rate", "--max_steps", "--per_device_train_batch_size", "--max_length", "--output_dir",
+                   "--load_in_4bit", "--lora_r", "--lora_alpha", "--lora_target_modules", "--completion_only_loss",
+                   "--assistant_only_loss", "--density", "--num_tunable_weights", "--selection", "--update",
+                   "--sparse_target_modules", "--sparse_r", "--compare", "--compare_learning_rate",
+                   "--eval_fraction", "--max_eval_examples", "--config"):
+        assert option in text, option
+    assert "--worker" not in text
+
+
+def test_defaults_suit_a_cpu_and_yaml_then_flags_override_them(tmp_path):
+    script_args, training_args, model_args, sparse_args = sft.parse([])
+    assert (model_args.model_name_or_path, script_args.dataset_name) == ("smollm2", "wordnet")
+    assert (training_args.learning_rate, training_args.max_steps) == (sft.DEFAULT_LEARNING_RATE, sft.DEFAULT_MAX_STEPS)
+    assert (model_args.lora_r, model_args.lora_alpha, training_args.output_dir) == (8, 16, "outputs/sft")
+    assert sparse_args.sparse_target_modules == "all-linear" and sparse_args.compare is None
+    if not torch.cuda.is_available():
+        assert not training_args.bf16 and not training_args.gradient_checkpointing
+        assert sparse_args.salience_batches == 8
+
+    config = tmp_path / "run.yaml"
+    config.write_text("max_steps: 7\nlora_r: 4\nselection: magnitude\nlearning_rate: 0.01\n")
+    _, training_args, model_args, sparse_args = sft.parse(["--config", str(config), "--learning_rate", "0.02"])
+    assert (training_args.max_steps, model_args.lora_r, sparse_args.selection) == (7, 4, "magnitude")
+    assert training_args.learning_rate == 0.02  # the flag wins over the file
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (["--density", "2"], "--density must be in (0, 1], got 2.0"),
+        (["--max_steps", "0"], "--max_steps must be >= 1"),
+        (["--max_steps", "many"], "argument --max_steps/--max-steps: invalid int value: 'many'"),
+        (["--learning_rate", "-1"], "--learning_rate must be a finite number"),
+        (["--learning_rate", "nan"], "--learning_rate must be a finite number"),
+        (["--compare_learning_rate", "inf"], "--compare_learning_rate must be a finite number"),
+        (["--lora_r", "0"], "--lora_r must be >= 1, got 0"),
+        (["--selection", "psychic"], "argument --selection: invalid choice: 'psychic'"),
+        (["--compare", "dora"], "argument --compare: invalid choice: 'dora'"),
+        (["--eval_fraction", "1"], "--eval_fraction must be in (0, 1), got 1.0"),
+        (["--sparse_r", "-1"], "--sparse_r must be >= 0, got -1"),
+        (["--num_tunable_weights", "0"], "--num_tunable_weights must be >= 1, got 0"),
+        (["--density", "0.1", "--compare", "lora"], "--compare lora trains both adapters at LoRA rank --lora_r's"),
+        (["--load_in_8bit", "--load_in_4bit"], "You can't use 8 bit and 4 bit precision at the same time"),
+        (["--bogus_flag", "1"], "['--bogus_flag', '1']"),
+        (["--config", "{tmp}/missing.yaml"], "missing.yaml"),
+        (["--dataset_name", "trl-lib/Capybara"], "--dataset_name 'trl-lib/Capybara' is neither 'wordnet'"),
+        (["--dataset_name", "{tmp}/missing.jsonl"], "--dataset_name '{tmp}/missing.jsonl' is neither"),
+        (["--dataset_name", "{tmp}/fields.jsonl"], "its fields: 'question', 'reply'"),
+        (["--dataset_name", "{tmp}/broken.jsonl"], "--dataset_name '{tmp}/broken.jsonl': line 2 is not JSON"),
+        (["--dataset_name", "{tmp}/mixed.jsonl"], "line 2 has the fields ['prompt'], line 1 has ['text']"),
+        (["--dataset_name", "{tmp}/data.csv"], "--dataset_name '{tmp}/data.csv': expected a .jsonl or .json file"),
+        (["--dataset_name", "{tmp}/good.jsonl", "--dataset_test_split", "dev"],
+         "--dataset_test_split 'dev' is not a split of"),
+        (["--dataset_name", "{tmp}/good.jsonl", "--model_name_or_path", "{tmp}/no-model"],
+         "--model_name_or_path '{tmp}/no-model'"),
+    ],
+)
+def test_bad_arguments_give_one_line_naming_the_option_and_exit_code_2(argv, named, tmp_path, capsys):
+    write_jsonl(tmp_path / "fields.jsonl", [{"question": "a", "reply": "b"}])
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\nnot json\n')
+    write_jsonl(tmp_path / "mixed.jsonl", [{"text": "a"}, {"prompt": "b"}])
+    (tmp_path / "data.csv").write_text("text\na\n")
+    write_jsonl(tmp_path / "good.jsonl", ROWS["text"])
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    assert cli("sft", *argv, "--output_dir", tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("peft-sparse sft: error:") and named.format(tmp=tmp_path) in err, err
+    assert not (tmp_path / "out").exists()  # refused before anything ran
+
+
+# ------------------------------------------------------------------------------------------------ data and masking
+
+
+def trainer_for(tiny_dir, data_path, *extra):
+    script_args, training_args, model_args, sparse_args = sft.parse(
+        ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(data_path), *FAST, *map(str, extra)])
+    data = sft.load_data(script_args, training_args.seed, sparse_args.eval_fraction, sparse_args.max_eval_examples)
+    return sft.build_trainer("sparse", script_args, training_args, model_args, sparse_args, data)[0]
+
+
+def test_trl_masks_the_prompt_of_prompt_completion_data_and_trains_on_all_of_text(tiny_dir, tmp_path):
+    trainer = trainer_for(tiny_dir, write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"]),
+                          "--output_dir", tmp_path / "out")
+    tokenizer = trainer.processing_class
+    answers = {tokenizer.convert_tokens_to_ids(b) for _, b in PAIRS}
+    batch = next(iter(trainer.get_train_dataloader()))
+    for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
+        n = int(mask.sum())
+        trained = (labels[:n] != -100).nonzero().flatten().tolist()
+        # Only the completion is trained on: the answer and the end-of-turn token, the last two real tokens.
+        assert trained == [n - 2, n - 1], tokenizer.decode(ids[:n])
+        assert int(labels[n - 2]) in answers and int(labels[n - 1]) == tokenizer.eos_token_id
+        assert torch.equal(labels[trained], ids[trained]) and (labels[n:] == -100).all()
+
+    trainer = trainer_for(tiny_dir, write_jsonl(tmp_path / "text.jsonl", ROWS["text"]), "--output_dir",
+                          tmp_path / "out")
+    batch = next(iter(trainer.get_train_dataloader()))
+    real = batch["attention_mask"].bool()
+    assert torch.equal(batch["labels"][real], batch["input_ids"][real])  # every real token is trained on
+    assert (batch["labels"][~real] == -100).all()
+
+
+@pytest.mark.parametrize("data_format", ["prompt_completion", "standard_prompt_completion", "messages", "text",
+                                         "save_to_disk"])
+def test_each_data_format_trains_and_writes_an_adapter(data_format, tiny_dir, tmp_path, capsys):
+    import datasets
+
+    if data_format == "save_to_disk":  # a DatasetDict with its own test split
+        data_path = tmp_path / "saved"
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS["prompt_completion"][:18]),
+                              "test": datasets.Dataset.from_list(ROWS["prompt_completion"][18:])}
+                             ).save_to_disk(str(data_path))
+    else:
+        data_path = write_jsonl(tmp_path / f"{data_format}.jsonl", ROWS[data_format])
+    out = tmp_path / "out"
+    assert cli("sft", "--model_name_or_path", tiny_dir, "--dataset_name", data_path, *FAST, "--output_dir", out) == 0
+    stdout = capsys.readouterr().out
+    (record,) = json.loads((out / "results.json").read_text())
+    assert (out / "sparse" / "adapter" / "adapter_config.json").is_file()
+    assert record["steps"] == 2 and record["train_tokens"] > 0 and record["trainable"] > 0
+    assert record["num_held_out"] == 6  # the saved test split, or --eval_fraction 0.25 of 24 rows
+    scored = data_format != "text"  # rows with an answer and a prompt to generate from
+    assert (record["exact_match"] is not None) == scored and ("exact match" in stdout) == scored
+    assert "| sparse, gradient mask |" in stdout and (out / "loss_curves.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ whole runs
+
+
+def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_dir, tmp_path):
+    out = tmp_path / "out"
+    data_path = write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"])
+    result = subprocess.run(
+        [sys.executable, "-m", "peft_sparse.cli", "sft", "--model_name_or_path", tiny_dir, "--dataset_name",
+         data_path, *FAST, "--eval_strategy", "steps", "--eval_steps", "1", "--compare", "lora", "--lora_r", "4",
+         "--compare_learning_rate", "1e-3", "--output_dir", out],
+        capture_output=True, text=True, timeout=600, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sparse, lora = json.loads((out / "results.json").read_text())
+    assert (sparse["method"], lora["method"]) == ("sparse", "lora")
+    # LoRA rank 4 on every linear layer but the head: 4 * (in + out) for q, k, v, o, gate, up and down, 2 layers
+    assert sparse["trainable"] == lora["trainable"] == 2 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192) == 8192
+    assert (sparse["learning_rate"], lora["learning_rate"]) == (2e-4, 1e-3)
+    for record in (sparse, lora):
+        assert (out / record["method"] / "adapter" / "adapter_config.json").is_file()
+        assert record["peak_memory_mb"] > 0 and record["tokens_per_second"] > 0
+        # before training and after each step (--eval_steps 1): the last is the held-out loss after training
+        evaluations = [e for e in record["log_history"] if "eval_loss" in e]
+        assert [e["step"] for e in evaluations] == [0, 1, 2]
+        assert (evaluations[0]["eval_loss"], evaluations[-1]["eval_loss"]) == (record["eval_loss_before"],
+                                                                              record["eval_loss_after"])
+        assert f"{record['eval_loss_before']:.3f} -> {record['eval_loss_after']:.3f}" in result.stdout
+    table = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and table[2].startswith("| sparse, gradient mask | 8,192 |")
+    assert table[3].startswith("| LoRA r=4 | 8,192 |") and "x LoRA)" in table[2]
+    assert "exact match (6 held-out rows)" in table[0]
+    assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_saved_sparse_adapter_reloads_with_the_trained_logits(tiny_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    args = sft.parse(["--model_name_or_path", str(tiny_dir), "--dataset_name",
+                      str(write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"])), *FAST,
+                      "--learning_rate", "0.05", "--sparse_target_modules", "q_proj", "v_proj",
+                      "--output_dir", str(tmp_path / "out")])
+    record, trainer = sft.train_one("sparse", *args)
+    # LoRA rank 8's count on the same layers: 8 * (in + out) for q (64 x 64) and v (32 x 64), in 2 layers
+    assert record["trainable"] == 2 * 8 * (128 + 96)
+    adapted = {name.rsplit(".", 1)[-1] for name, module in trainer.model.named_modules()
+               if isinstance(module, SparseLayer)}
+    assert adapted == {"q_proj", "v_proj"}
+    batch = {k: v for k, v in next(iter(trainer.get_eval_dataloader())).items() if k != "labels"}
+    trained = trainer.model.eval()
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir), record["adapter_dir"]).eval()
+    with torch.no_grad():
+        expected, actual = trained(**batch).logits, reloaded(**batch).logits
+        base = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()(**batch).logits
+    assert torch.allclose(actual, expected, atol=1e-5)
+    assert not torch.allclose(base, expected, atol=1e-3)  # the adapter changed something
+
+
+def test_a_quantised_base_trains_sparse_and_qlora(tiny_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    args = sft.parse(["--model_name_or_path", str(tiny_dir), "--dataset_name",
+                      str(write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"])), *FAST, "--load_in_4bit",
+                      "--update", "spiel", "--update_interval", "1", "--output_dir", str(tmp_path / "out")])
+    import bitsandbytes as bnb
+
+    counts = {}
+    for method in ("sparse", "lora"):
+        record, trainer = sft.train_one(method, *args)
+        assert record["quantization"] == "4-bit NF4, double quantisation" and trainer.model.is_loaded_in_4bit
+        # Evaluating and generating left the weights in bitsandbytes' standard layout, the one training backprops
+        # through (its AVX512-BF16 inference layout has no backward).
+        layers = [m for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+        assert layers and not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
+        assert all(torch.isfinite(torch.tensor([record["eval_loss_before"], record["eval_loss_after"]])))
+        assert (tmp_path / "out" / method / "adapter" / "adapter_config.json").is_file()
+        counts[method] = record["trainable"]
+    assert counts["sparse"] == counts["lora"]
+
+    args = sft.parse(["--model_name_or_path", str(tiny_dir), "--dataset_name", str(tmp_path / "pc.jsonl"), *FAST,
+                      "--load_in_8bit", "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "out8")])
+    record, trainer = sft.train_one("sparse", *args)
+    assert record["quantization"] == "8-bit" and trainer.model.is_loaded_in_8bit
+    assert record["trainable"] == counts["sparse"] and record["eval_loss_after"] < record["eval_loss_before"]
+
+
+def test_sparse_plus_low_rank_keeps_lora_rs_total(tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    import peft_sparse
+
+    args = sft.parse(["--model_name_or_path", str(tiny_dir), "--dataset_name",
+                      str(write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"])), *FAST, "--sparse_r", "2",
+                      "--output_dir", str(tmp_path / "out")])
+    record, trainer = sft.train_one("sparse", *args)
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir)
+    assert record["trainable"] == peft_sparse.lora_equivalent_budget(base, r=8, target_modules="all-linear")
+    low_rank = sum(p.numel() for n, p in trainer.model.named_parameters() if p.requires_grad and "sparse_lora_" in n)
+    assert low_rank == peft_sparse.lora_equivalent_budget(base, r=2, target_modules="all-linear")
+    assert trainer.model.peft_config["default"].r == 2
