@@ -229,14 +229,14 @@ def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_
     result = subprocess.run(
         [sys.executable, "-m", "peft_sparse.cli", "sft", "--model_name_or_path", tiny_dir, "--dataset_name",
          data_path, *FAST, "--eval_strategy", "steps", "--eval_steps", "1", "--compare", "lora", "--lora_r", "4",
-         "--compare_learning_rate", "1e-3", "--output_dir", out],
+         "--compare_learning_rate", "5e-4", "--output_dir", out],
         capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     sparse, lora = json.loads((out / "results.json").read_text())
     assert (sparse["method"], lora["method"]) == ("sparse", "lora")
     # LoRA rank 4 on every linear layer but the head: 4 * (in + out) for q, k, v, o, gate, up and down, 2 layers
     assert sparse["trainable"] == lora["trainable"] == 2 * 4 * (128 + 96 + 96 + 128 + 192 + 192 + 192) == 8192
-    assert (sparse["learning_rate"], lora["learning_rate"]) == (2e-4, 1e-3)
+    assert (sparse["learning_rate"], lora["learning_rate"]) == (sft.DEFAULT_LEARNING_RATE, 5e-4)
     for record in (sparse, lora):
         assert (out / record["method"] / "adapter" / "adapter_config.json").is_file()
         assert record["peak_memory_mb"] > 0 and record["tokens_per_second"] > 0

@@ -514,19 +514,29 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(f"{args.steps} steps of {args.batch_size}, AdamW lr {args.lr:g}; device {first['device']}"
           + (", 4-bit NF4 base" if args.load_in_4bit else "") + "\n")
     print(table(records))
+    return finish(records, results_path, results_error, None if args.no_plot else (plot, plot_path), not_written,
+                  time.perf_counter() - start, "peft-sparse finetune")
+
+
+def finish(records: list[dict], results_path: Path, results_error: str | None, plot_with, not_written: list[str],
+           wall: float, prog: str) -> int:
+    """The end of a comparison command, after its table: where the adapters and results went, the loss-curve plot
+    (``plot_with``: ``(plot function, path)``, or ``None`` for none), the wall time, and the exit code (1 with one
+    line naming what could not be written, 0 otherwise)."""
     saved = [r["adapter_dir"] for r in records if r["adapter_dir"]]
     print(f"\nadapters: {', '.join(saved) or 'none written'}; "
           f"results: {'not written' if results_error else results_path}")
-    not_written += [results_error] if results_error else []
-    if not args.no_plot:
-        plot_error = attempt_write(PLOT_FILE, plot_path, lambda: plot(records, plot_path))
+    not_written = not_written + ([results_error] if results_error else [])
+    if plot_with is not None:
+        plot_function, plot_path = plot_with
+        plot_error = attempt_write(PLOT_FILE, plot_path, lambda: plot_function(records, plot_path))
         if plot_error:
             not_written.append(plot_error)
         else:
             print(f"loss curves: {plot_path}")
-    print(f"wall time: {time.perf_counter() - start:.0f} s")
+    print(f"wall time: {wall:.0f} s")
     if not_written:
-        print(f"peft-sparse finetune: error: could not write {'; '.join(not_written)}; the table above holds the "
-              "results (exit code 1)", file=sys.stderr)
+        print(f"{prog}: error: could not write {'; '.join(not_written)}; the table above holds the results (exit "
+              "code 1)", file=sys.stderr)
         return 1
     return 0

@@ -701,21 +701,7 @@ def report(records: list[dict], training_args, sparse_args, model_args, output_d
           f"{training_args.gradient_accumulation_steps}, max_length {training_args.max_length}; {rates}; device "
           f"{first['device']}\n")
     print(table(records))
-    saved = [r["adapter_dir"] for r in records if r["adapter_dir"]]
-    print(f"\nadapters: {', '.join(saved) or 'none written'}; "
-          f"results: {'not written' if results_error else results_path}")
-    not_written += [results_error] if results_error else []
-    plot_error = finetune.attempt_write(finetune.PLOT_FILE, plot_path, lambda: plot(records, plot_path))
-    if plot_error:
-        not_written.append(plot_error)
-    else:
-        print(f"loss curves: {plot_path}")
-    print(f"wall time: {wall:.0f} s")
-    if not_written:
-        print(f"{PROG}: error: could not write {'; '.join(not_written)}; the table above holds the results (exit "
-              "code 1)", file=sys.stderr)
-        return 1
-    return 0
+    return finetune.finish(records, results_path, results_error, (plot, plot_path), not_written, wall, PROG)
 
 
 # ---------------------------------------------------------------------------------------------------- command
