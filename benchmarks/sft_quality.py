@@ -75,8 +75,9 @@ def peft_config(method: str, base, lora_r: int, seed: int, salience_batches: int
     if method == "shira":
         return ShiraConfig(task_type="CAUSAL_LM", target_modules="all-linear", r=lora_r, random_seed=seed)
     if method == "supertuning":
-        total = sum(m.weight.numel() for name, m in base.named_modules()
-                    if isinstance(m, torch.nn.Linear) and name != "lm_head")  # what "all-linear" targets
+        from peft_sparse.tuner.budget import targeted_linear_shapes
+
+        total = sum(rows * cols for rows, cols in targeted_linear_shapes(base, "all-linear", task_type="CAUSAL_LM"))
         return SupertuningConfig(task_type="CAUSAL_LM", target_modules="all-linear", sparsity=1 - budget / total)
     common = {"task_type": "CAUSAL_LM", "target_modules": "all-linear", "seed": seed, "salience_batches": salience_batches}
     if method == "hybrid":

@@ -19,7 +19,8 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -281,12 +282,16 @@ def train(model, examples, tokenizer, *, steps: int, lr: float, batch_size: int,
         bar.set_postfix(loss=f"{statistics.mean(losses[-10:]):.3f}")
     bar.close()
     # The last step's loss was computed before that step's update, which can itself overflow (a huge learning rate).
-    diverged = next((name for name, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()),
-                    None)
+    diverged = non_finite_parameter(model)
     if diverged is not None:
         raise FinetuneError(f"{_run_name(progress)}the trained parameter {diverged} holds inf or nan after step "
                             f"{steps} (learning rate {lr:g}); try a lower learning rate")
     return losses, step_seconds
+
+
+def non_finite_parameter(model) -> str | None:
+    """The name of the first trained parameter holding inf or nan, or ``None``."""
+    return next((name for name, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
 
 
 def _run_name(progress: str | None) -> str:
@@ -427,30 +432,41 @@ def table(records: list[dict]) -> str:
 
 def plot(records: list[dict], path: Path) -> None:
     """The loss curves of every run, written to ``path`` (PNG)."""
+    ylabel = f"train loss (bold: mean of the last {_window(records[0]['losses'])} steps)"
+    with loss_figure(path, "peft-sparse finetune: equal trainable parameters", ylabel) as axis:
+        for r in records:
+            losses = r["losses"]
+            w = _window(losses)
+            smooth = [statistics.mean(losses[max(0, i - w + 1) : i + 1]) for i in range(len(losses))]
+            (line,) = axis.plot(range(1, len(losses) + 1), smooth,
+                                label=f"{r['label']} ({r['held_out_accuracy']:.1%} held-out)")
+            axis.plot(range(1, len(losses) + 1), losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
+
+
+@contextmanager
+def loss_figure(path: Path, title: str, ylabel: str, **legend) -> Iterator:
+    """A matplotlib axis to draw loss curves on (against the optimizer step); on leaving, the figure gets its labels,
+    grid and legend (``legend``: its keyword arguments) and is written to ``path`` (PNG). A failed write leaves no
+    file there: a truncated image, or an old one, must not pass for this run's."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
-    for r in records:
-        losses = r["losses"]
-        w = _window(losses)
-        smooth = [statistics.mean(losses[max(0, i - w + 1) : i + 1]) for i in range(len(losses))]
-        (line,) = axis.plot(range(1, len(losses) + 1), smooth,
-                            label=f"{r['label']} ({r['held_out_accuracy']:.1%} held-out)")
-        axis.plot(range(1, len(losses) + 1), losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel(f"train loss (bold: mean of the last {_window(records[0]['losses'])} steps)")
-    axis.set_title("peft-sparse finetune: equal trainable parameters")
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
     try:
-        figure.savefig(path)
-    except OSError:
-        path.unlink(missing_ok=True)  # a truncated image (or an old one) must not pass for this run's
-        raise
+        yield axis
+        axis.set_xlabel("optimizer step")
+        axis.set_ylabel(ylabel)
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend(**legend)
+        figure.tight_layout()
+        try:
+            figure.savefig(path)
+        except OSError:
+            path.unlink(missing_ok=True)
+            raise
     finally:
         plt.close(figure)
 

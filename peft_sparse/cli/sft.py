@@ -618,8 +618,7 @@ def _check_finite(trainer, method: str, lr: float) -> None:
         if "loss" in entry and not math.isfinite(entry["loss"]):
             raise SftError(f"the {method} run: the training loss became {entry['loss']} by step {entry['step']} "
                            f"(learning rate {lr:g}); try a lower --learning_rate")
-    diverged = next((name for name, p in trainer.model.named_parameters()
-                     if p.requires_grad and not p.isfinite().all()), None)
+    diverged = finetune.non_finite_parameter(trainer.model)
     if diverged is not None:
         raise SftError(f"the {method} run: the trained parameter {diverged} holds inf or nan (learning rate {lr:g}); "
                        "try a lower --learning_rate")
@@ -662,29 +661,14 @@ def plot(records: list[dict], path: Path) -> None:
     """Train loss (thin) and held-out loss (markers) against the optimizer step, every run, written to ``path``."""
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
-    for r, color in zip(records, plt.rcParams["axes.prop_cycle"].by_key()["color"]):
-        for key, label, style in (("loss", "train", {"linewidth": 1, "alpha": 0.7}),
-                                  ("eval_loss", "held-out", {"marker": "o"})):
-            points = [(e["step"], e[key]) for e in r["log_history"] if key in e]
-            if points:  # none where logging or evaluation was switched off
-                axis.plot(*zip(*points), color=color, label=f"{method_name(r)}: {label}", **style)
-    axis.set_xlabel("optimizer step")
-    axis.set_ylabel("loss (completion tokens where TRL masks the prompt)")
-    axis.set_title("peft-sparse sft")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    try:
-        figure.savefig(path)
-    except OSError:
-        path.unlink(missing_ok=True)  # a truncated image (or an old one) must not pass for this run's
-        raise
-    finally:
-        plt.close(figure)
+    ylabel = "loss (completion tokens where TRL masks the prompt)"
+    with finetune.loss_figure(path, PROG, ylabel, fontsize="small") as axis:
+        for r, color in zip(records, matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]):
+            for key, label, style in (("loss", "train", {"linewidth": 1, "alpha": 0.7}),
+                                      ("eval_loss", "held-out", {"marker": "o"})):
+                points = [(e["step"], e[key]) for e in r["log_history"] if key in e]
+                if points:  # none where logging or evaluation was switched off
+                    axis.plot(*zip(*points), color=color, label=f"{method_name(r)}: {label}", **style)
 
 
 def report(records: list[dict], training_args, sparse_args, model_args, output_dir: Path, wall: float) -> int:

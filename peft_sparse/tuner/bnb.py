@@ -110,12 +110,6 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
         empty = torch.empty(0, dtype=torch.int64, device=self.weight_device)
         return self._dequantizer()(empty, empty.float(), dtype)
 
-    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The adapter's delta (sparse entries plus any low-rank term) as a dense fp32 ``(out, in)`` tensor
-        (allocates; for inspection)."""
-        delta = torch.zeros(self.logical_shape, dtype=torch.float32, device=self.weight_device)
-        return self._merged_delta_into(delta, adapter_name)
-
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return self._dispatch_forward(x, *args, **kwargs)
 

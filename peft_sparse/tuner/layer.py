@@ -377,15 +377,11 @@ class SparseLayer(BaseTunerLayer):
         return [name for name in self.active_adapters if name in self.sparse_values]
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The adapter's delta (sparse entries plus any low-rank term) as a dense ``(out, in)`` tensor in the base
-        weight's dtype (allocates; for inspection and merging, not for the training path)."""
-        base = self._logical_base_weight()
-        delta = torch.zeros(base.shape, dtype=torch.float32, device=base.device)
-        delta = scatter_add(delta, *self.adapter_delta(adapter_name, detach=True))
-        low_rank = self.low_rank_delta(adapter_name)
-        if low_rank is not None:
-            delta += low_rank.to(delta.device)
-        return delta.to(base.dtype)
+        """The adapter's delta (sparse entries plus any low-rank term) as a dense ``(out, in)`` tensor in
+        :attr:`base_dtype` (float32 over quantised layers; allocates; for inspection and merging, not for the training
+        path)."""
+        delta = torch.zeros(self.logical_shape, dtype=torch.float32, device=self.weight_device)
+        return self._merged_delta_into(delta, adapter_name).to(self.base_dtype)
 
     def _merged_delta_into(self, target: torch.Tensor, adapter_name: str, sign: float = 1.0) -> torch.Tensor:
         """``target`` (in place) plus ``sign`` times the adapter's whole delta."""
