@@ -7,6 +7,11 @@ build of the same sources at first use, then to the pure-PyTorch reference.
 
 The CUDA kernels are added (``CUDAExtension``) when torch was built with CUDA and ``nvcc`` is found; set
 ``PEFT_SPARSE_BUILD_CUDA=0`` to skip them, and ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``) to choose GPUs.
+
+The sources stay in the top-level ``csrc/``; ``build_py`` copies them into the built package as
+``peft_sparse/_csrc/`` (package data), so that an installed wheel can JIT-build them, and the CuPy path compile
+``kernels.cu``, without a checkout (``peft_sparse/ops/_backend.py`` looks there first). An editable install copies
+nothing: it reads the checkout's ``csrc/``.
 """
 
 import os
@@ -15,9 +20,12 @@ import sys
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
+SOURCE_PATTERNS = ("*.h", "*.cpp", "*.cu")  # also in MANIFEST.in, which puts them in the sdist
+SHIPPED_SOURCES = Path("peft_sparse", "_csrc")  # the package-data copy, relative to the build directory
 
 
 def _flag(name: str, default: str = "1") -> bool:
@@ -59,5 +67,27 @@ def _extensions():
     return [extension], {"build_ext": cpp_extension.BuildExtension}
 
 
+class BuildPyWithSources(build_py):
+    """``build_py`` that also copies ``csrc/`` into the built package (see the module docstring)."""
+
+    def _source_copies(self) -> list[tuple[Path, Path]]:
+        sources = sorted({path for pattern in SOURCE_PATTERNS for path in CSRC.rglob(pattern)})
+        return [(path, Path(self.build_lib) / SHIPPED_SOURCES / path.relative_to(CSRC)) for path in sources]
+
+    def run(self) -> None:
+        super().run()
+        if self.editable_mode:  # the editable package finds the checkout's csrc/ itself
+            return
+        for source, target in self._source_copies():
+            self.mkpath(str(target.parent))
+            self.copy_file(str(source), str(target))
+
+    def get_outputs(self, include_bytecode: bool = True) -> list[str]:
+        outputs = super().get_outputs(include_bytecode)
+        if self.editable_mode:
+            return outputs
+        return outputs + [str(target) for _, target in self._source_copies()]
+
+
 ext_modules, cmdclass = _extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+setup(ext_modules=ext_modules, cmdclass={**cmdclass, "build_py": BuildPyWithSources})

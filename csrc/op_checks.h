@@ -1,9 +1,12 @@
 // Argument checks shared by the CPU (csrc/cpu/ops_cpu.cpp) and CUDA (csrc/cuda/ops_cuda.cpp) registrations, so
-// both devices reject the same inputs with the same messages. TORCH_CHECK_VALUE / TORCH_CHECK_TYPE surface in
-// Python as ValueError / TypeError naming the op and the offending argument.
+// both devices reject the same inputs with the same messages; the CuPy path runs check_index_range through the op
+// peft_sparse::_check_indices (csrc/ops.cpp). TORCH_CHECK_VALUE / TORCH_CHECK_TYPE surface in Python as
+// ValueError / TypeError naming the op and the offending argument.
 #pragma once
 
 #include <torch/types.h>
+
+#include <string>
 
 #include <optional>
 #include <vector>
@@ -18,6 +21,33 @@ inline void check_indices(const at::Tensor& indices, const at::Tensor& like, con
                     like.device());
 }
 
+// The index contract of every backend: flat positions lie in [0, numel) and, for ops that need it (`sorted`),
+// ascend. The kernels index memory with them unchecked, so this runs before any kernel, as one reduction over the
+// k indices. On the CPU the result is read at once and a bad set raises ValueError naming the range it spans. On
+// CUDA, reading it would make the host wait for the stream on every call (every forward and backward of every
+// layer), so the check is queued instead (at::_assert_async, as torch's own indexing ops check on the device): a
+// bad set stops the stream with a device-side assert naming the op, and nothing is written out of bounds.
+inline void check_index_range(const at::Tensor& indices, int64_t numel, bool sorted, const char* op) {
+  const int64_t k = indices.numel();
+  if (k == 0) return;
+  const auto [low, high] = at::aminmax(indices);
+  at::Tensor ascending;
+  if (sorted && k > 1) {
+    ascending = (indices.narrow(0, 1, k - 1) >= indices.narrow(0, 0, k - 1)).all();
+  }
+  if (indices.is_cuda()) {
+    at::Tensor valid = at::logical_and(low >= 0, high < numel);
+    if (ascending.defined()) valid = at::logical_and(valid, ascending);
+    at::_assert_async(valid, std::string(op) + ": indices out of range [0, " + std::to_string(numel) + ")" +
+                                 (sorted ? " or not sorted ascending" : ""));
+    return;
+  }
+  const int64_t first = low.item<int64_t>(), last = high.item<int64_t>();
+  TORCH_CHECK_VALUE(first >= 0 && last < numel, op, ": indices out of range [0, ", numel, "): they span [", first,
+                    ", ", last, "]");
+  TORCH_CHECK_VALUE(!ascending.defined() || ascending.item<bool>(), op, ": indices must be sorted ascending");
+}
+
 inline void check_values(const at::Tensor& values, const at::Tensor& indices, const char* op) {
   TORCH_CHECK_VALUE(values.dim() == 1 && values.size(0) == indices.size(0), op,
                     ": values must be 1-D with one value per index, got shapes ", values.sizes(), " and ",
@@ -28,6 +58,7 @@ inline void check_scatter_add(const at::Tensor& dense, const at::Tensor& indices
   TORCH_CHECK_VALUE(dense.dim() == 2, "scatter_add_: dense must be 2-D, got shape ", dense.sizes());
   check_indices(indices, dense, "scatter_add_");
   check_values(values, indices, "scatter_add_");
+  check_index_range(indices, dense.size(0) * dense.size(1), false, "scatter_add_");
 }
 
 inline void check_sddmm_gather(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
@@ -40,6 +71,7 @@ inline void check_sddmm_gather(const at::Tensor& grad_output, const at::Tensor& 
   TORCH_CHECK_TYPE(grad_output.scalar_type() == input.scalar_type(), "sddmm_gather: grad_output is ",
                    grad_output.scalar_type(), " but input is ", input.scalar_type());
   check_indices(indices, input, "sddmm_gather");
+  check_index_range(indices, grad_output.size(1) * in_features, false, "sddmm_gather");
 }
 
 // What dequant_scatter's kernels need once its arguments are known to be consistent.
@@ -87,6 +119,9 @@ inline DequantLayout check_dequant_scatter(const at::Tensor& packed, const at::T
                       "dequant_scatter: nested_absmax has ", nested_absmax->numel(), " entries, expected ",
                       (num_blocks + nested_blocksize - 1) / nested_blocksize);
   }
+  // Sorted: the CPU kernel binary-searches the indices, the CUDA kernel finds each position's run of deltas among
+  // its neighbours.
+  check_index_range(indices, layout.numel, true, "dequant_scatter");
   return layout;
 }
 

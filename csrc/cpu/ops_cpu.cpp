@@ -36,7 +36,7 @@ void scatter_add_cpu(at::Tensor dense, const at::Tensor& indices, const at::Tens
   peft_sparse_checks::check_scatter_add(dense, indices, values);
   const int64_t k = indices.size(0);
   if (k == 0) return;
-  const int64_t rows = dense.size(0), cols = dense.size(1);
+  const int64_t cols = dense.size(1);
   const int64_t stride_row = dense.stride(0), stride_col = dense.stride(1);
   const at::Tensor cast_values = values.to(dense.scalar_type()).contiguous();
   const at::Tensor flat_indices = indices.contiguous();
@@ -46,9 +46,7 @@ void scatter_add_cpu(at::Tensor dense, const at::Tensor& indices, const at::Tens
     AT_DISPATCH_INDEX_TYPES(flat_indices.scalar_type(), "scatter_add_cpu_index", [&] {
       const index_t* idx = flat_indices.data_ptr<index_t>();
       for (int64_t i = 0; i < k; ++i) {
-        const int64_t flat = static_cast<int64_t>(idx[i]);
-        TORCH_CHECK_VALUE(flat >= 0 && flat < rows * cols, "scatter_add_: index ", flat, " out of range [0, ",
-                          rows * cols, ")");
+        const int64_t flat = static_cast<int64_t>(idx[i]);  // in range: check_scatter_add
         const int64_t row = flat / cols, col = flat - row * cols;
         scalar_t& target = base[row * stride_row + col * stride_col];
         target = target + vals[i];
@@ -118,6 +116,15 @@ inline void dot_tile4(const acc_t* a, const acc_t* const* b, int64_t n, acc_t* o
   out[3] += p3[0];
 }
 
+// An AVX2 clone next to the baseline one, chosen by the loader from the CPU it runs on (GCC/Clang function
+// multi-versioning). It exists for x86-64 only; other architectures (aarch64) build the baseline function alone.
+// MSVC's x86-64 (_M_X64) is left out on purpose: it has no target_clones.
+#if defined(__x86_64__)
+#define PS_TARGET_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define PS_TARGET_CLONES
+#endif
+
 template <typename acc_t>
 inline void accumulate_entries_impl(const acc_t* grad_tile, const acc_t* input_tile, const int64_t* rows,
                                     const int64_t* cols, acc_t* result, int64_t begin, int64_t end, int64_t count) {
@@ -136,13 +143,13 @@ inline void accumulate_entries_impl(const acc_t* grad_tile, const acc_t* input_t
   }
 }
 
-__attribute__((target_clones("avx2", "default"))) void accumulate_entries(
+PS_TARGET_CLONES void accumulate_entries(
     const float* grad_tile, const float* input_tile, const int64_t* rows, const int64_t* cols, float* result,
     int64_t begin, int64_t end, int64_t count) {
   accumulate_entries_impl(grad_tile, input_tile, rows, cols, result, begin, end, count);
 }
 
-__attribute__((target_clones("avx2", "default"))) void accumulate_entries(
+PS_TARGET_CLONES void accumulate_entries(
     const double* grad_tile, const double* input_tile, const int64_t* rows, const int64_t* cols, double* result,
     int64_t begin, int64_t end, int64_t count) {
   accumulate_entries_impl(grad_tile, input_tile, rows, cols, result, begin, end, count);
@@ -187,13 +194,11 @@ at::Tensor sddmm_gather_cpu(const at::Tensor& grad_output, const at::Tensor& inp
     const scalar_t* grad_data = grad_output.data_ptr<scalar_t>();
     AT_DISPATCH_INDEX_TYPES(flat_indices.scalar_type(), "sddmm_gather_cpu_index", [&] {
       const index_t* idx = flat_indices.data_ptr<index_t>();
-      // Entries are checked and split into (row, col) once; the tile loop below reuses them (a 64-bit division
-      // per entry and tile would cost as much as the dot product itself).
+      // Entries (in range: check_sddmm_gather) are split into (row, col) once; the tile loop below reuses them (a
+      // 64-bit division per entry and tile would cost as much as the dot product itself).
       std::vector<int64_t> rows(k), cols(k);
       for (int64_t i = 0; i < k; ++i) {
         const int64_t flat = static_cast<int64_t>(idx[i]);
-        TORCH_CHECK_VALUE(flat >= 0 && flat < out_features * in_features, "sddmm_gather: index ", flat,
-                          " out of range [0, ", out_features * in_features, ")");
         rows[i] = flat / in_features;
         cols[i] = flat - rows[i] * in_features;
       }
@@ -210,15 +215,6 @@ at::Tensor sddmm_gather_cpu(const at::Tensor& grad_output, const at::Tensor& inp
     });
   });
   return out;
-}
-
-template <typename index_t>
-void check_sorted(const index_t* idx, int64_t k, int64_t numel) {
-  for (int64_t i = 0; i < k; ++i) {
-    const int64_t flat = static_cast<int64_t>(idx[i]);
-    TORCH_CHECK_VALUE(flat >= 0 && flat < numel, "dequant_scatter: index ", flat, " out of range [0, ", numel, ")");
-    TORCH_CHECK_VALUE(i == 0 || idx[i - 1] <= idx[i], "dequant_scatter: indices must be sorted ascending");
-  }
 }
 
 at::Tensor dequant_scatter_cpu(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
@@ -261,8 +257,7 @@ at::Tensor dequant_scatter_cpu(const at::Tensor& packed, const at::Tensor& absma
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out_dtype, "dequant_scatter_cpu", [&] {
     scalar_t* result = out.data_ptr<scalar_t>();
     AT_DISPATCH_INDEX_TYPES(indices_c.scalar_type(), "dequant_scatter_cpu_index", [&] {
-      const index_t* idx = indices_c.data_ptr<index_t>();
-      check_sorted(idx, k, numel);
+      const index_t* idx = indices_c.data_ptr<index_t>();  // in range and sorted: check_dequant_scatter
       const int64_t num_tiles = (numel + kDequantTile - 1) / kDequantTile;
       at::parallel_for(0, num_tiles, 1, [&](int64_t tile_begin, int64_t tile_end) {
         std::vector<float> buffer(kDequantTile);

@@ -16,7 +16,7 @@
 //   Launch: grid (ceil(k / 8), splits), 256 threads: one warp per entry and token range; the binding passes
 //   token-contiguous operands, so each lane reads 16-byte vectors; warp-shuffle sums; per-split partial sums are
 //   added by a second kernel in a fixed order (deterministic, no float atomics). Splits are sized so a range of
-//   `input` stays in L2.
+//   `input` stays in L2 (the launch plan, shared with the CuPy path: csrc/sddmm_plan.h).
 //   Floors: bytes = N * (in + out) * sizeof(T) + k * (sizeof(index) + 4); FLOPs = 2 * k * N. The byte floor assumes
 //   every operand is read once; an unstructured mask makes each entry read its own two length-N vectors, so the
 //   realistic bound is 2 * k * N * sizeof(T) bytes from L2 (plus the transposes), or, from the other side, the
@@ -174,7 +174,7 @@ __device__ __forceinline__ void sddmm_body(const typename Tr::T* grad, ps_i64 gr
                                            ps_i64 grad_stride_feature, const typename Tr::T* input,
                                            ps_i64 input_stride_token, ps_i64 input_stride_feature, ps_i64 num_tokens,
                                            ps_i64 in_features, const Idx* indices, ps_i64 k,
-                                           ps_i64 tokens_per_split, int /*unused*/, typename Tr::Acc* partial) {
+                                           ps_i64 tokens_per_split, typename Tr::Acc* partial) {
   typedef typename Tr::Acc Acc;
   const int lane = threadIdx.x & 31;
   const ps_i64 entry = (ps_i64)blockIdx.x * PS_WARPS_PER_BLOCK + (threadIdx.x >> 5);
@@ -311,9 +311,9 @@ __device__ __forceinline__ void dequant_fixup_body(const ps_u8* packed, const fl
   extern "C" __global__ void __launch_bounds__(PS_THREADS)                                                     \
       NAME(const TR::T* grad, ps_i64 gst, ps_i64 gsf, const TR::T* input, ps_i64 ist, ps_i64 isf,             \
            ps_i64 num_tokens, ps_i64 in_features, const IDX* indices, ps_i64 k, ps_i64 tokens_per_split,      \
-           int tile_tokens, TR::Acc* partial) {                                                                \
+           TR::Acc* partial) {                                                                                 \
     sddmm_body<TR, IDX>(grad, gst, gsf, input, ist, isf, num_tokens, in_features, indices, k,                  \
-                        tokens_per_split, tile_tokens, partial);                                               \
+                        tokens_per_split, partial);                                                            \
   }
 
 #define PS_DEQUANT_KERNEL(NAME, TR, IDX)                                                                        \
@@ -371,14 +371,6 @@ namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-int element_size(DType dtype) {
-  switch (dtype) {
-    case DType::Float32: return 4;
-    case DType::Float64: return 8;
-    default: return 2;
-  }
-}
-
 dim3 blocks_for(int64_t count) { return dim3((unsigned)ceil_div(count, PS_THREADS)); }
 
 }  // namespace
@@ -407,27 +399,6 @@ cudaError_t scatter_add(void* dense, DType dtype, int64_t cols, int64_t stride_r
   return cudaGetLastError();
 }
 
-SddmmPlan sddmm_plan(int64_t num_tokens, int64_t in_features, int64_t num_entries, DType input_dtype, int device) {
-  // Token ranges ("splits") small enough that a range of `input` (in_features x tokens) stays in L2 while every
-  // entry's warp reads its column, and numerous enough to give the GPU ~64 warps per SM when k is small.
-  SddmmPlan plan{1, num_tokens > 0 ? num_tokens : 1, 0, 0};
-  int num_sms = 1;
-  cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t tokens = num_tokens > 0 ? num_tokens : 1;
-  const int64_t column_bytes = (in_features > 0 ? in_features : 1) * element_size(input_dtype);
-  int64_t chunk = (int64_t)(16 << 20) / column_bytes / 256 * 256;
-  if (chunk < 256) chunk = 256;
-  int64_t splits = ceil_div(tokens, chunk);
-  const int64_t wanted = ceil_div((int64_t)num_sms * 64, num_entries > 0 ? num_entries : 1);
-  const int64_t most = ceil_div(tokens, 64);
-  if (wanted > splits) splits = wanted < most ? wanted : most;
-  if (splits > 128) splits = 128;
-  if (splits < 1) splits = 1;
-  plan.tokens_per_split = ceil_div(ceil_div(tokens, splits), 8) * 8;  // 16-byte aligned ranges for 16-bit types
-  plan.splits = ceil_div(tokens, plan.tokens_per_split);
-  return plan;
-}
-
 cudaError_t sddmm_gather(const void* grad_output, int64_t grad_stride_token, int64_t grad_stride_feature,
                          const void* input, int64_t input_stride_token, int64_t input_stride_feature, DType dtype,
                          int64_t num_tokens, int64_t in_features, const void* indices, bool indices_int64,
@@ -444,12 +415,12 @@ cudaError_t sddmm_gather(const void* grad_output, int64_t grad_stride_token, int
       ps_sddmm_gather_##SUFFIX##_i64<<<grid, PS_THREADS, 0, stream>>>(                         \
           (const T*)grad_output, grad_stride_token, grad_stride_feature, (const T*)input, input_stride_token,  \
           input_stride_feature, num_tokens, in_features, (const ps_i64*)indices, num_entries,                  \
-          plan.tokens_per_split, plan.tile_tokens, (ACC*)partial);                                             \
+          plan.tokens_per_split, (ACC*)partial);                                                               \
     else                                                                                                      \
       ps_sddmm_gather_##SUFFIX##_i32<<<grid, PS_THREADS, 0, stream>>>(                         \
           (const T*)grad_output, grad_stride_token, grad_stride_feature, (const T*)input, input_stride_token,  \
           input_stride_feature, num_tokens, in_features, (const int*)indices, num_entries,                     \
-          plan.tokens_per_split, plan.tile_tokens, (ACC*)partial);                                             \
+          plan.tokens_per_split, (ACC*)partial);                                                               \
   }
   switch (dtype) {
     case DType::Float32: PS_LAUNCH_SDDMM(f32, float, float) break;

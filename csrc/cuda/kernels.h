@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cuda_runtime.h>
 
+#include "../sddmm_plan.h"
+
 namespace peft_sparse_cuda {
 
 // Storage dtypes understood by the kernels. Half and bfloat16 are passed as raw 16-bit words.
@@ -19,14 +21,9 @@ cudaError_t scatter_add(void* dense, DType dtype, int64_t cols, int64_t stride_r
                         const void* indices, bool indices_int64, const void* values, int64_t num_entries,
                         cudaStream_t stream);
 
-// How sddmm_gather splits its work; the binding allocates `splits * num_entries` accumulators of workspace.
-struct SddmmPlan {
-  int64_t splits;            // token ranges reduced in a fixed order afterwards (deterministic sums)
-  int64_t tokens_per_split;  // a multiple of 8 (16-byte aligned token ranges)
-  int tile_tokens;           // unused (kept 0): the kernel stages nothing in shared memory
-  int shared_bytes;          // unused (kept 0)
-};
-SddmmPlan sddmm_plan(int64_t num_tokens, int64_t in_features, int64_t num_entries, DType input_dtype, int device);
+// How sddmm_gather splits its work (peft_sparse_plan::sddmm_plan, csrc/sddmm_plan.h); the binding computes it and
+// allocates `splits * num_entries` accumulators of workspace.
+using peft_sparse_plan::SddmmPlan;
 
 // out[i] = sum_n grad_output[n, row_i] * input[n, col_i]; out and workspace are float (double for float64 inputs).
 cudaError_t sddmm_gather(const void* grad_output, int64_t grad_stride_token, int64_t grad_stride_feature,

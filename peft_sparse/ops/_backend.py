@@ -9,13 +9,25 @@ Order of preference:
 4. the pure-PyTorch reference (``reference.py``).
 
 Steps 1-2 provide the op schemas (namespace ``peft_sparse``) and the CPU kernels; a CUDA-enabled build also the
-CUDA kernels. Setting ``PEFT_SPARSE_FORCE_REFERENCE=1`` selects the reference everywhere, which is how to rule a
-kernel bug in or out while debugging. Loading happens lazily, at the first op call, not at import.
+CUDA kernels. Loading happens lazily, at the first op call, not at import.
+
+The C++/CUDA sources that steps 2-3 compile are found by :func:`sources_dir` (``CSRC``): an installed wheel ships
+them as package data in ``peft_sparse/_csrc/`` (``setup.py`` copies the top-level ``csrc/`` there at build time);
+an editable install or a plain checkout has none there and uses the checkout's ``csrc/``.
+
+Environment variables:
+
+- ``PEFT_SPARSE_FORCE_REFERENCE=1`` (read at every op call) selects the reference everywhere, which is how to rule
+  a kernel bug in or out while debugging;
+- ``PEFT_SPARSE_FORCE_JIT=1`` (read when the extension loads, at the first op call) skips the prebuilt
+  ``peft_sparse._C`` and JIT-builds the sources (step 2), which is how CI checks that an installed wheel's shipped
+  sources build. It has no effect once something else in the process has imported ``peft_sparse._C``.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import threading
 import warnings
 from pathlib import Path
@@ -23,15 +35,30 @@ from pathlib import Path
 import torch
 
 FORCE_REFERENCE_ENV = "PEFT_SPARSE_FORCE_REFERENCE"
+FORCE_JIT_ENV = "PEFT_SPARSE_FORCE_JIT"
 BACKENDS = ("cpp", "cuda", "cupy", "reference")
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+
+
+def sources_dir() -> Path:
+    """The directory of the C++/CUDA sources: the copy a wheel ships in ``peft_sparse/_csrc/``, else the
+    checkout's top-level ``csrc/`` (editable installs and plain checkouts)."""
+    package = Path(__file__).resolve().parents[1]
+    shipped = package / "_csrc"
+    return shipped if shipped.is_dir() else package.parent / "csrc"
+
+
+CSRC = sources_dir()
 
 _lock = threading.Lock()
 _state: dict = {}  # "extension": "prebuilt" | "jit" | None, "cuda": backend name, "error": str
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
 def _reference_forced() -> bool:
-    return os.environ.get(FORCE_REFERENCE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}
+    return _env_flag(FORCE_REFERENCE_ENV)
 
 
 def _ops_defined() -> bool:
@@ -44,7 +71,7 @@ def _jit_build() -> None:
     sources = [CSRC / "ops.cpp", CSRC / "cpu" / "ops_cpu.cpp"]
     missing = [str(path) for path in sources if not path.is_file()]
     if missing:
-        raise FileNotFoundError(f"C++ sources not found (JIT builds need a source checkout): {missing}")
+        raise FileNotFoundError(f"C++ sources not found (neither shipped in the package nor in a checkout): {missing}")
     # Same sources and flags as setup.py's build of peft_sparse._C (setup.py cannot import this package).
     cpp_extension.load(
         name="peft_sparse_jit",
@@ -61,16 +88,21 @@ def _load_extension() -> str | None:
     if _ops_defined():
         return "prebuilt"
     errors = []
-    try:
-        import peft_sparse._C  # noqa: F401  (registers the ops)
+    if _env_flag(FORCE_JIT_ENV):
+        errors.append(f"peft_sparse._C: skipped ({FORCE_JIT_ENV} is set)")
+    else:
+        try:
+            import peft_sparse._C  # noqa: F401  (registers the ops)
 
-        return "prebuilt"
-    except ImportError as error:
-        errors.append(f"peft_sparse._C: {error}")
+            return "prebuilt"
+        except ImportError as error:
+            errors.append(f"peft_sparse._C: {error}")
+    # A missing compiler, ninja or source (OSError, RuntimeError from torch.utils.cpp_extension), a failed compile
+    # (RuntimeError, or the compiler's CalledProcessError) or an unloadable library (OSError) all fall back.
     try:
         _jit_build()
         return "jit"
-    except Exception as error:  # a missing compiler, ninja or sources all end here
+    except (OSError, RuntimeError, ImportError, subprocess.SubprocessError) as error:
         errors.append(f"JIT build: {error}")
     _state["error"] = "; ".join(errors)
     warnings.warn(

@@ -4,6 +4,11 @@ CuPy compiles ``csrc/cuda/kernels.cu`` (the very file the CUDA extension builds;
 header) at run time, and this module registers Python implementations of the ``peft_sparse`` ops for the CUDA
 dispatch key that launch its ``extern "C"`` kernels on torch's current stream. Outputs and workspaces are torch
 tensors; only raw device pointers cross to CuPy.
+
+What NVRTC does not compile (host code) comes from the CPU part of the extension, which this path runs on top of:
+the index checks of the compiled ops (``peft_sparse::_check_indices``, ``csrc/op_checks.h``), so that out-of-range
+or, for ``dequant_scatter``, unsorted indices raise the same ``ValueError`` here, and ``sddmm_gather``'s launch plan
+(``peft_sparse::_sddmm_plan``, ``csrc/sddmm_plan.h``), so that both CUDA paths split and sum in the same order.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ def _cupy():
     return cupy
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _module(device_index: int):
     cupy = _cupy()
     source = (CSRC / "cuda" / "kernels.cu").read_text()
@@ -40,29 +45,28 @@ def _kernel(device: torch.device, name: str):
     return _module(device.index if device.index is not None else torch.cuda.current_device()).get_function(name)
 
 
-def _launch(kernel, grid, args, shared_bytes: int = 0) -> None:
+def _launch(kernel, grid, args) -> None:
+    """Launch with THREADS threads per block: tensors travel as device pointers, floats as the kernels' ``float``,
+    ints as their ``long long`` (ps_i64)."""
     import numpy as np
 
     cupy = _cupy()
-    if shared_bytes > 48 * 1024:
-        kernel.max_dynamic_shared_size_bytes = shared_bytes
     converted = []
     for arg in args:
         if isinstance(arg, torch.Tensor):
             converted.append(np.uint64(arg.data_ptr()))
         elif isinstance(arg, float):
             converted.append(np.float32(arg))
-        elif isinstance(arg, np.generic):
-            converted.append(arg)
         else:
             converted.append(np.int64(arg))
     with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
-        kernel(grid, (THREADS,), tuple(converted), shared_mem=shared_bytes)
+        kernel(grid, (THREADS,), tuple(converted))
 
 
-def _index_suffix(indices: torch.Tensor) -> str:
-    if indices.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"indices must be int32 or int64, got {indices.dtype}")
+def _checked_index_suffix(indices: torch.Tensor, numel: int, op: str, ascending: bool = False) -> str:
+    """The kernels' name suffix for the index dtype, once the indices pass the compiled ops' checks (1-D, int32 or
+    int64, in ``[0, numel)``; sorted too if ``ascending``)."""
+    torch.ops.peft_sparse._check_indices(indices, numel, ascending, op)
     return "i64" if indices.dtype == torch.int64 else "i32"
 
 
@@ -73,31 +77,20 @@ def _blocks(count: int) -> tuple[int]:
 def scatter_add_cuda(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> None:
     from . import reference
 
-    if dense.dim() != 2 or indices.dim() != 1 or values.shape != indices.shape:
+    if dense.dim() != 2:
+        reference.scatter_add(dense, indices, values)  # raises the reference's ValueError
+        return
+    index_suffix = _checked_index_suffix(indices, dense.shape[0] * dense.shape[1], "scatter_add_")
+    if values.shape != indices.shape:
         reference.scatter_add(dense, indices, values)  # raises the reference's ValueError
         return
     if indices.numel() == 0:
         return
     values = values.to(device=dense.device, dtype=dense.dtype).contiguous()
     indices = indices.contiguous()
-    kernel = _kernel(dense.device, f"ps_scatter_add_{_SUFFIX[dense.dtype]}_{_index_suffix(indices)}")
+    kernel = _kernel(dense.device, f"ps_scatter_add_{_SUFFIX[dense.dtype]}_{index_suffix}")
     _launch(kernel, _blocks(indices.numel()),
             (dense, dense.shape[1], dense.stride(0), dense.stride(1), indices, values, indices.numel()))
-
-
-def _sddmm_plan(num_tokens: int, in_features: int, num_entries: int, dtype: torch.dtype, device: torch.device):
-    """Mirror of ``sddmm_plan`` in kernels.cu: (splits, tokens_per_split)."""
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count
-    tokens = max(num_tokens, 1)
-    column_bytes = max(in_features, 1) * torch.empty((), dtype=dtype).element_size()
-    chunk = max(256, (16 << 20) // column_bytes // 256 * 256)
-    splits = math.ceil(tokens / chunk)
-    wanted = math.ceil(num_sms * 64 / max(num_entries, 1))
-    if wanted > splits:
-        splits = min(wanted, math.ceil(tokens / 64))
-    splits = max(1, min(splits, 128))
-    tokens_per_split = math.ceil(math.ceil(tokens / splits) / 8) * 8
-    return math.ceil(tokens / tokens_per_split), tokens_per_split
 
 
 def _token_contiguous(tensor: torch.Tensor) -> torch.Tensor:
@@ -110,21 +103,22 @@ def sddmm_gather_cuda(grad_output, input, indices, in_features):
 
     if grad_output.dim() != 2 or input.dim() != 2 or input.shape[1] != in_features or grad_output.dtype != input.dtype:
         return reference.sddmm_gather(grad_output, input, indices, in_features)  # raises with the reference's message
+    index_suffix = _checked_index_suffix(indices, grad_output.shape[1] * in_features, "sddmm_gather")
     accumulate = torch.float64 if input.dtype == torch.float64 else torch.float32
     k, num_tokens = indices.numel(), input.shape[0]
     if k == 0 or num_tokens == 0:
         return torch.zeros(k, dtype=accumulate, device=input.device)
-    splits, tokens_per_split = _sddmm_plan(num_tokens, in_features, k, input.dtype, input.device)
+    num_sms = torch.cuda.get_device_properties(input.device).multi_processor_count
+    splits, tokens_per_split = torch.ops.peft_sparse._sddmm_plan(num_tokens, in_features, k, input.element_size(),
+                                                                 num_sms)
     grad_output, input = _token_contiguous(grad_output), _token_contiguous(input)
     out = torch.empty(k, dtype=accumulate, device=input.device)
     partial = torch.empty(splits * k, dtype=accumulate, device=input.device) if splits > 1 else out
     indices = indices.contiguous()
-    import numpy as np
-
-    kernel = _kernel(input.device, f"ps_sddmm_gather_{_SUFFIX[input.dtype]}_{_index_suffix(indices)}")
+    kernel = _kernel(input.device, f"ps_sddmm_gather_{_SUFFIX[input.dtype]}_{index_suffix}")
     _launch(kernel, (math.ceil(k / SDDMM_ENTRIES_PER_BLOCK), splits),
             (grad_output, grad_output.stride(0), grad_output.stride(1), input, input.stride(0), input.stride(1),
-             num_tokens, in_features, indices, k, tokens_per_split, np.int32(0), partial))
+             num_tokens, in_features, indices, k, tokens_per_split, partial))
     if splits > 1:
         reduce = _kernel(input.device, "ps_reduce_splits_f64" if accumulate == torch.float64 else "ps_reduce_splits_f32")
         _launch(reduce, _blocks(k), (partial, splits, k, out))
@@ -138,6 +132,7 @@ def dequant_scatter_cuda(packed, absmax, code, blocksize, shape, out_dtype, indi
     if (nested_absmax is None) != (nested_code is None):
         raise ValueError("dequant_scatter: nested_absmax and nested_code must be given together")
     numel = math.prod(shape)
+    index_suffix = _checked_index_suffix(indices, numel, "dequant_scatter", ascending=True)
     out = torch.empty(tuple(shape), dtype=out_dtype, device=packed.device)
     if numel == 0:
         return out
@@ -150,7 +145,7 @@ def dequant_scatter_cuda(packed, absmax, code, blocksize, shape, out_dtype, indi
             code, blocksize, nested_absmax.float().contiguous() if nested else null,
             nested_code.float().contiguous() if nested else null, nested_blocksize, float(offset), numel, indices,
             values, indices.numel(), out)
-    suffix = f"{_SUFFIX[out_dtype]}_{_index_suffix(indices)}"
+    suffix = f"{_SUFFIX[out_dtype]}_{index_suffix}"
     # Two passes on one stream, as in kernels.cu: the dequantised stream, then each delta run's single rounding.
     _launch(_kernel(packed.device, f"ps_dequant_scatter_{suffix}"), (math.ceil(numel / DEQUANT_TILE),), args)
     if indices.numel():
@@ -168,8 +163,8 @@ def register() -> bool:
         if cupy.cuda.runtime.getDeviceCount() == 0:
             return False
         _module(torch.cuda.current_device())  # compile now, so that a broken toolchain fails here, not mid-step
-    except Exception:  # no CuPy, no driver, or NVRTC failed: the reference serves CUDA tensors instead
-        return False
+    except Exception:  # noqa: BLE001  (CuPy's CompileException derives from Exception alone)
+        return False  # no CuPy, no driver, or NVRTC failed: the reference serves CUDA tensors instead
     library = torch.library.Library("peft_sparse", "IMPL")
     library.impl("scatter_add_", scatter_add_cuda, "CUDA")
     library.impl("sddmm_gather", sddmm_gather_cuda, "CUDA")

@@ -5,10 +5,13 @@ compiled backend is available. They favour clarity over speed, but they respect 
 nothing here allocates a dense ``out x in`` tensor except where the op's output *is* that tensor
 (``scatter_add`` writes into a dense weight the caller owns).
 
-Index convention (see ``DESIGN.md``): a sparse delta of a logical weight ``W`` of shape ``(out, in)`` is a pair
-``(indices, values)`` where ``indices`` are row-major flat positions ``row * in + col``. The ops trust their indices
-(checking the range would cost a device synchronisation on every forward); index sets are validated once, where
-they enter a layer (``SparseLayer.set_sparse_entries`` and adapter loading).
+Index convention: a sparse delta of a logical weight ``W`` of shape ``(out, in)`` is a pair
+``(indices, values)`` where ``indices`` are row-major flat positions ``row * in + col``, in ``[0, out * in)``
+(and, for ``dequant_scatter``, ascending). Every backend holds the ops to that contract (:func:`check_index_range`
+here, ``csrc/op_checks.h`` for the kernels): on the CPU a bad index set raises ``ValueError`` naming the range it
+spans; on CUDA the check is queued on the stream (a device-side assert), since reading it back would make the host
+wait on every forward. Index sets are also validated in full where they enter a layer
+(``SparseLayer.set_sparse_entries`` and adapter loading).
 """
 
 from __future__ import annotations
@@ -19,11 +22,29 @@ from typing import Optional
 
 import torch
 
-__all__ = ["dequant_scatter", "scatter_add", "sddmm_gather", "split_indices"]
+__all__ = ["check_index_range", "dequant_scatter", "scatter_add", "sddmm_gather", "split_indices"]
 
 # The sampled gradient gather materialises two (tokens x chunk) tiles at a time; this bounds their element count so
 # its temporary memory stays constant however many tokens or entries there are (2 x 2**22 fp32 = 32 MiB).
 _GATHER_TILE_ELEMENTS = 1 << 22
+
+
+def check_index_range(indices: torch.Tensor, numel: int, op: str, ascending: bool = False) -> None:
+    """Refuse flat positions outside ``[0, numel)`` (or, with ``ascending``, out of order): see the module's index
+    convention. The same check and message as the compiled ops'."""
+    if indices.numel() == 0:
+        return
+    low, high = torch.aminmax(indices)
+    in_order = (indices[1:] >= indices[:-1]).all() if ascending and indices.numel() > 1 else True
+    if indices.is_cuda:
+        valid = (low >= 0) & (high < numel) & in_order
+        what = " or not sorted ascending" if ascending else ""
+        torch._assert_async(valid, f"{op}: indices out of range [0, {numel}){what}")
+        return
+    if int(low) < 0 or int(high) >= numel:
+        raise ValueError(f"{op}: indices out of range [0, {numel}): they span [{int(low)}, {int(high)}]")
+    if ascending and not bool(in_order):
+        raise ValueError(f"{op}: indices must be sorted ascending")
 
 
 def split_indices(indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,6 +77,7 @@ def scatter_add(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
         )
     if indices.numel() == 0:
         return dense
+    check_index_range(indices, dense.numel(), "scatter_add_")
     row_indices, col_indices = split_indices(indices.to(dense.device), dense.shape[1])
     dense.index_put_((row_indices, col_indices), values.to(device=dense.device, dtype=dense.dtype), accumulate=True)
     return dense
@@ -91,6 +113,7 @@ def sddmm_gather(
     out = torch.empty(num_entries, dtype=acc_dtype, device=grad_output.device)
     if num_entries == 0:
         return out
+    check_index_range(indices, grad_output.shape[1] * in_features, "sddmm_gather")
     num_tokens = max(grad_output.shape[0], 1)
     tile = max(1, _GATHER_TILE_ELEMENTS // num_tokens)
     row_indices, col_indices = split_indices(indices.to(grad_output.device), in_features)
@@ -151,6 +174,7 @@ def dequant_scatter(
     dense = code.float().to(packed.device)[nibbles] * scales.repeat_interleave(blocksize)[:numel]
     # the delta addresses the row-major (rows, last dim) view of the weight
     dense = dense.reshape(math.prod(shape[:-1]), shape[-1]) if shape else dense.reshape(1, 1)
+    check_index_range(indices, numel, "dequant_scatter", ascending=True)
     if indices.numel() > 0:
         scatter_add(dense, indices, values.float())
     return dense.reshape(shape).to(out_dtype)
