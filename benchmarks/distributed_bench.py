@@ -150,8 +150,7 @@ def main() -> None:
         worker(args)
         return
 
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from ops_bench import machine, write_section
+        from ops_bench import machine, write_section
 
     results: dict[str, list[list[dict]]] = {"ddp": [], "fsdp": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -32,11 +32,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from peft_sparse import ops
+from peft_sparse.ops import reference
 
-from peft_sparse import ops  # noqa: E402
-from peft_sparse.ops import reference  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 
 # ---------------------------------------------------------------------------------------------------------------

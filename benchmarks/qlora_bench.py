@@ -28,15 +28,12 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from ops_bench import machine, median_time, write_section
 from torch import nn
 
+from peft_sparse import ops
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from ops_bench import machine, median_time, write_section  # noqa: E402
-
-from peft_sparse import ops  # noqa: E402
 
 SHAPES = {"cuda": dict(hidden=4096, intermediate=11008, blocks=2, tokens=[2048, 8192], lora_r=10),
           "cpu": dict(hidden=512, intermediate=1376, blocks=2, tokens=[512], lora_r=8)}

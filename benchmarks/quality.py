@@ -49,15 +49,13 @@ from datetime import date
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
 from ops_bench import machine, write_section
 
+from peft_sparse.classification import batches, train
 from peft_sparse.cli import data, models
-from peft_sparse.cli.finetune import batches, train
+from peft_sparse.cli.finetune import MAX_TOKENS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 METHODS = ("gradient", "magnitude", "random", "spiel", "lora", "gradient_local", "gradient_warmup", "random_warmup",
            "gradient_xpooler", "gradient_layernorm", "fisher")
@@ -109,15 +107,16 @@ def select_transformed(model, data_batches, transform: str) -> None:
     * ``"xpooler"``: the pooler keeps its size-proportional share, chosen by its own top-k; the rest of the budget
       is one top-k over the other layers.
 
-    Uses the selection module's internals (the same scores, budget and seeded tie-breaks as ``select_mask``)."""
-    from peft_sparse.selection import select as sel
-    from peft_sparse.selection.topk import select_top_k
+    The same scores, budget and seeded tie-breaks as ``select_mask``."""
+    from peft_sparse.selection import salience_scores, select_top_k, tie_generators
     from peft_sparse.tuner.budget import allocate_budget
+    from peft_sparse.tuner.lookup import sparse_layers
 
-    _, adapter_name, config, metric, layers = sel._prepare("select_transformed", model, None, data_batches)
-    scores, _, _ = sel._compute_scores(model, layers, adapter_name, config, metric, data_batches, None, None,
-                                       torch.float32, None)
-    ties = sel._tie_generators(config, layers)
+    adapter_name, config = "default", model.peft_config["default"]
+    by_name = salience_scores(model, data_batches, adapter_name=adapter_name)
+    layers = sparse_layers(model.get_base_model(), adapter_name)  # named as salience_scores names them
+    scores = [by_name[name] for name, _ in layers]
+    ties = tie_generators(config, layers)
     counts = allocate_budget([layer.num_weight_entries for _, layer in layers], config.density,
                              config.num_tunable_weights, config.budget)
     if transform == "layernorm":
@@ -185,8 +184,8 @@ def run(method: str, seed: int, steps: int, lora_r: int, lr: float, *, validatio
         train_examples, eval_examples = carve_validation(split.train, val_fraction, seed)
     else:
         train_examples, eval_examples = split.train, split.held_out
-    train_batches = list(batches(train_examples, tokenizer, BATCH_SIZE))
-    eval_batches = list(batches(eval_examples, tokenizer, 64))
+    train_batches = list(batches(train_examples, tokenizer, BATCH_SIZE, MAX_TOKENS))
+    eval_batches = list(batches(eval_examples, tokenizer, 64, MAX_TOKENS))
     base = models.load_classifier(source, len(split.label_names), seed, tokenizer)
     budget = peft_sparse.lora_equivalent_budget(base, r=lora_r, target_modules="all-linear", task_type="SEQ_CLS")
     selection = {"spiel": "random", "gradient_local": "gradient", "gradient_warmup": "gradient",
@@ -209,7 +208,7 @@ def run(method: str, seed: int, steps: int, lora_r: int, lr: float, *, validatio
             for p in values:
                 p.requires_grad_(False)
             warmup_losses, _ = train(model, train_examples, tokenizer, steps=warmup_steps, lr=lr,
-                                     batch_size=BATCH_SIZE, seed=seed + 1_000_003)
+                                     batch_size=BATCH_SIZE, max_length=MAX_TOKENS, seed=seed + 1_000_003)
             for p in values:
                 p.requires_grad_(True)
         if method in ("gradient_xpooler", "gradient_layernorm"):
@@ -218,8 +217,8 @@ def run(method: str, seed: int, steps: int, lora_r: int, lr: float, *, validatio
             peft_sparse.select_mask(model, train_batches)
     mask = mask_statistics(model) if method != "lora" else None
     trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
-    losses, _ = train(model, train_examples, tokenizer, steps=steps, lr=lr, batch_size=BATCH_SIZE, seed=seed,
-                      update="spiel" if method == "spiel" else "static")
+    losses, _ = train(model, train_examples, tokenizer, steps=steps, lr=lr, batch_size=BATCH_SIZE,
+                      max_length=MAX_TOKENS, seed=seed, update="spiel" if method == "spiel" else "static")
     eval_accuracy, eval_loss = evaluate(model, eval_batches)
     record = {"method": method, "seed": seed, "lr": lr, "steps": steps, "validation": validation,
               "accuracy": eval_accuracy, "eval_loss": eval_loss,

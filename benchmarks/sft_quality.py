@@ -41,12 +41,9 @@ from datetime import date
 from pathlib import Path
 
 import torch
+from ops_bench import machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from ops_bench import machine, write_section
 
 SPARSE_GRID = (3e-4, 1e-3, 3e-3)
 GRIDS = {

@@ -60,15 +60,13 @@ class SM3(torch.optim.Optimizer):
                 raise ValueError(f"SM3: {name} must be in [{low}, {high if high is not None else 'inf'}), got {value!r}")
         if not isinstance(model, nn.Module):
             raise TypeError(f"SM3: expected the peft model (an nn.Module), got {type(model).__name__}")
-        from .tuner.layer import SparseLayer
+        from .tuner.lookup import resolve_adapter, sparse_layers
 
-        if adapter_name is None:
-            adapter_name = _active_adapter(model)
+        _, adapter_name, _ = resolve_adapter(model, adapter_name, "SM3")
         self.adapter_name = adapter_name
         # The layers are looked up again at every step (cheap), so a values parameter that select_mask or an adapter
         # load replaced, and that was swapped into the parameter groups, is still matched with its layer.
-        self._sparse_layers = [m for m in model.modules()
-                               if isinstance(m, SparseLayer) and adapter_name in m.sparse_values]
+        self._sparse_layers = [layer for _, layer in sparse_layers(model, adapter_name)]
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("SM3: the model has no trainable parameters")
@@ -145,14 +143,3 @@ class SM3(torch.optim.Optimizer):
             other = [d for d in range(grad.dim()) if d != dim]
             torch.maximum(acc, nu.amax(dim=other) if other else nu, out=acc)
         return nu
-
-
-def _active_adapter(model: nn.Module) -> str:
-    tuner = getattr(model, "base_model", model)
-    active = getattr(tuner, "active_adapter", None)
-    if isinstance(active, (list, tuple)):
-        active = active[0] if active else None
-    if not isinstance(active, str):
-        raise ValueError("SM3: could not tell the active adapter; pass adapter_name")
-    return active
-

@@ -34,12 +34,13 @@ from typing import Any, Callable, Optional
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ._distributed import rank, world_size
-from .selection.optim import _unwrap
-from .selection.select import _resolve, select_mask, update_mask
+from .selection.reassign import unwrap_optimizer
+from .selection.select import select_mask, update_mask
 from .selection.spiel import SpIEL
-from .tuner.layer import SparseLayer
+from .tuner.lookup import resolve_adapter, sparse_layers
 
 __all__ = ["SparseTrainingCallback"]
 
@@ -67,7 +68,7 @@ class SparseTrainingCallback(TrainerCallback):
 
     # --- helpers -------------------------------------------------------------------------------------------------
     def _config(self, model):
-        _, adapter_name, config = _resolve(model, self.adapter_name)
+        _, adapter_name, config = resolve_adapter(model, self.adapter_name, "SparseTrainingCallback")
         return adapter_name, config
 
     def _batches(self):
@@ -86,7 +87,7 @@ class SparseTrainingCallback(TrainerCallback):
         self._train_dataloader = train_dataloader
         adapter_name, config = self._config(model)
         self.adapter_name = adapter_name
-        layers = [m for m in model.modules() if isinstance(m, SparseLayer) and adapter_name in m.sparse_values]
+        layers = [layer for _, layer in sparse_layers(model, adapter_name)]
         never_chosen = not any(adapter_name in layer.mask_chosen for layer in layers)
         selects = state.global_step == 0 and never_chosen and config.selection != "random"
         stage = _deepspeed_zero_stage(optimizer)
@@ -134,7 +135,7 @@ class SparseTrainingCallback(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         if self.spiel is None or rank() != 0:
             return control
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if os.path.isdir(folder):
             torch.save(self.spiel.state_dict(), os.path.join(folder, STATE_FILE))
         return control
@@ -145,7 +146,7 @@ class SparseTrainingCallback(TrainerCallback):
         return control
 
     def _restore(self, args, state) -> None:
-        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}", STATE_FILE)
+        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_FILE)
         if not os.path.isfile(path):
             logger.warning(
                 "peft-sparse: resuming at step %d without %s; SpIEL restarts its growth records (all entries count "
@@ -199,7 +200,7 @@ def _match_optimizer_to_entries(optimizer, layers, adapter_name: str) -> None:
     entries. A global budget can empty a layer (its values are then frozen, see ``SparseLayer._trainable_once_sized``)
     or give entries to one that had none when the Trainer built the optimizer; membership must follow, because a
     resumed run builds its optimizer from the checkpoint's mask and loads the saved optimizer state by position."""
-    optimizer = _unwrap(optimizer)
+    optimizer = unwrap_optimizer(optimizer)
     if optimizer is None:
         return
     all_values = [layer.sparse_values[adapter_name] for layer in layers]
@@ -224,7 +225,7 @@ def _check_optimizer_holds_values(optimizer, layers, adapter_name: str) -> None:
     ``low_cpu_mem_usage`` adapter load) would silently train nothing: say so."""
     if optimizer is None:
         return
-    held = {id(p) for group in _unwrap(optimizer).param_groups for p in group["params"]}
+    held = {id(p) for group in unwrap_optimizer(optimizer).param_groups for p in group["params"]}
     stale = [layer.layer_name for layer in layers
              if layer.sparse_values[adapter_name].requires_grad and id(layer.sparse_values[adapter_name]) not in held]
     if stale:

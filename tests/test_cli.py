@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from peft_sparse.classification import TrainingDiverged, accuracy, batches, train
 from peft_sparse.cli import build_parser, data, finetune, main, models
 
 FINETUNE_OPTIONS = ["--model", "--data", "--method", "--selection", "--density", "--update", "--steps",
@@ -347,13 +348,13 @@ def test_a_diverging_loss_stops_training_naming_the_step(tiny_model_dir, jsonl):
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     split = data.load(str(jsonl), 750, 0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
-    with pytest.raises(finetune.FinetuneError, match="the training loss became nan at step 2 of 4"):
-        finetune.train(model, split.train, tokenizer, steps=4, lr=1e30, batch_size=8, seed=0)
+    with pytest.raises(TrainingDiverged, match="the training loss became nan at step 2 of 4"):
+        train(model, split.train, tokenizer, steps=4, lr=1e30, batch_size=8, max_length=64, seed=0)
     # Whatever makes a trained parameter non-finite after the last loss was taken, it is not handed back as trained.
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
     model.unused = torch.nn.Parameter(torch.tensor([float("nan")]))
-    with pytest.raises(finetune.FinetuneError, match="the trained parameter unused holds inf or nan after step 1"):
-        finetune.train(model, split.train, tokenizer, steps=1, lr=1e-3, batch_size=8, seed=0)
+    with pytest.raises(TrainingDiverged, match="the trained parameter unused holds inf or nan after step 1"):
+        train(model, split.train, tokenizer, steps=1, lr=1e-3, batch_size=8, max_length=64, seed=0)
 
 
 def test_builtin_models_resolve_or_say_how_to_install(monkeypatch):
@@ -388,11 +389,11 @@ def test_finetune_both_methods_on_a_tiny_model(tiny_model_dir, jsonl, tmp_path):
     # The saved sparse adapter reloads onto the base and reproduces the trained model's held-out accuracy.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     split = data.load(str(jsonl), 750, 0)
-    batches = list(finetune.batches(split.held_out, tokenizer, 64))
+    held_out = list(batches(split.held_out, tokenizer, 64, finetune.MAX_TOKENS))
     for r in runs:
         base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
         model = PeftModel.from_pretrained(base, r["adapter_dir"])
-        assert finetune.accuracy(model, batches) == pytest.approx(r["held_out_accuracy"])
+        assert accuracy(model, held_out) == pytest.approx(r["held_out_accuracy"])
 
 
 def test_finetune_sparse_only_keeps_the_exact_density_and_runs_spiel_on_a_4bit_base(tiny_model_dir, jsonl, tmp_path):
@@ -487,3 +488,13 @@ def test_bench_runs_the_chosen_scripts_in_order_and_stops_at_a_failure(monkeypat
     assert main(["bench"]) == 1  # ops, then qlora fails
     assert [line.strip() for line in log.read_text().splitlines()] == ["ops", "qlora"]
     assert "qlora_bench.py failed (exit code 3)" in capsys.readouterr().err
+
+
+def test_the_command_not_the_import_makes_the_process_work_offline():
+    script = ("import os\nimport peft_sparse.cli as cli\nfrom huggingface_hub import constants\n"
+              "print(os.environ.get('HF_HUB_OFFLINE'), constants.HF_HUB_OFFLINE)\n"
+              "cli.main(['bench', 'no-such-benchmark'])\n"
+              "print(os.environ.get('HF_HUB_OFFLINE'), constants.HF_HUB_OFFLINE)\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.stdout.split("\n")[:2] == ["None False", "1 True"], result.stderr[-2000:]

@@ -73,6 +73,30 @@ def test_gpt2_layers_are_conv1d_with_logical_out_in_shape():
     assert (c_attn.out_features, c_attn.in_features) == (96, 32)
 
 
+@pytest.mark.parametrize(("family", "given", "layout"), [("gpt2", False, True), ("llama", True, False)])
+def test_a_fan_in_fan_out_that_disagrees_with_the_layer_is_corrected_with_a_warning(family, given, layout):
+    with pytest.warns(UserWarning, match=f"fan_in_fan_out is {given} .* setting fan_in_fan_out to {layout}"):
+        model = build(family, fan_in_fan_out=given)
+    assert model.peft_config["default"].fan_in_fan_out is layout
+    assert all(layer.fan_in_fan_out is layout for _, layer in sparse_layers(model))
+
+
+def test_hooks_on_a_base_layer_that_the_adapted_forward_bypasses_are_reported(monkeypatch):
+    import peft_sparse.tuner.layer as layer_module
+
+    monkeypatch.setattr(layer_module, "_hooks_warned", False)
+    model = build("llama")
+    calls = []
+    base = dict(sparse_layers(model))["base_model.model.model.layers.0.self_attn.q_proj"].get_base_layer()
+    base.register_forward_pre_hook(lambda module, args: calls.append(module))
+    with pytest.warns(UserWarning, match="q_proj.*hooks.*does not run them"):
+        model(**make_batch())
+    assert calls == []  # what the warning says: the hook did not run
+    with model.disable_adapter():  # the base layer's own forward runs its hooks
+        model(**make_batch())
+    assert calls == [base]
+
+
 @pytest.mark.parametrize("budget", ["global", "local"])
 @pytest.mark.parametrize("density", [0.01, 0.1, 0.37, 1.0])
 def test_density_budget_is_exact(budget, density):

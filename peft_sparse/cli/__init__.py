@@ -14,10 +14,6 @@ import os
 import sys
 from typing import Optional, Sequence
 
-# Everything the command line loads comes from local files; make sure nothing reaches for the Hugging Face Hub.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
 USAGE_ERROR = 2
 
 
@@ -57,8 +53,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _work_offline() -> None:
+    """Everything the command line loads comes from local files: make sure nothing reaches for the Hugging Face
+    Hub (unless the environment says otherwise). Done when a command runs, not when the package is imported (a
+    library import must not change the process's settings). huggingface_hub reads the variable once, when it is
+    imported, which importing peft already did, so its constant is set too; worker processes inherit the
+    variables."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from huggingface_hub import constants
+
+    constants.HF_HUB_OFFLINE = os.environ["HF_HUB_OFFLINE"].strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _work_offline()
     if argv[:1] == ["sft"]:
         from . import sft
 
@@ -69,6 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return USAGE_ERROR
     if args.command == "finetune":
+        from ..classification import TrainingDiverged
         from . import data, finetune, models
 
         problem = finetune.check_arguments(args)
@@ -76,7 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             parser.exit(USAGE_ERROR, f"peft-sparse finetune: error: {problem}\n")
         try:
             return finetune.run(args, argv[1:])
-        except (data.DataError, models.ModelNotFound, finetune.FinetuneError) as err:
+        except (data.DataError, models.ModelNotFound, finetune.FinetuneError, TrainingDiverged) as err:
             parser.exit(USAGE_ERROR, f"peft-sparse finetune: error: {err}\n")
     from . import bench
 

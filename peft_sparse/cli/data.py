@@ -75,9 +75,9 @@ def read_records(path: str | Path, text_field: str = "text", label_field: str = 
     if path.is_dir():
         rows = [(f"record {number}", row) for number, row in enumerate(_rows_from_disk(path), 1)]
     elif path.suffix in (".jsonl", ".json"):
-        rows = _json_rows(path, _read_text(path))
+        rows = json_rows(path, read_text(path))
     elif path.suffix == ".csv":
-        rows = _csv_rows(path, _read_text(path))
+        rows = _csv_rows(path, read_text(path))
     else:
         raise DataError(f"--data {str(path)!r}: expected a .jsonl, .json or .csv file or a save_to_disk folder")
     records = []
@@ -129,39 +129,41 @@ def _label_name(label: Any) -> tuple[str | None, str]:
     return None, f"a {type(label).__name__}"
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path, option: str = "--data") -> str:
     """The file's text, decoded as UTF-8 without a leading byte-order mark (what ``encoding='utf-8-sig'`` does),
-    decoded here from the bytes so that an error can name the line and the byte."""
+    decoded here from the bytes so that an error can name the line and the byte. Errors name ``option``, the
+    command-line option that gave the path."""
     try:
         raw = path.read_bytes()
     except OSError as err:
-        raise DataError(f"--data {str(path)!r} cannot be read ({err.strerror or err})") from None
+        raise DataError(f"{option} {str(path)!r} cannot be read ({err.strerror or err})") from None
     body = raw.removeprefix(codecs.BOM_UTF8)
     try:
         return body.decode("utf-8")
     except UnicodeDecodeError as err:
         line = body.count(b"\n", 0, err.start) + 1
-        raise DataError(f"--data {str(path)!r} is not UTF-8 text: line {line} has byte 0x{body[err.start]:02x} "
+        raise DataError(f"{option} {str(path)!r} is not UTF-8 text: line {line} has byte 0x{body[err.start]:02x} "
                         f"({err.reason}); save the file as UTF-8") from None
 
 
-def _json_rows(path: Path, text: str) -> list[tuple[str, Any]]:
+def json_rows(path: Path, text: str, option: str = "--data") -> list[tuple[str, Any]]:
     """(where, value) of each record of JSON text: a ``.json`` file may hold one array of records (or one object);
-    otherwise, and always for ``.jsonl``, each non-blank line is one record (JSON lines)."""
+    otherwise, and always for ``.jsonl``, each non-blank line is one record (JSON lines). Errors name the line or
+    record, and ``option``."""
     if path.suffix == ".json":
         try:
             document = json.loads(text)
         except json.JSONDecodeError as err:
             # Meant as one array: its own error, not one about line 1 alone. Otherwise several values: JSON lines.
             if text.lstrip().startswith("["):
-                raise DataError(f"--data {str(path)!r} is not valid JSON ({err.msg} at line {err.lineno} column "
+                raise DataError(f"{option} {str(path)!r} is not valid JSON ({err.msg} at line {err.lineno} column "
                                 f"{err.colno})") from None
         else:
             if isinstance(document, list):
                 return [(f"record {number}", row) for number, row in enumerate(document, 1)]
             if isinstance(document, dict):  # one object (a one-line JSON-lines file): one record, as before
                 return [("record 1", document)]
-            raise DataError(f"--data {str(path)!r}: the JSON value is a {type(document).__name__}; expected an "
+            raise DataError(f"{option} {str(path)!r}: the JSON value is a {type(document).__name__}; expected an "
                             "array of records (objects) or one record per line (JSON lines)")
     rows = []
     for number, line in enumerate(io.StringIO(text, newline=None), 1):  # universal newlines, as a text file
@@ -169,7 +171,7 @@ def _json_rows(path: Path, text: str) -> list[tuple[str, Any]]:
             try:
                 rows.append((f"line {number}", json.loads(line)))
             except json.JSONDecodeError as err:
-                raise DataError(f"--data {str(path)!r}: line {number} is not JSON ({err.msg})") from None
+                raise DataError(f"{option} {str(path)!r}: line {number} is not JSON ({err.msg})") from None
     return rows
 
 

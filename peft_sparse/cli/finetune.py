@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -152,31 +151,6 @@ def planned_runs(args: argparse.Namespace) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------------------------------- one run
 
 
-def batches(examples, tokenizer, batch_size: int):
-    import torch
-
-    for start in range(0, len(examples), batch_size):
-        chunk = examples[start : start + batch_size]
-        encoded = tokenizer([text for text, _ in chunk], padding=True, truncation=True, max_length=MAX_TOKENS,
-                            return_tensors="pt")
-        encoded["labels"] = torch.tensor([label for _, label in chunk])
-        yield dict(encoded)
-
-
-def accuracy(model, held_out_batches) -> float:
-    import torch
-
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for batch in held_out_batches:
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
-            correct += (logits.argmax(-1) == batch["labels"]).sum().item()
-            total += len(batch["labels"])
-    model.train()
-    return correct / total
-
-
 def reset_peak_memory(device: str) -> None:
     """Start the peak-memory count here, so that loading (a GGUF model is de-quantised on load) is left out."""
     import torch
@@ -230,74 +204,6 @@ def lora_rank_for(base, density: float) -> tuple[int, int]:
     return rank, rank * per_rank
 
 
-def train(model, examples, tokenizer, *, steps: int, lr: float, batch_size: int, seed: int, update: str = "static",
-          update_interval: int = 1, update_batches=None, to_device=lambda batch: batch,
-          progress: Optional[str] = None) -> tuple[list[float], list[float]]:
-    """Train ``model`` for ``steps`` optimizer steps on ``examples``: AdamW (no weight decay) on every trainable
-    parameter, the learning rate decaying linearly to zero, a fresh shuffle of the examples (seeded) each epoch.
-
-    ``update="spiel"`` runs SpIEL's prune-and-regrow after each step; ``"dynamic"`` re-ranks the mask with
-    ``update_mask`` on ``update_batches`` every ``update_interval`` steps (not after the last). ``progress`` names a
-    tqdm bar on stderr (None: no bar). Returns each step's loss and wall time (CUDA synchronised).
-
-    Raises:
-        FinetuneError: when a step's loss, or a trained parameter after the last step, is inf or nan: training on
-            cannot recover, and an adapter of nans must not be saved as a result."""
-    import torch
-    from tqdm.auto import tqdm
-
-    import peft_sparse
-
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)
-    spiel = peft_sparse.SpIEL(model, optimizer, num_training_steps=steps) if update == "spiel" else None
-    order = torch.Generator().manual_seed(seed)
-    cuda = torch.cuda.is_available()
-    losses, step_seconds, epoch_batches = [], [], []
-    model.train()
-    bar = tqdm(range(steps), desc=f"{progress or '':>16}", unit="step", file=sys.stderr, disable=progress is None)
-    for step in bar:
-        if not epoch_batches:  # a fresh shuffle of the training set each epoch
-            permutation = torch.randperm(len(examples), generator=order).tolist()
-            epoch_batches = [to_device(b) for b in batches([examples[i] for i in permutation], tokenizer, batch_size)]
-        batch = epoch_batches.pop(0)
-        start = time.perf_counter()
-        loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if spiel is not None:
-            spiel.step()
-        elif update == "dynamic" and (step + 1) % update_interval == 0 and step + 1 < steps:
-            peft_sparse.update_mask(model, update_batches, optimizer=optimizer)
-        if cuda:
-            torch.cuda.synchronize()
-        step_seconds.append(time.perf_counter() - start)
-        losses.append(loss.item())
-        if not math.isfinite(losses[-1]):
-            bar.close()
-            raise FinetuneError(f"{_run_name(progress)}the training loss became {losses[-1]} at step {step + 1} of "
-                                f"{steps} (learning rate {lr:g}); try a lower learning rate")
-        bar.set_postfix(loss=f"{statistics.mean(losses[-10:]):.3f}")
-    bar.close()
-    # The last step's loss was computed before that step's update, which can itself overflow (a huge learning rate).
-    diverged = non_finite_parameter(model)
-    if diverged is not None:
-        raise FinetuneError(f"{_run_name(progress)}the trained parameter {diverged} holds inf or nan after step "
-                            f"{steps} (learning rate {lr:g}); try a lower learning rate")
-    return losses, step_seconds
-
-
-def non_finite_parameter(model) -> str | None:
-    """The name of the first trained parameter holding inf or nan, or ``None``."""
-    return next((name for name, p in model.named_parameters() if p.requires_grad and not p.isfinite().all()), None)
-
-
-def _run_name(progress: str | None) -> str:
-    return f"the {progress} run: " if progress else ""
-
-
 def attempt_write(what: str, path: Path, write: Callable[[], None], left_behind: str = "") -> str | None:
     """Call ``write``; when it fails with an OSError (a full disk, a read-only or vanished folder), return a phrase
     naming ``what`` was not written, where and why (and ``left_behind``, what that leaves there), so that the run's
@@ -331,6 +237,8 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     import peft_sparse
 
+    from ..classification import accuracy, batches, train
+
     label = args.worker
     selection = label.split("-", 1)[1] if label.startswith("sparse-") else ""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -342,8 +250,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     dataset = data_module.load(args.data, args.max_examples, args.seed)
     source = models.resolve(args.model)
     tokenizer = models.load_tokenizer(source)
-    train_batches = list(batches(dataset.train, tokenizer, args.batch_size))
-    held_out_batches = list(batches(dataset.held_out, tokenizer, HELD_OUT_BATCH))
+    train_batches = list(batches(dataset.train, tokenizer, args.batch_size, MAX_TOKENS))
+    held_out_batches = list(batches(dataset.held_out, tokenizer, HELD_OUT_BATCH, MAX_TOKENS))
     base = models.load_classifier(source, len(dataset.label_names), args.seed, tokenizer, args.load_in_4bit)
     if device == "cuda" and not args.load_in_4bit:
         base.to(device)
@@ -379,8 +287,8 @@ def run_worker(args: argparse.Namespace) -> dict:
     accuracy_before = accuracy(model, held_out_batches)
 
     losses, step_seconds = train(
-        model, dataset.train, tokenizer, steps=args.steps, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-        update=args.update if selection else "static", update_interval=args.update_interval,
+        model, dataset.train, tokenizer, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+        max_length=MAX_TOKENS, seed=args.seed, update=args.update if selection else "static", update_interval=args.update_interval,
         update_batches=train_batches, to_device=to_device, progress=label)
 
     accuracy_after = accuracy(model, held_out_batches)

@@ -322,9 +322,9 @@ def _read_json(path: Path, name: str):
     import pyarrow
 
     try:
-        rows = data_module._json_rows(path, data_module._read_text(path))
-    except data_module.DataError as err:  # its messages name finetune's option; this command's is TRL's
-        raise SftError(str(err).replace("--data ", "--dataset_name ", 1)) from None
+        rows = data_module.json_rows(path, data_module.read_text(path, "--dataset_name"), "--dataset_name")
+    except data_module.DataError as err:
+        raise SftError(str(err)) from None
     if not rows:
         raise SftError(f"--dataset_name {name!r} holds no records")
     first_where, first = rows[0]
@@ -614,11 +614,13 @@ def train_one(method: str, script_args, training_args, model_args, sparse_args, 
 
 def _check_finite(trainer, method: str, lr: float) -> None:
     """A run whose loss or parameters became inf or nan is refused, unsaved, naming the step."""
+    from ..classification import non_finite_parameter
+
     for entry in trainer.state.log_history:
         if "loss" in entry and not math.isfinite(entry["loss"]):
             raise SftError(f"the {method} run: the training loss became {entry['loss']} by step {entry['step']} "
                            f"(learning rate {lr:g}); try a lower --learning_rate")
-    diverged = finetune.non_finite_parameter(trainer.model)
+    diverged = non_finite_parameter(trainer.model)
     if diverged is not None:
         raise SftError(f"the {method} run: the trained parameter {diverged} holds inf or nan (learning rate {lr:g}); "
                        "try a lower --learning_rate")

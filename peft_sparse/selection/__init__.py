@@ -1,8 +1,8 @@
 """Choosing the trainable entries: salience metrics (SPEFT) and exact top-k over many layers."""
 
-from .optim import reassign_entries, surviving_positions
+from .reassign import reassign_entries, surviving_positions
 from .salience import METRICS, GradientProbe, Metric
-from .select import SelectionReport, select_mask, update_mask
+from .select import SelectionReport, salience_scores, select_mask, tie_generators, update_mask
 from .spiel import SpIEL, SpielReport, reselection_fraction
 from .topk import select_top_k
 
@@ -15,8 +15,10 @@ __all__ = [
     "SpielReport",
     "reassign_entries",
     "reselection_fraction",
+    "salience_scores",
     "select_mask",
     "select_top_k",
     "surviving_positions",
+    "tie_generators",
     "update_mask",
 ]

@@ -32,7 +32,7 @@ import torch
 from .._distributed import is_sharded, whole, write_whole
 from ..tuner.indices import check_indices, index_dtype
 
-__all__ = ["reassign_entries", "surviving_positions"]
+__all__ = ["move_entries", "reassign_entries", "surviving_positions", "unwrap_optimizer"]
 
 
 def surviving_positions(old_indices: torch.Tensor, new_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,7 +55,7 @@ def _remap(tensor: torch.Tensor, positions: torch.Tensor, found: torch.Tensor) -
 _BNB_QUANTISED_KEYS = {"absmax1", "absmax2", "qmap1", "qmap2"}
 
 
-def _unwrap(optimizer):
+def unwrap_optimizer(optimizer):
     """The optimizer holding the state (accelerate wraps the Trainer's in an AcceleratedOptimizer)."""
     while optimizer is not None and hasattr(optimizer, "optimizer"):
         inner = optimizer.optimizer
@@ -106,7 +106,7 @@ def reassign_entries(
             f"reassign_entries: {layer.layer_name!r} has {old_indices.numel()} entries for adapter "
             f"{adapter_name!r}; got {new_indices.numel()} new indices (k must stay fixed)"
         )
-    optimizer = _unwrap(optimizer)
+    optimizer = unwrap_optimizer(optimizer)
     state = optimizer.state.get(values, {}) if optimizer is not None else {}
     skipped = set(getattr(optimizer, "position_indexed_state", ())) | _BNB_QUANTISED_KEYS
     quantised = [key for key in ("state1", "state2") if key in state and f"absmax{key[-1]}" in state]
@@ -139,3 +139,30 @@ def reassign_entries(
             _remap_blockwise_8bit(state, key, positions, found)
         old_indices.copy_(new_indices.to(device=old_indices.device, dtype=index_dtype(layer.num_weight_entries)))
     return int((~found).sum())
+
+
+def move_entries(layer, adapter_name: str, new: torch.Tensor, optimizer) -> int:
+    """Make ``new`` the trainable set: leaving deltas go to the residual, returning ones come back from it."""
+    values = layer.sparse_values[adapter_name]
+    old = layer.sparse_indices[adapter_name].to(torch.int64)
+    new = new.to(device=old.device)
+    _, stays = surviving_positions(new, old)  # for each old entry: is it still trainable?
+    old_values = whole(values.detach())  # all entries, also where FSDP2 shards them
+    leaving = ~stays & (old_values != 0)  # a zero delta carries nothing worth keeping
+    leaving_indices, leaving_values = old[leaving], old_values[leaving].float()
+    residual_indices = layer.sparse_residual_indices[adapter_name]
+    residual_values = layer.sparse_residual_values[adapter_name]
+    positions, returning = surviving_positions(residual_indices, new)  # for each new entry: in the residual?
+    changed = reassign_entries(layer, adapter_name, new, optimizer)
+    with torch.no_grad():
+        new_values = whole(values.detach()).clone()
+        new_values[returning] = residual_values[positions[returning]].to(values.dtype)
+        write_whole(values, new_values)
+    _, keep = surviving_positions(new, residual_indices)  # residual entries that stay residual
+    keep = ~keep
+    merged_indices = torch.cat([residual_indices[keep], leaving_indices])
+    merged_values = torch.cat([residual_values[keep], leaving_values])
+    order = torch.argsort(merged_indices)
+    layer.sparse_residual_indices[adapter_name] = merged_indices[order]
+    layer.sparse_residual_values[adapter_name] = merged_values[order]
+    return changed

@@ -27,7 +27,7 @@ random     ``U[0, 1)``                 seeded per layer from the config seed and
 ========== =========================== ==========================================================================
 
 ``synflow`` scores ``(dR/dW) * |W|`` on the linearised network (all parameters replaced by their absolute value,
-an all-ones input, R = the sum of the outputs; see ``select._synflow_statistics`` for the numerical safety and how
+an all-ones input, R = the sum of the outputs; see :func:`peft_sparse.selection.synflow.synflow_statistics` for the numerical safety and how
 the model is restored exactly): data-free, one forward and backward pass.
 """
 
@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GradientProbe", "METRICS", "Metric"]
+__all__ = ["METRICS", "GradientProbe", "Metric"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,6 @@ class Metric:
     needs_grad_square: bool
     needs_hessian: bool
     score: Callable[..., torch.Tensor]
-    gradient_passes: str  # the cost, for the README table
 
 
 def _magnitude(weight, **_):
@@ -92,15 +91,15 @@ def _random(weight, generator, **_):
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("magnitude", False, False, False, _magnitude, "0"),
-        Metric("gradient", True, False, False, _gradient, "1 per batch"),
-        Metric("snip", True, False, False, _snip, "1 per batch"),
-        Metric("force", True, False, False, _force, "1 per batch"),
-        Metric("taylor_fo", True, False, False, _taylor_fo, "1 per batch"),
-        Metric("grasp", True, False, True, _grasp, "2 per batch (finite-difference Hessian-vector product)"),
-        Metric("fisher", True, True, False, _fisher, "1 per batch"),
-        Metric("synflow", False, False, False, _synflow, "1 (data-free, on the linearised network)"),
-        Metric("random", False, False, False, _random, "0"),
+        Metric("magnitude", False, False, False, _magnitude),
+        Metric("gradient", True, False, False, _gradient),
+        Metric("snip", True, False, False, _snip),
+        Metric("force", True, False, False, _force),
+        Metric("taylor_fo", True, False, False, _taylor_fo),
+        Metric("grasp", True, False, True, _grasp),
+        Metric("fisher", True, True, False, _fisher),
+        Metric("synflow", False, False, False, _synflow),
+        Metric("random", False, False, False, _random),
     )
 }
 

@@ -17,7 +17,7 @@ Every ``update_interval`` optimizer steps, in every sparse layer of the adapter:
    * ``regrow="momentum"`` (SpIEL-MA): by ``row[r] * col[c]``, the outer product of the row and column
      accumulators of :class:`peft_sparse.optim.SM3` (which must be the optimizer), with no dense gradient at all.
 
-3. **Keep k**: indices are rewritten in place, sorted, by :func:`~peft_sparse.selection.optim.reassign_entries`,
+3. **Keep k**: indices are rewritten in place, sorted, by :func:`~peft_sparse.selection.reassign.reassign_entries`,
    so values and optimizer moments of surviving entries follow them and regrown entries start at zero (values and
    moments). The pruned deltas are dropped: that, and only that, changes the model's function at an update.
 
@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -46,8 +47,8 @@ from .._distributed import whole, world_size
 from ..ops import sddmm_gather
 from ..tuner.config import SparseConfig
 from ..tuner.indices import index_dtype, layer_seed
-from .optim import _unwrap, reassign_entries, surviving_positions
-from .select import _resolve
+from ..tuner.lookup import resolve_adapter, sparse_layers
+from .reassign import reassign_entries, surviving_positions, unwrap_optimizer
 from .topk import select_top_k
 
 __all__ = ["SpIEL", "SpielReport", "reselection_fraction"]
@@ -119,6 +120,9 @@ class _CandidateGradients:
 class SpIEL:
     """Drives SpIEL prune-and-regrow for one sparse adapter; call :meth:`step` after every optimizer step.
 
+    The reports of the last :attr:`HISTORY_LENGTH` updates are kept in :attr:`history` (older ones are dropped, so
+    a long run does not accumulate one per-layer report per update); :meth:`step` returns each as it happens.
+
     Args:
         model: the peft model with a sparse adapter whose config has ``update="spiel"``.
         optimizer: the optimizer training the values (its per-entry state is remapped at each update). For
@@ -137,9 +141,11 @@ class SpIEL:
         ```
     """
 
+    HISTORY_LENGTH = 100
+
     def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
                  num_training_steps: int, adapter_name: Optional[str] = None, start_step: int = 0) -> None:
-        root, adapter_name, config = _resolve(model, adapter_name)
+        root, adapter_name, config = resolve_adapter(model, adapter_name, "SpIEL")
         if config.update != "spiel":
             raise ValueError(f"SpIEL: adapter {adapter_name!r} has update={config.update!r}; set update='spiel'")
         if isinstance(num_training_steps, bool) or not isinstance(num_training_steps, int) or num_training_steps < 1:
@@ -147,27 +153,24 @@ class SpIEL:
         if config.regrow == "momentum":
             from ..optim import SM3
 
-            if not isinstance(_unwrap(optimizer), SM3):
+            if not isinstance(unwrap_optimizer(optimizer), SM3):
                 raise TypeError(
                     "SpIEL: regrow='momentum' (SpIEL-MA) scores entries with SM3's row and column statistics, so the "
                     f"optimizer must be peft_sparse.optim.SM3, got {type(optimizer).__name__}"
                 )
-        from ..tuner.layer import SparseLayer
-
         self.model = root
         self.optimizer = optimizer
         self.adapter_name = adapter_name
         self.config: SparseConfig = config
         self.num_training_steps = num_training_steps
-        self.layers = [(name, m) for name, m in root.named_modules()
-                       if isinstance(m, SparseLayer) and adapter_name in m.sparse_values]
+        self.layers = sparse_layers(root, adapter_name)
         if not self.layers:
             raise ValueError(f"SpIEL: no sparse layer holds adapter {adapter_name!r}")
         if isinstance(start_step, bool) or not isinstance(start_step, int) or start_step < 0:
             raise ValueError(f"SpIEL: start_step must be a non-negative int, got {start_step!r}")
         self.completed_steps = start_step
         self.restart_growth_records()
-        self.history: list[SpielReport] = []
+        self.history: deque[SpielReport] = deque(maxlen=self.HISTORY_LENGTH)  # the latest updates' reports
         self._probing = False
         self._maybe_start_window()
 
@@ -263,7 +266,7 @@ class SpIEL:
             positions = probe.candidates.to(indices.device)
             _, active = surviving_positions(indices, positions)
             return probe.sums.abs()[~active], positions[~active]
-        state = _unwrap(self.optimizer).state.get(layer.sparse_values[self.adapter_name], {})
+        state = unwrap_optimizer(self.optimizer).state.get(layer.sparse_values[self.adapter_name], {})
         if "row_accumulator" not in state:  # SM3 has not stepped yet
             empty = indices.new_empty(0)
             return empty.float(), empty

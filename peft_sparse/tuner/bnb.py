@@ -21,7 +21,7 @@ and ``None`` otherwise.
 
 from __future__ import annotations
 
-import importlib.util
+import sys
 import warnings
 from typing import Any, Callable, Optional
 
@@ -34,10 +34,6 @@ from ..ops import dequant_scatter_4bit, scatter_add, sparse_linear
 from .layer import SparseLayer
 
 _requantisation_warned = False
-
-
-def is_bnb_available() -> bool:
-    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 def _warn_requantisation_once() -> None:
@@ -304,10 +300,10 @@ class Linear8bitLt(_QuantisedSparseLayer):
 
 
 def _bnb_types() -> tuple[type, type] | None:
-    if not is_bnb_available():
+    # A bitsandbytes layer exists only once bitsandbytes is imported: a model without one never imports it here.
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
         return None
-    import bitsandbytes as bnb
-
     return bnb.nn.Linear4bit, bnb.nn.Linear8bitLt
 
 

@@ -56,7 +56,8 @@ class SparseConfig(PeftConfig):
         modules_to_save (`Optional[list[str]]`):
             Extra modules trained densely and saved with the adapter (e.g. a classification head).
         fan_in_fan_out (`bool`):
-            Set to ``True`` when the targeted layers store their weight as ``(in, out)`` (GPT-2 ``Conv1D``).
+            Set to ``True`` when the targeted layers store their weight as ``(in, out)`` (GPT-2 ``Conv1D``). The
+            layer's type decides: a value that disagrees with it is corrected, with a warning, as LoRA does.
             Indices always address the logical ``(out, in)`` weight.
         density (`float`):
             Fraction of the targeted weights that are trainable, in ``(0, 1]``.

@@ -33,6 +33,28 @@ from ..ops import scatter_add, sparse_linear
 from .indices import check_indices, index_dtype, layer_seed, random_indices
 
 
+_hooks_warned = False
+
+
+def _warn_once_if_base_hooks_are_bypassed(layer) -> None:
+    """The adapted forward reads the base layer's weight and calls no base-layer ``forward``, so hooks registered on
+    the base layer (e.g. accelerate's CPU/disk offload) do not run: say so once per process, as peft's SHiRA does."""
+    global _hooks_warned
+    if _hooks_warned:
+        return
+    base = layer.get_base_layer()
+    if base._forward_hooks or base._forward_pre_hooks or base._backward_hooks or base._backward_pre_hooks:
+        _hooks_warned = True
+        warnings.warn(
+            f"the base layer of the sparse layer {layer.layer_name!r} (and perhaps others) has forward/backward "
+            "(pre-)hooks, e.g. from accelerate's offloading; the sparse adapter's forward reads the base weight "
+            "directly and does not run them. Register such hooks on the adapted layer instead (apply them after "
+            "get_peft_model), or keep the adapted layers on one device without offloading.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 class SparseLayer(BaseTunerLayer):
     """Mixin with the adapter state and the adapter bookkeeping shared by every sparse layer type."""
 
@@ -328,10 +350,12 @@ class SparseLayer(BaseTunerLayer):
         if adapter_names is not None:
             self._check_adapter_names(x, adapter_names)
             if not self.disable_adapters:
+                _warn_once_if_base_hooks_are_bypassed(self)
                 return self._mixed_batch_forward(x, adapter_names, *args, **kwargs)
         active = self._adapters_to_apply()
         if not active:
             return self._base_forward(x, *args, **kwargs)
+        _warn_once_if_base_hooks_are_bypassed(self)
         return self._adapted_forward(x, active, *args, **kwargs)
 
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -18,6 +19,7 @@ from .bnb import dispatch_bnb
 from .budget import allocate_budget
 from .config import SparseConfig
 from .layer import Linear, SparseLayer
+from .lookup import sparse_layers
 from .registration import PREFIX
 
 _QUANTISED_WEIGHT_TYPES = ("Params4bit", "Int8Params")
@@ -101,14 +103,12 @@ class SparseModel(BaseTuner):
 
     @staticmethod
     def _layers_with_adapter(model: nn.Module, adapter_name: str) -> list[SparseLayer]:
-        return [m for m in model.modules() if isinstance(m, SparseLayer) and adapter_name in m.sparse_values]
+        return [layer for _, layer in sparse_layers(model, adapter_name)]
 
     @staticmethod
     def _remove_adapter_layers(model: nn.Module, adapter_name: str) -> None:
         """Undo an injection: drop the adapter from shared layers, unwrap layers that only held this adapter."""
-        for name, module in list(model.named_modules()):
-            if not isinstance(module, SparseLayer) or adapter_name not in module.sparse_values:
-                continue
+        for name, module in sparse_layers(model, adapter_name):
             if len(module.sparse_values) > 1:
                 module.delete_adapter(adapter_name)
                 continue
@@ -142,8 +142,17 @@ class SparseModel(BaseTuner):
         if reason is not None:
             raise TypeError(reason)
         # The layout is a property of the layer type, so it is taken from the layer rather than trusted from the
-        # config; `fan_in_fan_out` in the config only has to agree, as in LoRA.
+        # config; a config that disagrees is corrected with a warning, as LoRA does.
         fan_in_fan_out = isinstance(base_layer, Conv1D)
+        if sparse_config.fan_in_fan_out != fan_in_fan_out:
+            kind = "transformers' Conv1D, whose weight is stored (in, out)" if fan_in_fan_out else "torch.nn.Linear"
+            warnings.warn(
+                f"SparseConfig.fan_in_fan_out is {sparse_config.fan_in_fan_out} but the target module {layer_name!r} "
+                f"is {kind}; setting fan_in_fan_out to {fan_in_fan_out}",
+                UserWarning,
+                stacklevel=2,
+            )
+            sparse_config.fan_in_fan_out = fan_in_fan_out
         return Linear(
             target,
             adapter_name,
@@ -189,8 +198,7 @@ class SparseModel(BaseTuner):
             raise ValueError("Cannot pass `adapter_names` when the model is in training mode.")
         if not isinstance(adapter_names, (list, tuple)) or not all(isinstance(n, str) for n in adapter_names):
             raise TypeError(f"`adapter_names` must be a list of str, got {adapter_names!r}")
-        known = {name for module in self.model.modules() if isinstance(module, SparseLayer)
-                 for name in module.sparse_values}
+        known = {name for _, module in sparse_layers(self.model) for name in module.sparse_values}
         unknown = {name for name in adapter_names if name != "__base__"} - known
         if unknown:
             raise ValueError(f"Trying to infer with non-existing adapter(s): {', '.join(sorted(unknown))}")
