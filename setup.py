@@ -39,8 +39,11 @@ def _extensions():
         import torch
         from torch.utils import cpp_extension
     except ImportError:
-        print("peft-sparse: torch is not importable at build time; building without peft_sparse._C "
-              "(use `pip install --no-build-isolation` after installing torch)", file=sys.stderr)
+        print(
+            "peft-sparse: torch is not importable at build time; building without peft_sparse._C "
+            "(use `pip install --no-build-isolation` after installing torch)",
+            file=sys.stderr,
+        )
         return [], {}
 
     sources = [str(p.relative_to(ROOT)) for p in (CSRC / "ops.cpp", CSRC / "cpu" / "ops_cpu.cpp")]

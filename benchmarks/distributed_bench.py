@@ -70,11 +70,18 @@ def worker(args) -> None:
     rank = dist.get_rank()
     rss_before = _status_kib("VmRSS")
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=8, num_key_value_heads=8,
-                         max_position_embeddings=args.tokens)
-    model = get_peft_model(LlamaForCausalLM(config),
-                           SparseConfig(target_modules="all-linear", density=args.density, selection="random"))
+    config = LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        max_position_embeddings=args.tokens,
+    )
+    model = get_peft_model(
+        LlamaForCausalLM(config), SparseConfig(target_modules="all-linear", density=args.density, selection="random")
+    )
     if args.engine == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
@@ -107,10 +114,19 @@ def worker(args) -> None:
             times.append(time.perf_counter() - start)
     state_bytes = sum(_local_bytes(p) for p in wrapped.parameters())
     state_bytes += sum(_local_bytes(p.grad) for p in wrapped.parameters() if p.grad is not None)
-    state_bytes += sum(_local_bytes(t) for s in optimizer.state.values() for t in s.values()
-                       if isinstance(t, torch.Tensor) and t.dim() > 0)
-    record = {"rank": rank, "state_bytes": state_bytes, "rss_after_wrap_kib": rss_wrapped - rss_before,
-              "rss_training_peak_kib": _status_kib("VmHWM") - rss_before, "step_seconds": statistics.median(times)}
+    state_bytes += sum(
+        _local_bytes(t)
+        for s in optimizer.state.values()
+        for t in s.values()
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    )
+    record = {
+        "rank": rank,
+        "state_bytes": state_bytes,
+        "rss_after_wrap_kib": rss_wrapped - rss_before,
+        "rss_training_peak_kib": _status_kib("VmHWM") - rss_before,
+        "step_seconds": statistics.median(times),
+    }
     Path(args.out).with_suffix(f".rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
 
@@ -119,10 +135,22 @@ def _launch(engine: str, args, out: Path) -> list[dict]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    forwarded = [f"--{name}={getattr(args, name)}" for name in
-                 ("hidden", "intermediate", "layers", "vocab", "tokens", "batch", "density", "steps", "warmup")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-               __file__, "--worker", engine, f"--out={out}", *forwarded]
+    forwarded = [
+        f"--{name}={getattr(args, name)}"
+        for name in ("hidden", "intermediate", "layers", "vocab", "tokens", "batch", "density", "steps", "warmup")
+    ]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        __file__,
+        "--worker",
+        engine,
+        f"--out={out}",
+        *forwarded,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
     subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     return [json.loads(out.with_suffix(f".rank{r}.json").read_text()) for r in (0, 1)]
@@ -162,36 +190,40 @@ def main() -> None:
         return statistics.median(rank[key] for run in results[engine] for rank in run)
 
     rows = []
-    for key, label, scale in (("state_bytes", "model state (params + grads + AdamW state), MiB", 2**20),
-                              ("rss_after_wrap_kib", "RSS growth once wrapped, MiB", 1024),
-                              ("rss_training_peak_kib", "peak RSS growth while training, MiB", 1024),
-                              ("step_seconds", "step time (median), ms", 1e-3)):
+    for key, label, scale in (
+        ("state_bytes", "model state (params + grads + AdamW state), MiB", 2**20),
+        ("rss_after_wrap_kib", "RSS growth once wrapped, MiB", 1024),
+        ("rss_training_peak_kib", "peak RSS growth while training, MiB", 1024),
+        ("step_seconds", "step time (median), ms", 1e-3),
+    ):
         ddp, fsdp = median("ddp", key), median("fsdp", key)
         rows.append(f"| {label} | {ddp / scale:.1f} | {fsdp / scale:.1f} | {fsdp / ddp:.2f} |")
     import torch
 
     torch.set_num_threads(args.threads)
-    section = "\n".join([
-        "## FSDP2 vs DDP with a sparse adapter (`benchmarks/distributed_bench.py`)",
-        "",
-        f"Command: `python benchmarks/distributed_bench.py --write` (defaults: hidden {args.hidden}, intermediate "
-        f"{args.intermediate}, {args.layers} layers, vocab {args.vocab}, fp32; all-linear adapter at density "
-        f"{args.density}; batch {args.batch} x {args.tokens} tokens per rank; {args.rounds} alternating rounds of "
-        f"{args.steps} timed steps), run on {date.today().isoformat()}.",
-        "",
-        f"### CPU: 2 processes over gloo, {machine('cpu')} each",
-        "",
-        "| per rank | DDP | FSDP2 | FSDP2 / DDP |",
-        "|---|---|---|---|",
-        *rows,
-        "",
-        "Medians over both ranks and all rounds. Model state is what sharding divides: each rank holds half of every "
-        "parameter (the frozen base included) and of the values' gradients and AdamW moments. The peak RSS while "
-        "training is not: FSDP2 all-gathers each layer's whole weights for its forward and again for its backward, "
-        "and on the CPU those buffers come from malloc, whose freed memory glibc keeps for reuse, so the high-water "
-        "mark can count several of them. The step time is FSDP's trade: with a frozen base DDP communicates only the "
-        "values' gradients (about 1% of the weights here), FSDP2 moves every layer's weights twice per step.",
-    ])
+    section = "\n".join(
+        [
+            "## FSDP2 vs DDP with a sparse adapter (`benchmarks/distributed_bench.py`)",
+            "",
+            f"Command: `python benchmarks/distributed_bench.py --write` (defaults: hidden {args.hidden}, intermediate "
+            f"{args.intermediate}, {args.layers} layers, vocab {args.vocab}, fp32; all-linear adapter at density "
+            f"{args.density}; batch {args.batch} x {args.tokens} tokens per rank; {args.rounds} alternating rounds of "
+            f"{args.steps} timed steps), run on {date.today().isoformat()}.",
+            "",
+            f"### CPU: 2 processes over gloo, {machine('cpu')} each",
+            "",
+            "| per rank | DDP | FSDP2 | FSDP2 / DDP |",
+            "|---|---|---|---|",
+            *rows,
+            "",
+            "Medians over both ranks and all rounds. Model state is what sharding divides: each rank holds half of every "
+            "parameter (the frozen base included) and of the values' gradients and AdamW moments. The peak RSS while "
+            "training is not: FSDP2 all-gathers each layer's whole weights for its forward and again for its backward, "
+            "and on the CPU those buffers come from malloc, whose freed memory glibc keeps for reuse, so the high-water "
+            "mark can count several of them. The step time is FSDP's trade: with a frozen base DDP communicates only the "
+            "values' gradients (about 1% of the weights here), FSDP2 moves every layer's weights twice per step.",
+        ]
+    )
     print(section)
     if args.write:
         write_section(ROOT / "benchmarks" / "RESULTS.md", section)

@@ -68,7 +68,7 @@ for s in "${stages[@]}"; do
     sanitizer)
         stage "compute-sanitizer memcheck"
         timeout ${SANITIZER_TIMEOUT:-240} compute-sanitizer --tool memcheck --error-exitcode 99 --print-limit 20 \
-            "$PYTHON" -m pytest -q -p no:cacheprovider -x tests/test_kernels.py -k cuda >"$OUT/sanitizer.log" 2>&1
+            "$PYTHON" -m pytest -q -p no:cacheprovider -x tests/test_ops.py -k cuda >"$OUT/sanitizer.log" 2>&1
         rc=$?
         grep -E 'ERROR SUMMARY|passed|failed|Invalid|error' "$OUT/sanitizer.log" | tail -15
         record sanitizer $rc
@@ -81,7 +81,7 @@ for s in "${stages[@]}"; do
         CC=${BUILD_CC:-gcc} CXX=${BUILD_CXX:-g++} timeout 400 "$PYTHON" -c "from peft_sparse import ops; \
 b = ops.backend('cuda'); print('backend(cuda) =', b, '| extension:', ops.extension_source()); assert b == 'cupy', b" \
             >"$OUT/cupy.log" 2>&1 &&
-            timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_kernels.py -k cuda >>"$OUT/cupy.log" 2>&1
+            timeout 300 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_ops.py -k cuda >>"$OUT/cupy.log" 2>&1
         rc=$?
         grep -E 'backend|passed|failed|Error' "$OUT/cupy.log" | tail -10
         mv "$OUT"/aside/_C*.so peft_sparse/ 2>/dev/null

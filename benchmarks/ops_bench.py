@@ -98,9 +98,12 @@ def bench_sddmm(device, dtype, num_tokens, out_features, in_features, density, b
     ours = median_time(lambda: ops.sddmm_gather(grad_output, input, indices, in_features), device, repeats)
     flat = indices.long()
     dense = median_time(lambda: (grad_output.t() @ input).view(-1)[flat].float(), device, repeats)
-    ref = median_time(lambda: reference.sddmm_gather(grad_output, input, indices, in_features), device,
-                      max(3, repeats // 3))
-    floor_bytes = num_tokens * (in_features + out_features) * grad_output.element_size() + k * (indices.element_size() + 4)
+    ref = median_time(
+        lambda: reference.sddmm_gather(grad_output, input, indices, in_features), device, max(3, repeats // 3)
+    )
+    floor_bytes = num_tokens * (in_features + out_features) * grad_output.element_size() + k * (
+        indices.element_size() + 4
+    )
     return {
         "op": "sddmm_gather",
         "shape": f"N={num_tokens}, {out_features}x{in_features}, {dtype_name(dtype)}, density {density:g} (k={k})",
@@ -130,9 +133,24 @@ def bench_dequant(device, dtype, out_features, in_features, density, bandwidth, 
         return dense
 
     base = median_time(naive, device, repeats)
-    ref = median_time(lambda: reference.dequant_scatter(
-        packed, state.absmax, state.code, 64, state.shape, dtype, indices, values, state.state2.absmax,
-        state.state2.code, state.state2.blocksize, float(state.offset)), device, max(3, repeats // 3))
+    ref = median_time(
+        lambda: reference.dequant_scatter(
+            packed,
+            state.absmax,
+            state.code,
+            64,
+            state.shape,
+            dtype,
+            indices,
+            values,
+            state.state2.absmax,
+            state.state2.code,
+            state.state2.blocksize,
+            float(state.offset),
+        ),
+        device,
+        max(3, repeats // 3),
+    )
     floor_bytes = numel // 2 + -(-numel // 64) + numel * torch.empty((), dtype=dtype).element_size() + k * 8
     return {
         "op": "dequant_scatter",
@@ -170,16 +188,31 @@ def dtype_name(dtype: torch.dtype) -> str:
 # training step (one configuration per subprocess)
 # ---------------------------------------------------------------------------------------------------------------
 
-STEP_CONFIG = dict(hidden=512, layers=4, heads=8, intermediate=1376, vocab=2048, batch=8, seq=128, lora_r=8)
+STEP_CONFIG = {
+    "hidden": 512,
+    "layers": 4,
+    "heads": 8,
+    "intermediate": 1376,
+    "vocab": 2048,
+    "batch": 8,
+    "seq": 128,
+    "lora_r": 8,
+}
 
 
 def _tiny_llama(device: str, dtype: torch.dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     c = STEP_CONFIG
-    config = LlamaConfig(hidden_size=c["hidden"], intermediate_size=c["intermediate"], num_hidden_layers=c["layers"],
-                         num_attention_heads=c["heads"], num_key_value_heads=c["heads"], vocab_size=c["vocab"],
-                         max_position_embeddings=c["seq"])
+    config = LlamaConfig(
+        hidden_size=c["hidden"],
+        intermediate_size=c["intermediate"],
+        num_hidden_layers=c["layers"],
+        num_attention_heads=c["heads"],
+        num_key_value_heads=c["heads"],
+        vocab_size=c["vocab"],
+        max_position_embeddings=c["seq"],
+    )
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
@@ -256,7 +289,11 @@ def bench_steps(device: str, dtype_str: str, repeats: int) -> dict:
         results[method]["step_ms"] = statistics.median(results[method].pop("times")) * 1e3
         out = subprocess.run(
             [sys.executable, __file__, "--peak-memory", method, "--device", device, "--dtype", dtype_str],
-            capture_output=True, text=True, env=dict(os.environ), check=True)
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+            check=True,
+        )
         results[method]["peak_bytes"] = int(out.stdout.strip().splitlines()[-1])
     return results
 
@@ -281,33 +318,53 @@ def machine(device: str) -> str:
 
 
 def op_table(rows: list[dict]) -> list[str]:
-    lines = ["| op | shape | ours (ms) | floor (ms) | floor / ours | baseline (ms) | baseline / ours |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| op | shape | ours (ms) | floor (ms) | floor / ours | baseline (ms) | baseline / ours |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         for i, (name, ms) in enumerate(row["baselines_ms"].items()):
-            lead = [row["op"], row["shape"], f"{row['ours_ms']:.3f}", f"{row['floor_ms']:.3f}",
-                    f"{row['floor_ms'] / row['ours_ms']:.0%}"] if i == 0 else ["", "", "", "", ""]
+            lead = (
+                [
+                    row["op"],
+                    row["shape"],
+                    f"{row['ours_ms']:.3f}",
+                    f"{row['floor_ms']:.3f}",
+                    f"{row['floor_ms'] / row['ours_ms']:.0%}",
+                ]
+                if i == 0
+                else ["", "", "", "", ""]
+            )
             lines.append("| " + " | ".join(lead + [f"{name}: {ms:.3f}", f"{ms / row['ours_ms']:.2f}x"]) + " |")
     return lines
 
 
 def step_table(results: dict, label: str) -> list[str]:
     base, lora, sparse = results["base"], results["lora"], results["sparse"]
-    lines = [f"**{label}**", "",
-             "| | trainable | step (ms, median) | step / frozen base | peak memory (MiB) | memory / LoRA |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"**{label}**",
+        "",
+        "| | trainable | step (ms, median) | step / frozen base | peak memory (MiB) | memory / LoRA |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in (("frozen base (limit)", base), ("LoRA r=8", lora), (f"sparse ({sparse['backend']})", sparse)):
-        lines.append(f"| {name} | {r['trainable']:,} | {r['step_ms']:.1f} | {r['step_ms'] / base['step_ms']:.2f} | "
-                     f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / lora['peak_bytes']:.3f} |")
+        lines.append(
+            f"| {name} | {r['trainable']:,} | {r['step_ms']:.1f} | {r['step_ms'] / base['step_ms']:.2f} | "
+            f"{r['peak_bytes'] / 2**20:.0f} | {r['peak_bytes'] / lora['peak_bytes']:.3f} |"
+        )
     lines += ["", f"sparse / LoRA step time: **{sparse['step_ms'] / lora['step_ms']:.2f}**", ""]
     return lines
 
 
 def run_device(device: str, repeats: int) -> list[str]:
     bandwidth = copy_bandwidth(device, repeats)
-    lines = [f"### {device.upper()}: {machine(device)}", "",
-             f"Copy bandwidth measured in this run: {bandwidth / 1e9:.1f} GB/s (read + write); floors are bytes / "
-             "that bandwidth.", ""]
+    lines = [
+        f"### {device.upper()}: {machine(device)}",
+        "",
+        f"Copy bandwidth measured in this run: {bandwidth / 1e9:.1f} GB/s (read + write); floors are bytes / "
+        "that bandwidth.",
+        "",
+    ]
     if device == "cuda":
         dtype, shapes = torch.bfloat16, [(4096, 4096), (11008, 4096), (4096, 11008)]
         tokens, density = [2048, 8192], 0.005
@@ -324,16 +381,21 @@ def run_device(device: str, repeats: int) -> list[str]:
         rows.append(bench_scatter(device, dtype, out_features, in_features, density, bandwidth, repeats))
     lines += op_table(rows) + [""]
     c = STEP_CONFIG
-    lines += [f"Training step: Llama, {c['layers']} layers, hidden {c['hidden']}, intermediate {c['intermediate']}, "
-              f"batch {c['batch']} x {c['seq']} tokens, all seven projections targeted, AdamW; sparse budget = "
-              f"LoRA r={c['lora_r']} parameter count.", ""]
+    lines += [
+        f"Training step: Llama, {c['layers']} layers, hidden {c['hidden']}, intermediate {c['intermediate']}, "
+        f"batch {c['batch']} x {c['seq']} tokens, all seven projections targeted, AdamW; sparse budget = "
+        f"LoRA r={c['lora_r']} parameter count.",
+        "",
+    ]
     step_dtype = "bfloat16" if device == "cuda" else "float32"
     lines += step_table(bench_steps(device, step_dtype, repeats), f"{step_dtype}, compiled kernels")
     if device == "cpu":
         os.environ[ops.FORCE_REFERENCE_ENV] = "1"
         try:
-            lines += step_table(bench_steps(device, step_dtype, repeats),
-                                f"{step_dtype}, pure-PyTorch reference ops (PEFT_SPARSE_FORCE_REFERENCE=1), for contrast")
+            lines += step_table(
+                bench_steps(device, step_dtype, repeats),
+                f"{step_dtype}, pure-PyTorch reference ops (PEFT_SPARSE_FORCE_REFERENCE=1), for contrast",
+            )
         finally:
             del os.environ[ops.FORCE_REFERENCE_ENV]
     return lines
@@ -351,14 +413,21 @@ def main() -> None:
         print(peak_memory(args.peak_memory, args.device, args.dtype))
         return
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    lines = ["## Ops and training step (`benchmarks/ops_bench.py`)", "",
-             f"Command: `python benchmarks/ops_bench.py --write --repeats {args.repeats}`, run on {date.today()}.", ""]
+    lines = [
+        "## Ops and training step (`benchmarks/ops_bench.py`)",
+        "",
+        f"Command: `python benchmarks/ops_bench.py --write --repeats {args.repeats}`, run on {date.today()}.",
+        "",
+    ]
     for device in devices:
         print(f"benchmarking on {device} ...", file=sys.stderr)
         lines += run_device(device, args.repeats)
     if not torch.cuda.is_available():
-        lines += ["This run had no GPU. GPU figures, measured on a lent GPU machine with `benchmarks/gpu_check.sh`, are "
-                  "in the GPU section of this file.", ""]
+        lines += [
+            "This run had no GPU. GPU figures, measured on a lent GPU machine with `benchmarks/gpu_check.sh`, are "
+            "in the GPU section of this file.",
+            "",
+        ]
     text = "\n".join(lines)
     print(text)
     if args.write:

@@ -35,8 +35,10 @@ from peft_sparse import ops
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SHAPES = {"cuda": dict(hidden=4096, intermediate=11008, blocks=2, tokens=[2048, 8192], lora_r=10),
-          "cpu": dict(hidden=512, intermediate=1376, blocks=2, tokens=[512], lora_r=8)}
+SHAPES = {
+    "cuda": {"hidden": 4096, "intermediate": 11008, "blocks": 2, "tokens": [2048, 8192], "lora_r": 10},
+    "cpu": {"hidden": 512, "intermediate": 1376, "blocks": 2, "tokens": [512], "lora_r": 8},
+}
 TARGETS = ["attn", "up", "down"]
 
 
@@ -75,10 +77,21 @@ def quantised_stack(device: str) -> Stack:
             dense = getattr(block, name)
             with torch.no_grad():
                 dense.weight.mul_(0.5)  # keep the residual stream tame over the blocks
-            layer = bnb.nn.Linear4bit(dense.in_features, dense.out_features, bias=False, compute_dtype=torch.bfloat16,
-                                      compress_statistics=True, quant_type="nf4")
-            layer.weight = bnb.nn.Params4bit(dense.weight.data.to(torch.bfloat16), requires_grad=False,
-                                             compress_statistics=True, quant_type="nf4", module=layer)
+            layer = bnb.nn.Linear4bit(
+                dense.in_features,
+                dense.out_features,
+                bias=False,
+                compute_dtype=torch.bfloat16,
+                compress_statistics=True,
+                quant_type="nf4",
+            )
+            layer.weight = bnb.nn.Params4bit(
+                dense.weight.data.to(torch.bfloat16),
+                requires_grad=False,
+                compress_statistics=True,
+                quant_type="nf4",
+                module=layer,
+            )
             setattr(block, name, layer)
     return model.to(device)
 
@@ -147,21 +160,31 @@ def bench(device: str, tokens: int, repeats: int) -> dict:
         torch.cuda.empty_cache()
     for method in methods:
         results[method]["step_ms"] = statistics.median(results[method].pop("times")) * 1e3
-        out = subprocess.run([sys.executable, __file__, "--peak-memory", method, "--device", device,
-                              "--tokens", str(tokens)], capture_output=True, text=True, check=True, env=dict(os.environ))
+        out = subprocess.run(
+            [sys.executable, __file__, "--peak-memory", method, "--device", device, "--tokens", str(tokens)],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=dict(os.environ),
+        )
         results[method]["peak_bytes"] = int(out.stdout.strip().splitlines()[-1])
     return results
 
 
 def table(results: dict, tokens: int) -> list[str]:
     base, qlora, sparse = results["base"], results["qlora"], results["sparse"]
-    lines = [f"**{tokens} tokens**", "",
-             "| | trainable | step (ms, median) | step / frozen base | step / QLoRA | peak memory (MiB) | memory / QLoRA |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"**{tokens} tokens**",
+        "",
+        "| | trainable | step (ms, median) | step / frozen base | step / QLoRA | peak memory (MiB) | memory / QLoRA |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in (("frozen 4-bit base (limit)", base), ("QLoRA", qlora), ("sparse 4-bit", sparse)):
-        lines.append(f"| {name} | {r['trainable']:,} | {r['step_ms']:.2f} | {r['step_ms'] / base['step_ms']:.2f} | "
-                     f"{r['step_ms'] / qlora['step_ms']:.2f} | {r['peak_bytes'] / 2**20:.0f} | "
-                     f"{r['peak_bytes'] / qlora['peak_bytes']:.3f} |")
+        lines.append(
+            f"| {name} | {r['trainable']:,} | {r['step_ms']:.2f} | {r['step_ms'] / base['step_ms']:.2f} | "
+            f"{r['step_ms'] / qlora['step_ms']:.2f} | {r['peak_bytes'] / 2**20:.0f} | "
+            f"{r['peak_bytes'] / qlora['peak_bytes']:.3f} |"
+        )
     return lines + [""]
 
 
@@ -177,16 +200,24 @@ def main() -> None:
         print(peak_memory(args.peak_memory, args.device, args.tokens))
         return
     devices = [args.device] if args.device else ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    lines = ["## 4-bit sparse vs QLoRA (`benchmarks/qlora_bench.py`)", "",
-             f"Command: `python benchmarks/qlora_bench.py --write --repeats {args.repeats}"
-             f"{' --device ' + args.device if args.device else ''}`, run on {date.today()}.", ""]
+    lines = [
+        "## 4-bit sparse vs QLoRA (`benchmarks/qlora_bench.py`)",
+        "",
+        f"Command: `python benchmarks/qlora_bench.py --write --repeats {args.repeats}"
+        f"{' --device ' + args.device if args.device else ''}`, run on {date.today()}.",
+        "",
+    ]
     for device in devices:
         shape = SHAPES[device]
-        lines += [f"### {device.upper()}: {machine(device)}", "",
-                  f"{shape['blocks']} blocks of Linear4bit (NF4, double quantisation, bf16 compute) "
-                  f"{shape['hidden']}x{shape['hidden']}, {shape['hidden']}x{shape['intermediate']}, "
-                  f"{shape['intermediate']}x{shape['hidden']}; LoRA r={shape['lora_r']}, sparse adapter with the same "
-                  f"trainable count; ops backend: {ops.backend(device)}.", ""]
+        lines += [
+            f"### {device.upper()}: {machine(device)}",
+            "",
+            f"{shape['blocks']} blocks of Linear4bit (NF4, double quantisation, bf16 compute) "
+            f"{shape['hidden']}x{shape['hidden']}, {shape['hidden']}x{shape['intermediate']}, "
+            f"{shape['intermediate']}x{shape['hidden']}; LoRA r={shape['lora_r']}, sparse adapter with the same "
+            f"trainable count; ops backend: {ops.backend(device)}.",
+            "",
+        ]
         for tokens in shape["tokens"]:
             print(f"benchmarking {device}, {tokens} tokens ...", file=sys.stderr)
             lines += table(bench(device, tokens, args.repeats), tokens)

@@ -57,14 +57,32 @@ from peft_sparse.cli.finetune import MAX_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]
 
-METHODS = ("gradient", "magnitude", "random", "spiel", "lora", "gradient_local", "gradient_warmup", "random_warmup",
-           "gradient_xpooler", "gradient_layernorm", "fisher")
+METHODS = (
+    "gradient",
+    "magnitude",
+    "random",
+    "spiel",
+    "lora",
+    "gradient_local",
+    "gradient_warmup",
+    "random_warmup",
+    "gradient_xpooler",
+    "gradient_layernorm",
+    "fisher",
+)
 DEFAULT_METHODS = METHODS
-LABELS = {"gradient": "SPEFT gradient", "magnitude": "SPEFT magnitude", "random": "SPEFT random",
-          "spiel": "SpIEL-AG (from random)", "gradient_local": "SPEFT gradient, local budget",
-          "gradient_warmup": "SPEFT gradient after head warm-up", "random_warmup": "SPEFT random after head warm-up",
-          "gradient_xpooler": "SPEFT gradient, pooler out of the global top-k",
-          "gradient_layernorm": "SPEFT gradient, per-layer normalised", "fisher": "SPEFT fisher"}
+LABELS = {
+    "gradient": "SPEFT gradient",
+    "magnitude": "SPEFT magnitude",
+    "random": "SPEFT random",
+    "spiel": "SpIEL-AG (from random)",
+    "gradient_local": "SPEFT gradient, local budget",
+    "gradient_warmup": "SPEFT gradient after head warm-up",
+    "random_warmup": "SPEFT random after head warm-up",
+    "gradient_xpooler": "SPEFT gradient, pooler out of the global top-k",
+    "gradient_layernorm": "SPEFT gradient, per-layer normalised",
+    "fisher": "SPEFT fisher",
+}
 SALIENCE_BATCHES = 16
 BATCH_SIZE = 16
 
@@ -117,8 +135,9 @@ def select_transformed(model, data_batches, transform: str) -> None:
     layers = sparse_layers(model.get_base_model(), adapter_name)  # named as salience_scores names them
     scores = [by_name[name] for name, _ in layers]
     ties = tie_generators(config, layers)
-    counts = allocate_budget([layer.num_weight_entries for _, layer in layers], config.density,
-                             config.num_tunable_weights, config.budget)
+    counts = allocate_budget(
+        [layer.num_weight_entries for _, layer in layers], config.density, config.num_tunable_weights, config.budget
+    )
     if transform == "layernorm":
         scores = [s / s.mean().clamp_min(torch.finfo(torch.float32).tiny) for s in scores]
         chosen = select_top_k(scores, sum(counts), ties)
@@ -152,8 +171,10 @@ def mask_statistics(model) -> dict:
         rows, columns = layer.logical_shape
         per_layer[name.removeprefix("base_model.model.")] = indices.numel()
         if indices.numel():
-            for counts, size in ((torch.bincount(indices % columns, minlength=columns), columns),
-                                 (torch.bincount(indices // columns, minlength=rows), rows)):
+            for counts, size in (
+                (torch.bincount(indices % columns, minlength=columns), columns),
+                (torch.bincount(indices // columns, minlength=rows), rows),
+            ):
                 top = int(counts.topk(max(1, math.ceil(size / 100))).values.sum())
                 if size == columns:
                     column_top += top
@@ -161,15 +182,28 @@ def mask_statistics(model) -> dict:
                     row_top += top
         total += indices.numel()
     pooler = sum(count for name, count in per_layer.items() if _pooler(name))
-    return {"per_layer": per_layer, "pooler_share": pooler / total, "top1pct_column_share": column_top / total,
-            "top1pct_row_share": row_top / total}
+    return {
+        "per_layer": per_layer,
+        "pooler_share": pooler / total,
+        "top1pct_column_share": column_top / total,
+        "top1pct_row_share": row_top / total,
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------ runs
 
 
-def run(method: str, seed: int, steps: int, lora_r: int, lr: float, *, validation: bool, val_fraction: float,
-        warmup_steps: int) -> dict:
+def run(
+    method: str,
+    seed: int,
+    steps: int,
+    lora_r: int,
+    lr: float,
+    *,
+    validation: bool,
+    val_fraction: float,
+    warmup_steps: int,
+) -> dict:
     """One training run. ``validation``: train on the training part minus a validation split and score on that
     split; otherwise train on the whole training part and score on the held-out part."""
     from peft import LoraConfig, get_peft_model
@@ -188,27 +222,52 @@ def run(method: str, seed: int, steps: int, lora_r: int, lr: float, *, validatio
     eval_batches = list(batches(eval_examples, tokenizer, 64, MAX_TOKENS))
     base = models.load_classifier(source, len(split.label_names), seed, tokenizer)
     budget = peft_sparse.lora_equivalent_budget(base, r=lora_r, target_modules="all-linear", task_type="SEQ_CLS")
-    selection = {"spiel": "random", "gradient_local": "gradient", "gradient_warmup": "gradient",
-                 "random_warmup": "random", "gradient_xpooler": "gradient", "gradient_layernorm": "gradient"}
+    selection = {
+        "spiel": "random",
+        "gradient_local": "gradient",
+        "gradient_warmup": "gradient",
+        "random_warmup": "random",
+        "gradient_xpooler": "gradient",
+        "gradient_layernorm": "gradient",
+    }
     start = time.perf_counter()
     warmup_losses = []
     if method == "lora":
-        model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules="all-linear", r=lora_r,
-                                                lora_alpha=2 * lora_r, lora_dropout=0.0))
+        model = get_peft_model(
+            base,
+            LoraConfig(
+                task_type="SEQ_CLS", target_modules="all-linear", r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0
+            ),
+        )
     else:
         config = peft_sparse.SparseConfig(
-            task_type="SEQ_CLS", target_modules="all-linear", num_tunable_weights=budget,
-            selection=selection.get(method, method), salience_batches=SALIENCE_BATCHES,
-            budget="local" if method == "gradient_local" else "global", seed=seed,
-            update="spiel" if method == "spiel" else "static", update_interval=20, accumulation_steps=5,
-            reselection_rate=0.2)
+            task_type="SEQ_CLS",
+            target_modules="all-linear",
+            num_tunable_weights=budget,
+            selection=selection.get(method, method),
+            salience_batches=SALIENCE_BATCHES,
+            budget="local" if method == "gradient_local" else "global",
+            seed=seed,
+            update="spiel" if method == "spiel" else "static",
+            update_interval=20,
+            accumulation_steps=5,
+            reselection_rate=0.2,
+        )
         model = get_peft_model(base, config)
         if method.endswith("_warmup"):  # the head alone first: the adapter's values frozen
             values = [p for n, p in model.named_parameters() if "sparse_values" in n and p.requires_grad]
             for p in values:
                 p.requires_grad_(False)
-            warmup_losses, _ = train(model, train_examples, tokenizer, steps=warmup_steps, lr=lr,
-                                     batch_size=BATCH_SIZE, max_length=MAX_TOKENS, seed=seed + 1_000_003)
+            warmup_losses, _ = train(
+                model,
+                train_examples,
+                tokenizer,
+                steps=warmup_steps,
+                lr=lr,
+                batch_size=BATCH_SIZE,
+                max_length=MAX_TOKENS,
+                seed=seed + 1_000_003,
+            )
             for p in values:
                 p.requires_grad_(True)
         if method in ("gradient_xpooler", "gradient_layernorm"):
@@ -217,15 +276,34 @@ def run(method: str, seed: int, steps: int, lora_r: int, lr: float, *, validatio
             peft_sparse.select_mask(model, train_batches)
     mask = mask_statistics(model) if method != "lora" else None
     trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
-    losses, _ = train(model, train_examples, tokenizer, steps=steps, lr=lr, batch_size=BATCH_SIZE,
-                      max_length=MAX_TOKENS, seed=seed, update="spiel" if method == "spiel" else "static")
+    losses, _ = train(
+        model,
+        train_examples,
+        tokenizer,
+        steps=steps,
+        lr=lr,
+        batch_size=BATCH_SIZE,
+        max_length=MAX_TOKENS,
+        seed=seed,
+        update="spiel" if method == "spiel" else "static",
+    )
     eval_accuracy, eval_loss = evaluate(model, eval_batches)
-    record = {"method": method, "seed": seed, "lr": lr, "steps": steps, "validation": validation,
-              "accuracy": eval_accuracy, "eval_loss": eval_loss,
-              "loss": statistics.mean(losses[-10:]), "head_only_steps": len(warmup_losses),
-              "warmup_final_loss": statistics.mean(warmup_losses[-10:]) if warmup_losses else None,
-              "trainable": trainable, "num_train": len(train_examples), "num_eval": len(eval_examples),
-              "seconds": time.perf_counter() - start}
+    record = {
+        "method": method,
+        "seed": seed,
+        "lr": lr,
+        "steps": steps,
+        "validation": validation,
+        "accuracy": eval_accuracy,
+        "eval_loss": eval_loss,
+        "loss": statistics.mean(losses[-10:]),
+        "head_only_steps": len(warmup_losses),
+        "warmup_final_loss": statistics.mean(warmup_losses[-10:]) if warmup_losses else None,
+        "trainable": trainable,
+        "num_train": len(train_examples),
+        "num_eval": len(eval_examples),
+        "seconds": time.perf_counter() - start,
+    }
     if mask is not None:
         record["mask"] = mask
         if method == "spiel":
@@ -264,9 +342,16 @@ def _start_worker(threads: int) -> None:
 
 
 def _work(settings: dict) -> dict:
-    record = run(settings["method"], settings["seed"], settings["steps"], settings["lora_r"], settings["lr"],
-                 validation=settings["validation"], val_fraction=settings["val_fraction"],
-                 warmup_steps=settings["warmup_steps"])
+    record = run(
+        settings["method"],
+        settings["seed"],
+        settings["steps"],
+        settings["lora_r"],
+        settings["lr"],
+        validation=settings["validation"],
+        val_fraction=settings["val_fraction"],
+        warmup_steps=settings["warmup_steps"],
+    )
     record.update(settings)
     return record
 
@@ -289,8 +374,9 @@ class Store:
         missing = [settings for settings in wanted if key(settings) not in self.records]
         if missing:
             context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(self.jobs, mp_context=context, initializer=_start_worker,
-                                     initargs=(self.threads,)) as pool:
+            with ProcessPoolExecutor(
+                self.jobs, mp_context=context, initializer=_start_worker, initargs=(self.threads,)
+            ) as pool:
                 futures = [pool.submit(_work, settings) for settings in missing]
                 for future in as_completed(futures):
                     record = future.result()
@@ -303,33 +389,59 @@ class Store:
 def describe(record: dict, phase: str) -> str:
     mask = record.get("mask")
     share = f" pooler {mask['pooler_share']:.1%}" if mask else ""
-    return (f"{phase} seed {record['seed']} {record['method']:18s} lr {record['lr']:g} accuracy "
-            f"{record['accuracy']:.3f} eval loss {record['eval_loss']:.3f} train loss {record['loss']:.3f}{share} "
-            f"({record['seconds']:.0f} s)")
+    return (
+        f"{phase} seed {record['seed']} {record['method']:18s} lr {record['lr']:g} accuracy "
+        f"{record['accuracy']:.3f} eval loss {record['eval_loss']:.3f} train loss {record['loss']:.3f}{share} "
+        f"({record['seconds']:.0f} s)"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (data split, mask, head)")
-    parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS,
-                        help="methods to compare")
+    parser.add_argument(
+        "--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS, help="methods to compare"
+    )
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run")
     parser.add_argument("--sweep-steps", type=int, default=None, help="steps per sweep run (default: --steps)")
     parser.add_argument("--lora-r", type=int, default=4, help="LoRA rank; the sparse budget matches its count")
-    parser.add_argument("--lrs", type=float, nargs="+", default=[5e-4, 1e-3, 2e-3, 5e-3],
-                        help="AdamW learning rates swept for every method on the validation split")
-    parser.add_argument("--sweep-seed", type=int, default=100,
-                        help="seed of the sweep's split, validation carve, mask, head and order")
-    parser.add_argument("--val-fraction", type=float, default=0.25,
-                        help="fraction of the sweep split's training part (per label) used for validation")
-    parser.add_argument("--warmup-steps", type=int, default=30,
-                        help="head-only steps before salience for the *_warmup methods (extra to --steps)")
-    parser.add_argument("--out", type=Path, default=Path("/tmp/quality_study"),
-                        help="folder of the saved runs (runs.json, reused) and the study's summary.json")
+    parser.add_argument(
+        "--lrs",
+        type=float,
+        nargs="+",
+        default=[5e-4, 1e-3, 2e-3, 5e-3],
+        help="AdamW learning rates swept for every method on the validation split",
+    )
+    parser.add_argument(
+        "--sweep-seed", type=int, default=100, help="seed of the sweep's split, validation carve, mask, head and order"
+    )
+    parser.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.25,
+        help="fraction of the sweep split's training part (per label) used for validation",
+    )
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=30,
+        help="head-only steps before salience for the *_warmup methods (extra to --steps)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("/tmp/quality_study"),
+        help="folder of the saved runs (runs.json, reused) and the study's summary.json",
+    )
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time, each in its own process")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per run (1 is fastest on a busy CPU)")
-    parser.add_argument("--fixed-lr", nargs="+", default=[], metavar="METHOD=LR",
-                        help="extra diagnostic rows: METHOD trained with every --seeds seed at LR (not from the sweep)")
+    parser.add_argument(
+        "--fixed-lr",
+        nargs="+",
+        default=[],
+        metavar="METHOD=LR",
+        help="extra diagnostic rows: METHOD trained with every --seeds seed at LR (not from the sweep)",
+    )
     parser.add_argument("--sweep-only", action="store_true", help="stop after the sweep (print the chosen lrs)")
     parser.add_argument("--write", action="store_true", help="write the section into benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -345,29 +457,43 @@ def main() -> None:
     common = {"lora_r": args.lora_r, "warmup_steps": args.warmup_steps, "val_fraction": args.val_fraction}
     wall = time.perf_counter()
 
-    wanted = [{"method": method, "seed": args.sweep_seed, "lr": lr, "steps": sweep_steps, "validation": True,
-               **common} for method in args.methods for lr in args.lrs]
+    wanted = [
+        {"method": method, "seed": args.sweep_seed, "lr": lr, "steps": sweep_steps, "validation": True, **common}
+        for method in args.methods
+        for lr in args.lrs
+    ]
     sweep: dict[str, dict[float, dict]] = {method: {} for method in args.methods}
     for record in store.get_all(wanted, "sweep"):
         sweep[record["method"]][record["lr"]] = record
-    chosen = {method: max(args.lrs, key=lambda lr: (runs[lr]["accuracy"], -runs[lr]["eval_loss"]))
-              for method, runs in sweep.items()}
+    chosen = {
+        method: max(args.lrs, key=lambda lr: (runs[lr]["accuracy"], -runs[lr]["eval_loss"]))
+        for method, runs in sweep.items()
+    }
     print("chosen lr: " + ", ".join(f"{method} {lr:g}" for method, lr in chosen.items()), file=sys.stderr)
     if args.sweep_only:
         return
 
     rows = [(method, chosen[method], False) for method in args.methods] + [(m, lr, True) for m, lr in fixed]
-    wanted = [{"method": method, "seed": seed, "lr": lr, "steps": args.steps, "validation": False, **common}
-              for seed in args.seeds for method, lr, _ in rows]
+    wanted = [
+        {"method": method, "seed": seed, "lr": lr, "steps": args.steps, "validation": False, **common}
+        for seed in args.seeds
+        for method, lr, _ in rows
+    ]
     results: dict[tuple, list[dict]] = {row: [] for row in rows}
     for record in store.get_all(wanted, "final"):
         for row in rows:
             if row[:2] == (record["method"], record["lr"]):
                 results[row].append(record)
-    (args.out / "summary.json").write_text(json.dumps(
-        {"chosen_lr": chosen, "sweep": {m: list(r.values()) for m, r in sweep.items()},
-         "final": {f"{m}@{lr:g}" + (" (fixed lr)" if f else ""): runs for (m, lr, f), runs in results.items()}},
-        indent=1))
+    (args.out / "summary.json").write_text(
+        json.dumps(
+            {
+                "chosen_lr": chosen,
+                "sweep": {m: list(r.values()) for m, r in sweep.items()},
+                "final": {f"{m}@{lr:g}" + (" (fixed lr)" if f else ""): runs for (m, lr, f), runs in results.items()},
+            },
+            indent=1,
+        )
+    )
 
     torch.set_num_threads(args.threads)  # for the machine line: what each run used
     text = "\n".join(section(args, sweep_steps, sweep, chosen, results) + [""])
@@ -388,57 +514,85 @@ def depth_shares(record: dict) -> dict[str, float]:
 
 
 def section(args, sweep_steps: int, sweep: dict, chosen: dict, results: dict) -> list[str]:
-    command = (f"python benchmarks/quality.py --seeds {' '.join(map(str, args.seeds))} --methods "
-               f"{' '.join(args.methods)} --steps {args.steps}"
-               + (f" --sweep-steps {sweep_steps}" if sweep_steps != args.steps else "")
-               + f" --lora-r {args.lora_r} --lrs {' '.join(f'{lr:g}' for lr in args.lrs)} --sweep-seed "
-               f"{args.sweep_seed} --val-fraction {args.val_fraction:g} --warmup-steps {args.warmup_steps}"
-               + (f" --fixed-lr {' '.join(args.fixed_lr)}" if args.fixed_lr else "")
-               + f" --jobs {args.jobs} --threads {args.threads} --out {args.out} --write")
+    command = (
+        f"python benchmarks/quality.py --seeds {' '.join(map(str, args.seeds))} --methods "
+        f"{' '.join(args.methods)} --steps {args.steps}"
+        + (f" --sweep-steps {sweep_steps}" if sweep_steps != args.steps else "")
+        + f" --lora-r {args.lora_r} --lrs {' '.join(f'{lr:g}' for lr in args.lrs)} --sweep-seed "
+        f"{args.sweep_seed} --val-fraction {args.val_fraction:g} --warmup-steps {args.warmup_steps}"
+        + (f" --fixed-lr {' '.join(args.fixed_lr)}" if args.fixed_lr else "")
+        + f" --jobs {args.jobs} --threads {args.threads} --out {args.out} --write"
+    )
     first = next(iter(results.values()))[0]
     some_sweep = next(iter(next(iter(sweep.values())).values()))
-    lines = ["## Quality: held-out accuracy over seeds (`benchmarks/quality.py`)", "",
-             f"Command: `{command}`, run on {date.today()} on {machine('cpu')}, {args.jobs} run(s) at a time.", "",
-             ("Task: the main job's (MiniLM-L6, which of 5 Debian `fortunes` files a quotation comes from; "
-              f"{first['num_train']} train / {first['num_eval']} held-out quotations, a different stratified split "
-              "per seed). Every method trains the same number of weights in the linear layers (LoRA's count at the "
-              f"rank below) plus the dense head, with AdamW, linear decay, {args.steps} steps of {BATCH_SIZE} "
-              "quotations, at its own learning rate: the one of "
-              f"{', '.join(f'{lr:g}' for lr in args.lrs)} with the best accuracy on a validation split "
-              f"({some_sweep['num_eval']} quotations, {args.val_fraction:.0%} of the training part of the seed-"
-              f"{args.sweep_seed} split, training on the other {some_sweep['num_train']}; {sweep_steps} steps; "
-              "ties to the lower validation loss; held-out quotations never used). The `*_warmup` methods first "
-              f"train the head alone for {args.warmup_steps} steps, EXTRA to the {args.steps}. Pooler share: the "
-              "share of the linear-layer budget the mask puts in MiniLM's pooler, the layer right under the head "
-              "(its size share is 1.4%), mean over seeds."), "",
-             ("| method | lr | trainable (incl. head) | held-out accuracy, mean ± std | per seed | "
-              "pooler share | final train loss, mean |"),
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "## Quality: held-out accuracy over seeds (`benchmarks/quality.py`)",
+        "",
+        f"Command: `{command}`, run on {date.today()} on {machine('cpu')}, {args.jobs} run(s) at a time.",
+        "",
+        (
+            "Task: the main job's (MiniLM-L6, which of 5 Debian `fortunes` files a quotation comes from; "
+            f"{first['num_train']} train / {first['num_eval']} held-out quotations, a different stratified split "
+            "per seed). Every method trains the same number of weights in the linear layers (LoRA's count at the "
+            f"rank below) plus the dense head, with AdamW, linear decay, {args.steps} steps of {BATCH_SIZE} "
+            "quotations, at its own learning rate: the one of "
+            f"{', '.join(f'{lr:g}' for lr in args.lrs)} with the best accuracy on a validation split "
+            f"({some_sweep['num_eval']} quotations, {args.val_fraction:.0%} of the training part of the seed-"
+            f"{args.sweep_seed} split, training on the other {some_sweep['num_train']}; {sweep_steps} steps; "
+            "ties to the lower validation loss; held-out quotations never used). The `*_warmup` methods first "
+            f"train the head alone for {args.warmup_steps} steps, EXTRA to the {args.steps}. Pooler share: the "
+            "share of the linear-layer budget the mask puts in MiniLM's pooler, the layer right under the head "
+            "(its size share is 1.4%), mean over seeds."
+        ),
+        "",
+        (
+            "| method | lr | trainable (incl. head) | held-out accuracy, mean ± std | per seed | "
+            "pooler share | final train loss, mean |"
+        ),
+        "|---|---|---|---|---|---|---|",
+    ]
     for (method, lr, is_fixed), runs in results.items():
         accuracies = [r["accuracy"] for r in runs]
         spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
         shares = [r["mask"]["pooler_share"] for r in runs if r.get("mask")]
         share = f"{statistics.mean(shares):.1%}" if shares else "n/a"
         name = label(method, args.lora_r) + (" (lr fixed, not from the sweep; diagnostic)" if is_fixed else "")
-        lines.append(f"| {name} | {lr:g}{'' if is_fixed else ' (chosen)'} | {runs[0]['trainable']:,} | "
-                     f"{statistics.mean(accuracies):.1%} ± {spread:.1%} | "
-                     f"{', '.join(f'{a:.1%}' for a in accuracies)} | {share} | "
-                     f"{statistics.mean(r['loss'] for r in runs):.3f} |")
-    lines += ["", f"Validation accuracy of the sweep (seed {args.sweep_seed}, one run each; chosen lr in bold):", "",
-              "| method | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |",
-              "|---" * (len(args.lrs) + 1) + "|"]
+        lines.append(
+            f"| {name} | {lr:g}{'' if is_fixed else ' (chosen)'} | {runs[0]['trainable']:,} | "
+            f"{statistics.mean(accuracies):.1%} ± {spread:.1%} | "
+            f"{', '.join(f'{a:.1%}' for a in accuracies)} | {share} | "
+            f"{statistics.mean(r['loss'] for r in runs):.3f} |"
+        )
+    lines += [
+        "",
+        f"Validation accuracy of the sweep (seed {args.sweep_seed}, one run each; chosen lr in bold):",
+        "",
+        "| method | " + " | ".join(f"lr {lr:g}" for lr in args.lrs) + " |",
+        "|---" * (len(args.lrs) + 1) + "|",
+    ]
     for method, runs in sweep.items():
-        cells = [f"**{runs[lr]['accuracy']:.1%}**" if lr == chosen[method] else f"{runs[lr]['accuracy']:.1%}"
-                 for lr in args.lrs]
+        cells = [
+            f"**{runs[lr]['accuracy']:.1%}**" if lr == chosen[method] else f"{runs[lr]['accuracy']:.1%}"
+            for lr in args.lrs
+        ]
         lines.append(f"| {label(method, args.lora_r)} | " + " | ".join(cells) + " |")
     masked = {method: runs for (method, _, is_fixed), runs in results.items() if not is_fixed and runs[0].get("mask")}
     if masked:
-        places = sorted({where for runs in masked.values() for where in depth_shares(runs[0])},
-                        key=lambda where: (where == "P", where))
-        lines += ["", ("Where each mask puts the budget (share of the linear-layer entries by encoder layer, L0 = "
-                       "bottom, P = pooler; and the share of each layer's entries in its 1% most-chosen input "
-                       "columns, which is about 3% for a uniform mask; mean over the held-out seeds' masks):"), "",
-                  "| method | " + " | ".join(places) + " | top-1% columns |", "|---" * (len(places) + 2) + "|"]
+        places = sorted(
+            {where for runs in masked.values() for where in depth_shares(runs[0])},
+            key=lambda where: (where == "P", where),
+        )
+        lines += [
+            "",
+            (
+                "Where each mask puts the budget (share of the linear-layer entries by encoder layer, L0 = "
+                "bottom, P = pooler; and the share of each layer's entries in its 1% most-chosen input "
+                "columns, which is about 3% for a uniform mask; mean over the held-out seeds' masks):"
+            ),
+            "",
+            "| method | " + " | ".join(places) + " | top-1% columns |",
+            "|---" * (len(places) + 2) + "|",
+        ]
         for method, runs in masked.items():
             shares = [depth_shares(r) for r in runs]
             cells = [f"{statistics.mean(s.get(where, 0.0) for s in shares):.1%}" for where in places]

@@ -47,16 +47,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SPARSE_GRID = (3e-4, 1e-3, 3e-3)
 GRIDS = {
-    "sparse_gradient": SPARSE_GRID, "sparse_random": SPARSE_GRID, "sparse_magnitude": SPARSE_GRID,
-    "spiel_ag": SPARSE_GRID, "hybrid": SPARSE_GRID, "lora": SPARSE_GRID, "shira": SPARSE_GRID,
-    "supertuning": SPARSE_GRID, "full": (1e-5, 3e-5, 1e-4),
+    "sparse_gradient": SPARSE_GRID,
+    "sparse_random": SPARSE_GRID,
+    "sparse_magnitude": SPARSE_GRID,
+    "spiel_ag": SPARSE_GRID,
+    "hybrid": SPARSE_GRID,
+    "lora": SPARSE_GRID,
+    "shira": SPARSE_GRID,
+    "supertuning": SPARSE_GRID,
+    "full": (1e-5, 3e-5, 1e-4),
 }
 METHODS = tuple(GRIDS)
 LABELS = {
-    "sparse_gradient": "sparse, gradient mask (default)", "sparse_random": "sparse, random mask",
-    "sparse_magnitude": "sparse, magnitude mask", "spiel_ag": "SpIEL-AG (from random)",
-    "hybrid": "sparse + low-rank (RoSA)", "lora": "LoRA", "shira": "peft SHiRA (random mask)",
-    "supertuning": "peft Super-Tuning (magnitude)", "full": "full fine-tuning",
+    "sparse_gradient": "sparse, gradient mask (default)",
+    "sparse_random": "sparse, random mask",
+    "sparse_magnitude": "sparse, magnitude mask",
+    "spiel_ag": "SpIEL-AG (from random)",
+    "hybrid": "sparse + low-rank (RoSA)",
+    "lora": "LoRA",
+    "shira": "peft SHiRA (random mask)",
+    "supertuning": "peft Super-Tuning (magnitude)",
+    "full": "full fine-tuning",
 }
 
 
@@ -67,8 +78,9 @@ def peft_config(method: str, base, lora_r: int, seed: int, salience_batches: int
 
     budget = peft_sparse.lora_equivalent_budget(base, r=lora_r, target_modules="all-linear")
     if method == "lora":
-        return LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", r=lora_r, lora_alpha=2 * lora_r,
-                          lora_dropout=0.0)
+        return LoraConfig(
+            task_type="CAUSAL_LM", target_modules="all-linear", r=lora_r, lora_alpha=2 * lora_r, lora_dropout=0.0
+        )
     if method == "shira":
         return ShiraConfig(task_type="CAUSAL_LM", target_modules="all-linear", r=lora_r, random_seed=seed)
     if method == "supertuning":
@@ -76,13 +88,23 @@ def peft_config(method: str, base, lora_r: int, seed: int, salience_batches: int
 
         total = sum(rows * cols for rows, cols in targeted_linear_shapes(base, "all-linear", task_type="CAUSAL_LM"))
         return SupertuningConfig(task_type="CAUSAL_LM", target_modules="all-linear", sparsity=1 - budget / total)
-    common = {"task_type": "CAUSAL_LM", "target_modules": "all-linear", "seed": seed, "salience_batches": salience_batches}
+    common = {
+        "task_type": "CAUSAL_LM",
+        "target_modules": "all-linear",
+        "seed": seed,
+        "salience_batches": salience_batches,
+    }
     if method == "hybrid":
         low_rank = peft_sparse.lora_equivalent_budget(base, r=lora_r // 2, target_modules="all-linear")
-        return peft_sparse.SparseConfig(num_tunable_weights=budget - low_rank, r=lora_r // 2, lora_alpha=lora_r,
-                                        **common)
-    selection = {"sparse_gradient": "gradient", "sparse_random": "random", "sparse_magnitude": "magnitude",
-                 "spiel_ag": "random"}[method]
+        return peft_sparse.SparseConfig(
+            num_tunable_weights=budget - low_rank, r=lora_r // 2, lora_alpha=lora_r, **common
+        )
+    selection = {
+        "sparse_gradient": "gradient",
+        "sparse_random": "random",
+        "sparse_magnitude": "magnitude",
+        "spiel_ag": "random",
+    }[method]
     update = {"update": "spiel", "update_interval": 20, "accumulation_steps": 5} if method == "spiel_ag" else {}
     return peft_sparse.SparseConfig(num_tunable_weights=budget, selection=selection, **update, **common)
 
@@ -98,8 +120,9 @@ def run(method: str, lr: float, seed: int, split: str, args) -> dict:
     from peft_sparse.cli.sft import exact_match
 
     transformers.set_seed(seed)
-    data = instructions.load(seed=0, sizes={"define": (args.train_per_task, 50, 50),
-                                            "base_form": (args.train_per_task, 50, 100)})
+    data = instructions.load(
+        seed=0, sizes={"define": (args.train_per_task, 50, 50), "base_form": (args.train_per_task, 50, 100)}
+    )
     source = models.as_folder(models.resolve("smollm2"))
     tokenizer = models.load_tokenizer(source)
     base = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
@@ -112,22 +135,50 @@ def run(method: str, lr: float, seed: int, split: str, args) -> dict:
             callbacks = [peft_sparse.SparseTrainingCallback()]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = SFTConfig(
-        output_dir=str(Path(args.out).parent / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch,
-        per_device_eval_batch_size=32, learning_rate=lr, lr_scheduler_type="linear", warmup_steps=0,
-        max_length=args.max_length, seed=seed, data_seed=seed, bf16=False, fp16=False, gradient_checkpointing=False,
-        report_to="none", save_strategy="no", logging_steps=10, disable_tqdm=True, dataloader_num_workers=0,
+        output_dir=str(Path(args.out).parent / "trainer"),
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        per_device_eval_batch_size=32,
+        learning_rate=lr,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        max_length=args.max_length,
+        seed=seed,
+        data_seed=seed,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
     )
-    trainer = SFTTrainer(model=model, args=config, train_dataset=data["train"], eval_dataset=data[split],
-                         processing_class=tokenizer, callbacks=callbacks)
+    trainer = SFTTrainer(
+        model=model,
+        args=config,
+        train_dataset=data["train"],
+        eval_dataset=data[split],
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
     start = time.perf_counter()
     if method != "none":  # "none": the base model as it ships, evaluated only
         trainer.train()
     seconds = time.perf_counter() - start  # includes the salience pass of gradient masks
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     eval_loss = trainer.evaluate()["eval_loss"]
-    record = {"method": method, "lr": lr, "seed": seed, "split": split, "trainable": trainable,
-              "eval_loss": eval_loss, "train_loss_last": losses[-1] if losses else None,
-              "seconds": seconds, "steps": args.steps}
+    record = {
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "split": split,
+        "trainable": trainable,
+        "eval_loss": eval_loss,
+        "train_loss_last": losses[-1] if losses else None,
+        "seconds": seconds,
+        "steps": args.steps,
+    }
     if split == "test":
         match = exact_match(trainer.model, tokenizer, data["test"])
         record["exact_match"], record["exact_match_rows"] = match
@@ -178,9 +229,13 @@ def main() -> None:
             records.append(record)
             done[key(record)] = record
             out.write_text(json.dumps(records, indent=1))
-            print(f"{split:10s} {method:16s} lr {lr:g} seed {seed}: loss {record['eval_loss']:.4f}"
-                  + (f" exact {record['exact_match']:.1%}" if "exact_match" in record else "")
-                  + f" ({record['seconds']:.0f} s)", file=sys.stderr, flush=True)
+            print(
+                f"{split:10s} {method:16s} lr {lr:g} seed {seed}: loss {record['eval_loss']:.4f}"
+                + (f" exact {record['exact_match']:.1%}" if "exact_match" in record else "")
+                + f" ({record['seconds']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
         return done[(method, lr, seed, split)]
 
     best, grids, results = {}, {}, {}
@@ -202,21 +257,30 @@ def main() -> None:
         results[method] = [get(method, best[method], seed, "test") for seed in args.seeds]
     untrained = get("none", 0.0, 0, "test")
 
-    command = (f"python benchmarks/sft_quality.py --methods {' '.join(args.methods)} --seeds "
-               f"{' '.join(map(str, args.seeds))} --steps {args.steps} --batch {args.batch} --max-length "
-               f"{args.max_length} --lora-r {args.lora_r} --salience-batches {args.salience_batches} --write")
+    command = (
+        f"python benchmarks/sft_quality.py --methods {' '.join(args.methods)} --seeds "
+        f"{' '.join(map(str, args.seeds))} --steps {args.steps} --batch {args.batch} --max-length "
+        f"{args.max_length} --lora-r {args.lora_r} --salience-batches {args.salience_batches} --write"
+    )
     lines = [
-        "## Causal-LM SFT quality at equal trainable parameters (`benchmarks/sft_quality.py`)", "",
-        f"Command: `{command}`, run on {date.today()} on {machine('cpu')}.", "",
-        (f"SmolLM2-135M-Instruct, WordNet instructions (definitions and dictionary forms; {2 * args.train_per_task} "
-        f"train, 100 validation, 150 test examples, words disjoint across splits), completion-only loss, AdamW with "
-        f"linear decay, {args.steps} steps of {args.batch} examples, sequences cut at {args.max_length} tokens. Every "
-        f"method but full fine-tuning trains about LoRA r={args.lora_r}'s count over all linear layers. Learning "
-        "rate: each method's best of its grid on the validation split (seed 0; a grid whose best is at its edge is "
-        "extended that way on the 1-3-10 ladder, up to twice); then seeds on the test split. "
-        "Exact match: greedy answers to the 100 test 'dictionary form' questions."), "",
-        ("| method | trainable | lr (grid) | validation loss per lr | test loss, mean ± std | per seed | "
-        "exact match, mean ± std | run time, median |"),
+        "## Causal-LM SFT quality at equal trainable parameters (`benchmarks/sft_quality.py`)",
+        "",
+        f"Command: `{command}`, run on {date.today()} on {machine('cpu')}.",
+        "",
+        (
+            f"SmolLM2-135M-Instruct, WordNet instructions (definitions and dictionary forms; {2 * args.train_per_task} "
+            f"train, 100 validation, 150 test examples, words disjoint across splits), completion-only loss, AdamW with "
+            f"linear decay, {args.steps} steps of {args.batch} examples, sequences cut at {args.max_length} tokens. Every "
+            f"method but full fine-tuning trains about LoRA r={args.lora_r}'s count over all linear layers. Learning "
+            "rate: each method's best of its grid on the validation split (seed 0; a grid whose best is at its edge is "
+            "extended that way on the 1-3-10 ladder, up to twice); then seeds on the test split. "
+            "Exact match: greedy answers to the 100 test 'dictionary form' questions."
+        ),
+        "",
+        (
+            "| method | trainable | lr (grid) | validation loss per lr | test loss, mean ± std | per seed | "
+            "exact match, mean ± std | run time, median |"
+        ),
         "|---|---|---|---|---|---|---|---|",
         f"| not fine-tuned | 0 | | | {untrained['eval_loss']:.3f} | | {untrained['exact_match']:.1%} | |",
     ]
@@ -231,7 +295,8 @@ def main() -> None:
             f"| {LABELS[method]} | {runs[0]['trainable']:,} | {best[method]:g} ({grid}) | {sweep} | "
             f"{statistics.mean(losses):.3f} ± {spread:.3f} | {', '.join(f'{x:.3f}' for x in losses)} | "
             f"{statistics.mean(matches):.1%} ± {match_spread:.1%} | "
-            f"{statistics.median(r['seconds'] for r in runs):.0f} s |")
+            f"{statistics.median(r['seconds'] for r in runs):.0f} s |"
+        )
     text = "\n".join(lines + [""])
     print(text)
     if args.write:

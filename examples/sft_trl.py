@@ -52,8 +52,9 @@ def word_tokenizer(texts, size: int = 2000):
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Lowercase()
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]",
-                                   bos_token="[BOS]", eos_token="[EOS]")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
 
 
 def base_model(path, tokenizer):
@@ -62,9 +63,16 @@ def base_model(path, tokenizer):
     if path is not None:
         return AutoModelForCausalLM.from_pretrained(path)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=344, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=344,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return LlamaForCausalLM(config)
 
 
@@ -82,15 +90,34 @@ def main(argv=None) -> None:
     output_dir = Path(args.output_dir or tempfile.mkdtemp(prefix="sft_trl_"))
 
     # --- the recipe -------------------------------------------------------------------------------------------
-    model = get_peft_model(base_model(args.model, tokenizer), SparseConfig(
-        target_modules="all-linear", density=args.density,
-        selection="gradient", salience_batches=8,                       # mask chosen at train begin by salience
-        update="spiel", update_interval=20, accumulation_steps=5))      # then SpIEL prune-and-regrow
+    model = get_peft_model(
+        base_model(args.model, tokenizer),
+        SparseConfig(
+            target_modules="all-linear",
+            density=args.density,
+            selection="gradient",
+            salience_batches=8,  # mask chosen at train begin by salience
+            update="spiel",
+            update_interval=20,
+            accumulation_steps=5,
+        ),
+    )  # then SpIEL prune-and-regrow
     trainer = SFTTrainer(
-        model=model, processing_class=tokenizer, train_dataset=Dataset.from_dict({"text": texts}),
-        args=SFTConfig(output_dir=str(output_dir), max_steps=args.steps, per_device_train_batch_size=16,
-                       learning_rate=5e-2, max_length=48, logging_steps=10, save_strategy="no", report_to=[],
-                       use_cpu=True, lr_scheduler_type="constant"),
+        model=model,
+        processing_class=tokenizer,
+        train_dataset=Dataset.from_dict({"text": texts}),
+        args=SFTConfig(
+            output_dir=str(output_dir),
+            max_steps=args.steps,
+            per_device_train_batch_size=16,
+            learning_rate=5e-2,
+            max_length=48,
+            logging_steps=10,
+            save_strategy="no",
+            report_to=[],
+            use_cpu=True,
+            lr_scheduler_type="constant",
+        ),
         callbacks=[SparseTrainingCallback()],
     )
     trainer.train()
@@ -108,9 +135,14 @@ def main(argv=None) -> None:
     print(f"quotations          : {len(texts)} from {', '.join(CATEGORIES)}")
     print(f"trainable parameters: {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
     print(f"train loss          : {losses[0]:.3f} -> {losses[-1]:.3f} (logged every 10 steps)")
-    print(f"sparse events       : " + ", ".join(
-        f"step {e['step']}: " + ", ".join(f"{k.split('/')[1]}={v:.3g}" for k, v in e.items() if k.startswith("sparse/"))
-        for e in sparse))
+    print(
+        "sparse events       : "
+        + ", ".join(
+            f"step {e['step']}: "
+            + ", ".join(f"{k.split('/')[1]}={v:.3g}" for k, v in e.items() if k.startswith("sparse/"))
+            for e in sparse
+        )
+    )
     print(f"adapter             : {output_dir / 'adapter'} (reloaded indices and values identical: {same})")
     if not same:
         sys.exit("the reloaded adapter differs from the trained one")

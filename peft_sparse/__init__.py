@@ -9,17 +9,17 @@ Importing this package registers ``PeftType.SPARSE`` with upstream ``peft``, aft
 """
 
 from .selection import SelectionReport, SpIEL, SpielReport, select_mask, update_mask
-from .tuner import SparseConfig, SparseLayer, SparseModel, lora_equivalent_budget
 from .training import SparseTrainingCallback
+from .tuner import SparseConfig, SparseLayer, SparseModel, lora_equivalent_budget
 from .version import __version__
 
 __all__ = [
     "SelectionReport",
+    "SpIEL",
     "SparseConfig",
     "SparseLayer",
     "SparseModel",
     "SparseTrainingCallback",
-    "SpIEL",
     "SpielReport",
     "__version__",
     "lora_equivalent_budget",

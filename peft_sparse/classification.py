@@ -31,8 +31,9 @@ def batches(examples: Sequence[tuple[str, int]], tokenizer, batch_size: int, max
     ``labels`` tensor."""
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        encoded = tokenizer([text for text, _ in chunk], padding=True, truncation=True, max_length=max_length,
-                            return_tensors="pt")
+        encoded = tokenizer(
+            [text for text, _ in chunk], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
+        )
         encoded["labels"] = torch.tensor([label for _, label in chunk])
         yield dict(encoded)
 
@@ -50,10 +51,22 @@ def accuracy(model, held_out_batches) -> float:
     return correct / total
 
 
-def train(model, examples: Sequence[tuple[str, int]], tokenizer, *, steps: int, lr: float, batch_size: int,
-          max_length: int, seed: int, update: str = "static", update_interval: int = 1, update_batches=None,
-          to_device: Callable[[dict], Any] = lambda batch: batch,
-          progress: str | None = None) -> tuple[list[float], list[float]]:
+def train(
+    model,
+    examples: Sequence[tuple[str, int]],
+    tokenizer,
+    *,
+    steps: int,
+    lr: float,
+    batch_size: int,
+    max_length: int,
+    seed: int,
+    update: str = "static",
+    update_interval: int = 1,
+    update_batches=None,
+    to_device: Callable[[dict], Any] = lambda batch: batch,
+    progress: str | None = None,
+) -> tuple[list[float], list[float]]:
     """Train ``model`` for ``steps`` optimizer steps on ``examples``: AdamW (no weight decay) on every trainable
     parameter, the learning rate decaying linearly to zero, a fresh shuffle of the examples (seeded) each epoch.
 
@@ -98,15 +111,19 @@ def train(model, examples: Sequence[tuple[str, int]], tokenizer, *, steps: int, 
         losses.append(loss.item())
         if not math.isfinite(losses[-1]):
             bar.close()
-            raise TrainingDiverged(f"{run}the training loss became {losses[-1]} at step {step + 1} of {steps} "
-                                   f"(learning rate {lr:g}); try a lower learning rate")
+            raise TrainingDiverged(
+                f"{run}the training loss became {losses[-1]} at step {step + 1} of {steps} "
+                f"(learning rate {lr:g}); try a lower learning rate"
+            )
         bar.set_postfix(loss=f"{statistics.mean(losses[-10:]):.3f}")
     bar.close()
     # The last step's loss was computed before that step's update, which can itself overflow (a huge learning rate).
     diverged = non_finite_parameter(model)
     if diverged is not None:
-        raise TrainingDiverged(f"{run}the trained parameter {diverged} holds inf or nan after step {steps} "
-                               f"(learning rate {lr:g}); try a lower learning rate")
+        raise TrainingDiverged(
+            f"{run}the trained parameter {diverged} holds inf or nan after step {steps} "
+            f"(learning rate {lr:g}); try a lower learning rate"
+        )
     return losses, step_seconds
 
 

@@ -19,13 +19,12 @@ scores SpIEL-MA needs.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
 from ._distributed import is_sharded, local_part, whole
-from .ops.reference import split_indices
 
 __all__ = ["SM3"]
 
@@ -50,14 +49,27 @@ class SM3(torch.optim.Optimizer):
 
     position_indexed_state = ("row_accumulator", "col_accumulator")
 
-    def __init__(self, model: nn.Module, lr: float = 0.1, momentum: float = 0.0, beta: float = 0.0,
-                 eps: float = 1e-8, adapter_name: Optional[str] = None) -> None:
-        for name, value, low, high in (("lr", lr, 0.0, None), ("momentum", momentum, 0.0, 1.0),
-                                       ("beta", beta, 0.0, 1.0), ("eps", eps, 0.0, None)):
+    def __init__(
+        self,
+        model: nn.Module,
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        beta: float = 0.0,
+        eps: float = 1e-8,
+        adapter_name: str | None = None,
+    ) -> None:
+        for name, value, low, high in (
+            ("lr", lr, 0.0, None),
+            ("momentum", momentum, 0.0, 1.0),
+            ("beta", beta, 0.0, 1.0),
+            ("eps", eps, 0.0, None),
+        ):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"SM3: {name} must be a float, got {value!r}")
             if value < low or (high is not None and value >= high):
-                raise ValueError(f"SM3: {name} must be in [{low}, {high if high is not None else 'inf'}), got {value!r}")
+                raise ValueError(
+                    f"SM3: {name} must be in [{low}, {high if high is not None else 'inf'}), got {value!r}"
+                )
         if not isinstance(model, nn.Module):
             raise TypeError(f"SM3: expected the peft model (an nn.Module), got {type(model).__name__}")
         from .tuner.lookup import resolve_adapter, sparse_layers
@@ -70,11 +82,14 @@ class SM3(torch.optim.Optimizer):
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("SM3: the model has no trainable parameters")
-        super().__init__(params, dict(lr=lr, momentum=momentum, beta=beta, eps=eps))
+        super().__init__(params, {"lr": lr, "momentum": momentum, "beta": beta, "eps": eps})
 
     def _layers_by_values(self) -> dict[int, Any]:
-        return {id(layer.sparse_values[self.adapter_name]): layer for layer in self._sparse_layers
-                if self.adapter_name in layer.sparse_values}
+        return {
+            id(layer.sparse_values[self.adapter_name]): layer
+            for layer in self._sparse_layers
+            if self.adapter_name in layer.sparse_values
+        }
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -114,7 +129,7 @@ class SM3(torch.optim.Optimizer):
             state["row_accumulator"] = torch.zeros(out_features, dtype=torch.float32, device=grad.device)
             state["col_accumulator"] = torch.zeros(in_features, dtype=torch.float32, device=grad.device)
         rows_acc, cols_acc = state["row_accumulator"], state["col_accumulator"]
-        rows, cols = split_indices(layer.sparse_indices[self.adapter_name], in_features)
+        rows, cols = torch.unravel_index(layer.sparse_indices[self.adapter_name].to(torch.int64), layer.logical_shape)
         nu = torch.minimum(rows_acc[rows], cols_acc[cols])
         if beta > 0:
             nu.mul_(beta)

@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
-from typing import Any, Callable, Optional
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from transformers import TrainerCallback
@@ -58,12 +58,17 @@ class SparseTrainingCallback(TrainerCallback):
         loss_fn: ``loss_fn(outputs, batch) -> loss`` for salience; default ``outputs.loss``.
     """
 
-    def __init__(self, data: Optional[Iterable] = None, *, adapter_name: Optional[str] = None,
-                 loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None) -> None:
+    def __init__(
+        self,
+        data: Iterable | None = None,
+        *,
+        adapter_name: str | None = None,
+        loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    ) -> None:
         self.data = data
         self.adapter_name = adapter_name
         self.loss_fn = loss_fn
-        self.spiel: Optional[SpIEL] = None
+        self.spiel: SpIEL | None = None
         self._train_dataloader = None
 
     # --- helpers -------------------------------------------------------------------------------------------------
@@ -98,8 +103,13 @@ class SparseTrainingCallback(TrainerCallback):
         if selects:
             self._select(model, optimizer, state, layers, adapter_name)
         if config.update == "spiel":
-            self.spiel = SpIEL(model, optimizer, num_training_steps=state.max_steps, adapter_name=adapter_name,
-                               start_step=state.global_step)
+            self.spiel = SpIEL(
+                model,
+                optimizer,
+                num_training_steps=state.max_steps,
+                adapter_name=adapter_name,
+                start_step=state.global_step,
+            )
             if state.global_step > 0:
                 self._restore(args, state)
         return control
@@ -111,11 +121,13 @@ class SparseTrainingCallback(TrainerCallback):
         # bitsandbytes: on AVX512-BF16 CPUs its eval-mode 4-bit forward repacks the weights in place (lossily),
         # which under FSDP also disagrees with the sharded copy.
         model.train()
-        report = select_mask(model, self._batches(), loss_fn=self.loss_fn, adapter_name=adapter_name,
-                             keep_layer_sizes=world_size() > 1)
+        report = select_mask(
+            model, self._batches(), loss_fn=self.loss_fn, adapter_name=adapter_name, keep_layer_sizes=world_size() > 1
+        )
         _match_optimizer_to_entries(optimizer, layers, adapter_name)
-        self._record(state, {"sparse/selected_entries": float(report.total),
-                             "sparse/selection_seconds": report.seconds})
+        self._record(
+            state, {"sparse/selected_entries": float(report.total), "sparse/selection_seconds": report.seconds}
+        )
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         adapter_name, config = self._config(model)
@@ -123,12 +135,22 @@ class SparseTrainingCallback(TrainerCallback):
             self.spiel.completed_steps = state.global_step - 1
             report = self.spiel.step()
             if report is not None:
-                self._record(state, {"sparse/regrown": float(report.total), "sparse/prune_fraction": report.fraction,
-                                     "sparse/update_seconds": report.seconds})
-        elif (config.update == "dynamic" and state.global_step % config.update_interval == 0
-              and state.global_step < state.max_steps):
-            report = update_mask(model, self._batches(), optimizer=optimizer, loss_fn=self.loss_fn,
-                                 adapter_name=adapter_name)
+                self._record(
+                    state,
+                    {
+                        "sparse/regrown": float(report.total),
+                        "sparse/prune_fraction": report.fraction,
+                        "sparse/update_seconds": report.seconds,
+                    },
+                )
+        elif (
+            config.update == "dynamic"
+            and state.global_step % config.update_interval == 0
+            and state.global_step < state.max_steps
+        ):
+            report = update_mask(
+                model, self._batches(), optimizer=optimizer, loss_fn=self.loss_fn, adapter_name=adapter_name
+            )
             self._record(state, {"sparse/moved": float(report.total), "sparse/update_seconds": report.seconds})
         return control
 
@@ -151,13 +173,15 @@ class SparseTrainingCallback(TrainerCallback):
             logger.warning(
                 "peft-sparse: resuming at step %d without %s; SpIEL restarts its growth records (all entries count "
                 "their movement from their current values) and any open gradient-accumulation window",
-                state.global_step, path)
+                state.global_step,
+                path,
+            )
             self.spiel.restart_growth_records()
             return
         self.spiel.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
 
 
-def _deepspeed_zero_stage(optimizer) -> Optional[int]:
+def _deepspeed_zero_stage(optimizer) -> int | None:
     """The ZeRO stage (1/2 or 3) when the Trainer's optimizer is a DeepSpeed ZeRO optimizer, else ``None``."""
     seen = set()
     while optimizer is not None and id(optimizer) not in seen:
@@ -186,8 +210,11 @@ def _refuse_what_deepspeed_cannot_run(config, stage: int, layers, adapter_name: 
             "trainer.train() (or selection='random')"
         )
     # ZeRO-3 has already swapped every parameter's data for an empty partition; ds_numel is its real size
-    empty = [layer.layer_name for layer in layers
-             if getattr(layer.sparse_values[adapter_name], "ds_numel", layer.sparse_values[adapter_name].numel()) == 0]
+    empty = [
+        layer.layer_name
+        for layer in layers
+        if getattr(layer.sparse_values[adapter_name], "ds_numel", layer.sparse_values[adapter_name].numel()) == 0
+    ]
     if stage == 3 and empty:
         raise ValueError(
             f"{where}: ZeRO-3 cannot gather a parameter with no elements, and {len(empty)} layer(s) have no entries "
@@ -226,12 +253,14 @@ def _check_optimizer_holds_values(optimizer, layers, adapter_name: str) -> None:
     if optimizer is None:
         return
     held = {id(p) for group in unwrap_optimizer(optimizer).param_groups for p in group["params"]}
-    stale = [layer.layer_name for layer in layers
-             if layer.sparse_values[adapter_name].requires_grad and id(layer.sparse_values[adapter_name]) not in held]
+    stale = [
+        layer.layer_name
+        for layer in layers
+        if layer.sparse_values[adapter_name].requires_grad and id(layer.sparse_values[adapter_name]) not in held
+    ]
     if stale:
         raise ValueError(
             f"SparseTrainingCallback: the optimizer does not hold the sparse values of {stale[:3]} (it was built "
             "before they were replaced, e.g. by loading an adapter with low_cpu_mem_usage=True); build the optimizer "
             "afterwards"
         )
-

@@ -42,8 +42,10 @@ def _platform() -> str:
     import bitsandbytes
     import bitsandbytes.functional as bnb_functional
 
-    return (f"bitsandbytes {bitsandbytes.__version__}, torch {torch.__version__}, CPU capability "
-            f"{torch.backends.cpu.get_cpu_capability()}, AVX512-BF16 {'yes' if bnb_functional.has_avx512bf16() else 'no'}")
+    return (
+        f"bitsandbytes {bitsandbytes.__version__}, torch {torch.__version__}, CPU capability "
+        f"{torch.backends.cpu.get_cpu_capability()}, AVX512-BF16 {'yes' if bnb_functional.has_avx512bf16() else 'no'}"
+    )
 
 
 def _rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -63,17 +65,20 @@ def dequantize_4bit_defect() -> str | None:
     from tiny_models import decode_4bit
 
     weight = _probe_weight()
-    packed, state = bnb_functional.quantize_4bit(weight, blocksize=PROBE_BLOCKSIZE, quant_type="nf4",
-                                                 compress_statistics=False)
+    packed, state = bnb_functional.quantize_4bit(
+        weight, blocksize=PROBE_BLOCKSIZE, quant_type="nf4", compress_statistics=False
+    )
     ours = decode_4bit(packed, state)
     theirs = bnb_functional.dequantize_4bit(packed, state)
     gap = _rel(theirs, ours)
     if gap <= GROSS:
         return None
-    return (f"bitsandbytes defect on this CPU ({_platform()}): dequantize_4bit mis-decodes 4-bit weights whose "
-            f"in_features is not a multiple of the blocksize; probe: a 64x32 NF4 weight (blocksize 64) decodes with "
-            f"{_rel(theirs, weight):.0%} relative error against the original weight, peft-sparse's float64 reference "
-            f"decode with {_rel(ours, weight):.0%} ({gap:.0%} apart)")
+    return (
+        f"bitsandbytes defect on this CPU ({_platform()}): dequantize_4bit mis-decodes 4-bit weights whose "
+        f"in_features is not a multiple of the blocksize; probe: a 64x32 NF4 weight (blocksize 64) decodes with "
+        f"{_rel(theirs, weight):.0%} relative error against the original weight, peft-sparse's float64 reference "
+        f"decode with {_rel(ours, weight):.0%} ({gap:.0%} apart)"
+    )
 
 
 @functools.cache
@@ -87,8 +92,9 @@ def linear4bit_forward_defect() -> str | None:
 
     out_features, in_features = PROBE_SHAPE
     layer = bnb.nn.Linear4bit(in_features, out_features, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-    layer.weight = bnb.nn.Params4bit(_probe_weight(), requires_grad=False, quant_type="nf4",
-                                     blocksize=PROBE_BLOCKSIZE, module=layer)._quantize("cpu")
+    layer.weight = bnb.nn.Params4bit(
+        _probe_weight(), requires_grad=False, quant_type="nf4", blocksize=PROBE_BLOCKSIZE, module=layer
+    )._quantize("cpu")
     decoded = decode_4bit(layer.weight.data, layer.weight.quant_state)  # before any forward can repack it
     x = torch.randn(5, in_features, generator=torch.Generator().manual_seed(1))
     expected = x.double() @ decoded.T
@@ -106,5 +112,7 @@ def linear4bit_forward_defect() -> str | None:
             problems.append(f"{mode} is {_rel(out, expected):.0%} off x @ W.T for peft-sparse's float64 decode W")
     if not problems:
         return None
-    return (f"bitsandbytes defect on this CPU ({_platform()}): Linear4bit.forward on a 4-bit layer whose in_features "
-            f"is not a multiple of the blocksize; probe (64x32 NF4, blocksize 64): " + "; ".join(problems))
+    return (
+        f"bitsandbytes defect on this CPU ({_platform()}): Linear4bit.forward on a 4-bit layer whose in_features "
+        f"is not a multiple of the blocksize; probe (64x32 NF4, blocksize 64): " + "; ".join(problems)
+    )

@@ -6,10 +6,10 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest  # noqa: E402
+import pytest
+from tiny_models import MODEL_FAMILIES
 
-import peft_sparse  # noqa: E402,F401  (registers PeftType.SPARSE)
-from tiny_models import MODEL_FAMILIES  # noqa: E402
+import peft_sparse  # noqa: F401  (registers PeftType.SPARSE)
 
 
 @pytest.fixture(params=sorted(MODEL_FAMILIES))

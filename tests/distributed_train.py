@@ -31,11 +31,11 @@ from peft import get_peft_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import trainer_helpers  # noqa: E402
-from tiny_models import quantised_model, tiny_llama, tiny_llama_aligned  # noqa: E402
-from trainer_helpers import SequentialTrainer, TokenData, sparse_log, sparse_state  # noqa: E402
+import trainer_helpers
+from tiny_models import quantised_model, tiny_llama, tiny_llama_aligned
+from trainer_helpers import SequentialTrainer, TokenData, sparse_log, sparse_state
 
-from peft_sparse import SparseConfig, SparseTrainingCallback, select_mask  # noqa: E402
+from peft_sparse import SparseConfig, SparseTrainingCallback, select_mask
 
 
 class FSDPOnCPUTrainer(SequentialTrainer):
@@ -46,9 +46,12 @@ class FSDPOnCPUTrainer(SequentialTrainer):
 
         state = self.accelerator.state
         state.fsdp_plugin = FullyShardedDataParallelPlugin(
-            fsdp_version=2, auto_wrap_policy="transformer_based_wrap",
-            transformer_cls_names_to_wrap="LlamaDecoderLayer", state_dict_type="FULL_STATE_DICT",
-            reshard_after_forward=True, cpu_ram_efficient_loading=False,
+            fsdp_version=2,
+            auto_wrap_policy="transformer_based_wrap",
+            transformer_cls_names_to_wrap="LlamaDecoderLayer",
+            state_dict_type="FULL_STATE_DICT",
+            reshard_after_forward=True,
+            cpu_ram_efficient_loading=False,
         )
         # Both shared states: every AcceleratorState() built later copies PartialState's over its own.
         state.distributed_type = PartialState().distributed_type = DistributedType.FSDP
@@ -61,7 +64,7 @@ def deepspeed_on_cpu(arguments) -> None:
     ranks; tell accelerate the process group DeepSpeed built, so the dataloader is sharded as on GPUs."""
     from accelerate import PartialState
 
-    arguments.device  # sets up accelerate's and DeepSpeed's process state
+    _ = arguments.device  # reading it sets up accelerate's and DeepSpeed's process state
     state = PartialState()
     state.backend = "gloo"
     state.num_processes = torch.distributed.get_world_size()
@@ -85,27 +88,43 @@ def main() -> None:
     out_dir, options = Path(sys.argv[1]), json.loads(sys.argv[2])
     engine = options.get("engine", "single")
     config = SparseConfig(
-        target_modules=trainer_helpers.TARGETS, density=0.05, salience_batches=2,
-        selection=options.get("selection", "gradient"), budget=options.get("budget", "local"),
-        update=options.get("update", "static"), update_interval=3, accumulation_steps=2, reselection_rate=0.3,
+        target_modules=trainer_helpers.TARGETS,
+        density=0.05,
+        salience_batches=2,
+        selection=options.get("selection", "gradient"),
+        budget=options.get("budget", "local"),
+        update=options.get("update", "static"),
+        update_interval=3,
+        accumulation_steps=2,
+        reselection_rate=0.3,
         regrow=options.get("regrow", "gradient"),
     )
     if options.get("quantised"):
         storage = getattr(torch, options.get("quant_storage", "uint8"))
         # bitsandbytes runs the untargeted 4-bit layers; its CPU kernels want in_features a multiple of 64.
-        directory = out_dir / f"base-{storage}-rank{os.environ.get('RANK', 0)}"  # no two processes write one
-        base = quantised_model(directory, tiny_llama_aligned, load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=storage)
+        directory = out_dir / f"base-{storage}-rank{os.environ.get('RANK', '0')}"  # no two processes write one
+        base = quantised_model(
+            directory,
+            tiny_llama_aligned,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+            bnb_4bit_quant_storage=storage,
+        )
     else:
         base = tiny_llama()
     model = get_peft_model(base, config)
-    args = dict(per_device_train_batch_size=options.get("batch", 4), max_steps=options.get("steps", 6))
+    args = {"per_device_train_batch_size": options.get("batch", 4), "max_steps": options.get("steps", 6)}
     if engine != "single":
         args["ddp_backend"] = "gloo"
     if engine.startswith("zero"):  # "zero2", "zero3": DeepSpeed ZeRO on its CPU accelerator
-        args["deepspeed"] = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
-                             "gradient_clipping": "auto", "zero_optimization": {"stage": int(engine[-1])},
-                             "zero_allow_untested_optimizer": True}
+        args["deepspeed"] = {
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+            "gradient_clipping": "auto",
+            "zero_optimization": {"stage": int(engine[-1])},
+            "zero_allow_untested_optimizer": True,
+        }
         args["use_cpu"] = False  # accelerate turns DeepSpeed off for use_cpu; DS_ACCELERATOR=cpu keeps it on CPU
     if engine == "ddp":
         # as plain DDP: layers a global budget leaves empty must not need the unused-parameter search (which the
@@ -117,11 +136,13 @@ def main() -> None:
     if options.get("optimizer") == "sm3":
         trainer_class = type("SM3" + trainer_class.__name__, (SM3Trainer, trainer_class), {})
     arguments = trainer_helpers.TrainingArguments(
-        **{**trainer_helpers.DEFAULT_ARGS, "output_dir": str(out_dir / "run"), **args})
+        **{**trainer_helpers.DEFAULT_ARGS, "output_dir": str(out_dir / "run"), **args}
+    )
     if engine.startswith("zero"):
         deepspeed_on_cpu(arguments)
-    trainer = trainer_class(model=model, args=arguments, train_dataset=TokenData(),
-                            callbacks=[SparseTrainingCallback()])
+    trainer = trainer_class(
+        model=model, args=arguments, train_dataset=TokenData(), callbacks=[SparseTrainingCallback()]
+    )
     if options.get("select_before_wrapping"):
         model.train()  # as the Trainer's own selection does (see SparseTrainingCallback._select)
         select_mask(model, trainer.get_train_dataloader())

@@ -13,13 +13,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
-from torch import nn
-
-from peft_sparse import SparseConfig, SparseLayer, lora_equivalent_budget, select_mask
-from peft_sparse.tuner import bnb as sparse_bnb
-
 from bnb_defects import dequantize_4bit_defect, linear4bit_forward_defect
+from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from tiny_models import (
     decode_4bit,
     make_batch,
@@ -29,6 +24,10 @@ from tiny_models import (
     tiny_llama,
     tiny_llama_aligned,
 )
+from torch import nn
+
+from peft_sparse import SparseConfig, SparseLayer, lora_equivalent_budget, select_mask
+from peft_sparse.tuner import bnb as sparse_bnb
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the dev extra; the 4-bit tests need it")
 
@@ -42,8 +41,12 @@ MODELS = {"in32": tiny_llama, "in64": tiny_llama_aligned}
 
 
 def four_bit(quant_type="nf4", double_quant=True, compute_dtype=torch.float32):
-    return dict(load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant,
-                bnb_4bit_compute_dtype=compute_dtype)
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": compute_dtype,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +128,9 @@ def test_bitsandbytes_layers_get_quantised_sparse_layers(model_dir):
 @pytest.mark.parametrize("compute", list(COMPUTE_DTYPES))
 @pytest.mark.parametrize("double_quant", [True, False], ids=["double-quant", "single-quant"])
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
-def test_4bit_outputs_and_value_gradients_match_the_dequantised_dense_model(model_dirs, quant_type, double_quant,
-                                                                             compute, model):
+def test_4bit_outputs_and_value_gradients_match_the_dequantised_dense_model(
+    model_dirs, quant_type, double_quant, compute, model
+):
     """Judge: the float64 dense model with our reference decode of the 4-bit weights."""
     compute_dtype = COMPUTE_DTYPES[compute]
     (logits_q, grads_q), (logits_d, grads_d) = quantised_and_dense(
@@ -191,8 +195,9 @@ def test_bitsandbytes_decodes_and_computes_what_the_reference_decodes(model_dirs
 
 
 def test_8bit_outputs_and_value_gradients_match_the_dequantised_dense_model(model_dirs):
-    (logits_q, grads_q), (logits_d, grads_d) = quantised_and_dense(model_dirs, "in32", dict(load_in_8bit=True),
-                                                                   batch_seed=4)
+    (logits_q, grads_q), (logits_d, grads_d) = quantised_and_dense(
+        model_dirs, "in32", {"load_in_8bit": True}, batch_seed=4
+    )
     assert rel_error(logits_q, logits_d) < 1e-5
     for name in grads_q:
         assert rel_error(grads_q[name], grads_d[name]) < 1e-4, name
@@ -200,7 +205,7 @@ def test_8bit_outputs_and_value_gradients_match_the_dequantised_dense_model(mode
 
 @pytest.mark.parametrize(
     "bnb_kwargs",
-    [four_bit("nf4", True, torch.bfloat16), four_bit("fp4", False, torch.float32), dict(load_in_8bit=True)],
+    [four_bit("nf4", True, torch.bfloat16), four_bit("fp4", False, torch.float32), {"load_in_8bit": True}],
     ids=["nf4-dq-bf16", "fp4-fp32", "int8"],
 )
 def test_quantised_sparse_tuning_lowers_the_loss(model_dir, bnb_kwargs):
@@ -231,7 +236,8 @@ def test_prepare_model_for_kbit_training_and_gradient_checkpointing(model_dir):
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
         else:
             base = prepare_model_for_kbit_training(
-                base, use_gradient_checkpointing=True,
+                base,
+                use_gradient_checkpointing=True,
                 gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"},
             )
             assert base.is_gradient_checkpointing
@@ -249,7 +255,7 @@ def test_prepare_model_for_kbit_training_and_gradient_checkpointing(model_dir):
 
 @pytest.mark.parametrize(
     "bnb_kwargs",
-    [four_bit("nf4", True, torch.float32), four_bit("fp4", False, torch.float32), dict(load_in_8bit=True)],
+    [four_bit("nf4", True, torch.float32), four_bit("fp4", False, torch.float32), {"load_in_8bit": True}],
     ids=["nf4", "fp4", "int8"],
 )
 def test_save_load_onto_quantised_and_unquantised_models(model_dir, tmp_path, bnb_kwargs):
@@ -307,8 +313,9 @@ def assert_requantised_from(layer, target32, name):
     computed: our decode plus the delta) with the layer's settings: the merge re-quantises exactly that."""
     weight = layer.get_base_layer().weight
     state = weight.quant_state
-    packed, expected = bnb.functional.quantize_4bit(target32, blocksize=state.blocksize, quant_type=state.quant_type,
-                                                    compress_statistics=state.nested)
+    packed, expected = bnb.functional.quantize_4bit(
+        target32, blocksize=state.blocksize, quant_type=state.quant_type, compress_statistics=state.nested
+    )
     assert torch.equal(weight.data.view(torch.uint8), packed.view(torch.uint8)), name
     assert torch.equal(state.absmax, expected.absmax), name
     if state.nested:
@@ -362,8 +369,10 @@ def merged_and_unloaded(model_dirs, model, batch):
     adapted = peft_model(**batch).logits.detach()
     base = reference_dense(peft_model.get_base_model(), model)(**batch).logits.detach()
     prefix = "base_model.model."
-    targets = {name[len(prefix):]: (decoded(layer).float() + layer.get_delta_weight("default"), decoded(layer))
-               for name, layer in layers(peft_model)}
+    targets = {
+        name[len(prefix) :]: (decoded(layer).float() + layer.get_delta_weight("default"), decoded(layer))
+        for name, layer in layers(peft_model)
+    }
     with pytest.warns(UserWarning) if not sparse_bnb._requantisation_warned else _nothing():
         merged = peft_model.merge_and_unload()
     return adapted, base, merged, targets
@@ -449,7 +458,7 @@ def test_8bit_merge_and_unmerge(model_dir):
 
 
 def test_lora_equivalent_budget_counts_the_logical_shape_of_quantised_layers(model_dir):
-    for bnb_kwargs in (four_bit(), dict(load_in_8bit=True)):
+    for bnb_kwargs in (four_bit(), {"load_in_8bit": True}):
         quantised = quantised_tiny_llama(model_dir, **bnb_kwargs)
         assert lora_equivalent_budget(quantised, 4, TARGETS) == lora_equivalent_budget(tiny_llama(), 4, TARGETS)
 
@@ -488,8 +497,9 @@ def test_unknown_quantised_layer_type_raises_type_error_naming_module_and_type(m
 def test_select_mask_on_a_4bit_model_equals_selection_on_the_dequantised_model(model_dir, selection):
     """Judge: the fp32 dense model on our reference decode (exact in fp32, so the same arithmetic as the 4-bit
     layers' and the same selected entries, bit for bit)."""
-    quantised_peft = sparse(quantised_tiny_llama(model_dir, **four_bit("nf4", True, torch.float32)),
-                            selection=selection)
+    quantised_peft = sparse(
+        quantised_tiny_llama(model_dir, **four_bit("nf4", True, torch.float32)), selection=selection
+    )
     dense = sparse(reference_dense(quantised_peft.get_base_model(), "in32", dtype=torch.float32), selection=selection)
     data = [make_batch(seed=s) | {"labels": make_batch(seed=s)["input_ids"]} for s in range(3)]
     for model in (quantised_peft, dense):
@@ -510,17 +520,28 @@ def test_sft_trainer_runs_on_a_4bit_model_with_a_sparse_adapter(model_dir, tmp_p
     from tiny_models import tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
-    base = prepare_model_for_kbit_training(quantised_tiny_llama(model_dir, **four_bit("nf4", True, torch.float32)),
-                                           use_gradient_checkpointing=False)
+    base = prepare_model_for_kbit_training(
+        quantised_tiny_llama(model_dir, **four_bit("nf4", True, torch.float32)), use_gradient_checkpointing=False
+    )
     model = sparse(base, density=0.1)
     before = {name: layer.sparse_values["default"].detach().clone() for name, layer in layers(model)}
     words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta"]
     texts = [" ".join(words[(i + j) % len(words)] for j in range(6)) for i in range(16)]
-    args = trl.SFTConfig(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
-                         logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, max_length=16,
-                         dataset_text_field="text")
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}),
-                             processing_class=tokenizer)
+    args = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        max_length=16,
+        dataset_text_field="text",
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=args, train_dataset=datasets.Dataset.from_dict({"text": texts}), processing_class=tokenizer
+    )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))

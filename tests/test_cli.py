@@ -16,8 +16,19 @@ import torch
 from peft_sparse.classification import TrainingDiverged, accuracy, batches, train
 from peft_sparse.cli import build_parser, data, finetune, main, models
 
-FINETUNE_OPTIONS = ["--model", "--data", "--method", "--selection", "--density", "--update", "--steps",
-                    "--output-dir", "--load-in-4bit", "--compare-masks", "--seed"]
+FINETUNE_OPTIONS = [
+    "--model",
+    "--data",
+    "--method",
+    "--selection",
+    "--density",
+    "--update",
+    "--steps",
+    "--output-dir",
+    "--load-in-4bit",
+    "--compare-masks",
+    "--seed",
+]
 LABELS = ["ham", "eggs", "spam"]
 
 
@@ -45,21 +56,31 @@ def tiny_model_dir(tmp_path_factory):
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
     folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(
-        {w for r in records() for w in r["text"].split()})
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted({w for r in records() for w in r["text"].split()})
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
     config.num_labels = len(LABELS)
     BertForSequenceClassification(config).save_pretrained(folder)
     return folder
 
 
 def run_cli(*argv, timeout=600):
-    return subprocess.run([sys.executable, "-m", "peft_sparse.cli", *map(str, argv)], capture_output=True,
-                          text=True, timeout=timeout, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", "peft_sparse.cli", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 # ------------------------------------------------------------------------------------------------ arguments
@@ -169,8 +190,9 @@ def test_unwritable_output_dir_is_refused_before_anything_runs(tmp_path, capsys,
     locked.chmod(0o500)
     if os.access(locked, os.W_OK):  # root ignores permission bits: have os.access answer as for anyone else
         real_access = os.access
-        monkeypatch.setattr(os, "access", lambda path, mode, **kw: False if Path(path) == locked
-                            else real_access(path, mode, **kw))
+        monkeypatch.setattr(
+            os, "access", lambda path, mode, **kw: False if Path(path) == locked else real_access(path, mode, **kw)
+        )
     try:
         for output_dir in (locked, locked / "sub" / "dir"):
             with pytest.raises(SystemExit) as exit_info:
@@ -183,14 +205,24 @@ def test_unwritable_output_dir_is_refused_before_anything_runs(tmp_path, capsys,
         locked.chmod(0o700)
 
 
-def test_output_dir_that_cannot_be_created_at_run_time_gives_one_line(tiny_model_dir, jsonl, tmp_path, capsys,
-                                                                       monkeypatch):
+def test_output_dir_that_cannot_be_created_at_run_time_gives_one_line(
+    tiny_model_dir, jsonl, tmp_path, capsys, monkeypatch
+):
     """What the up-front check cannot see (a read-only file system, a folder removed meanwhile) is still one line."""
     (tmp_path / "file").write_text("")
     monkeypatch.setattr(finetune, "output_dir_problem", lambda output_dir, labels: None)
     with pytest.raises(SystemExit) as exit_info:
-        main(["finetune", "--model", str(tiny_model_dir), "--data", str(jsonl), "--output-dir",
-              str(tmp_path / "file" / "sub")])
+        main(
+            [
+                "finetune",
+                "--model",
+                str(tiny_model_dir),
+                "--data",
+                str(jsonl),
+                "--output-dir",
+                str(tmp_path / "file" / "sub"),
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--output-dir" in err and "cannot be created" in err, err
@@ -199,27 +231,51 @@ def test_output_dir_that_cannot_be_created_at_run_time_gives_one_line(tiny_model
 @pytest.mark.parametrize(
     ("name", "content", "named"),
     [
-        ("latin1.csv", "text,label\nun caf\xe9 noir,x\n".encode("latin-1"),
-         ["latin1.csv", "is not UTF-8 text: line 2 has byte 0xe9"]),
+        (
+            "latin1.csv",
+            "text,label\nun caf\xe9 noir,x\n".encode("latin-1"),
+            ["latin1.csv", "is not UTF-8 text: line 2 has byte 0xe9"],
+        ),
         ("latin1.jsonl", '{"text": "caf\xe9", "label": "x"}\n'.encode("latin-1"), ["is not UTF-8 text: line 1"]),
-        ("null.jsonl", b'{"text": "a b", "label": "x"}\n{"text": "c d", "label": null}\n',
-         ["line 2 field 'label' is null"]),
-        ("null.json", b'[{"text": "a b", "label": "x"}, {"text": "c d", "label": null}]',
-         ["record 2 field 'label' is null"]),
+        (
+            "null.jsonl",
+            b'{"text": "a b", "label": "x"}\n{"text": "c d", "label": null}\n',
+            ["line 2 field 'label' is null"],
+        ),
+        (
+            "null.json",
+            b'[{"text": "a b", "label": "x"}, {"text": "c d", "label": null}]',
+            ["record 2 field 'label' is null"],
+        ),
         ("short.csv", b"text,label\na b,x\nc d\n", ["line 3 field 'label' is null or missing"]),
         ("empty.csv", b"text,label\na b,x\nc d,\n", ["line 3 field 'label' is empty"]),
-        ("nan.jsonl", b'{"text": "a b", "label": 1}\n{"text": "c d", "label": NaN}\n',
-         ["line 2 field 'label' is nan"]),
+        (
+            "nan.jsonl",
+            b'{"text": "a b", "label": 1}\n{"text": "c d", "label": NaN}\n',
+            ["line 2 field 'label' is nan"],
+        ),
         ("list.jsonl", b'{"text": "a b", "label": ["x"]}\n', ["line 1 field 'label' is a list"]),
-        ("mixed.jsonl", b'{"text": "a b", "label": 1}\n{"text": "c d", "label": "1"}\n',
-         ["labels mix int and str", "line 1: 1", "line 2: '1'"]),
-        ("mixed.json", b'[{"text": "a b", "label": "cat"}, {"text": "c d", "label": 0}]',
-         ["labels mix str and int", "record 1: 'cat'", "record 2: 0"]),
-        ("bool.jsonl", b'{"text": "a b", "label": true}\n{"text": "c d", "label": 1.0}\n',
-         ["labels mix bool and float"]),
+        (
+            "mixed.jsonl",
+            b'{"text": "a b", "label": 1}\n{"text": "c d", "label": "1"}\n',
+            ["labels mix int and str", "line 1: 1", "line 2: '1'"],
+        ),
+        (
+            "mixed.json",
+            b'[{"text": "a b", "label": "cat"}, {"text": "c d", "label": 0}]',
+            ["labels mix str and int", "record 1: 'cat'", "record 2: 0"],
+        ),
+        (
+            "bool.jsonl",
+            b'{"text": "a b", "label": true}\n{"text": "c d", "label": 1.0}\n',
+            ["labels mix bool and float"],
+        ),
         ("scalar.json", b'"just text"', ["the JSON value is a str; expected an array of records"]),
-        ("broken.json", b'[{"text": "a b", "label": "x"},\n {"text": "c d", "label": "y"\n', ["is not valid JSON",
-                                                                                            "line 3"]),
+        (
+            "broken.json",
+            b'[{"text": "a b", "label": "x"},\n {"text": "c d", "label": "y"\n',
+            ["is not valid JSON", "line 3"],
+        ),
     ],
 )
 def test_bad_data_files_give_one_line_naming_the_record(name, content, named, tmp_path, capsys):
@@ -296,8 +352,9 @@ def test_split_is_stratified_balanced_disjoint_and_seeded():
 def test_fortunes_keep_the_builtin_category_order_and_drop_attributions(tmp_path):
     for i, category in enumerate(data.CATEGORIES):
         (tmp_path / category).write_text(
-            f"A {category} quotation that is long enough, number one.\n\t-- Someone, \"Episode\"\n%\n"
-            f"Another {category} quotation, also long enough to keep.\n%\nshort\n%\n")
+            f'A {category} quotation that is long enough, number one.\n\t-- Someone, "Episode"\n%\n'
+            f"Another {category} quotation, also long enough to keep.\n%\nshort\n%\n"
+        )
     recs = data.fortunes_records(tmp_path)
     assert len(recs) == 10 and all("Someone" not in t and t != "short" for t, _ in recs)
     assert data.split(recs, 10, seed=0).label_names == list(data.CATEGORIES)
@@ -310,8 +367,9 @@ def test_lora_rank_for_gives_the_count_peft_lora_trains(tiny_model_dir):
     from transformers import AutoModelForSequenceClassification
 
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
-    targeted = sum(m.weight.numel() for n, m in base.named_modules()
-                   if isinstance(m, torch.nn.Linear) and "classifier" not in n)
+    targeted = sum(
+        m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in n
+    )
     for density in (0.01, 0.05, 0.2):
         rank, count = finetune.lora_rank_for(base, density)
         per_rank = count // rank
@@ -330,15 +388,28 @@ def test_density_1_gives_a_lora_count_the_sparse_adapter_can_take():
     import peft_sparse
 
     torch.manual_seed(0)
-    base = BertForSequenceClassification(BertConfig(
-        vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=40,
-        max_position_embeddings=16, num_labels=3))
-    targeted = sum(m.weight.numel() for n, m in base.named_modules()
-                   if isinstance(m, torch.nn.Linear) and "classifier" not in n)
+    base = BertForSequenceClassification(
+        BertConfig(
+            vocab_size=16,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=40,
+            max_position_embeddings=16,
+            num_labels=3,
+        )
+    )
+    targeted = sum(
+        m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in n
+    )
     rank, count = finetune.lora_rank_for(base, 1.0)
     assert count <= targeted < count + count // rank  # the largest rank that fits
-    model = get_peft_model(base, peft_sparse.SparseConfig(task_type="SEQ_CLS", target_modules="all-linear",
-                                                          selection="random", num_tunable_weights=count))
+    model = get_peft_model(
+        base,
+        peft_sparse.SparseConfig(
+            task_type="SEQ_CLS", target_modules="all-linear", selection="random", num_tunable_weights=count
+        ),
+    )
     assert sum(p.numel() for n, p in model.named_parameters() if "sparse_values" in n) == count
 
 
@@ -373,8 +444,24 @@ def test_finetune_both_methods_on_a_tiny_model(tiny_model_dir, jsonl, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path / "out"
-    result = run_cli("finetune", "--model", tiny_model_dir, "--data", jsonl, "--steps", 6, "--batch-size", 8,
-                     "--density", 0.05, "--compare-masks", "--lr", 0.01, "--output-dir", out)
+    result = run_cli(
+        "finetune",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        jsonl,
+        "--steps",
+        6,
+        "--batch-size",
+        8,
+        "--density",
+        0.05,
+        "--compare-masks",
+        "--lr",
+        0.01,
+        "--output-dir",
+        out,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = json.loads((out / "results.json").read_text())
     assert [r["label"] for r in runs] == ["sparse-gradient", "sparse-magnitude", "sparse-random", "lora"]
@@ -401,22 +488,58 @@ def test_finetune_sparse_only_keeps_the_exact_density_and_runs_spiel_on_a_4bit_b
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "out"
-    result = run_cli("finetune", "--model", tiny_model_dir, "--data", jsonl, "--method", "sparse", "--steps", 4,
-                     "--batch-size", 8, "--density", 0.1, "--update", "spiel", "--update-interval", 2,
-                     "--load-in-4bit", "--no-plot", "--output-dir", out)
+    result = run_cli(
+        "finetune",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        jsonl,
+        "--method",
+        "sparse",
+        "--steps",
+        4,
+        "--batch-size",
+        8,
+        "--density",
+        0.1,
+        "--update",
+        "spiel",
+        "--update-interval",
+        2,
+        "--load-in-4bit",
+        "--no-plot",
+        "--output-dir",
+        out,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     (run,) = json.loads((out / "results.json").read_text())
     base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
-    targeted = sum(m.weight.numel() for n, m in base.named_modules()
-                   if isinstance(m, torch.nn.Linear) and "classifier" not in n)
+    targeted = sum(
+        m.weight.numel() for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "classifier" not in n
+    )
     assert run["adapter_params"] == round(0.1 * targeted) and run["update"] == "spiel"
     assert "4-bit NF4 base" in result.stdout and not (out / "loss_curves.png").exists()
 
 
 def test_a_diverging_run_gives_one_line_and_exit_code_2_and_saves_nothing(tiny_model_dir, jsonl, tmp_path):
     out = tmp_path / "out"
-    result = run_cli("finetune", "--model", tiny_model_dir, "--data", jsonl, "--method", "lora", "--steps", 4,
-                     "--batch-size", 8, "--lr", 1e30, "--output-dir", out)
+    result = run_cli(
+        "finetune",
+        "--model",
+        tiny_model_dir,
+        "--data",
+        jsonl,
+        "--method",
+        "lora",
+        "--steps",
+        4,
+        "--batch-size",
+        8,
+        "--lr",
+        1e30,
+        "--output-dir",
+        out,
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and "the lora run: the training loss became nan at step 2 of 4" in errors[0], errors
@@ -436,8 +559,21 @@ def test_a_full_disk_at_save_time_still_prints_the_results(tiny_model_dir, jsonl
     out.mkdir()
     (out / "results.json").write_text("[]")  # a previous run's, which must not pass for this one's
     (out / "loss_curves.png").write_bytes(b"old")
-    argv = ["finetune", "--model", str(tiny_model_dir), "--data", str(jsonl), "--method", "lora", "--steps", "2",
-            "--batch-size", "8", "--output-dir", str(out)]
+    argv = [
+        "finetune",
+        "--model",
+        str(tiny_model_dir),
+        "--data",
+        str(jsonl),
+        "--method",
+        "lora",
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--output-dir",
+        str(out),
+    ]
     monkeypatch.setattr(PeftModel, "save_pretrained", no_space)
     record = finetune.run_worker(build_parser().parse_args([*argv, "--worker", "lora"]))  # in this process
     assert record["adapter_dir"] is None and len(record["losses"]) == 2
@@ -479,8 +615,9 @@ def test_bench_runs_the_chosen_scripts_in_order_and_stops_at_a_failure(monkeypat
     log = tmp_path / "log.txt"
     for name, script in bench.SCRIPTS.items():
         fail = "sys.exit(3)" if name == "qlora" else ""
-        (folder / script).write_text(f"import sys\nopen({str(log)!r}, 'a').write({name!r} + ' ' + "
-                                     f"' '.join(sys.argv[1:]) + '\\n')\n{fail}\n")
+        (folder / script).write_text(
+            f"import sys\nopen({str(log)!r}, 'a').write({name!r} + ' ' + ' '.join(sys.argv[1:]) + '\\n')\n{fail}\n"
+        )
     monkeypatch.setattr(bench, "benchmarks_dir", lambda: folder)
     assert main(["bench", "quality", "ops", "--repeats", "3", "--write"]) == 0
     assert [line.strip() for line in log.read_text().splitlines()] == ["quality --write", "ops --repeats 3 --write"]
@@ -491,10 +628,14 @@ def test_bench_runs_the_chosen_scripts_in_order_and_stops_at_a_failure(monkeypat
 
 
 def test_the_command_not_the_import_makes_the_process_work_offline():
-    script = ("import os\nimport peft_sparse.cli as cli\nfrom huggingface_hub import constants\n"
-              "print(os.environ.get('HF_HUB_OFFLINE'), constants.HF_HUB_OFFLINE)\n"
-              "cli.main(['bench', 'no-such-benchmark'])\n"
-              "print(os.environ.get('HF_HUB_OFFLINE'), constants.HF_HUB_OFFLINE)\n")
+    script = (
+        "import os\nimport peft_sparse.cli as cli\nfrom huggingface_hub import constants\n"
+        "print(os.environ.get('HF_HUB_OFFLINE'), constants.HF_HUB_OFFLINE)\n"
+        "cli.main(['bench', 'no-such-benchmark'])\n"
+        "print(os.environ.get('HF_HUB_OFFLINE'), constants.HF_HUB_OFFLINE)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, check=False, capture_output=True, text=True, timeout=300
+    )
     assert result.stdout.split("\n")[:2] == ["None False", "1 True"], result.stderr[-2000:]

@@ -1,6 +1,6 @@
 """The CUDA sources compile the ways the package uses them, on any machine: NVRTC (the CuPy path compiles
 ``csrc/cuda/kernels.cu`` at run time, with no include path) and ``nvcc -c`` (the CUDAExtension build). Neither needs
-a GPU; running the kernels does, and that is in test_kernels.py's CUDA cases. What the CuPy path takes from the CPU
+a GPU; running the kernels does, and that is in test_ops.py's CUDA cases. What the CuPy path takes from the CPU
 part of the extension (the launch plan, the index checks) is checked here on the CPU.
 
 NVRTC comes from the ``nvidia-cuda-nvrtc-cu12`` wheel (in the ``dev`` extra on x86-64 Linux), nvcc from the
@@ -78,9 +78,21 @@ def test_kernels_compile_with_nvcc(tmp_path):
     if shutil.which("nvcc") is None:
         pytest.skip("nvcc not found on this machine")
     result = subprocess.run(
-        ["nvcc", "-c", "-O3", "-std=c++17", "-gencode", "arch=compute_80,code=sm_80", str(KERNELS_CU),
-         "-o", str(tmp_path / "kernels.o")],
-        capture_output=True, text=True, timeout=600, check=False,
+        [
+            "nvcc",
+            "-c",
+            "-O3",
+            "-std=c++17",
+            "-gencode",
+            "arch=compute_80,code=sm_80",
+            str(KERNELS_CU),
+            "-o",
+            str(tmp_path / "kernels.o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
 
@@ -150,10 +162,20 @@ def _cupy_and_compiled_calls(op: str, indices: torch.Tensor):
         args = (torch.zeros(4, 6), torch.zeros(4, 10), indices, 10)
         return (lambda: _cupy.sddmm_gather_cuda(*args)), (lambda: torch.ops.peft_sparse.sddmm_gather(*args))
     if op == "scatter_add_":
-        return ((lambda: _cupy.scatter_add_cuda(torch.zeros(6, 10), indices, values)),
-                (lambda: torch.ops.peft_sparse.scatter_add_(torch.zeros(6, 10), indices, values)))
-    args = (torch.zeros(30, dtype=torch.uint8), torch.ones(1), torch.zeros(16), 64, [6, 10], torch.float32, indices,
-            values)
+        return (
+            (lambda: _cupy.scatter_add_cuda(torch.zeros(6, 10), indices, values)),
+            (lambda: torch.ops.peft_sparse.scatter_add_(torch.zeros(6, 10), indices, values)),
+        )
+    args = (
+        torch.zeros(30, dtype=torch.uint8),
+        torch.ones(1),
+        torch.zeros(16),
+        64,
+        [6, 10],
+        torch.float32,
+        indices,
+        values,
+    )
     return (lambda: _cupy.dequant_scatter_cuda(*args)), (lambda: torch.ops.peft_sparse.dequant_scatter(*args))
 
 
@@ -180,7 +202,9 @@ def test_cupy_path_raises_what_the_compiled_ops_raise(extension, op, indices, me
 
 def test_cupy_dequant_scatter_requires_sorted_indices_as_the_compiled_op_does(extension):
     cupy_call, compiled_call = _cupy_and_compiled_calls("dequant_scatter", torch.tensor([7, 3, 5]))
-    assert _error(cupy_call) == _error(compiled_call) == (ValueError, "dequant_scatter: indices must be sorted ascending")
+    assert (
+        _error(cupy_call) == _error(compiled_call) == (ValueError, "dequant_scatter: indices must be sorted ascending")
+    )
 
 
 def _cuda_include_dir() -> Path | None:
@@ -213,8 +237,16 @@ def test_cuda_binding_type_checks_against_the_torch_headers(tmp_path):
     stub.mkdir(parents=True)
     (stub / "cuda_cmake_macros.h").write_text("#pragma once\n")
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
-    command = [compiler, "-fsyntax-only", "-std=c++20", *includes, f"-I{tmp_path}", f"-I{cuda_include}",
-               f"-I{sysconfig.get_paths()['include']}", "-DTORCH_EXTENSION_NAME=_C",
-               str(KERNELS_CU.parent / "ops_cuda.cpp")]
+    command = [
+        compiler,
+        "-fsyntax-only",
+        "-std=c++20",
+        *includes,
+        f"-I{tmp_path}",
+        f"-I{cuda_include}",
+        f"-I{sysconfig.get_paths()['include']}",
+        "-DTORCH_EXTENSION_NAME=_C",
+        str(KERNELS_CU.parent / "ops_cuda.cpp"),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]

@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from trainer_helpers import free_port
 
 HERE = Path(__file__).resolve().parent
@@ -50,11 +49,21 @@ class Runs:
         if processes == 1:
             command = [sys.executable, *script]
         else:
-            command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
-                       f"--master_port={free_port()}", *script]
-        env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu",
-                   PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]))
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+            command = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                f"--nproc_per_node={processes}",
+                f"--master_port={free_port()}",
+                *script,
+            ]
+        env = dict(
+            os.environ,
+            OMP_NUM_THREADS="1",
+            DS_ACCELERATOR="cpu",
+            PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+        )
+        result = subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=600)
         if expect_error:
             assert result.returncode != 0, "the run was expected to fail"
             return result.stdout + result.stderr
@@ -96,7 +105,7 @@ def _sizes(adapter: dict[str, torch.Tensor]) -> list[int]:
 
 
 def test_a_global_budget_that_leaves_layers_empty_trains_under_fsdp_like_one_process(runs):
-    options = dict(budget="global", select_before_wrapping=True)
+    options = {"budget": "global", "select_before_wrapping": True}
     adapter = assert_same_adapter(runs(engine="single", batch=4, **options), runs(engine="fsdp", batch=2, **options))
     sizes = _sizes(adapter)
     assert 0 in sizes and sum(sizes) > 0  # the case FSDP2 used to fail on ("_chunk_cat expects non-empty tensor")
@@ -128,7 +137,7 @@ def test_ddp_spiel_reselection_keeps_ranks_identical(runs):
 
 
 def test_a_global_budget_that_leaves_layers_empty_trains_under_ddp_like_one_process(runs):
-    options = dict(budget="global", select_before_wrapping=True)
+    options = {"budget": "global", "select_before_wrapping": True}
     ddp = runs(engine="ddp", batch=2, **options)
     assert 0 in _sizes(assert_same_adapter(runs(engine="single", batch=4, **options), ddp))
     assert_ranks_identical(ddp)
@@ -183,18 +192,28 @@ def test_spiel_with_accumulated_gradients_under_fsdp_equals_ddp(runs):
 
 
 def test_spiel_with_sm3_momenta_under_fsdp_matches_one_process(runs):
-    options = dict(update="spiel", regrow="momentum", optimizer="sm3")
+    options = {"update": "spiel", "regrow": "momentum", "optimizer": "sm3"}
     fsdp = runs(engine="fsdp", batch=2, **options)
     assert_same_adapter(runs(engine="single", batch=4, **options), fsdp)
     log = assert_ranks_identical(fsdp)
     assert log[1]["sparse/regrown"] > 0
 
 
-@pytest.mark.parametrize(("options", "resume"), [
-    (dict(update="dynamic", save_steps=3), "checkpoint-3"),  # indices moved at step 3, just before the checkpoint
-    (dict(update="spiel", save_steps=2), "checkpoint-2"),  # inside SpIEL-AG's window for the step-3 update
-    (dict(update="dynamic", save_steps=3, budget="global", select_before_wrapping=True), "checkpoint-3"),  # k = 0
-], ids=["dynamic", "spiel", "dynamic-global-budget"])
+@pytest.mark.parametrize(
+    ("options", "resume"),
+    [
+        (
+            {"update": "dynamic", "save_steps": 3},
+            "checkpoint-3",
+        ),  # indices moved at step 3, just before the checkpoint
+        ({"update": "spiel", "save_steps": 2}, "checkpoint-2"),  # inside SpIEL-AG's window for the step-3 update
+        (
+            {"update": "dynamic", "save_steps": 3, "budget": "global", "select_before_wrapping": True},
+            "checkpoint-3",
+        ),  # k = 0
+    ],
+    ids=["dynamic", "spiel", "dynamic-global-budget"],
+)
 def test_resuming_from_an_fsdp_checkpoint_continues_the_run_exactly(runs, options, resume):
     full = runs(engine="fsdp", batch=2, **options)
     resumed = runs(engine="fsdp", batch=2, resume=resume, resume_from=full, **options)
@@ -206,17 +225,22 @@ def test_a_4bit_base_under_fsdp_matches_one_process_and_merges(runs, quant_stora
     """uint8 storage: accelerate leaves the packed weights out of FSDP (replicated); bfloat16 storage
     (FSDP-QLoRA's setting): FSDP shards the packed 4-bit weights like any parameter."""
     from peft import PeftModel
-
     from tiny_models import quantised_model, tiny_llama_aligned
 
-    options = dict(quantised=True, quant_storage=quant_storage, budget="global", select_before_wrapping=True)
+    options = {"quantised": True, "quant_storage": quant_storage, "budget": "global", "select_before_wrapping": True}
     fsdp = runs(engine="fsdp", batch=2, **options)
     adapter = assert_same_adapter(runs(engine="single", batch=4, **options), fsdp)
     assert 0 in _sizes(adapter)
     assert_ranks_identical(fsdp)
     # After training: the adapter saved from the shards loads on one process and merges into the 4-bit base.
-    base = quantised_model(fsdp / "merge-base", tiny_llama_aligned, load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                           bnb_4bit_compute_dtype=torch.float32, bnb_4bit_quant_storage=getattr(torch, quant_storage))
+    base = quantised_model(
+        fsdp / "merge-base",
+        tiny_llama_aligned,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_quant_storage=getattr(torch, quant_storage),
+    )
     # (train mode: bitsandbytes' eval-mode CPU forward of the untargeted layers repacks their weights lossily on
     # AVX512-BF16 CPUs; the merged layers compute through our decode either way)
     model = PeftModel.from_pretrained(base, str(fsdp / "adapter")).train()
@@ -240,23 +264,26 @@ def test_a_4bit_base_under_fsdp_matches_one_process_and_merges(runs, quant_stora
 @pytest.mark.parametrize("engine", ["zero2", "zero3"])
 def test_a_static_mask_under_deepspeed_zero_matches_one_process(runs, engine):
     pytest.importorskip("deepspeed")
-    options = dict(budget="local", selection="random")
+    options = {"budget": "local", "selection": "random"}
     assert_same_adapter(runs(engine="single", batch=4, **options), runs(engine=engine, batch=2, **options))
 
 
 def test_a_mask_selected_before_training_with_empty_layers_under_zero2_matches_one_process(runs):
     pytest.importorskip("deepspeed")
-    options = dict(budget="global", select_before_wrapping=True)
+    options = {"budget": "global", "select_before_wrapping": True}
     adapter = assert_same_adapter(runs(engine="single", batch=4, **options), runs(engine="zero2", batch=2, **options))
     assert 0 in _sizes(adapter)
 
 
-@pytest.mark.parametrize(("engine", "options", "message"), [
-    ("zero2", dict(update="dynamic"), "update='dynamic' moves entries"),
-    ("zero2", dict(update="spiel"), "update='spiel' moves entries"),
-    ("zero2", dict(selection="gradient"), "selection='gradient' would choose the mask after DeepSpeed"),
-    ("zero3", dict(budget="global", select_before_wrapping=True), "ZeRO-3 cannot gather a parameter with no"),
-])
+@pytest.mark.parametrize(
+    ("engine", "options", "message"),
+    [
+        ("zero2", {"update": "dynamic"}, "update='dynamic' moves entries"),
+        ("zero2", {"update": "spiel"}, "update='spiel' moves entries"),
+        ("zero2", {"selection": "gradient"}, "selection='gradient' would choose the mask after DeepSpeed"),
+        ("zero3", {"budget": "global", "select_before_wrapping": True}, "ZeRO-3 cannot gather a parameter with no"),
+    ],
+)
 def test_what_deepspeed_zero_cannot_run_is_refused_at_train_begin(runs, engine, options, message):
     pytest.importorskip("deepspeed")
     output = runs(engine=engine, batch=2, expect_error=True, **options)
@@ -273,7 +300,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 from trainer_helpers import TokenData, sparse_model
 from peft_sparse import SparseLayer, select_mask
-dist.init_process_group("gloo", init_method="file://{tmp_path / 'store'}", rank=0, world_size=1)
+dist.init_process_group("gloo", init_method="file://{tmp_path / "store"}", rank=0, world_size=1)
 model = sparse_model(selection="gradient", budget="global")
 fully_shard(model)
 batches = [{{key: value.unsqueeze(0) for key, value in TokenData()[i].items()}} for i in range(2)]
@@ -287,8 +314,14 @@ assert [m.sparse_values["default"].shape[0] for m in model.modules() if isinstan
 print("KEPT")
 dist.destroy_process_group()
 """
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
-                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "REFUSED: select_mask: the values are sharded by FSDP2" in result.stdout
     assert "KEPT" in result.stdout

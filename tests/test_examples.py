@@ -12,7 +12,10 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def test_sft_trl_example_trains_saves_and_reloads(tmp_path):
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "sft_trl.py"), "--steps", "20", "--output-dir", str(tmp_path)],
-        capture_output=True, text=True, timeout=900,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     assert "reloaded indices and values identical: True" in result.stdout

@@ -79,8 +79,9 @@ def test_forward_and_gradients_match_the_dense_float64_reference(factory):
     model = get_peft_model(factory(), config)
     randomise_values(model)
     batch = make_batch(seed=2)
-    reference = reference_logits(model, factory(dtype=torch.float64) if factory is tiny_llama else
-                                 factory().double(), batch)
+    reference = reference_logits(
+        model, factory(dtype=torch.float64) if factory is tiny_llama else factory().double(), batch
+    )
     model.train()
     out = model(**batch, labels=batch["input_ids"])
     torch.testing.assert_close(out.logits.double(), reference, rtol=1e-4, atol=1e-5)
@@ -95,8 +96,9 @@ def test_low_rank_term_is_loras():
     """With no sparse entries' contribution (values zero), the hybrid computes exactly what peft's LoRA computes
     with the same factors and scaling."""
     batch = make_batch(seed=3)
-    hybrid = get_peft_model(tiny_llama(), SparseConfig(target_modules=TARGETS, density=0.02, r=4, lora_alpha=8,
-                                                       init_weights=False))
+    hybrid = get_peft_model(
+        tiny_llama(), SparseConfig(target_modules=TARGETS, density=0.02, r=4, lora_alpha=8, init_weights=False)
+    )
     with torch.no_grad():
         for layer in sparse_layers(hybrid).values():
             layer.sparse_values["default"].zero_()
@@ -131,22 +133,29 @@ def test_training_moves_entries_and_factors_and_merge_keeps_the_function(tmp_pat
 
 
 def test_weighted_adapter_of_hybrids_is_the_weighted_sum_of_deltas():
-    model = get_peft_model(tiny_llama(), SparseConfig(target_modules=TARGETS, density=0.05, r=2, lora_alpha=4,
-                                                      init_weights=False), adapter_name="one")
+    model = get_peft_model(
+        tiny_llama(),
+        SparseConfig(target_modules=TARGETS, density=0.05, r=2, lora_alpha=4, init_weights=False),
+        adapter_name="one",
+    )
     model.add_adapter("two", SparseConfig(target_modules=["q_proj"], density=0.03, r=3, seed=5, init_weights=False))
     model.add_adapter("plain", SparseConfig(target_modules=TARGETS, density=0.02, seed=7, init_weights=False))
     model.add_weighted_adapter(["one", "two", "plain"], [0.7, -1.5, 2.0], "mix")
     for name, layer in sparse_layers(model).items():
-        expected = sum(w * dense_delta(layer, n) for n, w in (("one", 0.7), ("two", -1.5), ("plain", 2.0))
-                       if n in layer.sparse_values)
+        expected = sum(
+            w * dense_delta(layer, n)
+            for n, w in (("one", 0.7), ("two", -1.5), ("plain", 2.0))
+            if n in layer.sparse_values
+        )
         assert layer.sparse_lora_A["mix"].shape[0] == 5
         torch.testing.assert_close(dense_delta(layer, "mix"), expected, rtol=1e-5, atol=1e-6, msg=name)
         torch.testing.assert_close(layer.get_delta_weight("mix").double(), expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_multiple_active_hybrid_adapters_add_up():
-    model = get_peft_model(tiny_llama(), SparseConfig(target_modules=TARGETS, density=0.05, r=2, init_weights=False),
-                           adapter_name="one")
+    model = get_peft_model(
+        tiny_llama(), SparseConfig(target_modules=TARGETS, density=0.05, r=2, init_weights=False), adapter_name="one"
+    )
     model.add_adapter("two", SparseConfig(target_modules=TARGETS, density=0.05, r=1, seed=4, init_weights=False))
     model.base_model.set_adapter(["one", "two"])
     batch = make_batch(seed=4)
@@ -154,8 +163,17 @@ def test_multiple_active_hybrid_adapters_add_up():
     torch.testing.assert_close(model(**batch).logits.double(), reference, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("r, alpha, error", [(-1, 8, ValueError), (True, 8, TypeError), (2.0, 8, TypeError),
-                                             (2, 0, ValueError), (2, float("nan"), ValueError), (2, "8", TypeError)])
+@pytest.mark.parametrize(
+    "r, alpha, error",
+    [
+        (-1, 8, ValueError),
+        (True, 8, TypeError),
+        (2.0, 8, TypeError),
+        (2, 0, ValueError),
+        (2, float("nan"), ValueError),
+        (2, "8", TypeError),
+    ],
+)
 def test_invalid_low_rank_settings_are_refused_naming_the_field(r, alpha, error):
     with pytest.raises(error, match=r"SparseConfig\.(r|lora_alpha)"):
         SparseConfig(target_modules=TARGETS, r=r, lora_alpha=alpha)
@@ -165,8 +183,9 @@ def test_4bit_hybrid_matches_the_reference_and_saves_loads_and_merges(tmp_path):
     quantised = quantised_tiny_llama(tmp_path / "base", **four_bit())
     # every 4-bit layer adapted: the non-adapted ones would run bitsandbytes' own CPU forward, which is not the
     # reference's decode on every CPU (tests/bnb_defects.py)
-    model = get_peft_model(quantised, SparseConfig(target_modules="all-linear", density=0.05, r=2, lora_alpha=4,
-                                                   init_weights=False))
+    model = get_peft_model(
+        quantised, SparseConfig(target_modules="all-linear", density=0.05, r=2, lora_alpha=4, init_weights=False)
+    )
     randomise_values(model)
     batch = make_batch(seed=5)
     reference = reference_logits(model, reference_dequantised_copy(model.get_base_model()), batch)
@@ -183,8 +202,10 @@ def test_4bit_hybrid_matches_the_reference_and_saves_loads_and_merges(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=0)
     # Merging re-quantises W0 + sparse + low-rank delta (one 4-bit rounding); unmerge restores the original bytes.
-    originals = {name: (layer.get_base_layer().weight.data.clone(), decoded(layer))
-                 for name, layer in sparse_layers(loaded).items()}
+    originals = {
+        name: (layer.get_base_layer().weight.data.clone(), decoded(layer))
+        for name, layer in sparse_layers(loaded).items()
+    }
     sparse_bnb._requantisation_warned = False
     with pytest.warns(UserWarning, match="re-quantises"):
         loaded.merge_adapter()
@@ -202,8 +223,12 @@ def test_salience_selection_and_spiel_leave_the_low_rank_term_training():
     keep their parameters and keep training beside them."""
     from peft_sparse import SpIEL, select_mask
 
-    model = get_peft_model(tiny_llama(), SparseConfig(target_modules="all-linear", density=0.05, r=2, update="spiel",
-                                                      update_interval=2, accumulation_steps=1))
+    model = get_peft_model(
+        tiny_llama(),
+        SparseConfig(
+            target_modules="all-linear", density=0.05, r=2, update="spiel", update_interval=2, accumulation_steps=1
+        ),
+    )
     batches = [{**make_batch(seed=i), "labels": make_batch(seed=i)["input_ids"]} for i in range(3)]
     select_mask(model, batches)
     layers = sparse_layers(model)

@@ -27,8 +27,13 @@ def _tracked_sources() -> list[str]:
     """The files under csrc/ that the working tree holds, not git-ignored ones (all of csrc/ where this is no git
     checkout)."""
     if shutil.which("git") is not None and (ROOT / ".git").exists():
-        listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "csrc"], cwd=ROOT,
-                                capture_output=True, text=True, check=True)
+        listed = subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "csrc"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return sorted(str(Path(line).relative_to("csrc")) for line in listed.stdout.splitlines())
     return sorted(str(path.relative_to(CSRC)) for path in CSRC.rglob("*") if path.is_file())
 
@@ -38,9 +43,23 @@ def test_sdist_and_wheel_take_every_source(tmp_path):
     copies each of them into the built package as peft_sparse/_csrc/, and nothing into the checkout."""
     env = dict(os.environ, PEFT_SPARSE_BUILD_EXTENSION="0")  # build_py only: no compiler, no torch import
     result = subprocess.run(
-        [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "build_py", "--build-lib",
-         str(tmp_path / "lib")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, check=False,
+        [
+            sys.executable,
+            "setup.py",
+            "-q",
+            "egg_info",
+            "--egg-base",
+            str(tmp_path),
+            "build_py",
+            "--build-lib",
+            str(tmp_path / "lib"),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     tracked = _tracked_sources()
@@ -93,8 +112,22 @@ def test_cpu_sources_build_for_aarch64(tmp_path):
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     for source in ("ops.cpp", "cpu/ops_cpu.cpp"):
         result = subprocess.run(
-            [compiler, "-c", "-O0", "-std=c++20", "-fopenmp", *includes, f"-I{sysconfig.get_paths()['include']}",
-             "-DTORCH_EXTENSION_NAME=_C", str(CSRC / source), "-o", str(tmp_path / "out.o")],
-            capture_output=True, text=True, timeout=600, check=False,
+            [
+                compiler,
+                "-c",
+                "-O0",
+                "-std=c++20",
+                "-fopenmp",
+                *includes,
+                f"-I{sysconfig.get_paths()['include']}",
+                "-DTORCH_EXTENSION_NAME=_C",
+                str(CSRC / source),
+                "-o",
+                str(tmp_path / "out.o"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=False,
         )
         assert result.returncode == 0, f"{source}:\n{result.stderr[-4000:]}"

@@ -16,10 +16,10 @@ import warnings
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
+from tiny_models import make_batch, tiny_gpt2
 from torch import nn
 
 from peft_sparse import SparseConfig, SparseLayer, SparseTrainingCallback
-from tiny_models import make_batch, tiny_gpt2
 
 
 class MLP(nn.Module):
@@ -31,7 +31,7 @@ class MLP(nn.Module):
         self.lin1 = nn.Linear(24, 24)
         self.head = nn.Linear(24, 3)
 
-    def forward(self, X: torch.Tensor) -> torch.Tensor:  # noqa: N803 (peft's custom-model convention)
+    def forward(self, X: torch.Tensor) -> torch.Tensor:
         hidden = torch.relu(self.lin1(torch.relu(self.lin0(X.to(self.lin0.weight.dtype)))))
         return torch.log_softmax(self.head(hidden).float(), dim=-1)
 
@@ -58,8 +58,11 @@ VARIANTS = [
     ("spiel", "mlp", {"target_modules": ["lin0", "lin1"], "density": 0.2, "update": "spiel", "update_interval": 5}),
     ("conv1d", "gpt2", {"target_modules": ["c_attn", "c_proj"], "density": 0.1}),
     # the sparse + low-rank hybrid (RoSA): every behaviour again with a low-rank term beside the entries
-    ("hybrid", "mlp", {"target_modules": ["lin0", "lin1"], "density": 0.1, "r": 2, "lora_alpha": 4,
-                       "modules_to_save": ["head"]}),
+    (
+        "hybrid",
+        "mlp",
+        {"target_modules": ["lin0", "lin1"], "density": 0.1, "r": 2, "lora_alpha": 4, "modules_to_save": ["head"]},
+    ),
     ("hybrid conv1d", "gpt2", {"target_modules": ["c_attn", "c_proj"], "density": 0.05, "r": 2}),
 ]
 IDS = [name for name, _, _ in VARIANTS]
@@ -162,8 +165,15 @@ def test_saved_state_holds_only_adapter_tensors(variant):
     _, kind, kwargs = variant
     model = make(kind, kwargs)
     keys = get_peft_model_state_dict(model).keys()
-    allowed = ("sparse_indices", "sparse_values", "sparse_residual_indices", "sparse_residual_values", "sparse_shape",
-               "sparse_lora_A", "sparse_lora_B")
+    allowed = (
+        "sparse_indices",
+        "sparse_values",
+        "sparse_residual_indices",
+        "sparse_residual_values",
+        "sparse_shape",
+        "sparse_lora_A",
+        "sparse_lora_B",
+    )
     for key in keys:
         assert any(f".{part}" in key for part in allowed) or "head" in key, key
     assert any(".sparse_shape" in key for key in keys)
@@ -276,13 +286,15 @@ ADD_ADAPTER_TAKES_AUTOCAST = "autocast_adapter_dtype" in inspect.signature(PeftM
 @pytest.mark.parametrize("autocast", [True, False], ids=["autocast", "no-autocast"])
 @pytest.mark.parametrize("delta_dtype", [None, "float32", "bfloat16"], ids=lambda d: f"delta={d}")
 @pytest.mark.parametrize("low_cpu_mem_usage", [False, True], ids=["load", "low_cpu_mem_usage"])
-def test_adapter_dtype_follows_peft_unless_the_config_pins_it(tmp_path, base_dtype, autocast, delta_dtype,
-                                                            low_cpu_mem_usage):
+def test_adapter_dtype_follows_peft_unless_the_config_pins_it(
+    tmp_path, base_dtype, autocast, delta_dtype, low_cpu_mem_usage
+):
     """delta_dtype=None: float32 with autocast_adapter_dtype=True, else the base dtype (peft's rule). A pinned
     delta_dtype wins. Both hold through get_peft_model, add_adapter, from_pretrained and load_adapter, with and
     without low_cpu_mem_usage (which used to cast the values to the base layer's dtype)."""
-    expected = {None: torch.float32 if autocast else base_dtype, "float32": torch.float32,
-                "bfloat16": torch.bfloat16}[delta_dtype]
+    expected = {None: torch.float32 if autocast else base_dtype, "float32": torch.float32, "bfloat16": torch.bfloat16}[
+        delta_dtype
+    ]
     config = SparseConfig(target_modules=["lin0", "lin1"], density=0.2, init_weights=False, delta_dtype=delta_dtype)
 
     def value_dtypes(model):
@@ -297,10 +309,12 @@ def test_adapter_dtype_follows_peft_unless_the_config_pins_it(tmp_path, base_dty
     saved = {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
     model.save_pretrained(tmp_path, selected_adapters=["default", "other"])
 
-    loaded = PeftModel.from_pretrained(mlp(dtype=base_dtype), tmp_path, autocast_adapter_dtype=autocast,
-                                       low_cpu_mem_usage=low_cpu_mem_usage)
-    loaded.load_adapter(tmp_path / "other", adapter_name="other", autocast_adapter_dtype=autocast,
-                        low_cpu_mem_usage=low_cpu_mem_usage)
+    loaded = PeftModel.from_pretrained(
+        mlp(dtype=base_dtype), tmp_path, autocast_adapter_dtype=autocast, low_cpu_mem_usage=low_cpu_mem_usage
+    )
+    loaded.load_adapter(
+        tmp_path / "other", adapter_name="other", autocast_adapter_dtype=autocast, low_cpu_mem_usage=low_cpu_mem_usage
+    )
     assert value_dtypes(loaded) == {expected}
     # The saved values come back exactly: nothing was rounded through the base dtype on the way.
     for key, value in get_peft_model_state_dict(loaded).items():
@@ -477,8 +491,10 @@ def test_add_weighted_adapter_refuses_two_trained_copies_of_a_module():
 
 
 def test_add_weighted_adapter_keeps_the_one_trained_module_to_save():
-    model = two_adapters({"target_modules": ["lin0"], "density": 0.2},
-                         {"target_modules": ["lin0"], "density": 0.2, "modules_to_save": ["head"], "seed": 2})
+    model = two_adapters(
+        {"target_modules": ["lin0"], "density": 0.2},
+        {"target_modules": ["lin0"], "density": 0.2, "modules_to_save": ["head"], "seed": 2},
+    )
     head = model.base_model.model.head
     with torch.no_grad():
         head.modules_to_save["two"].weight.mul_(3.0)  # "trained"

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import get_peft_model
+from tiny_models import VOCAB, tiny_llama
 
 from peft_sparse import SparseConfig
 from peft_sparse.selection import reassign_entries
 from peft_sparse.tuner.layer import SparseLayer
-from tiny_models import VOCAB, tiny_llama
 
 
 def _model_and_layer():
@@ -35,12 +35,17 @@ def test_surviving_entries_keep_values_and_moments_new_ones_start_at_zero(optimi
     values = layer.sparse_values["default"]
     old = layer.sparse_indices["default"].long().clone()
     before_values = dict(zip(old.tolist(), values.detach().clone().tolist()))
-    state_before = {key: dict(zip(old.tolist(), t.clone().tolist()))
-                    for key, t in optimizer.state[values].items() if isinstance(t, torch.Tensor) and t.dim() > 0}
+    state_before = {
+        key: dict(zip(old.tolist(), t.clone().tolist()))
+        for key, t in optimizer.state[values].items()
+        if isinstance(t, torch.Tensor) and t.dim() > 0
+    }
     assert state_before, "the optimizer kept no per-entry state"
     # keep every other old entry, replace the rest by unused positions
     keep = old[::2]
-    unused = torch.tensor(sorted(set(range(layer.num_weight_entries)) - set(old.tolist())))[: old.numel() - keep.numel()]
+    unused = torch.tensor(sorted(set(range(layer.num_weight_entries)) - set(old.tolist())))[
+        : old.numel() - keep.numel()
+    ]
     new = torch.cat([keep, unused]).sort().values
 
     changed = reassign_entries(layer, "default", new, optimizer)
@@ -67,7 +72,7 @@ def test_model_function_is_unchanged_when_only_zero_entries_move():
 
 
 def test_reassign_rejects_bad_sets_without_changing_anything():
-    model, layer = _model_and_layer()
+    _, layer = _model_and_layer()
     old = layer.sparse_indices["default"].clone()
     with pytest.raises(ValueError, match="k must stay fixed"):
         reassign_entries(layer, "default", old[:-1].long())
@@ -79,7 +84,7 @@ def test_reassign_rejects_bad_sets_without_changing_anything():
 
 
 def test_unsupported_optimizer_state_layout_raises():
-    model, layer = _model_and_layer()
+    _, layer = _model_and_layer()
     values = layer.sparse_values["default"]
     optimizer = torch.optim.Adam([values])
     optimizer.state[values]["quantised_moment"] = torch.zeros(3, dtype=torch.uint8)
@@ -91,7 +96,6 @@ def test_unsupported_optimizer_state_layout_raises():
 def test_bitsandbytes_8bit_moments_are_remapped_to_within_8bit_rounding(optimizer_name):
     bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the dev extra")
     import bitsandbytes.functional as bnb_functional
-
     from torch import nn
 
     class Wide(nn.Module):
@@ -117,8 +121,12 @@ def test_bitsandbytes_8bit_moments_are_remapped_to_within_8bit_rounding(optimize
     assert state["state1"].dtype == torch.uint8  # really the quantised layout
 
     def moments():
-        return [bnb_functional.dequantize_blockwise(state[f"state{i}"], absmax=state[f"absmax{i}"],
-                                                    code=state[f"qmap{i}"], blocksize=256) for i in (1, 2)]
+        return [
+            bnb_functional.dequantize_blockwise(
+                state[f"state{i}"], absmax=state[f"absmax{i}"], code=state[f"qmap{i}"], blocksize=256
+            )
+            for i in (1, 2)
+        ]
 
     old = layer.sparse_indices["default"].long().clone()
     before = moments()

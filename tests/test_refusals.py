@@ -8,10 +8,10 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from tiny_models import llama_of_width, make_batch, tiny_llama
 from transformers import LlamaForCausalLM
 
 from peft_sparse import SparseConfig, SparseLayer, select_mask
-from tiny_models import llama_of_width, make_batch, tiny_llama
 
 ADAPTER_FILE = "adapter_model.safetensors"
 

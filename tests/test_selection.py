@@ -11,10 +11,10 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
+from tiny_models import VOCAB, tiny_llama
 
 from peft_sparse import SparseConfig, select_mask
 from peft_sparse.selection import select_top_k
-from tiny_models import VOCAB, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -61,7 +61,10 @@ def _reference_statistics(base, batches, hessian: bool = False):
             for total, hb in zip(hvp, torch.autograd.grad(dot, weights)):
                 total += hb
     names = list(layers)
-    stats = {name: {"weight": w.detach(), "grad": G, "grad_square": F} for name, w, G, F in zip(names, weights, grads, squares)}
+    stats = {
+        name: {"weight": w.detach(), "grad": G, "grad_square": F}
+        for name, w, G, F in zip(names, weights, grads, squares)
+    }
     if hvp is not None:
         for name, h in zip(names, hvp):
             stats[name]["hessian_grad"] = h
@@ -101,8 +104,9 @@ def test_each_metric_matches_a_hand_computation(metric):
     base = tiny_llama(seed=3, dtype=torch.float64)
     batches = _batches()
     stats = _reference_statistics(base, batches, hessian=metric == "grasp")
-    model = get_peft_model(copy.deepcopy(base), SparseConfig(target_modules=TARGETS, density=0.05, budget="local",
-                                                             selection=metric))
+    model = get_peft_model(
+        copy.deepcopy(base), SparseConfig(target_modules=TARGETS, density=0.05, budget="local", selection=metric)
+    )
     report = select_mask(model, batches, accumulation_dtype=torch.float64)
     selected = _selected(model)
     expected = _expected_local(stats, metric, 0.05)
@@ -132,8 +136,9 @@ def test_synflow_matches_a_hand_computation_and_restores_the_model():
     grads = torch.autograd.grad(reference(inputs_embeds=ones).logits.sum(), weights)
     expected = {name: (g * w).reshape(-1) for name, g, w in zip(layers, grads, weights)}
 
-    model = get_peft_model(copy.deepcopy(base), SparseConfig(target_modules=TARGETS, density=0.05, budget="local",
-                                                             selection="synflow"))
+    model = get_peft_model(
+        copy.deepcopy(base), SparseConfig(target_modules=TARGETS, density=0.05, budget="local", selection="synflow")
+    )
     model.train()
     state_before = {k: v.clone() for k, v in model.state_dict().items()}
     select_mask(model, accumulation_dtype=torch.float64)
@@ -146,8 +151,11 @@ def test_synflow_matches_a_hand_computation_and_restores_the_model():
         kth_largest = score.topk(k).values[-1]
         assert selected[name].numel() == k == selected[name].unique().numel(), name
         assert bool((score[selected[name]] >= kth_largest).all()), name
-    assert any(bool(score.topk(k + 1).values[-2] > score.topk(k + 1).values[-1]) for score in expected.values()
-               for k in [int(0.05 * score.numel() + 0.5)])  # some layer's top-k is unique, so the check has teeth
+    assert any(
+        bool(score.topk(k + 1).values[-2] > score.topk(k + 1).values[-1])
+        for score in expected.values()
+        for k in [int(0.05 * score.numel() + 0.5)]
+    )  # some layer's top-k is unique, so the check has teeth
     state_after = model.state_dict()
     for key, value in state_before.items():
         if "sparse_" not in key:  # the base model comes back bit for bit (signs restored)
@@ -159,8 +167,9 @@ def test_global_budget_equals_top_k_over_the_concatenation():
     base = tiny_llama(seed=4, dtype=torch.float64)
     batches = _batches(1)
     stats = _reference_statistics(base, batches)
-    model = get_peft_model(copy.deepcopy(base), SparseConfig(target_modules=TARGETS, num_tunable_weights=300,
-                                                             selection="snip"))
+    model = get_peft_model(
+        copy.deepcopy(base), SparseConfig(target_modules=TARGETS, num_tunable_weights=300, selection="snip")
+    )
     select_mask(model, batches, accumulation_dtype=torch.float64)
     names = list(stats)
     scores = [EXPECTED["snip"](stats[n]).reshape(-1) for n in names]
@@ -175,8 +184,9 @@ def test_global_budget_equals_top_k_over_the_concatenation():
 
 @pytest.mark.parametrize("density", [0.013, 0.2])
 def test_local_budgets_are_exact_and_values_reset(density, capsys):
-    model = get_peft_model(tiny_llama(seed=5), SparseConfig(target_modules=TARGETS, density=density, budget="local",
-                                                            selection="gradient"))
+    model = get_peft_model(
+        tiny_llama(seed=5), SparseConfig(target_modules=TARGETS, density=density, budget="local", selection="gradient")
+    )
     with torch.no_grad():
         for name, module in model.named_modules():
             if hasattr(module, "sparse_values"):
@@ -278,7 +288,9 @@ def test_top_k_ties_are_exact_and_seeded():
     for chosen in picks:
         assert sum(c.numel() for c in chosen) == 4
         assert 0 in chosen[0].tolist() and 2 in chosen[1].tolist()  # the two values above the tied 1.0s
-        tied = [(0, i) for i in chosen[0].tolist() if i in (1, 2, 3)] + [(1, i) for i in chosen[1].tolist() if i in (0, 1)]
+        tied = [(0, i) for i in chosen[0].tolist() if i in (1, 2, 3)] + [
+            (1, i) for i in chosen[1].tolist() if i in (0, 1)
+        ]
         assert len(tied) == 2
     assert [c.tolist() for c in select_top_k(scores, 4, _gens(2, 3))] == [c.tolist() for c in picks[3]]
     assert len({tuple(map(tuple, (c.tolist() for c in p))) for p in picks}) > 1  # the seed decides among ties
@@ -296,8 +308,9 @@ def test_top_k_ties_are_exact_and_seeded():
 def _trained_dynamic_model(selection="gradient"):
     from peft_sparse import update_mask  # noqa: F401  (the public name)
 
-    model = get_peft_model(tiny_llama(seed=11), SparseConfig(target_modules=TARGETS, density=0.05,
-                                                             selection=selection, update="dynamic"))
+    model = get_peft_model(
+        tiny_llama(seed=11), SparseConfig(target_modules=TARGETS, density=0.05, selection=selection, update="dynamic")
+    )
     batches = _batches(2)
     select_mask(model, batches)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
@@ -321,8 +334,14 @@ def test_dynamic_update_keeps_the_function_and_resets_only_changed_state(tmp_pat
     ids = batches[0]["input_ids"]
     before = model(input_ids=ids).logits.detach()
     layers = [m for m in model.modules() if isinstance(m, SparseLayer)]
-    old = [(m.sparse_indices["default"].long().clone(), m.sparse_values["default"].detach().clone(),
-            _moment(optimizer, m)) for m in layers]
+    old = [
+        (
+            m.sparse_indices["default"].long().clone(),
+            m.sparse_values["default"].detach().clone(),
+            _moment(optimizer, m),
+        )
+        for m in layers
+    ]
 
     # new batches move the ranking
     report = update_mask(model, _batches(5), optimizer=optimizer)

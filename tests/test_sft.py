@@ -14,15 +14,41 @@ from peft_sparse import SparseLayer
 from peft_sparse.cli import main, sft
 
 # (inflected form, dictionary form): the tiny model learns them; one-word answers, as the built-in base_form task.
-PAIRS = [("mice", "mouse"), ("geese", "goose"), ("feet", "foot"), ("teeth", "tooth"), ("went", "go"), ("ran", "run"),
-         ("sang", "sing"), ("swam", "swim"), ("best", "good"), ("worse", "bad"), ("oxen", "ox"), ("men", "man")]
+PAIRS = [
+    ("mice", "mouse"),
+    ("geese", "goose"),
+    ("feet", "foot"),
+    ("teeth", "tooth"),
+    ("went", "go"),
+    ("ran", "run"),
+    ("sang", "sing"),
+    ("swam", "swim"),
+    ("best", "good"),
+    ("worse", "bad"),
+    ("oxen", "ox"),
+    ("men", "man"),
+]
 QUESTION = "what is the dictionary form of {} ?"
 SPECIALS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>"]
 # A chat template in the style of ChatML; words are separated by spaces, as the word-level tokenizer splits them.
-CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
-                 "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}")
-FAST = ["--max_steps", "2", "--per_device_train_batch_size", "4", "--eval_strategy", "no", "--logging_steps", "1",
-        "--salience_batches", "2", "--eval_fraction", "0.25"]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+)
+FAST = [
+    "--max_steps",
+    "2",
+    "--per_device_train_batch_size",
+    "4",
+    "--eval_strategy",
+    "no",
+    "--logging_steps",
+    "1",
+    "--salience_batches",
+    "2",
+    "--eval_fraction",
+    "0.25",
+]
 
 
 def user(text: str) -> list[dict]:
@@ -34,10 +60,13 @@ def assistant(text: str) -> list[dict]:
 
 
 ROWS = {  # the same examples in each format TRL's SFTTrainer takes
-    "prompt_completion": [{"prompt": user(QUESTION.format(a)), "completion": assistant(b), "task": "base_form",
-                           "answer": b} for a, b in PAIRS * 2],
-    "standard_prompt_completion": [{"prompt": QUESTION.format(a), "completion": f" {b}", "answer": b}
-                                   for a, b in PAIRS * 2],
+    "prompt_completion": [
+        {"prompt": user(QUESTION.format(a)), "completion": assistant(b), "task": "base_form", "answer": b}
+        for a, b in PAIRS * 2
+    ],
+    "standard_prompt_completion": [
+        {"prompt": QUESTION.format(a), "completion": f" {b}", "answer": b} for a, b in PAIRS * 2
+    ],
     "messages": [{"messages": user(QUESTION.format(a)) + assistant(b), "answer": b} for a, b in PAIRS * 2],
     "text": [{"text": f"{QUESTION.format(a)} {b}"} for a, b in PAIRS * 2],
 }
@@ -54,15 +83,28 @@ def tiny_dir(tmp_path_factory):
     vocab = {token: i for i, token in enumerate(SPECIALS + words)}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>",
-                                        bos_token="<|im_start|>", eos_token="<|im_end|>")
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+    )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.save_pretrained(folder)
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         pad_token_id=vocab["<pad>"], bos_token_id=vocab["<|im_start|>"],
-                         eos_token_id=vocab["<|im_end|>"])
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<|im_start|>"],
+        eos_token_id=vocab["<|im_end|>"],
+    )
     LlamaForCausalLM(config).save_pretrained(folder)
     return folder
 
@@ -92,12 +134,34 @@ def test_help_lists_sft_with_trls_arguments_and_ours(capsys):
         main(["sft", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--model_name_or_path", "--dataset_name", "--dataset_train_split", "--dataset_test_split",
-                   "--learning_rate", "--max_steps", "--per_device_train_batch_size", "--max_length", "--output_dir",
-                   "--load_in_4bit", "--lora_r", "--lora_alpha", "--lora_target_modules", "--completion_only_loss",
-                   "--assistant_only_loss", "--density", "--num_tunable_weights", "--selection", "--update",
-                   "--sparse_target_modules", "--sparse_r", "--compare", "--compare_learning_rate",
-                   "--eval_fraction", "--max_eval_examples", "--config"):
+    for option in (
+        "--model_name_or_path",
+        "--dataset_name",
+        "--dataset_train_split",
+        "--dataset_test_split",
+        "--learning_rate",
+        "--max_steps",
+        "--per_device_train_batch_size",
+        "--max_length",
+        "--output_dir",
+        "--load_in_4bit",
+        "--lora_r",
+        "--lora_alpha",
+        "--lora_target_modules",
+        "--completion_only_loss",
+        "--assistant_only_loss",
+        "--density",
+        "--num_tunable_weights",
+        "--selection",
+        "--update",
+        "--sparse_target_modules",
+        "--sparse_r",
+        "--compare",
+        "--compare_learning_rate",
+        "--eval_fraction",
+        "--max_eval_examples",
+        "--config",
+    ):
         assert option in text, option
     assert "--worker" not in text
 
@@ -144,10 +208,14 @@ def test_defaults_suit_a_cpu_and_yaml_then_flags_override_them(tmp_path):
         (["--dataset_name", "{tmp}/broken.jsonl"], "--dataset_name '{tmp}/broken.jsonl': line 2 is not JSON"),
         (["--dataset_name", "{tmp}/mixed.jsonl"], "line 2 has the fields ['prompt'], line 1 has ['text']"),
         (["--dataset_name", "{tmp}/data.csv"], "--dataset_name '{tmp}/data.csv': expected a .jsonl or .json file"),
-        (["--dataset_name", "{tmp}/good.jsonl", "--dataset_test_split", "dev"],
-         "--dataset_test_split 'dev' is not a split of"),
-        (["--dataset_name", "{tmp}/good.jsonl", "--model_name_or_path", "{tmp}/no-model"],
-         "--model_name_or_path '{tmp}/no-model'"),
+        (
+            ["--dataset_name", "{tmp}/good.jsonl", "--dataset_test_split", "dev"],
+            "--dataset_test_split 'dev' is not a split of",
+        ),
+        (
+            ["--dataset_name", "{tmp}/good.jsonl", "--model_name_or_path", "{tmp}/no-model"],
+            "--model_name_or_path '{tmp}/no-model'",
+        ),
     ],
 )
 def test_bad_arguments_give_one_line_naming_the_option_and_exit_code_2(argv, named, tmp_path, capsys):
@@ -169,14 +237,16 @@ def test_bad_arguments_give_one_line_naming_the_option_and_exit_code_2(argv, nam
 
 def trainer_for(tiny_dir, data_path, *extra):
     script_args, training_args, model_args, sparse_args = sft.parse(
-        ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(data_path), *FAST, *map(str, extra)])
+        ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(data_path), *FAST, *map(str, extra)]
+    )
     data = sft.load_data(script_args, training_args.seed, sparse_args.eval_fraction, sparse_args.max_eval_examples)
     return sft.build_trainer("sparse", script_args, training_args, model_args, sparse_args, data)[0]
 
 
 def test_trl_masks_the_prompt_of_prompt_completion_data_and_trains_on_all_of_text(tiny_dir, tmp_path):
-    trainer = trainer_for(tiny_dir, write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"]),
-                          "--output_dir", tmp_path / "out")
+    trainer = trainer_for(
+        tiny_dir, write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"]), "--output_dir", tmp_path / "out"
+    )
     tokenizer = trainer.processing_class
     answers = {tokenizer.convert_tokens_to_ids(b) for _, b in PAIRS}
     batch = next(iter(trainer.get_train_dataloader()))
@@ -188,24 +258,29 @@ def test_trl_masks_the_prompt_of_prompt_completion_data_and_trains_on_all_of_tex
         assert int(labels[n - 2]) in answers and int(labels[n - 1]) == tokenizer.eos_token_id
         assert torch.equal(labels[trained], ids[trained]) and (labels[n:] == -100).all()
 
-    trainer = trainer_for(tiny_dir, write_jsonl(tmp_path / "text.jsonl", ROWS["text"]), "--output_dir",
-                          tmp_path / "out")
+    trainer = trainer_for(
+        tiny_dir, write_jsonl(tmp_path / "text.jsonl", ROWS["text"]), "--output_dir", tmp_path / "out"
+    )
     batch = next(iter(trainer.get_train_dataloader()))
     real = batch["attention_mask"].bool()
     assert torch.equal(batch["labels"][real], batch["input_ids"][real])  # every real token is trained on
     assert (batch["labels"][~real] == -100).all()
 
 
-@pytest.mark.parametrize("data_format", ["prompt_completion", "standard_prompt_completion", "messages", "text",
-                                         "save_to_disk"])
+@pytest.mark.parametrize(
+    "data_format", ["prompt_completion", "standard_prompt_completion", "messages", "text", "save_to_disk"]
+)
 def test_each_data_format_trains_and_writes_an_adapter(data_format, tiny_dir, tmp_path, capsys):
     import datasets
 
     if data_format == "save_to_disk":  # a DatasetDict with its own test split
         data_path = tmp_path / "saved"
-        datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS["prompt_completion"][:18]),
-                              "test": datasets.Dataset.from_list(ROWS["prompt_completion"][18:])}
-                             ).save_to_disk(str(data_path))
+        datasets.DatasetDict(
+            {
+                "train": datasets.Dataset.from_list(ROWS["prompt_completion"][:18]),
+                "test": datasets.Dataset.from_list(ROWS["prompt_completion"][18:]),
+            }
+        ).save_to_disk(str(data_path))
     else:
         data_path = write_jsonl(tmp_path / f"{data_format}.jsonl", ROWS[data_format])
     out = tmp_path / "out"
@@ -227,10 +302,34 @@ def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_
     out = tmp_path / "out"
     data_path = write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"])
     result = subprocess.run(
-        [sys.executable, "-m", "peft_sparse.cli", "sft", "--model_name_or_path", tiny_dir, "--dataset_name",
-         data_path, *FAST, "--eval_strategy", "steps", "--eval_steps", "1", "--compare", "lora", "--lora_r", "4",
-         "--compare_learning_rate", "5e-4", "--output_dir", out],
-        capture_output=True, text=True, timeout=600, check=False)
+        [
+            sys.executable,
+            "-m",
+            "peft_sparse.cli",
+            "sft",
+            "--model_name_or_path",
+            tiny_dir,
+            "--dataset_name",
+            data_path,
+            *FAST,
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "1",
+            "--compare",
+            "lora",
+            "--lora_r",
+            "4",
+            "--compare_learning_rate",
+            "5e-4",
+            "--output_dir",
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     sparse, lora = json.loads((out / "results.json").read_text())
     assert (sparse["method"], lora["method"]) == ("sparse", "lora")
@@ -243,8 +342,10 @@ def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_
         # before training and after each step (--eval_steps 1): the last is the held-out loss after training
         evaluations = [e for e in record["log_history"] if "eval_loss" in e]
         assert [e["step"] for e in evaluations] == [0, 1, 2]
-        assert (evaluations[0]["eval_loss"], evaluations[-1]["eval_loss"]) == (record["eval_loss_before"],
-                                                                              record["eval_loss_after"])
+        assert (evaluations[0]["eval_loss"], evaluations[-1]["eval_loss"]) == (
+            record["eval_loss_before"],
+            record["eval_loss_after"],
+        )
         assert f"{record['eval_loss_before']:.3f} -> {record['eval_loss_after']:.3f}" in result.stdout
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert len(table) == 4 and table[2].startswith("| sparse, gradient mask | 8,192 |")
@@ -257,15 +358,28 @@ def test_the_saved_sparse_adapter_reloads_with_the_trained_logits(tiny_dir, tmp_
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    args = sft.parse(["--model_name_or_path", str(tiny_dir), "--dataset_name",
-                      str(write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"])), *FAST,
-                      "--learning_rate", "0.05", "--sparse_target_modules", "q_proj", "v_proj",
-                      "--output_dir", str(tmp_path / "out")])
+    args = sft.parse(
+        [
+            "--model_name_or_path",
+            str(tiny_dir),
+            "--dataset_name",
+            str(write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"])),
+            *FAST,
+            "--learning_rate",
+            "0.05",
+            "--sparse_target_modules",
+            "q_proj",
+            "v_proj",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     record, trainer = sft.train_one("sparse", *args)
     # LoRA rank 8's count on the same layers: 8 * (in + out) for q (64 x 64) and v (32 x 64), in 2 layers
     assert record["trainable"] == 2 * 8 * (128 + 96)
-    adapted = {name.rsplit(".", 1)[-1] for name, module in trainer.model.named_modules()
-               if isinstance(module, SparseLayer)}
+    adapted = {
+        name.rsplit(".", 1)[-1] for name, module in trainer.model.named_modules() if isinstance(module, SparseLayer)
+    }
     assert adapted == {"q_proj", "v_proj"}
     batch = {k: v for k, v in next(iter(trainer.get_eval_dataloader())).items() if k != "labels"}
     trained = trainer.model.eval()
@@ -279,9 +393,22 @@ def test_the_saved_sparse_adapter_reloads_with_the_trained_logits(tiny_dir, tmp_
 
 def test_a_quantised_base_trains_sparse_and_qlora(tiny_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
-    args = sft.parse(["--model_name_or_path", str(tiny_dir), "--dataset_name",
-                      str(write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"])), *FAST, "--load_in_4bit",
-                      "--update", "spiel", "--update_interval", "1", "--output_dir", str(tmp_path / "out")])
+    args = sft.parse(
+        [
+            "--model_name_or_path",
+            str(tiny_dir),
+            "--dataset_name",
+            str(write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"])),
+            *FAST,
+            "--load_in_4bit",
+            "--update",
+            "spiel",
+            "--update_interval",
+            "1",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     import bitsandbytes as bnb
 
     counts = {}
@@ -297,8 +424,20 @@ def test_a_quantised_base_trains_sparse_and_qlora(tiny_dir, tmp_path):
         counts[method] = record["trainable"]
     assert counts["sparse"] == counts["lora"]
 
-    args = sft.parse(["--model_name_or_path", str(tiny_dir), "--dataset_name", str(tmp_path / "pc.jsonl"), *FAST,
-                      "--load_in_8bit", "--learning_rate", "1e-2", "--output_dir", str(tmp_path / "out8")])
+    args = sft.parse(
+        [
+            "--model_name_or_path",
+            str(tiny_dir),
+            "--dataset_name",
+            str(tmp_path / "pc.jsonl"),
+            *FAST,
+            "--load_in_8bit",
+            "--learning_rate",
+            "1e-2",
+            "--output_dir",
+            str(tmp_path / "out8"),
+        ]
+    )
     record, trainer = sft.train_one("sparse", *args)
     assert record["quantization"] == "8-bit" and trainer.model.is_loaded_in_8bit
     assert record["trainable"] == counts["sparse"] and record["eval_loss_after"] < record["eval_loss_before"]
@@ -309,9 +448,19 @@ def test_sparse_plus_low_rank_keeps_lora_rs_total(tiny_dir, tmp_path):
 
     import peft_sparse
 
-    args = sft.parse(["--model_name_or_path", str(tiny_dir), "--dataset_name",
-                      str(write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"])), *FAST, "--sparse_r", "2",
-                      "--output_dir", str(tmp_path / "out")])
+    args = sft.parse(
+        [
+            "--model_name_or_path",
+            str(tiny_dir),
+            "--dataset_name",
+            str(write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"])),
+            *FAST,
+            "--sparse_r",
+            "2",
+            "--output_dir",
+            str(tmp_path / "out"),
+        ]
+    )
     record, trainer = sft.train_one("sparse", *args)
     base = AutoModelForCausalLM.from_pretrained(tiny_dir)
     assert record["trainable"] == peft_sparse.lora_equivalent_budget(base, r=8, target_modules="all-linear")

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import quantised_model, tiny_llama_aligned, tiny_tokenizer
+from trainer_helpers import make_trainer, sparse_log, sparse_model, sparse_state
 
 from peft_sparse import SparseLayer, SparseTrainingCallback
 from peft_sparse.tuner.indices import layer_seed, random_indices
-
-from tiny_models import quantised_model, tiny_llama_aligned, tiny_tokenizer
-from trainer_helpers import make_trainer, sparse_log, sparse_model, sparse_state
 
 
 def test_callback_selects_the_mask_at_train_begin_and_the_optimizer_trains_it(tmp_path):
@@ -29,8 +28,9 @@ def test_callback_selects_the_mask_at_train_begin_and_the_optimizer_trains_it(tm
 
 
 def test_callback_leaves_a_chosen_or_random_mask_alone(tmp_path):
-    from peft_sparse import select_mask
     from trainer_helpers import TokenData
+
+    from peft_sparse import select_mask
 
     model = sparse_model(selection="gradient")
     batches = [{key: value.unsqueeze(0) for key, value in TokenData()[i].items()} for i in range(2)]
@@ -47,14 +47,18 @@ def test_callback_leaves_a_chosen_or_random_mask_alone(tmp_path):
     assert not sparse_log(trainer)
     for name, layer in random_model.named_modules():
         if isinstance(layer, SparseLayer):
-            expected = random_indices(layer.num_weight_entries, layer.sparse_indices["default"].numel(),
-                                      torch.Generator().manual_seed(layer_seed(0, layer.layer_name)))
+            expected = random_indices(
+                layer.num_weight_entries,
+                layer.sparse_indices["default"].numel(),
+                torch.Generator().manual_seed(layer_seed(0, layer.layer_name)),
+            )
             assert torch.equal(layer.sparse_indices["default"].long(), expected)
 
 
 def test_updates_happen_on_optimizer_steps_not_micro_batches(tmp_path):
-    model = sparse_model(selection="random", update="spiel", update_interval=3, accumulation_steps=2,
-                         reselection_rate=0.5)
+    model = sparse_model(
+        selection="random", update="spiel", update_interval=3, accumulation_steps=2, reselection_rate=0.5
+    )
     sizes = {name: indices.numel() for name, (indices, _) in sparse_state(model).items()}
     trainer = make_trainer(model, tmp_path, max_steps=8, gradient_accumulation_steps=2)
     trainer.train()
@@ -77,8 +81,14 @@ def test_dynamic_updates_run_every_interval(tmp_path):
 @pytest.mark.parametrize("regrow", ["gradient", "momentum"])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, regrow):
     def config():
-        return dict(selection="gradient", update="spiel", regrow=regrow, update_interval=4, accumulation_steps=3,
-                    reselection_rate=0.5)
+        return {
+            "selection": "gradient",
+            "update": "spiel",
+            "regrow": regrow,
+            "update_interval": 4,
+            "accumulation_steps": 3,
+            "reselection_rate": 0.5,
+        }
 
     def trainer_for(model, output_dir, **args):
         trainer = make_trainer(model, output_dir, max_steps=10, **args)
@@ -122,18 +132,48 @@ def test_sft_trainer_with_and_without_packing_on_a_4bit_model(tmp_path):
     for packing in (False, True):
         # 64-aligned in_features: the layers left untargeted run bitsandbytes' own forward, which mis-decodes
         # narrower ones on AVX512-BF16 CPUs (tests/bnb_defects.py)
-        base = quantised_model(tmp_path / "model", tiny_llama_aligned, load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                               bnb_4bit_compute_dtype=torch.float32)
+        base = quantised_model(
+            tmp_path / "model",
+            tiny_llama_aligned,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=torch.float32,
+        )
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-        model = get_peft_model(base, SparseConfig(target_modules=["q_proj", "v_proj", "down_proj"], density=0.1,
-                                                  selection="gradient", salience_batches=2, update="spiel",
-                                                  update_interval=2, accumulation_steps=1, reselection_rate=0.5))
-        args = trl.SFTConfig(output_dir=str(tmp_path / f"sft{packing}"), max_steps=5, per_device_train_batch_size=4,
-                             learning_rate=1e-2, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
-                             max_length=16, packing=packing, dataset_text_field="text", disable_tqdm=True)
-        trainer = trl.SFTTrainer(model=model, args=args, processing_class=tiny_tokenizer(),
-                                 train_dataset=datasets.Dataset.from_dict({"text": texts}),
-                                 callbacks=[SparseTrainingCallback()])
+        model = get_peft_model(
+            base,
+            SparseConfig(
+                target_modules=["q_proj", "v_proj", "down_proj"],
+                density=0.1,
+                selection="gradient",
+                salience_batches=2,
+                update="spiel",
+                update_interval=2,
+                accumulation_steps=1,
+                reselection_rate=0.5,
+            ),
+        )
+        args = trl.SFTConfig(
+            output_dir=str(tmp_path / f"sft{packing}"),
+            max_steps=5,
+            per_device_train_batch_size=4,
+            learning_rate=1e-2,
+            logging_steps=1,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+            max_length=16,
+            packing=packing,
+            dataset_text_field="text",
+            disable_tqdm=True,
+        )
+        trainer = trl.SFTTrainer(
+            model=model,
+            args=args,
+            processing_class=tiny_tokenizer(),
+            train_dataset=datasets.Dataset.from_dict({"text": texts}),
+            callbacks=[SparseTrainingCallback()],
+        )
         trainer.train()
         assert [entry["step"] for entry in sparse_log(trainer)] == [0, 2, 4], packing
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -141,8 +181,9 @@ def test_sft_trainer_with_and_without_packing_on_a_4bit_model(tmp_path):
 
 
 def test_an_optimizer_built_before_select_mask_trains_the_selected_entries(tmp_path):
-    from peft_sparse import select_mask
     from trainer_helpers import TokenData
+
+    from peft_sparse import select_mask
 
     model = sparse_model(selection="gradient")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

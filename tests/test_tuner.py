@@ -10,12 +10,11 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
+from tiny_models import MODEL_FAMILIES, VOCAB, logits, make_batch, tiny_bert, tiny_llama
 from transformers.pytorch_utils import Conv1D
 
 from peft_sparse import SparseConfig, SparseLayer, lora_equivalent_budget
 from peft_sparse.tuner.layer import Linear as SparseLinear
-
-from tiny_models import MODEL_FAMILIES, VOCAB, logits, make_batch, tiny_bert, tiny_gpt2, tiny_llama
 
 
 def sparse_layers(model) -> list[tuple[str, SparseLayer]]:
@@ -230,7 +229,7 @@ def test_training_changes_outputs_and_lowers_loss(family):
 
 
 def test_save_load_round_trip(family, tmp_path):
-    factory, targets = MODEL_FAMILIES[family]
+    factory, _ = MODEL_FAMILIES[family]
     model = build(family, density=0.05)
     _train(model, steps=3)
     batch = make_batch(seed=5)
@@ -274,7 +273,7 @@ def _corrupt(tmp_path, mutate):
     model.save_pretrained(tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     state = load_file(path)
-    key = sorted(k for k in state if k.endswith("sparse_indices"))[0]
+    key = min(k for k in state if k.endswith("sparse_indices"))
     mutate(state, key, key[: -len("sparse_indices")] + "sparse_values")
     save_file(state, path)
     return tmp_path
@@ -370,7 +369,7 @@ def test_merge_unmerge_and_merge_and_unload(family):
 def test_merged_weight_equals_base_plus_delta():
     model = build("gpt2", density=0.2)
     randomize_values(model)
-    name, layer = sparse_layers(model)[0]
+    _, layer = sparse_layers(model)[0]
     base = layer.get_base_layer().weight.detach().clone()  # (in, out) for Conv1D
     delta = torch.zeros(layer.out_features * layer.in_features)
     delta[layer.sparse_indices["default"].long()] = layer.sparse_values["default"].detach()
@@ -436,7 +435,9 @@ def test_multiple_adapters_set_delete_and_trainability():
     model.set_adapter("default")
     torch.testing.assert_close(logits(model, batch), default_out, rtol=0, atol=0)
     model.delete_adapter("other")
-    assert all("other" not in layer.sparse_values and "other" not in layer.sparse_indices for _, layer in sparse_layers(model))
+    assert all(
+        "other" not in layer.sparse_values and "other" not in layer.sparse_indices for _, layer in sparse_layers(model)
+    )
     with pytest.raises(ValueError, match="already exists"):
         model.add_adapter("default", SparseConfig(target_modules=["q_proj"]))
 
@@ -465,9 +466,7 @@ def test_add_weighted_adapter_is_union_with_weighted_values():
     randomize_values(model, seed=2, adapter_name="b")
     model.add_weighted_adapter(["default", "b"], [0.5, -2.0], "mix")
     for name, layer in sparse_layers(model):
-        union = torch.unique(
-            torch.cat([layer.sparse_indices["default"].long(), layer.sparse_indices["b"].long()])
-        )
+        union = torch.unique(torch.cat([layer.sparse_indices["default"].long(), layer.sparse_indices["b"].long()]))
         assert torch.equal(layer.sparse_indices["mix"].long(), union), name
         expected = 0.5 * layer.get_delta_weight("default") - 2.0 * layer.get_delta_weight("b")
         torch.testing.assert_close(layer.get_delta_weight("mix"), expected, rtol=1e-6, atol=1e-6)

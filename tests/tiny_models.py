@@ -6,7 +6,6 @@ Dropout is off so that a model in train mode is deterministic and can be compare
 from __future__ import annotations
 
 import torch
-
 from transformers import (
     BertConfig,
     BertForSequenceClassification,
@@ -21,8 +20,9 @@ from transformers import (
 VOCAB = 97
 
 
-def llama_of_width(hidden: int, intermediate: int, seed: int = 0, dtype: torch.dtype = torch.float32
-                   ) -> LlamaForCausalLM:
+def llama_of_width(
+    hidden: int, intermediate: int, seed: int = 0, dtype: torch.dtype = torch.float32
+) -> LlamaForCausalLM:
     """A 2-layer Llama with the given hidden and MLP widths (4 heads, 2 key/value heads), seeded, in eval mode."""
     torch.manual_seed(seed)
     config = LlamaConfig(
@@ -50,7 +50,14 @@ def tiny_llama_aligned(seed: int = 0, dtype: torch.dtype = torch.float32) -> Lla
 def tiny_gpt2(seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)
     config = GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        vocab_size=VOCAB,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
     )
     return GPT2LMHeadModel(config).eval()
 
@@ -151,14 +158,22 @@ def decode_4bit(packed: torch.Tensor, quant_state, dtype: torch.dtype = torch.fl
     from peft_sparse.ops import reference
 
     if getattr(quant_state, "packing_format_for_cpu", False):
-        raise ValueError("decode_4bit: the weight was repacked by bitsandbytes' CPU inference forward (bf16 absmax); "
-                         "decode it before running bitsandbytes' forward on it")
+        raise ValueError(
+            "decode_4bit: the weight was repacked by bitsandbytes' CPU inference forward (bf16 absmax); "
+            "decode it before running bitsandbytes' forward on it"
+        )
     nested = bool(getattr(quant_state, "nested", False))
     state2 = quant_state.state2 if nested else None
     empty = torch.zeros(0, dtype=torch.int64)
     return reference.dequant_scatter(
-        packed, quant_state.absmax, quant_state.code, int(quant_state.blocksize), tuple(quant_state.shape), dtype,
-        empty, empty.to(dtype),
+        packed,
+        quant_state.absmax,
+        quant_state.code,
+        int(quant_state.blocksize),
+        tuple(quant_state.shape),
+        dtype,
+        empty,
+        empty.to(dtype),
         nested_absmax=state2.absmax if nested else None,
         nested_code=state2.code if nested else None,
         nested_blocksize=int(state2.blocksize) if nested else 256,
@@ -211,5 +226,6 @@ def tiny_tokenizer():
     assert len(vocab) <= VOCAB
     tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>",
-                                   bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )

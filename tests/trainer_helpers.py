@@ -8,13 +8,12 @@ import socket
 
 import torch
 from peft import get_peft_model
+from tiny_models import VOCAB, tiny_llama
 from torch.utils.data import Dataset, SequentialSampler
 from transformers import Trainer, TrainingArguments
 
 from peft_sparse import SparseConfig, SparseLayer, SparseTrainingCallback
 from peft_sparse._distributed import whole
-
-from tiny_models import VOCAB, tiny_llama
 
 TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
 
@@ -44,21 +43,35 @@ def sparse_model(**config):
     return get_peft_model(tiny_llama(), SparseConfig(**config))
 
 
-DEFAULT_ARGS = dict(use_cpu=True, report_to=[], per_device_train_batch_size=4, learning_rate=1e-2, max_steps=8,
-                    logging_steps=1, save_strategy="no", seed=0, disable_tqdm=True, dataloader_num_workers=0,
-                    lr_scheduler_type="constant")
+DEFAULT_ARGS = {
+    "use_cpu": True,
+    "report_to": [],
+    "per_device_train_batch_size": 4,
+    "learning_rate": 1e-2,
+    "max_steps": 8,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "seed": 0,
+    "disable_tqdm": True,
+    "dataloader_num_workers": 0,
+    "lr_scheduler_type": "constant",
+}
 
 
 def make_trainer(model, output_dir, callback=None, **args) -> SequentialTrainer:
     arguments = TrainingArguments(**{**DEFAULT_ARGS, "output_dir": str(output_dir), **args})
-    return SequentialTrainer(model=model, args=arguments, train_dataset=TokenData(),
-                             callbacks=[callback or SparseTrainingCallback()])
+    return SequentialTrainer(
+        model=model, args=arguments, train_dataset=TokenData(), callbacks=[callback or SparseTrainingCallback()]
+    )
 
 
 def sparse_state(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Every sparse layer's indices and values (whole: gathered where FSDP2 shards them, a collective then)."""
-    return {name: (m.sparse_indices["default"].clone(), whole(m.sparse_values["default"].detach()).clone())
-            for name, m in model.named_modules() if isinstance(m, SparseLayer)}
+    return {
+        name: (m.sparse_indices["default"].clone(), whole(m.sparse_values["default"].detach()).clone())
+        for name, m in model.named_modules()
+        if isinstance(m, SparseLayer)
+    }
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 USAGE_ERROR = 2
 
@@ -20,7 +20,7 @@ USAGE_ERROR = 2
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (``prog: error: message``) rather than the usage block too."""
 
-    def error(self, message: str):  # noqa: D102 - argparse's hook
+    def error(self, message: str):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
 
 
@@ -30,26 +30,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="peft-sparse", description="Sparse fine-tuning for Hugging Face peft (SPEFT, SpIEL).")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     finetune_parser = commands.add_parser(
-        "finetune", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "finetune",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="fine-tune a real pretrained model with a sparse adapter and with LoRA, and compare them",
         description="Fine-tune a pretrained model on labelled text with a sparse adapter (SPEFT/SpIEL) and with LoRA "
-                    "at the same trainable-parameter count, then print a comparison table (trainable parameters, "
-                    "train loss, held-out accuracy, step time, peak memory), save the adapters and plot the loss "
-                    "curves. With no arguments: MiniLM-L6 learns which of five Debian fortune files a quotation "
-                    "comes from, offline, on a CPU, in a few minutes.")
+        "at the same trainable-parameter count, then print a comparison table (trainable parameters, "
+        "train loss, held-out accuracy, step time, peak memory), save the adapters and plot the loss "
+        "curves. With no arguments: MiniLM-L6 learns which of five Debian fortune files a quotation "
+        "comes from, offline, on a CPU, in a few minutes.",
+    )
     finetune.add_arguments(finetune_parser)
     bench_parser = commands.add_parser(
         "bench",
         help="run the benchmarks in benchmarks/ and print their ratio tables",
         description="Run benchmarks/ops_bench.py (kernels vs reference ops; a training step vs LoRA vs the frozen "
-                    "base) and benchmarks/qlora_bench.py (4-bit sparse vs QLoRA vs the frozen 4-bit base) and print "
-                    "their ratio tables. Needs a source checkout (benchmarks/ next to the package).")
+        "base) and benchmarks/qlora_bench.py (4-bit sparse vs QLoRA vs the frozen 4-bit base) and print "
+        "their ratio tables. Needs a source checkout (benchmarks/ next to the package).",
+    )
     bench.add_arguments(bench_parser)
     # Listed here for --help; `peft-sparse sft ...` is parsed by TRL's own parser (peft_sparse.cli.sft), see main().
     commands.add_parser(
-        "sft", add_help=False,
+        "sft",
+        add_help=False,
         help="supervised fine-tuning of a causal LM with a sparse adapter through TRL's SFTTrainer, TRL's arguments "
-             "(optionally compared with LoRA)")
+        "(optionally compared with LoRA)",
+    )
     return parser
 
 
@@ -66,7 +71,7 @@ def _work_offline() -> None:
     constants.HF_HUB_OFFLINE = os.environ["HF_HUB_OFFLINE"].strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _work_offline()
     if argv[:1] == ["sft"]:

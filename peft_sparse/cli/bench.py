@@ -11,8 +11,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPTS = {"ops": "ops_bench.py", "qlora": "qlora_bench.py", "quality": "quality.py",
-           "distributed": "distributed_bench.py"}
+SCRIPTS = {
+    "ops": "ops_bench.py",
+    "qlora": "qlora_bench.py",
+    "quality": "quality.py",
+    "distributed": "distributed_bench.py",
+}
 TAKES_REPEATS = ("ops", "qlora")
 DEFAULT = ("ops", "qlora")
 
@@ -23,29 +27,41 @@ def benchmarks_dir() -> Path:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # No `choices`: Python 3.11's argparse checks an empty nargs="*" list against them and rejects it; run() checks.
-    parser.add_argument("which", nargs="*", metavar="BENCHMARK",
-                        help=f"which benchmarks to run, of {list(SCRIPTS)}; default {list(DEFAULT)} "
-                             "(quality trains 5 methods x 3 seeds: about 25 minutes on 2 CPU cores; distributed "
-                             "runs FSDP2 and DDP on 2 processes: about 1.5 minutes)")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="timed repetitions per measurement (median) for ops and qlora; default: each "
-                             "script's own")
+    parser.add_argument(
+        "which",
+        nargs="*",
+        metavar="BENCHMARK",
+        help=f"which benchmarks to run, of {list(SCRIPTS)}; default {list(DEFAULT)} "
+        "(quality trains 5 methods x 3 seeds: about 25 minutes on 2 CPU cores; distributed "
+        "runs FSDP2 and DDP on 2 processes: about 1.5 minutes)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="timed repetitions per measurement (median) for ops and qlora; default: each script's own",
+    )
     parser.add_argument("--write", action="store_true", help="also rewrite their sections of benchmarks/RESULTS.md")
 
 
 def run(args: argparse.Namespace) -> int:
     unknown = [name for name in args.which if name not in SCRIPTS]
     if unknown:
-        print(f"peft-sparse bench: error: unknown benchmark {unknown[0]!r} (choose from {list(SCRIPTS)})",
-              file=sys.stderr)
+        print(
+            f"peft-sparse bench: error: unknown benchmark {unknown[0]!r} (choose from {list(SCRIPTS)})",
+            file=sys.stderr,
+        )
         return 2
     if args.repeats is not None and args.repeats < 1:
         print(f"peft-sparse bench: error: --repeats must be >= 1, got {args.repeats}", file=sys.stderr)
         return 2
     folder = benchmarks_dir()
     if not folder.is_dir():
-        print(f"peft-sparse bench: error: {folder} not found; the benchmarks ship with the source checkout "
-              "(git clone, then pip install -e .)", file=sys.stderr)
+        print(
+            f"peft-sparse bench: error: {folder} not found; the benchmarks ship with the source checkout "
+            "(git clone, then pip install -e .)",
+            file=sys.stderr,
+        )
         return 2
     for name in dict.fromkeys(args.which or DEFAULT):  # unique, in the given order
         command = [sys.executable, str(folder / SCRIPTS[name])]
@@ -54,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         if args.write:
             command.append("--write")
         print(f"==== {' '.join(command[1:])}", flush=True)
-        completed = subprocess.run(command)
+        completed = subprocess.run(command, check=False)
         if completed.returncode != 0:
             print(f"peft-sparse bench: {SCRIPTS[name]} failed (exit code {completed.returncode})", file=sys.stderr)
             return 1

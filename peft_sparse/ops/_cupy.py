@@ -89,8 +89,11 @@ def scatter_add_cuda(dense: torch.Tensor, indices: torch.Tensor, values: torch.T
     values = values.to(device=dense.device, dtype=dense.dtype).contiguous()
     indices = indices.contiguous()
     kernel = _kernel(dense.device, f"ps_scatter_add_{_SUFFIX[dense.dtype]}_{index_suffix}")
-    _launch(kernel, _blocks(indices.numel()),
-            (dense, dense.shape[1], dense.stride(0), dense.stride(1), indices, values, indices.numel()))
+    _launch(
+        kernel,
+        _blocks(indices.numel()),
+        (dense, dense.shape[1], dense.stride(0), dense.stride(1), indices, values, indices.numel()),
+    )
 
 
 def _token_contiguous(tensor: torch.Tensor) -> torch.Tensor:
@@ -109,24 +112,54 @@ def sddmm_gather_cuda(grad_output, input, indices, in_features):
     if k == 0 or num_tokens == 0:
         return torch.zeros(k, dtype=accumulate, device=input.device)
     num_sms = torch.cuda.get_device_properties(input.device).multi_processor_count
-    splits, tokens_per_split = torch.ops.peft_sparse._sddmm_plan(num_tokens, in_features, k, input.element_size(),
-                                                                 num_sms)
+    splits, tokens_per_split = torch.ops.peft_sparse._sddmm_plan(
+        num_tokens, in_features, k, input.element_size(), num_sms
+    )
     grad_output, input = _token_contiguous(grad_output), _token_contiguous(input)
     out = torch.empty(k, dtype=accumulate, device=input.device)
     partial = torch.empty(splits * k, dtype=accumulate, device=input.device) if splits > 1 else out
     indices = indices.contiguous()
     kernel = _kernel(input.device, f"ps_sddmm_gather_{_SUFFIX[input.dtype]}_{index_suffix}")
-    _launch(kernel, (math.ceil(k / SDDMM_ENTRIES_PER_BLOCK), splits),
-            (grad_output, grad_output.stride(0), grad_output.stride(1), input, input.stride(0), input.stride(1),
-             num_tokens, in_features, indices, k, tokens_per_split, partial))
+    _launch(
+        kernel,
+        (math.ceil(k / SDDMM_ENTRIES_PER_BLOCK), splits),
+        (
+            grad_output,
+            grad_output.stride(0),
+            grad_output.stride(1),
+            input,
+            input.stride(0),
+            input.stride(1),
+            num_tokens,
+            in_features,
+            indices,
+            k,
+            tokens_per_split,
+            partial,
+        ),
+    )
     if splits > 1:
-        reduce = _kernel(input.device, "ps_reduce_splits_f64" if accumulate == torch.float64 else "ps_reduce_splits_f32")
+        reduce = _kernel(
+            input.device, "ps_reduce_splits_f64" if accumulate == torch.float64 else "ps_reduce_splits_f32"
+        )
         _launch(reduce, _blocks(k), (partial, splits, k, out))
     return out
 
 
-def dequant_scatter_cuda(packed, absmax, code, blocksize, shape, out_dtype, indices, values, nested_absmax=None,
-                         nested_code=None, nested_blocksize=256, offset=0.0):
+def dequant_scatter_cuda(
+    packed,
+    absmax,
+    code,
+    blocksize,
+    shape,
+    out_dtype,
+    indices,
+    values,
+    nested_absmax=None,
+    nested_code=None,
+    nested_blocksize=256,
+    offset=0.0,
+):
     if out_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise TypeError(f"dequant_scatter: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
     if (nested_absmax is None) != (nested_code is None):
@@ -141,10 +174,22 @@ def dequant_scatter_cuda(packed, absmax, code, blocksize, shape, out_dtype, indi
     values = values.to(torch.float32).contiguous()
     code = code.to(torch.float32).contiguous()
     null = torch.empty(0, device=packed.device)
-    args = (packed.contiguous(), null if nested else absmax.contiguous(), absmax.contiguous() if nested else null,
-            code, blocksize, nested_absmax.float().contiguous() if nested else null,
-            nested_code.float().contiguous() if nested else null, nested_blocksize, float(offset), numel, indices,
-            values, indices.numel(), out)
+    args = (
+        packed.contiguous(),
+        null if nested else absmax.contiguous(),
+        absmax.contiguous() if nested else null,
+        code,
+        blocksize,
+        nested_absmax.float().contiguous() if nested else null,
+        nested_code.float().contiguous() if nested else null,
+        nested_blocksize,
+        float(offset),
+        numel,
+        indices,
+        values,
+        indices.numel(),
+        out,
+    )
     suffix = f"{_SUFFIX[out_dtype]}_{index_suffix}"
     # Two passes on one stream, as in kernels.cu: the dequantised stream, then each delta run's single rounding.
     _launch(_kernel(packed.device, f"ps_dequant_scatter_{suffix}"), (math.ceil(numel / DEQUANT_TILE),), args)

@@ -27,8 +27,18 @@ def register_fakes() -> None:
 
     @torch.library.register_fake("peft_sparse::dequant_scatter")
     def _dequant_scatter_fake(
-        packed, absmax, code, blocksize, shape, out_dtype, indices, values, nested_absmax=None, nested_code=None,
-        nested_blocksize=256, offset=0.0,
+        packed,
+        absmax,
+        code,
+        blocksize,
+        shape,
+        out_dtype,
+        indices,
+        values,
+        nested_absmax=None,
+        nested_code=None,
+        nested_blocksize=256,
+        offset=0.0,
     ):
         torch._check(packed.numel() * 2 >= math.prod(shape))
         return packed.new_empty(tuple(shape), dtype=out_dtype)

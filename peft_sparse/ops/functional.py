@@ -4,7 +4,7 @@ device of its tensors. Contracts are those of ``reference.py``, the judge every 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -44,8 +44,8 @@ def dequant_scatter(
     out_dtype: torch.dtype,
     indices: torch.Tensor,
     values: torch.Tensor,
-    nested_absmax: Optional[torch.Tensor] = None,
-    nested_code: Optional[torch.Tensor] = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
     nested_blocksize: int = 256,
     offset: float = 0.0,
 ) -> torch.Tensor:
@@ -53,14 +53,34 @@ def dequant_scatter(
     :func:`peft_sparse.ops.reference.dequant_scatter`. ``indices`` must be sorted ascending (duplicates allowed)."""
     if backend(packed.device) == "reference":
         return reference.dequant_scatter(
-            packed, absmax, code, blocksize, shape, out_dtype, indices, values, nested_absmax, nested_code,
-            nested_blocksize, offset,
+            packed,
+            absmax,
+            code,
+            blocksize,
+            shape,
+            out_dtype,
+            indices,
+            values,
+            nested_absmax,
+            nested_code,
+            nested_blocksize,
+            offset,
         )
     if packed.dtype != torch.uint8:
         packed = packed.view(torch.uint8)  # bitsandbytes may store the bytes in another `quant_storage` dtype
     return torch.ops.peft_sparse.dequant_scatter(
-        packed, absmax, code, blocksize, list(shape), out_dtype, indices, values, nested_absmax, nested_code,
-        nested_blocksize, float(offset),
+        packed,
+        absmax,
+        code,
+        blocksize,
+        list(shape),
+        out_dtype,
+        indices,
+        values,
+        nested_absmax,
+        nested_code,
+        nested_blocksize,
+        float(offset),
     )
 
 
@@ -69,7 +89,7 @@ def dequant_scatter_4bit(
     quant_state: Any,
     indices: torch.Tensor,
     values: torch.Tensor,
-    out_dtype: Optional[torch.dtype] = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """:func:`dequant_scatter` driven by a bitsandbytes ``QuantState`` (``Linear4bit.weight.quant_state``).
 

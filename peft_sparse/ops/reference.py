@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Optional
 
 import torch
 
-__all__ = ["check_index_range", "dequant_scatter", "scatter_add", "sddmm_gather", "split_indices"]
+__all__ = ["check_index_range", "dequant_scatter", "scatter_add", "sddmm_gather"]
 
 # The sampled gradient gather materialises two (tokens x chunk) tiles at a time; this bounds their element count so
 # its temporary memory stays constant however many tokens or entries there are (2 x 2**22 fp32 = 32 MiB).
@@ -45,12 +44,6 @@ def check_index_range(indices: torch.Tensor, numel: int, op: str, ascending: boo
         raise ValueError(f"{op}: indices out of range [0, {numel}): they span [{int(low)}, {int(high)}]")
     if ascending and not bool(in_order):
         raise ValueError(f"{op}: indices must be sorted ascending")
-
-
-def split_indices(indices: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Split row-major flat positions into ``(row_indices, col_indices)`` as int64 tensors."""
-    flat = indices.to(torch.int64)
-    return torch.div(flat, in_features, rounding_mode="floor"), torch.remainder(flat, in_features)
 
 
 def scatter_add(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -78,7 +71,7 @@ def scatter_add(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
     if indices.numel() == 0:
         return dense
     check_index_range(indices, dense.numel(), "scatter_add_")
-    row_indices, col_indices = split_indices(indices.to(dense.device), dense.shape[1])
+    row_indices, col_indices = torch.unravel_index(indices.to(device=dense.device, dtype=torch.int64), dense.shape)
     dense.index_put_((row_indices, col_indices), values.to(device=dense.device, dtype=dense.dtype), accumulate=True)
     return dense
 
@@ -116,7 +109,8 @@ def sddmm_gather(
     check_index_range(indices, grad_output.shape[1] * in_features, "sddmm_gather")
     num_tokens = max(grad_output.shape[0], 1)
     tile = max(1, _GATHER_TILE_ELEMENTS // num_tokens)
-    row_indices, col_indices = split_indices(indices.to(grad_output.device), in_features)
+    positions = indices.to(device=grad_output.device, dtype=torch.int64)
+    row_indices, col_indices = torch.unravel_index(positions, (grad_output.shape[1], in_features))
     for start in range(0, num_entries, tile):
         stop = min(start + tile, num_entries)
         grad_cols = grad_output.index_select(1, row_indices[start:stop]).to(acc_dtype)
@@ -134,8 +128,8 @@ def dequant_scatter(
     out_dtype: torch.dtype,
     indices: torch.Tensor,
     values: torch.Tensor,
-    nested_absmax: Optional[torch.Tensor] = None,
-    nested_code: Optional[torch.Tensor] = None,
+    nested_absmax: torch.Tensor | None = None,
+    nested_code: torch.Tensor | None = None,
     nested_blocksize: int = 256,
     offset: float = 0.0,
 ) -> torch.Tensor:
@@ -161,8 +155,9 @@ def dequant_scatter(
     numel = math.prod(shape)
     packed_bytes = packed.reshape(-1).view(torch.uint8)
     if packed_bytes.numel() * 2 < numel:
-        raise ValueError(f"dequant_scatter: packed holds {packed_bytes.numel() * 2} 4-bit values, shape {shape} "
-                         f"needs {numel}")
+        raise ValueError(
+            f"dequant_scatter: packed holds {packed_bytes.numel() * 2} 4-bit values, shape {shape} needs {numel}"
+        )
     nibbles = torch.stack([packed_bytes >> 4, packed_bytes & 15], dim=1).reshape(-1)[:numel].long()
     num_blocks = -(-numel // blocksize)
     if nested_absmax is not None:

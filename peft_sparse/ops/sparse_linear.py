@@ -10,7 +10,7 @@ the compute dtype, and only during one layer's forward or backward.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -23,7 +23,7 @@ def merged_weight(
     values: torch.Tensor,
     fan_in_fan_out: bool,
     dtype: torch.dtype,
-    offset: Optional[torch.Tensor] = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Return ``W0 + delta`` (``+ offset`` if given) as a new contiguous ``(out, in)`` tensor of ``dtype``;
     ``weight`` is not modified.
@@ -100,13 +100,13 @@ class _SparseLinearFunction(torch.autograd.Function):
 def sparse_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
-    bias: Optional[torch.Tensor],
+    bias: torch.Tensor | None,
     indices: torch.Tensor,
     values: torch.Tensor,
     fan_in_fan_out: bool = False,
-    grad_sink: Optional[Callable[[torch.Tensor, torch.Tensor], None]] = None,
-    weight_offset: Optional[torch.Tensor] = None,
-    dequantize: Optional[Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor]] = None,
+    grad_sink: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    weight_offset: torch.Tensor | None = None,
+    dequantize: Callable[[torch.Tensor, torch.Tensor, torch.dtype], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Linear layer with a sparse additive delta on a frozen weight.
 

@@ -112,7 +112,7 @@ def compute_scores(
     for group_start in range(0, len(layers), group_size):
         group = layers[group_start : group_start + group_size]
         group_generators = generators[group_start : group_start + group_size]
-        statistics = [dict() for _ in group]
+        statistics = [{} for _ in group]
         probe_bytes = 0
         if metric.name == "synflow":
             probe_bytes = synflow_statistics(model, group, adapter_name, accumulation_dtype, statistics)

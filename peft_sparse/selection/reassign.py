@@ -25,8 +25,6 @@ moments of sharded values are refused.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from .._distributed import is_sharded, whole, write_whole
@@ -81,7 +79,7 @@ def _remap_blockwise_8bit(state: dict, key: str, positions: torch.Tensor, found:
 
 
 def reassign_entries(
-    layer, adapter_name: str, new_indices: torch.Tensor, optimizer: Optional[torch.optim.Optimizer] = None
+    layer, adapter_name: str, new_indices: torch.Tensor, optimizer: torch.optim.Optimizer | None = None
 ) -> int:
     """Give ``layer``'s adapter a new index set of the same size, in place; return how many entries changed.
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +22,7 @@ from .salience import METRICS
 from .topk import select_top_k
 
 __all__ = ["SelectionReport", "salience_scores", "select_mask", "update_mask"]
+
 
 @dataclass
 class SelectionReport:
@@ -41,13 +42,13 @@ class SelectionReport:
 
 def select_mask(
     model: nn.Module,
-    data: Optional[Iterable] = None,
+    data: Iterable | None = None,
     *,
-    num_batches: Optional[int] = None,
-    loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
-    adapter_name: Optional[str] = None,
+    num_batches: int | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    adapter_name: str | None = None,
     accumulation_dtype: torch.dtype = torch.float32,
-    layers_per_pass: Optional[int] = None,
+    layers_per_pass: int | None = None,
     keep_layer_sizes: bool = False,
     reset_values: bool = False,
 ) -> SelectionReport:
@@ -119,15 +120,16 @@ def select_mask(
         counts = [layer.sparse_indices[adapter_name].numel() for _, layer in layers]
     else:
         counts = allocate_budget(
-            [layer.num_weight_entries for _, layer in layers], config.density, config.num_tunable_weights,
-            config.budget
+            [layer.num_weight_entries for _, layer in layers],
+            config.density,
+            config.num_tunable_weights,
+            config.budget,
         )
     if config.budget == "global" and not keep_layer_sizes:
         chosen = select_top_k(scores, sum(counts), ties)
     else:
         chosen = [select_top_k([s], c, [g])[0] for s, c, g in zip(scores, counts, ties)]
-    report = SelectionReport(config.selection, "per-layer k kept" if keep_layer_sizes else config.budget,
-                             batches_seen)
+    report = SelectionReport(config.selection, "per-layer k kept" if keep_layer_sizes else config.budget, batches_seen)
     for (name, layer), indices in zip(layers, chosen):
         if keep_layer_sizes:
             with torch.no_grad():
@@ -144,13 +146,13 @@ def select_mask(
 
 def salience_scores(
     model: nn.Module,
-    data: Optional[Iterable] = None,
+    data: Iterable | None = None,
     *,
-    num_batches: Optional[int] = None,
-    loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
-    adapter_name: Optional[str] = None,
+    num_batches: int | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    adapter_name: str | None = None,
     accumulation_dtype: torch.dtype = torch.float32,
-    layers_per_pass: Optional[int] = None,
+    layers_per_pass: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """The salience :func:`select_mask` would rank, without selecting: for every sparse layer of the adapter (by
     module name) an fp32 score per entry of its ``(out, in)`` weight, by the metric of the adapter's config.
@@ -165,14 +167,14 @@ def salience_scores(
 
 def update_mask(
     model: nn.Module,
-    data: Optional[Iterable] = None,
+    data: Iterable | None = None,
     *,
-    optimizer: Optional[torch.optim.Optimizer] = None,
-    num_batches: Optional[int] = None,
-    loss_fn: Optional[Callable[[Any, Any], torch.Tensor]] = None,
-    adapter_name: Optional[str] = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    num_batches: int | None = None,
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
+    adapter_name: str | None = None,
     accumulation_dtype: torch.dtype = torch.float32,
-    layers_per_pass: Optional[int] = None,
+    layers_per_pass: int | None = None,
 ) -> SelectionReport:
     """One dynamic mask update (SPEFT, ``update="dynamic"``): re-rank every layer's entries and move its ``k``.
 
@@ -233,7 +235,9 @@ def _prepare(caller: str, model, adapter_name, data):
     if merged:
         raise ValueError(f"{caller}: layers {merged[:3]} are merged; unmerge the adapter before selecting")
     if metric.needs_data and data is None:
-        raise ValueError(f"{caller}: SparseConfig.selection={config.selection!r} needs `data` (batches of training data)")
+        raise ValueError(
+            f"{caller}: SparseConfig.selection={config.selection!r} needs `data` (batches of training data)"
+        )
     return root, adapter_name, config, metric, layers
 
 

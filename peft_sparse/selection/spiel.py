@@ -38,7 +38,7 @@ import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
@@ -91,8 +91,8 @@ class _CandidateGradients:
         self.layer = layer
         self.adapter_name = adapter_name
         self.seed = seed
-        self.candidates: Optional[torch.Tensor] = None  # sorted flat positions
-        self.sums: Optional[torch.Tensor] = None
+        self.candidates: torch.Tensor | None = None  # sorted flat positions
+        self.sums: torch.Tensor | None = None
 
     def accumulate(self, grad_output_2d: torch.Tensor, input_2d: torch.Tensor) -> None:
         in_features = self.layer.in_features
@@ -143,8 +143,15 @@ class SpIEL:
 
     HISTORY_LENGTH = 100
 
-    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None, *,
-                 num_training_steps: int, adapter_name: Optional[str] = None, start_step: int = 0) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        *,
+        num_training_steps: int,
+        adapter_name: str | None = None,
+        start_step: int = 0,
+    ) -> None:
         root, adapter_name, config = resolve_adapter(model, adapter_name, "SpIEL")
         if config.update != "spiel":
             raise ValueError(f"SpIEL: adapter {adapter_name!r} has update={config.update!r}; set update='spiel'")
@@ -187,7 +194,9 @@ class SpIEL:
             return  # no update will use it
         if self.completed_steps % self.config.update_interval == self._window_start():
             for _, layer in self.layers:
-                layer.salience_probe = _CandidateGradients(layer, self.adapter_name, self.config.seed + self.completed_steps)
+                layer.salience_probe = _CandidateGradients(
+                    layer, self.adapter_name, self.config.seed + self.completed_steps
+                )
             self._probing = True
 
     def _stop_window(self) -> dict[str, _CandidateGradients]:
@@ -199,7 +208,7 @@ class SpIEL:
         self._probing = False
         return probes
 
-    def step(self) -> Optional[SpielReport]:
+    def step(self) -> SpielReport | None:
         """Count one optimizer step; prune and regrow when an update is due. Returns the update's report, if any."""
         self.completed_steps += 1
         report = None
@@ -213,8 +222,12 @@ class SpIEL:
     def reselect(self) -> SpielReport:
         """Prune and regrow now, at the schedule's fraction for the current step."""
         start = time.perf_counter()
-        fraction = reselection_fraction(self.completed_steps, self.num_training_steps, self.config.reselection_rate,
-                                        self.config.reselection_schedule)
+        fraction = reselection_fraction(
+            self.completed_steps,
+            self.num_training_steps,
+            self.config.reselection_rate,
+            self.config.reselection_schedule,
+        )
         probes = self._stop_window()
         report = SpielReport(self.completed_steps, fraction)
         for name, layer in self.layers:
@@ -256,7 +269,7 @@ class SpIEL:
         grown = chosen if regrow_positions is None else regrow_positions[chosen]
         return torch.sort(torch.cat([indices[keep], grown])).values
 
-    def _regrow_scores(self, layer, indices, probe) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _regrow_scores(self, layer, indices, probe) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores of the positions that may be regrown and those positions (flat, int64), or, for a dense score over
         the whole weight, ``None`` for the positions (score i is position i)."""
         if self.config.regrow == "gradient":
@@ -284,11 +297,17 @@ class SpIEL:
             probes = {}
             for name, layer in self.layers:
                 probe = layer.salience_probe
-                probes[name] = {"seed": probe.seed,
-                                "candidates": None if probe.candidates is None else probe.candidates.clone(),
-                                "sums": None if probe.sums is None else probe.sums.clone()}
-        return {"completed_steps": self.completed_steps, "num_training_steps": self.num_training_steps,
-                "origins": {name: tensor.clone() for name, tensor in self.origins.items()}, "probes": probes}
+                probes[name] = {
+                    "seed": probe.seed,
+                    "candidates": None if probe.candidates is None else probe.candidates.clone(),
+                    "sums": None if probe.sums is None else probe.sums.clone(),
+                }
+        return {
+            "completed_steps": self.completed_steps,
+            "num_training_steps": self.num_training_steps,
+            "origins": {name: tensor.clone() for name, tensor in self.origins.items()},
+            "probes": probes,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         missing = set(self.origins) - set(state.get("origins", {}))
@@ -315,8 +334,9 @@ class SpIEL:
     def restart_growth_records(self) -> None:
         """Count every entry's movement from its current value (used at start, and when a resumed run has no saved
         SpIEL state). Gathers the values where FSDP2 shards them: a collective under ``torch.distributed``."""
-        self.origins = {name: whole(layer.sparse_values[self.adapter_name].detach()).clone()
-                        for name, layer in self.layers}
+        self.origins = {
+            name: whole(layer.sparse_values[self.adapter_name].detach()).clone() for name, layer in self.layers
+        }
 
     def close(self) -> None:
         """Remove any gradient probes (the run ended early)."""

@@ -36,9 +36,7 @@ def _kth_largest(keys: Sequence[torch.Tensor], k: int) -> int:
     return low
 
 
-def select_top_k(
-    scores: Sequence[torch.Tensor], k: int, generators: Sequence[torch.Generator]
-) -> list[torch.Tensor]:
+def select_top_k(scores: Sequence[torch.Tensor], k: int, generators: Sequence[torch.Generator]) -> list[torch.Tensor]:
     """Indices of the ``k`` highest scores over all layers, as one sorted int64 tensor of flat positions per layer.
 
     Args:

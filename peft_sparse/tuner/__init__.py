@@ -9,8 +9,8 @@ from .registration import SPARSE_PEFT_TYPE, register
 register()
 
 __all__ = [
-    "Linear",
     "SPARSE_PEFT_TYPE",
+    "Linear",
     "SparseConfig",
     "SparseLayer",
     "SparseModel",

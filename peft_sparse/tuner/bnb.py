@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import sys
 import warnings
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
@@ -62,8 +63,15 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
     """Forward, merge and unmerge shared by the quantised layer types; subclasses say how to dequantise and
     re-quantise their weight."""
 
-    def __init__(self, base_layer: nn.Module, adapter_name: str, delta_dtype: Optional[torch.dtype] = None,
-                 layer_name: str = "", low_rank: Optional[dict[str, Any]] = None, **kwargs) -> None:
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        delta_dtype: torch.dtype | None = None,
+        layer_name: str = "",
+        low_rank: dict[str, Any] | None = None,
+        **kwargs,
+    ) -> None:
         super().__init__()
         SparseLayer.__init__(self, base_layer, layer_name=layer_name, fan_in_fan_out=False, **kwargs)
         self._active_adapter = adapter_name
@@ -135,7 +143,7 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
         )
         return self._add_low_rank_output(out, x, active).to(input_dtype)
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merge the given (default: active) adapters into the quantised weight: dequantise, add, re-quantise.
 
         All given adapters are merged in one re-quantisation. The original quantised weight is kept until
@@ -307,7 +315,7 @@ def _bnb_types() -> tuple[type, type] | None:
     return bnb.nn.Linear4bit, bnb.nn.Linear8bitLt
 
 
-def dispatch_bnb(target: nn.Module, adapter_name: str, **kwargs) -> Optional[nn.Module]:
+def dispatch_bnb(target: nn.Module, adapter_name: str, **kwargs) -> nn.Module | None:
     """A sparse layer for a supported bitsandbytes layer, else ``None``.
 
     Raises:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Optional, Union
 
 from torch import nn
 
@@ -27,9 +26,7 @@ def _split_proportionally(total: int, sizes: Sequence[int]) -> list[int]:
     return counts
 
 
-def allocate_budget(
-    sizes: Sequence[int], density: float, num_tunable_weights: Optional[int], budget: str
-) -> list[int]:
+def allocate_budget(sizes: Sequence[int], density: float, num_tunable_weights: int | None, budget: str) -> list[int]:
     """Number of trainable entries per layer before any salience-based selection.
 
     Args:
@@ -58,9 +55,9 @@ def allocate_budget(
 def lora_equivalent_budget(
     model: nn.Module,
     r: int,
-    target_modules: Union[list[str], str],
-    exclude_modules: Optional[Union[list[str], str]] = None,
-    task_type: Optional[str] = None,
+    target_modules: list[str] | str,
+    exclude_modules: list[str] | str | None = None,
+    task_type: str | None = None,
 ) -> int:
     """Number of trainable parameters a LoRA adapter of rank ``r`` on the same layers would have.
 
@@ -85,9 +82,9 @@ def lora_equivalent_budget(
 
 def targeted_linear_shapes(
     model: nn.Module,
-    target_modules: Union[list[str], str],
-    exclude_modules: Optional[Union[list[str], str]] = None,
-    task_type: Optional[str] = None,
+    target_modules: list[str] | str,
+    exclude_modules: list[str] | str | None = None,
+    task_type: str | None = None,
 ) -> list[tuple[int, int]]:
     """The logical ``(out, in)`` shape of every linear layer (``nn.Linear``, GPT-2 ``Conv1D``) an adapter with these
     ``target_modules`` / ``exclude_modules`` / ``task_type`` would target, in module order, as peft resolves them

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Literal
 
 import torch
 from peft.config import PeftConfig
@@ -110,7 +110,7 @@ class SparseConfig(PeftConfig):
             Scale of the low-rank term (``lora_alpha / r``), as LoRA's ``lora_alpha``.
     """
 
-    target_modules: Optional[Union[list[str], str]] = field(
+    target_modules: list[str] | str | None = field(
         default=None,
         metadata={
             "help": (
@@ -119,18 +119,18 @@ class SparseConfig(PeftConfig):
             )
         },
     )
-    exclude_modules: Optional[Union[list[str], str]] = field(
+    exclude_modules: list[str] | str | None = field(
         default=None, metadata={"help": "List of module names or a regex over module names not to adapt."}
     )
-    layers_to_transform: Optional[Union[list[int], int]] = field(
+    layers_to_transform: list[int] | int | None = field(
         default=None,
         metadata={"help": "Only adapt the layers with these indices. Requires `target_modules` to be a list."},
     )
-    layers_pattern: Optional[Union[list[str], str]] = field(
+    layers_pattern: list[str] | str | None = field(
         default=None,
         metadata={"help": "Name of the module list that `layers_to_transform` indexes, e.g. 'layers' or 'h'."},
     )
-    modules_to_save: Optional[list[str]] = field(
+    modules_to_save: list[str] | None = field(
         default=None,
         metadata={
             "help": (
@@ -146,19 +146,19 @@ class SparseConfig(PeftConfig):
     density: float = field(
         default=0.01, metadata={"help": "Fraction of the targeted weights that are trainable, in (0, 1]."}
     )
-    num_tunable_weights: Optional[int] = field(
+    num_tunable_weights: int | None = field(
         default=None,
         metadata={"help": "Absolute number of trainable weights over all targeted layers; overrides `density`."},
     )
     budget: Literal["global", "local"] = field(
         default="global",
-        metadata={
-            "help": "'global': one top-k over all targeted weights; 'local': the same density in every layer."
-        },
+        metadata={"help": "'global': one top-k over all targeted weights; 'local': the same density in every layer."},
     )
     selection: Literal[
         "magnitude", "gradient", "snip", "force", "taylor_fo", "synflow", "grasp", "fisher", "random"
-    ] = field(default="gradient", metadata={"help": f"Salience metric choosing the trainable entries: {SELECTION_METHODS}."})
+    ] = field(
+        default="gradient", metadata={"help": f"Salience metric choosing the trainable entries: {SELECTION_METHODS}."}
+    )
     update: Literal["static", "dynamic", "spiel"] = field(
         default="static",
         metadata={"help": "'static' (select once), 'dynamic' (reselect every `update_interval` steps) or 'spiel'."},
@@ -181,7 +181,7 @@ class SparseConfig(PeftConfig):
     accumulation_steps: int = field(
         default=5, metadata={"help": "SpIEL-AG: steps before an update over which dense gradients are accumulated."}
     )
-    delta_dtype: Optional[Literal["float32", "bfloat16", "float16"]] = field(
+    delta_dtype: Literal["float32", "bfloat16", "float16"] | None = field(
         default=None,
         metadata={
             "help": (
@@ -218,7 +218,9 @@ class SparseConfig(PeftConfig):
         super().__post_init__()
         self.peft_type = SPARSE_PEFT_TYPE
         self.validate()
-        self.target_modules = set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        self.target_modules = (
+            set(self.target_modules) if isinstance(self.target_modules, list) else self.target_modules
+        )
         self.exclude_modules = (
             set(self.exclude_modules) if isinstance(self.exclude_modules, list) else self.exclude_modules
         )
@@ -234,7 +236,9 @@ class SparseConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("SparseConfig.layers_pattern requires layers_to_transform to be set")
         if isinstance(self.density, bool) or not isinstance(self.density, (int, float)):
-            raise TypeError(f"SparseConfig.density must be a float, got {type(self.density).__name__} {self.density!r}")
+            raise TypeError(
+                f"SparseConfig.density must be a float, got {type(self.density).__name__} {self.density!r}"
+            )
         if not (math.isfinite(self.density) and 0.0 < self.density <= 1.0):
             raise ValueError(f"SparseConfig.density must be in (0, 1], got {self.density!r}")
         if self.num_tunable_weights is not None:
@@ -255,8 +259,9 @@ class SparseConfig(PeftConfig):
         _check_int("seed", self.seed, 0)
         _check_int("r", self.r, 0)
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
-            raise TypeError(f"SparseConfig.lora_alpha must be a number, got {type(self.lora_alpha).__name__} "
-                            f"{self.lora_alpha!r}")
+            raise TypeError(
+                f"SparseConfig.lora_alpha must be a number, got {type(self.lora_alpha).__name__} {self.lora_alpha!r}"
+            )
         if not (math.isfinite(self.lora_alpha) and self.lora_alpha > 0):
             raise ValueError(f"SparseConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
         if isinstance(self.reselection_rate, bool) or not isinstance(self.reselection_rate, (int, float)):
@@ -270,6 +275,6 @@ class SparseConfig(PeftConfig):
             )
 
     @property
-    def torch_delta_dtype(self) -> Optional[torch.dtype]:
+    def torch_delta_dtype(self) -> torch.dtype | None:
         """``delta_dtype`` as a ``torch.dtype``, or ``None`` when it is left to peft's dtype rule."""
         return None if self.delta_dtype is None else DELTA_DTYPES[self.delta_dtype]

@@ -18,10 +18,9 @@ weight gradient.
 
 from __future__ import annotations
 
-import warnings
-from typing import Any, Optional
-
 import math
+import warnings
+from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
@@ -31,7 +30,6 @@ from torch import nn
 from .._distributed import whole
 from ..ops import scatter_add, sparse_linear
 from .indices import check_indices, index_dtype, layer_seed, random_indices
-
 
 _hooks_warned = False
 
@@ -113,7 +111,7 @@ class SparseLayer(BaseTunerLayer):
     def update_layer(
         self,
         adapter_name: str,
-        delta_dtype: Optional[torch.dtype],
+        delta_dtype: torch.dtype | None,
         inference_mode: bool = False,
         r: int = 0,
         lora_alpha: float = 8,
@@ -143,8 +141,16 @@ class SparseLayer(BaseTunerLayer):
             self._add_low_rank(adapter_name, r, lora_alpha, init_weights, seed, values_dtype, device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _add_low_rank(self, adapter_name: str, r: int, lora_alpha: float, init_weights: bool, seed: int,
-                      dtype: torch.dtype, device: torch.device) -> None:
+    def _add_low_rank(
+        self,
+        adapter_name: str,
+        r: int,
+        lora_alpha: float,
+        init_weights: bool,
+        seed: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         generator = torch.Generator().manual_seed(layer_seed(seed, self.layer_name) + 1)
         lora_a = torch.empty(r, self.in_features)
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
@@ -156,7 +162,7 @@ class SparseLayer(BaseTunerLayer):
         self.sparse_lora_B[adapter_name] = nn.Parameter(lora_b.to(device=device, dtype=dtype))
         self.lora_scaling[adapter_name] = lora_alpha / r
 
-    def low_rank_delta(self, adapter_name: str) -> Optional[torch.Tensor]:
+    def low_rank_delta(self, adapter_name: str) -> torch.Tensor | None:
         """The adapter's low-rank term ``scaling * B @ A`` as a dense float32 ``(out, in)`` tensor, or ``None``
         when the adapter has none (``r = 0``)."""
         if adapter_name not in self.sparse_lora_A:
@@ -217,7 +223,7 @@ class SparseLayer(BaseTunerLayer):
             if parameter is not None and parameter.dtype != dtype:
                 parameter.data = parameter.data.to(dtype)
 
-    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: Optional[torch.device] = None) -> None:
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device: torch.device | None = None) -> None:
         """Move the adapter to the base layer's device; the values take the dtype decided for them.
 
         peft's version casts every floating tensor to the base layer's dtype; after a ``low_cpu_mem_usage`` load
@@ -231,24 +237,28 @@ class SparseLayer(BaseTunerLayer):
         """
         if adapter_name not in self.sparse_values:
             return
-        containers = {name: getattr(self, name) for name in self.adapter_layer_names + self.other_param_names
-                      if adapter_name in getattr(self, name)}
-        missing = [f"{self.layer_name}.{name}.{adapter_name}" for name, container in containers.items()
-                   if container[adapter_name].device.type == "meta"]
+        containers = {
+            name: getattr(self, name)
+            for name in self.adapter_layer_names + self.other_param_names
+            if adapter_name in getattr(self, name)
+        }
+        missing = [
+            f"{self.layer_name}.{name}.{adapter_name}"
+            for name, container in containers.items()
+            if container[adapter_name].device.type == "meta"
+        ]
         if missing:
             raise ValueError(
                 f"Cannot load sparse adapter {adapter_name!r}: the checkpoint has no tensors for {missing}; it was "
                 "saved from a model without this layer, or the file is incomplete"
             )
         target = device if device is not None else self.weight_device
-        for name, container in containers.items():
+        for container in containers.values():
             container[adapter_name] = container[adapter_name].to(target)
         self.cast_values(adapter_name, self.values_dtype[adapter_name])
         self._freeze_empty_values([adapter_name])
 
-    def set_sparse_entries(
-        self, adapter_name: str, indices: torch.Tensor, values: Optional[torch.Tensor] = None
-    ) -> None:
+    def set_sparse_entries(self, adapter_name: str, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
         """Replace the index set (and values) of an existing adapter, validating first.
 
         ``values`` defaults to zeros. The values ``Parameter`` keeps its identity and is resized in place, so an
@@ -416,7 +426,7 @@ class SparseLayer(BaseTunerLayer):
             target += (sign * low_rank).to(device=target.device, dtype=target.dtype)
         return target
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the given (default: active) adapters' deltas into the base weight in place.
 
         Args:
@@ -524,7 +534,6 @@ class SparseLayer(BaseTunerLayer):
         self.sparse_residual_values[name] = torch.empty(values.shape, dtype=torch.float32, device=device)
 
 
-
 def _describe(tensor: Any) -> str:
     if isinstance(tensor, torch.Tensor):
         return f"dtype {tensor.dtype}, shape {tuple(tensor.shape)}"
@@ -538,10 +547,10 @@ class Linear(nn.Module, SparseLayer):
         self,
         base_layer: nn.Module,
         adapter_name: str,
-        delta_dtype: Optional[torch.dtype] = None,
+        delta_dtype: torch.dtype | None = None,
         layer_name: str = "",
         fan_in_fan_out: bool = False,
-        low_rank: Optional[dict[str, Any]] = None,
+        low_rank: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
         super().__init__()

@@ -3,8 +3,6 @@ the tuner itself look them up."""
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import nn
 
 from .config import SparseConfig
@@ -13,7 +11,7 @@ from .layer import SparseLayer
 __all__ = ["resolve_adapter", "sparse_layers"]
 
 
-def resolve_adapter(model: nn.Module, adapter_name: Optional[str], caller: str) -> tuple[nn.Module, str, SparseConfig]:
+def resolve_adapter(model: nn.Module, adapter_name: str | None, caller: str) -> tuple[nn.Module, str, SparseConfig]:
     """The module that holds the sparse layers, the adapter's name and its config.
 
     ``model`` is a ``PeftModel`` or a ``SparseModel``; ``adapter_name=None`` means the active adapter. ``caller``
@@ -42,8 +40,11 @@ def resolve_adapter(model: nn.Module, adapter_name: Optional[str], caller: str) 
     return (tuner.model if hasattr(tuner, "model") else tuner), adapter_name, config
 
 
-def sparse_layers(module: nn.Module, adapter_name: Optional[str] = None) -> list[tuple[str, SparseLayer]]:
+def sparse_layers(module: nn.Module, adapter_name: str | None = None) -> list[tuple[str, SparseLayer]]:
     """``(name, layer)`` of every sparse layer under ``module`` that holds ``adapter_name`` (``None``: every sparse
     layer), in module order."""
-    return [(name, m) for name, m in module.named_modules()
-            if isinstance(m, SparseLayer) and (adapter_name is None or adapter_name in m.sparse_values)]
+    return [
+        (name, m)
+        for name, m in module.named_modules()
+        if isinstance(m, SparseLayer) and (adapter_name is None or adapter_name in m.sparse_values)
+    ]

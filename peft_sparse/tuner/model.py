@@ -121,8 +121,12 @@ class SparseModel(BaseTuner):
         if current_key is None:
             raise ValueError("current_key must not be None")
         if isinstance(target, SparseLayer):
-            target.update_layer(adapter_name, sparse_config.torch_delta_dtype, inference_mode=sparse_config.inference_mode,
-                                **_low_rank_kwargs(sparse_config))
+            target.update_layer(
+                adapter_name,
+                sparse_config.torch_delta_dtype,
+                inference_mode=sparse_config.inference_mode,
+                **_low_rank_kwargs(sparse_config),
+            )
             return
         new_module = self._create_new_module(sparse_config, adapter_name, target, current_key)
         if adapter_name not in self.active_adapters:
@@ -134,8 +138,9 @@ class SparseModel(BaseTuner):
     def _create_new_module(sparse_config: SparseConfig, adapter_name: str, target: nn.Module, layer_name: str):
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
         low_rank = _low_rank_kwargs(sparse_config)
-        quantised = dispatch_bnb(target, adapter_name, delta_dtype=sparse_config.torch_delta_dtype, layer_name=layer_name,
-                                 low_rank=low_rank)
+        quantised = dispatch_bnb(
+            target, adapter_name, delta_dtype=sparse_config.torch_delta_dtype, layer_name=layer_name, low_rank=low_rank
+        )
         if quantised is not None:
             return quantised
         reason = _unsupported_reason(layer_name, base_layer)
@@ -254,8 +259,12 @@ class SparseModel(BaseTuner):
         # weighted, scaled B, and the new term has scaling 1.
         ranks = [c.r for c in configs]
         self.peft_config[adapter_name] = dataclasses.replace(
-            configs[0], num_tunable_weights=None, target_modules=_union_of_targets(adapters, configs),
-            modules_to_save=modules_to_save, r=sum(ranks), lora_alpha=sum(ranks) or configs[0].lora_alpha,
+            configs[0],
+            num_tunable_weights=None,
+            target_modules=_union_of_targets(adapters, configs),
+            modules_to_save=modules_to_save,
+            r=sum(ranks),
+            lora_alpha=sum(ranks) or configs[0].lora_alpha,
         )
         try:
             self._entries_given = True
@@ -291,8 +300,9 @@ class SparseModel(BaseTuner):
         self._mark_only_adapters_as_trainable(self.model)
 
 
-def _write_concatenated_low_rank(layer: SparseLayer, adapter_name: str, adapters: list[str], weights: list[float],
-                                 ranks: list[int]) -> None:
+def _write_concatenated_low_rank(
+    layer: SparseLayer, adapter_name: str, adapters: list[str], weights: list[float], ranks: list[int]
+) -> None:
     """Give ``adapter_name`` the low-rank term ``sum_a weight_a * scaling_a * B_a @ A_a`` of the given adapters, as
     one term of rank ``sum(ranks)`` (blocks of zeros for an adapter without a term in this layer)."""
     a_blocks, b_blocks = [], []

@@ -26,7 +26,9 @@ def _add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> enum.E
     existing = enum_cls.__members__.get(name)
     if existing is not None:
         if existing.value != value:
-            raise RuntimeError(f"{enum_cls.__name__}.{name} already exists with value {existing.value!r}, not {value!r}")
+            raise RuntimeError(
+                f"{enum_cls.__name__}.{name} already exists with value {existing.value!r}, not {value!r}"
+            )
         return existing
     if value in enum_cls._value2member_map_:
         raise RuntimeError(f"{enum_cls.__name__} already has a member with value {value!r}")
