@@ -62,13 +62,14 @@ def _work_offline() -> None:
     """Everything the command line loads comes from local files: make sure nothing reaches for the Hugging Face
     Hub (unless the environment says otherwise). Done when a command runs, not when the package is imported (a
     library import must not change the process's settings). huggingface_hub reads the variable once, when it is
-    imported, which importing peft already did, so its constant is set too; worker processes inherit the
-    variables."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    imported, which importing peft already did: a variable set here is also set in its constant (one the user set
+    was read then); worker processes inherit the variables."""
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    from huggingface_hub import constants
+    if "HF_HUB_OFFLINE" not in os.environ:
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        from huggingface_hub import constants
 
-    constants.HF_HUB_OFFLINE = os.environ["HF_HUB_OFFLINE"].strip().upper() in {"1", "ON", "YES", "TRUE"}
+        constants.HF_HUB_OFFLINE = True
 
 
 def main(argv: Sequence[str] | None = None) -> int:

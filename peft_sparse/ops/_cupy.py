@@ -80,6 +80,7 @@ def scatter_add_cuda(dense: torch.Tensor, indices: torch.Tensor, values: torch.T
     if dense.dim() != 2:
         reference.scatter_add(dense, indices, values)  # raises the reference's ValueError
         return
+    # The compiled op's order of checks: dense, then the indices (its messages), then the values.
     index_suffix = _checked_index_suffix(indices, dense.shape[0] * dense.shape[1], "scatter_add_")
     if values.shape != indices.shape:
         reference.scatter_add(dense, indices, values)  # raises the reference's ValueError
