@@ -1,17 +1,25 @@
-"""Run by tests/test_distributed.py: train a tiny sparse Llama with the Trainer and SparseTrainingCallback on one
+"""Run by tests/test_distributed.py: train tiny sparse Llamas with the Trainer and SparseTrainingCallback on one
 process, or on two under ``torch.distributed.run`` (gloo, CPU) with FSDP2, DDP or DeepSpeed ZeRO, and write what the
 tests compare.
 
-    python distributed_train.py OUT_DIR '{"engine": "fsdp", "update": "static", ...}'
+    python distributed_train.py OUT_ROOT '{"fsdp-static": {"engine": "fsdp", "update": "static", ...}, ...}'
 
-Options (JSON): ``engine`` ("single", "ddp", "fsdp", "zero2", "zero3"), ``update``, ``budget``, ``selection``,
-``batch`` (per process), ``steps``, ``select_before_wrapping`` (call ``select_mask`` on the trainer's dataloader before
-``trainer.train()``, so a global budget may give layers k = 0), ``optimizer`` ("adamw" or "sm3"), ``quantised``
-(a 4-bit NF4 base; ``quant_storage`` names its storage dtype), ``save_steps`` and ``resume`` (a checkpoint folder
-name to resume from).
+One launch runs several named runs one after the other in the same processes (importing torch, transformers and
+peft costs each process about six seconds, the tiny runs themselves one to three), all with the same ``engine``:
+between runs accelerate's process-wide state is reset; the process group stays.
 
-Writes ``OUT_DIR/rank{r}.pt`` (every layer's indices and whole values, gathered where FSDP2 shards them, and the
-``sparse/`` log entries) and, from ``trainer.save_model``, the adapter in ``OUT_DIR/adapter``.
+Options (JSON) of a run: ``engine`` ("single", "ddp", "fsdp", "zero2", "zero3"), ``update``, ``budget``,
+``selection``, ``batch`` (per process), ``steps``, ``select_before_wrapping`` (call ``select_mask`` on the trainer's
+dataloader before ``trainer.train()``, so a global budget may give layers k = 0), ``optimizer`` ("adamw" or "sm3"),
+``quantised`` (a 4-bit NF4 base; ``quant_storage`` names its storage dtype), ``save_steps``, ``resume`` (a checkpoint
+folder name) with ``resume_from`` (the earlier run of this launch whose checkpoint it resumes), ``expect_error``
+(the run must fail: its message is recorded and the launch goes on) and ``probe`` ("select_mask_on_shards": no
+training; ``select_mask`` on a model sharded by ``fully_shard`` directly).
+
+Writes ``OUT_ROOT/NAME/rank{r}.pt`` (every layer's indices and whole values, gathered where FSDP2 shards them, and
+the ``sparse/`` log entries) and, from ``trainer.save_model``, the adapter in ``OUT_ROOT/NAME/adapter``; for an
+expected failure ``OUT_ROOT/NAME/error-rank{r}.json`` (the message and the optimizer steps taken before it); for a
+probe ``OUT_ROOT/NAME/probe-rank{r}.json``.
 
 accelerate turns FSDP on only for accelerator device types (its ``AcceleratorState`` leaves a CPU run as
 ``MULTI_CPU``), so on CPU the trainer below switches both shared states to FSDP after the Trainer built its Accelerator:
@@ -21,8 +29,10 @@ DeepSpeed runs on its own CPU accelerator (``DS_ACCELERATOR=cpu``, gloo); there 
 process group (see ``deepspeed_on_cpu``).
 """
 
+import gc
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -84,8 +94,12 @@ class SM3Trainer(SequentialTrainer):
         return self.optimizer
 
 
-def main() -> None:
-    out_dir, options = Path(sys.argv[1]), json.loads(sys.argv[2])
+def rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def train(root: Path, name: str, options: dict, started: list) -> None:
+    out_dir = root / name
     engine = options.get("engine", "single")
     config = SparseConfig(
         target_modules=trainer_helpers.TARGETS,
@@ -102,7 +116,11 @@ def main() -> None:
     if options.get("quantised"):
         storage = getattr(torch, options.get("quant_storage", "uint8"))
         # bitsandbytes runs the untargeted 4-bit layers; its CPU kernels want in_features a multiple of 64.
-        directory = out_dir / f"base-{storage}-rank{os.environ.get('RANK', '0')}"  # no two processes write one
+        directory = out_dir / f"base-{storage}"
+        if rank() == 0:  # one process writes the checkpoint every process quantises
+            tiny_llama_aligned().save_pretrained(directory)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
         base = quantised_model(
             directory,
             tiny_llama_aligned,
@@ -146,11 +164,73 @@ def main() -> None:
     if options.get("select_before_wrapping"):
         model.train()  # as the Trainer's own selection does (see SparseTrainingCallback._select)
         select_mask(model, trainer.get_train_dataloader())
+    started.append(trainer)
     resume = options.get("resume")
+    if resume:  # the earlier run's checkpoint, where the Trainer looks for it
+        if rank() == 0:
+            shutil.copytree(root / options["resume_from"] / "run" / resume, out_dir / "run" / resume)
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
     trainer.train(resume_from_checkpoint=str(out_dir / "run" / resume) if resume else None)
     trainer.save_model(str(out_dir / "adapter"))
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    torch.save({"state": sparse_state(model), "log": sparse_log(trainer)}, out_dir / f"rank{rank}.pt")
+    torch.save({"state": sparse_state(model), "log": sparse_log(trainer)}, out_dir / f"rank{rank()}.pt")
+
+
+def probe_select_mask_on_shards(out_dir: Path) -> dict:
+    """``select_mask`` on a model whose values ``fully_shard`` made DTensors: moving the budget between layers is
+    refused (each layer's k is fixed by the layout); keeping the layer sizes works."""
+    from torch.distributed.fsdp import fully_shard
+
+    from peft_sparse import SparseLayer
+
+    def sizes() -> list[int]:
+        return [m.sparse_values["default"].shape[0] for m in model.modules() if isinstance(m, SparseLayer)]
+
+    model = trainer_helpers.sparse_model(selection="gradient", budget="global")
+    fully_shard(model)
+    batches = [{key: value.unsqueeze(0) for key, value in TokenData()[i].items()} for i in range(2)]
+    result = {"refused": None}
+    try:
+        select_mask(model, batches)
+    except ValueError as error:
+        result["refused"] = str(error)
+    before = sizes()
+    select_mask(model, batches, keep_layer_sizes=True)
+    result["kept"] = sizes() == before
+    return result
+
+
+def reset_process_state() -> None:
+    """Forget accelerate's (and transformers' DeepSpeed) process-wide state of the last run; the process group
+    stays and the next run's ``PartialState`` adopts it."""
+    from accelerate.state import AcceleratorState, GradientState
+    from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    unset_hf_deepspeed_config()
+    gc.collect()
+
+
+def main() -> None:
+    root, plan = Path(sys.argv[1]), json.loads(sys.argv[2])
+    for name, options in plan.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        if options.get("probe") == "select_mask_on_shards":
+            result = probe_select_mask_on_shards(root / name)
+            (root / name / f"probe-rank{rank()}.json").write_text(json.dumps(result))
+            continue
+        started: list = []
+        try:
+            train(root, name, options, started)
+        except Exception as error:
+            if not options.get("expect_error"):
+                raise
+            steps = started[0].state.global_step if started else None
+            record = {"message": f"{type(error).__name__}: {error}", "steps": steps}
+            (root / name / f"error-rank{rank()}.json").write_text(json.dumps(record))
+        finally:
+            reset_process_state()
     if torch.distributed.is_initialized():
         # Leave together and tear the process group down before the interpreter does: a rank that exits while
         # gloo's threads still serve the other one can abort ("terminate called without an active exception").
