@@ -439,12 +439,12 @@ def test_builtin_models_resolve_or_say_how_to_install(monkeypatch):
 # ------------------------------------------------------------------------------------------------ whole runs
 
 
-def test_finetune_both_methods_on_a_tiny_model(tiny_model_dir, jsonl, tmp_path):
+def test_finetune_both_methods_on_a_tiny_model(tiny_model_dir, jsonl, tmp_path, cli_here):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     out = tmp_path / "out"
-    result = run_cli(
+    result = cli_here(
         "finetune",
         "--model",
         tiny_model_dir,
@@ -483,12 +483,14 @@ def test_finetune_both_methods_on_a_tiny_model(tiny_model_dir, jsonl, tmp_path):
         assert accuracy(model, held_out) == pytest.approx(r["held_out_accuracy"])
 
 
-def test_finetune_sparse_only_keeps_the_exact_density_and_runs_spiel_on_a_4bit_base(tiny_model_dir, jsonl, tmp_path):
+def test_finetune_sparse_only_keeps_the_exact_density_and_runs_spiel_on_a_4bit_base(
+    tiny_model_dir, jsonl, tmp_path, cli_here
+):
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForSequenceClassification
 
     out = tmp_path / "out"
-    result = run_cli(
+    result = cli_here(
         "finetune",
         "--model",
         tiny_model_dir,

@@ -110,8 +110,9 @@ def test_cpu_sources_build_for_aarch64(tmp_path):
     from torch.utils import cpp_extension
 
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
-    for source in ("ops.cpp", "cpu/ops_cpu.cpp"):
-        result = subprocess.run(
+    sources = ("ops.cpp", "cpu/ops_cpu.cpp")
+    compiles = [  # both at once
+        subprocess.Popen(
             [
                 compiler,
                 "-c",
@@ -123,11 +124,14 @@ def test_cpu_sources_build_for_aarch64(tmp_path):
                 "-DTORCH_EXTENSION_NAME=_C",
                 str(CSRC / source),
                 "-o",
-                str(tmp_path / "out.o"),
+                str(tmp_path / f"{Path(source).stem}.o"),
             ],
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
-            timeout=600,
-            check=False,
         )
-        assert result.returncode == 0, f"{source}:\n{result.stderr[-4000:]}"
+        for source in sources
+    ]
+    for source, process in zip(sources, compiles, strict=True):
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, f"{source}:\n{stderr[-4000:]}"

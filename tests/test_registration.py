@@ -51,28 +51,34 @@ def test_adding_a_clashing_enum_value_is_refused():
         registration._add_enum_member(PeftType, "LORA", "SOMETHING_ELSE")
 
 
-@pytest.mark.parametrize(
-    "prelude",
-    [
-        "import peft.mapping\nimport peft_sparse",
-        "import peft_sparse\nimport peft_sparse\nimport peft.mapping",
-        "from peft import get_peft_model, PeftModel, PeftConfig\nimport peft_sparse",
-    ],
-)
-def test_import_orders_in_a_fresh_interpreter(prelude):
-    script = textwrap.dedent(
+IMPORT_ORDERS = [
+    "import peft.mapping\nimport peft_sparse",
+    "import peft_sparse\nimport peft_sparse\nimport peft.mapping",
+    "from peft import get_peft_model, PeftModel, PeftConfig\nimport peft_sparse",
+]
+
+
+def test_import_orders_in_fresh_interpreters():
+    check = textwrap.dedent(
         """
-        {prelude}
         from peft import PeftType
         from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
         assert list(PeftType).count(PeftType.SPARSE) == 1
         assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.SPARSE].__name__ == "SparseModel"
         print("ok")
         """
-    ).format(prelude=prelude)
-    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "ok"
+    )
+    # one interpreter per order, all at once (each spends its seconds importing torch and peft)
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", prelude + "\n" + check], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for prelude in IMPORT_ORDERS
+    ]
+    for prelude, process in zip(IMPORT_ORDERS, processes, strict=True):
+        stdout, stderr = process.communicate(timeout=300)
+        assert process.returncode == 0, f"{prelude!r}:\n{stderr}"
+        assert stdout.strip() == "ok", prelude
 
 
 def test_peft_config_from_pretrained_resolves_sparse_config(tmp_path):

@@ -4,8 +4,6 @@ comparison, saved adapters, 4-bit and sparse + low-rank runs, on a tiny Llama wi
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -298,37 +296,28 @@ def test_each_data_format_trains_and_writes_an_adapter(data_format, tiny_dir, tm
 # ------------------------------------------------------------------------------------------------ whole runs
 
 
-def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_dir, tmp_path):
+def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_dir, tmp_path, cli_here):
     out = tmp_path / "out"
     data_path = write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"])
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "peft_sparse.cli",
-            "sft",
-            "--model_name_or_path",
-            tiny_dir,
-            "--dataset_name",
-            data_path,
-            *FAST,
-            "--eval_strategy",
-            "steps",
-            "--eval_steps",
-            "1",
-            "--compare",
-            "lora",
-            "--lora_r",
-            "4",
-            "--compare_learning_rate",
-            "5e-4",
-            "--output_dir",
-            out,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
+    result = cli_here(
+        "sft",
+        "--model_name_or_path",
+        tiny_dir,
+        "--dataset_name",
+        data_path,
+        *FAST,
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        "1",
+        "--compare",
+        "lora",
+        "--lora_r",
+        "4",
+        "--compare_learning_rate",
+        "5e-4",
+        "--output_dir",
+        out,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     sparse, lora = json.loads((out / "results.json").read_text())
