@@ -1,11 +1,8 @@
 """peft-sparse: sparse fine-tuning of large language models for the Hugging Face stack.
 
 Importing this package registers ``PeftType.SPARSE`` with upstream ``peft``, after which ``get_peft_model``,
-``PeftConfig.from_pretrained`` and ``PeftModel.from_pretrained`` handle sparse adapters like built-in ones::
-
-    import peft_sparse
-    from peft import get_peft_model
-    model = get_peft_model(base_model, peft_sparse.SparseConfig(target_modules=["q_proj", "v_proj"], density=0.01))
+``PeftConfig.from_pretrained`` and ``PeftModel.from_pretrained`` handle sparse adapters like built-in ones.
+Usage, options and results: README.md.
 """
 
 from .selection import SelectionReport, SpIEL, SpielReport, select_mask, update_mask

@@ -1,9 +1,5 @@
-"""``SparseTrainingCallback``: mask selection and mask updates inside ``transformers.Trainer`` and TRL's ``SFTTrainer``.
-
-```python
-trainer = SFTTrainer(model=model, args=args, train_dataset=data, callbacks=[SparseTrainingCallback()])
-trainer.train()
-```
+"""``SparseTrainingCallback``: mask selection and mask updates inside ``transformers.Trainer`` and TRL's ``SFTTrainer``
+(usage: README.md, "With TRL's SFTTrainer").
 
 What it does, by the adapter's :class:`~peft_sparse.SparseConfig`:
 

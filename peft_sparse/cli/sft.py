@@ -11,7 +11,7 @@ process (so that its peak memory is its own), and prints one table: trainable pa
 after, exact match of greedy generations where the data has an ``answer`` column, training tokens per second and peak
 memory. Adapters go to ``<output_dir>/<method>/adapter``, next to ``results.json`` and ``loss_curves.png``.
 
-With no arguments it fine-tunes SmolLM2-135M-Instruct on WordNet instructions (both built in, offline) on a CPU.
+Defaults, examples and measured results: README.md, "Fine-tuning a causal LM".
 """
 
 from __future__ import annotations
