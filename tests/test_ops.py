@@ -278,9 +278,9 @@ def test_jit_build_fallback(request, tmp_path):
 
 
 def test_cpu_kernels_do_not_depend_on_the_thread_count(monkeypatch, gen):
-    """dequant_scatter decodes every element on its own and scatter_add is one sequential loop: the same bits with
-    any number of threads. sddmm_gather's entries are grouped differently when the entries are split differently
-    between threads (last-bit differences from 3 threads on), so there each thread count is held to the judge."""
+    """The same bits with any number of threads: dequant_scatter decodes every element on its own, scatter_add is
+    one sequential loop, and sddmm_gather splits its entries between threads only at boundaries of one grouping
+    fixed from the first entry (rows shared by four consecutive entries), so every entry sums in the same order."""
     _select("cpp", monkeypatch)
     grad_output, input = _randn((700, 40), gen), _randn((700, 70), gen)
     indices = _indices(2800, 2000, gen, torch.int64)
@@ -294,11 +294,13 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(monkeypatch, gen):
     threads = torch.get_num_threads()
     results = []
     try:
-        for count in (1, 4):
+        for count in (1, 2, 3, 4):
             torch.set_num_threads(count)
-            _assert_within(ops.sddmm_gather(grad_output, input, indices, 70), expected, bound, f"{count} threads")
+            gathered = ops.sddmm_gather(grad_output, input, indices, 70)
+            _assert_within(gathered, expected, bound, f"{count} threads")
             results.append(
                 (
+                    gathered,
                     ops.dequant_scatter(
                         packed, absmax, code, 128, (33, 257), torch.bfloat16, dq_indices, dq_values, **extra
                     ),
@@ -307,8 +309,9 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(monkeypatch, gen):
             )
     finally:
         torch.set_num_threads(threads)
-    for single, multi in zip(*results):
-        assert torch.equal(single, multi)
+    for count, result in zip((2, 3, 4), results[1:], strict=True):
+        for name, single, multi in zip(("sddmm_gather", "dequant_scatter", "scatter_add"), results[0], result):
+            assert torch.equal(single, multi), f"{name}: 1 thread vs {count}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

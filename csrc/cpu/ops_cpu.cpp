@@ -45,6 +45,13 @@ void scatter_add_cpu(at::Tensor dense, const at::Tensor& indices, const at::Tens
     const scalar_t* vals = cast_values.data_ptr<scalar_t>();
     AT_DISPATCH_INDEX_TYPES(flat_indices.scalar_type(), "scatter_add_cpu_index", [&] {
       const index_t* idx = flat_indices.data_ptr<index_t>();
+      if (stride_col == 1 && stride_row == cols) {  // row-major contiguous: the flat index is the offset
+        for (int64_t i = 0; i < k; ++i) {
+          scalar_t& target = base[static_cast<int64_t>(idx[i])];  // in range: check_scatter_add
+          target = target + vals[i];
+        }
+        return;
+      }
       for (int64_t i = 0; i < k; ++i) {
         const int64_t flat = static_cast<int64_t>(idx[i]);  // in range: check_scatter_add
         const int64_t row = flat / cols, col = flat - row * cols;
@@ -125,13 +132,34 @@ inline void dot_tile4(const acc_t* a, const acc_t* const* b, int64_t n, acc_t* o
 #define PS_TARGET_CLONES
 #endif
 
+// Entries are taken four at a time where four consecutive entries share a row (dot_tile4), else one at a time
+// (dot_tile), greedily from `begin`. The two sum in different orders, so an entry's bits depend on which one it
+// went through: `begin` and `end` must be boundaries of the greedy grouping from entry 0 (group_boundaries), which
+// makes the grouping, and so the result, independent of how the entries are split between threads.
+inline bool starts_group_of_four(const int64_t* rows, int64_t i, int64_t end) {
+  // Indices need not be sorted here, so all four rows are compared.
+  return i + 4 <= end && rows[i + 1] == rows[i] && rows[i + 2] == rows[i] && rows[i + 3] == rows[i];
+}
+
+// Every 64th group's first entry, from entry 0, and k: the chunk boundaries the threads split the entries at.
+std::vector<int64_t> group_boundaries(const int64_t* rows, int64_t k) {
+  constexpr int64_t kGroupsPerChunk = 64;
+  std::vector<int64_t> boundaries{0};
+  int64_t groups = 0;
+  for (int64_t i = 0; i < k;) {
+    i += starts_group_of_four(rows, i, k) ? 4 : 1;
+    if (++groups % kGroupsPerChunk == 0 && i < k) boundaries.push_back(i);
+  }
+  boundaries.push_back(k);
+  return boundaries;
+}
+
 template <typename acc_t>
 inline void accumulate_entries_impl(const acc_t* grad_tile, const acc_t* input_tile, const int64_t* rows,
                                     const int64_t* cols, acc_t* result, int64_t begin, int64_t end, int64_t count) {
   int64_t i = begin;
   while (i < end) {
-    // Indices need not be sorted here, so all four rows are compared.
-    if (i + 4 <= end && rows[i + 1] == rows[i] && rows[i + 2] == rows[i] && rows[i + 3] == rows[i]) {
+    if (starts_group_of_four(rows, i, end)) {
       const acc_t* columns[4] = {input_tile + cols[i] * count, input_tile + cols[i + 1] * count,
                                  input_tile + cols[i + 2] * count, input_tile + cols[i + 3] * count};
       dot_tile4(grad_tile + rows[i] * count, columns, count, result + i);
@@ -197,19 +225,31 @@ at::Tensor sddmm_gather_cpu(const at::Tensor& grad_output, const at::Tensor& inp
       // Entries (in range: check_sddmm_gather) are split into (row, col) once; the tile loop below reuses them (a
       // 64-bit division per entry and tile would cost as much as the dot product itself).
       std::vector<int64_t> rows(k), cols(k);
-      for (int64_t i = 0; i < k; ++i) {
-        const int64_t flat = static_cast<int64_t>(idx[i]);
-        rows[i] = flat / in_features;
-        cols[i] = flat - rows[i] * in_features;
+      if (out_features * in_features <= static_cast<int64_t>(UINT32_MAX)) {  // 32-bit division: several times faster
+        const uint32_t width = static_cast<uint32_t>(in_features);
+        for (int64_t i = 0; i < k; ++i) {
+          const uint32_t flat = static_cast<uint32_t>(idx[i]);
+          rows[i] = flat / width;
+          cols[i] = flat - static_cast<uint32_t>(rows[i]) * width;
+        }
+      } else {
+        for (int64_t i = 0; i < k; ++i) {
+          const int64_t flat = static_cast<int64_t>(idx[i]);
+          rows[i] = flat / in_features;
+          cols[i] = flat - rows[i] * in_features;
+        }
       }
+      const std::vector<int64_t> boundaries = group_boundaries(rows.data(), k);
+      const int64_t num_chunks = static_cast<int64_t>(boundaries.size()) - 1;
       for (int64_t n0 = 0; n0 < num_tokens; n0 += token_tile) {
         const int64_t count = std::min(token_tile, num_tokens - n0);
         transpose_tile(input_data + n0 * input.stride(0), input.stride(0), input.stride(1), in_features, count,
                        input_tile.data());
         transpose_tile(grad_data + n0 * grad_output.stride(0), grad_output.stride(0), grad_output.stride(1),
                        out_features, count, grad_tile.data());
-        at::parallel_for(0, k, 256, [&](int64_t begin, int64_t end) {
-          accumulate_entries(grad_tile.data(), input_tile.data(), rows.data(), cols.data(), result, begin, end, count);
+        at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+          accumulate_entries(grad_tile.data(), input_tile.data(), rows.data(), cols.data(), result,
+                             boundaries[chunk_begin], boundaries[chunk_end], count);
         });
       }
     });
