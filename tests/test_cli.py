@@ -471,6 +471,9 @@ def test_finetune_both_methods_on_a_tiny_model(tiny_model_dir, jsonl, tmp_path, 
         assert r["num_train"] == 27 and r["num_held_out"] == 9 and r["labels"] == sorted(LABELS)
         assert f"{r['held_out_accuracy']:.1%}" in result.stdout
     assert "| LoRA r=" in result.stdout and "x LoRA)" in result.stdout
+    # step times taken side by side in one process (finetune.time_steps): LoRA against itself is exactly 1
+    assert all(r["step_seconds_interleaved"] > 0 and r["step_time_vs_lora"] > 0 for r in runs)
+    assert runs[-1]["step_time_vs_lora"] == 1.0 and runs[0]["timing_rounds"] == finetune.TIMING_ROUNDS
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # The saved sparse adapter reloads onto the base and reproduces the trained model's held-out accuracy.

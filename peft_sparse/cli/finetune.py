@@ -388,6 +388,64 @@ def run_worker(args: argparse.Namespace) -> dict:
     }
 
 
+TIMING_WORKER = "timing"
+TIMING_ROUNDS = 6
+
+
+def time_steps(args: argparse.Namespace, labels: list[str]) -> dict:
+    """Time the training step of every saved adapter in ``labels``, in this one process, interleaved: each round
+    runs one step (forward, backward, AdamW) of each method back to back on the same batch, so a slow phase of the
+    machine (another job, a throttled core) slows all of them alike. Returns each method's median step time and the
+    median over rounds of its step time divided by LoRA's in the same round."""
+    import torch
+    import transformers
+    from peft import PeftModel
+
+    from ..classification import batches
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    dataset = data_module.load(args.data, args.max_examples, args.seed)
+    source = models.resolve(args.model)
+    tokenizer = models.load_tokenizer(source)
+    batch = next(iter(batches(dataset.train, tokenizer, args.batch_size, MAX_TOKENS)))
+    batch = {k: v.to(device) for k, v in batch.items()}
+    steps = {}
+    for label in labels:
+        base = models.load_classifier(source, len(dataset.label_names), args.seed, tokenizer, args.load_in_4bit)
+        if device == "cuda" and not args.load_in_4bit:
+            base.to(device)
+        model = PeftModel.from_pretrained(base, str(Path(args.output_dir) / label), is_trainable=True).train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+        def step(model=model, optimizer=optimizer) -> float:
+            start = time.perf_counter()
+            model(**batch).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return time.perf_counter() - start
+
+        steps[label] = step
+    times = {label: [] for label in labels}
+    for round_index in range(TIMING_ROUNDS + 1):  # the first round warms up
+        for label in labels:
+            seconds = steps[label]()
+            if round_index:
+                times[label].append(seconds)
+    return {
+        "rounds": TIMING_ROUNDS,
+        "step_seconds": {label: statistics.median(t) for label, t in times.items()},
+        "vs_lora": {
+            label: statistics.median(a / b for a, b in zip(t, times["lora"], strict=True))
+            for label, t in times.items()
+        },
+    }
+
+
 # ---------------------------------------------------------------------------------------------------- compare
 
 
@@ -414,10 +472,12 @@ def table(records: list[dict]) -> str:
             if r["method"] == "lora"
             else f"sparse, {r['selection']} mask" + (f", {r['update']}" if r["update"] != "static" else "")
         )
-        time_cell = f"{r['step_seconds_median'] * 1e3:.0f} ms"
+        timed = r.get("step_seconds_interleaved")
+        time_cell = f"{(timed or r['step_seconds_median']) * 1e3:.0f} ms"
         memory_cell = f"{r['peak_memory_mb']:.0f} MB"
         if lora is not None and r is not lora:
-            time_cell += f" ({r['step_seconds_median'] / lora['step_seconds_median']:.2f}x LoRA)"
+            if timed is not None:  # a ratio only where both were timed side by side (time_steps)
+                time_cell += f" ({r['step_time_vs_lora']:.2f}x LoRA)"
             memory_cell += f" ({r['peak_memory_mb'] / lora['peak_memory_mb']:.2f}x LoRA)"
         rows.append(
             [
@@ -475,6 +535,28 @@ def loss_figure(path: Path, title: str, ylabel: str, **legend) -> Iterator:
         plt.close(figure)
 
 
+def add_interleaved_step_times(records: list[dict], argv: list[str]) -> str | None:
+    """With LoRA and at least one sparse run, time their steps side by side in one more process
+    (:func:`time_steps`) and add ``step_seconds_interleaved`` and ``step_time_vs_lora`` to their records: step times
+    of runs made one after the other are not comparable on a machine whose load changes. Returns why no ratio could
+    be taken, or None."""
+    if "lora" not in [r["method"] for r in records] or len(records) < 2:
+        return None
+    missing = [r["label"] for r in records if not r["adapter_dir"]]
+    if missing:
+        return f"no step-time ratios: the adapter of {', '.join(missing)} was not saved"
+    labels = [r["label"] for r in records]
+    code, timing = run_worker_process(["finetune", *argv, "--worker", f"{TIMING_WORKER}:{','.join(labels)}"])
+    if code != 0:
+        return f"no step-time ratio: the interleaved timing run failed (exit code {code})"
+    for record in records:
+        if record["label"] in labels:
+            record["step_seconds_interleaved"] = timing["step_seconds"][record["label"]]
+            record["step_time_vs_lora"] = timing["vs_lora"][record["label"]]
+            record["timing_rounds"] = timing["rounds"]
+    return None
+
+
 def run_method(label: str, argv: list[str]) -> tuple[int, dict | None]:
     """Run one method in its own process: its exit code and, when it succeeded, its record."""
     return run_worker_process(["finetune", *argv, "--worker", label])
@@ -504,6 +586,8 @@ def send_record(work: Callable[[], dict]) -> int:
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.worker is not None and args.worker.startswith(TIMING_WORKER + ":"):
+        return send_record(lambda: time_steps(args, args.worker.split(":", 1)[1].split(",")))
     if args.worker is not None:
         return send_record(lambda: run_worker(args))
     # Fail fast, in this process, on what the workers would otherwise each fail on.
@@ -524,6 +608,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
             print(f"peft-sparse finetune: the {label} run failed (exit code {code})", file=sys.stderr)
             return 1
         records.append(record)
+    timing_problem = add_interleaved_step_times(records, argv)
     not_written = [r["adapter_error"] for r in records if r["adapter_error"]]
     results_path, plot_path = output_dir / RESULTS_FILE, output_dir / PLOT_FILE
     results_error = attempt_write(RESULTS_FILE, results_path, lambda: write_results(records, results_path))
@@ -539,6 +624,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         + "\n"
     )
     print(table(records))
+    if timing_problem:
+        print(f"peft-sparse finetune: {timing_problem}", file=sys.stderr)
     return finish(
         records,
         results_path,
