@@ -271,6 +271,16 @@ def peak_memory(method: str, device: str, dtype_str: str) -> int:
     raise RuntimeError("VmHWM not found in /proc/self/status")
 
 
+def add_paired_ratios(results: dict, references: tuple[str, ...]) -> None:
+    """For every method, ``per_<reference>``: the median over rounds of its step time divided by the reference's
+    step time in the same round (``results[method]["times"]``, one entry per round). Steps of one round run back to
+    back, so their ratio is what a slow phase of the machine leaves alone."""
+    for record in results.values():
+        for name in references:
+            paired = [a / b for a, b in zip(record["times"], results[name]["times"], strict=True)]
+            record[f"per_{name}"] = statistics.median(paired)
+
+
 def bench_steps(device: str, dtype_str: str, repeats: int) -> dict:
     """Step times of the three configurations, interleaved round by round in this process so that a slow phase of
     the machine hits all three alike; peak memory of each from a subprocess of its own."""
@@ -285,11 +295,7 @@ def bench_steps(device: str, dtype_str: str, repeats: int) -> dict:
     for _ in range(repeats):
         for method in methods:
             results[method]["times"].append(median_time(steps[method], device, 1, warmup=0))
-    # Ratios of the steps of one round (taken back to back) are what a slow phase of the machine leaves alone.
-    for method in methods:
-        for reference in ("base", "lora"):
-            paired = [a / b for a, b in zip(results[method]["times"], results[reference]["times"], strict=True)]
-            results[method][f"per_{reference}"] = statistics.median(paired)
+    add_paired_ratios(results, ("base", "lora"))
     for method in methods:
         results[method]["step_ms"] = statistics.median(results[method].pop("times")) * 1e3
         out = subprocess.run(
