@@ -73,16 +73,6 @@ def tiny_model_dir(tmp_path_factory):
     return folder
 
 
-def run_cli(*argv, timeout=600):
-    return subprocess.run(
-        [sys.executable, "-m", "peft_sparse.cli", *map(str, argv)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
 # ------------------------------------------------------------------------------------------------ arguments
 
 
@@ -526,9 +516,10 @@ def test_finetune_sparse_only_keeps_the_exact_density_and_runs_spiel_on_a_4bit_b
     assert "4-bit NF4 base" in result.stdout and not (out / "loss_curves.png").exists()
 
 
-def test_a_diverging_run_gives_one_line_and_exit_code_2_and_saves_nothing(tiny_model_dir, jsonl, tmp_path):
+def test_a_diverging_run_gives_one_line_and_exit_code_2_and_saves_nothing(tiny_model_dir, jsonl, tmp_path, cli_here):
+    # (the run itself is a worker, python -m peft_sparse.cli in a process of its own: its one line is in stderr)
     out = tmp_path / "out"
-    result = run_cli(
+    result = cli_here(
         "finetune",
         "--model",
         tiny_model_dir,
