@@ -8,7 +8,8 @@
 #   tests      the whole test suite, CUDA cases included (pytest-xdist when present; TESTS_PATHS to narrow it)
 #   sanitizer  compute-sanitizer memcheck over the CUDA kernel tests
 #   cupy       the CuPy/NVRTC path: the extension without CUDA kernels (JIT, CPU only), CUDA ops served by CuPy
-#   bench      benchmarks/ops_bench.py --device cuda (7B-class shapes) and, when present, the 4-bit step benchmark
+#   bench      benchmarks/ops_bench.py --device cuda (7B-class shapes), the 4-bit layer-stack benchmark and the
+#              full-model steps of a ~1.1B Llama (benchmarks/model_steps.py, bf16 and NF4 bases)
 #
 # Logs and tables go to $OUT (or a temporary folder). Each stage is bounded by a timeout so that one slow stage
 # cannot eat the others' time. A missing package that the machine cannot install (e.g. bitsandbytes) can be put
@@ -103,6 +104,11 @@ b = ops.backend('cuda'); print('backend(cuda) =', b, '| extension:', ops.extensi
             cat "$OUT/qlora_bench_cuda.md"; tail -5 "$OUT/bench.err"
             record qlora_bench $rc
         fi
+        timeout ${MODEL_STEPS_TIMEOUT:-480} "$PYTHON" benchmarks/model_steps.py --device cuda --repeats 10 \
+            >"$OUT/model_steps_cuda.md" 2>>"$OUT/bench.err"
+        rc=$?
+        cat "$OUT/model_steps_cuda.md"; tail -5 "$OUT/bench.err"
+        record model_steps $rc
         ;;
     *) echo "unknown stage: $s" >&2; exit 2 ;;
     esac
