@@ -6,8 +6,9 @@
 Each op is timed against its byte floor (bytes it must move at the bandwidth a plain copy reaches on the same
 device, in the same run) and against the naive PyTorch composition it replaces:
 
-* ``sddmm_gather`` vs the dense weight gradient ``grad_output.T @ input`` followed by a gather, and vs the
-  pure-PyTorch reference;
+* ``sddmm_gather`` vs the dense weight gradient ``grad_output.T @ input`` followed by a gather, vs the same product
+  taken in row blocks with each block's entries gathered (``PEFT_SPARSE_SDDMM=dense``), and vs the pure-PyTorch
+  reference;
 * ``dequant_scatter`` vs ``bitsandbytes.functional.dequantize_4bit`` followed by ``index_add_`` (and the reference);
 * ``scatter_add`` (the merged weight of the forward: copy + scatter) vs the copy alone.
 
@@ -34,6 +35,7 @@ import torch
 
 from peft_sparse import ops
 from peft_sparse.ops import reference
+from peft_sparse.ops.dense_rows import sddmm_gather_dense_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -98,6 +100,7 @@ def bench_sddmm(device, dtype, num_tokens, out_features, in_features, density, b
     ours = median_time(lambda: ops.sddmm_gather(grad_output, input, indices, in_features), device, repeats)
     flat = indices.long()
     dense = median_time(lambda: (grad_output.t() @ input).view(-1)[flat].float(), device, repeats)
+    rows = median_time(lambda: sddmm_gather_dense_rows(grad_output, input, indices, in_features), device, repeats)
     ref = median_time(
         lambda: reference.sddmm_gather(grad_output, input, indices, in_features), device, max(3, repeats // 3)
     )
@@ -108,7 +111,11 @@ def bench_sddmm(device, dtype, num_tokens, out_features, in_features, density, b
         "op": "sddmm_gather",
         "shape": f"N={num_tokens}, {out_features}x{in_features}, {dtype_name(dtype)}, density {density:g} (k={k})",
         "ours_ms": ours * 1e3,
-        "baselines_ms": {"dense grad.T@x + gather": dense * 1e3, "reference": ref * 1e3},
+        "baselines_ms": {
+            "dense grad.T@x + gather": dense * 1e3,
+            "dense row blocks (PEFT_SPARSE_SDDMM=dense)": rows * 1e3,
+            "reference": ref * 1e3,
+        },
         "floor_ms": floor_bytes / bandwidth * 1e3,
     }
 

@@ -43,7 +43,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
 from peft_sparse import ops
-from peft_sparse.ops import FORCE_REFERENCE_ENV, reference
+from peft_sparse.ops import FORCE_REFERENCE_ENV, dense_rows, reference
 
 NO_CUDA = "no CUDA device on this machine: the CUDA kernels (compiled or CuPy) are checked on a GPU machine"
 BACKENDS = ("cpp", "reference", "cuda")
@@ -589,6 +589,87 @@ def test_sddmm_gather_matches_the_judge(backend, shape, dtype, index_dtype, layo
     assert result.shape == (k,) and result.device == input.device
     expected, bound = _sddmm_judge(grad_output, input, indices, in_features, dtype)
     _assert_within(result, expected, bound, f"sddmm_gather[{dtype}]")
+
+
+DENSE_PLAN_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=_MARKS["cuda"])]
+
+
+@pytest.mark.parametrize("device", DENSE_PLAN_DEVICES)
+@pytest.mark.parametrize(
+    "shape,dtype,index_dtype,layout,order,block_rows",
+    _pairwise(
+        [SDDMM_SHAPES, FLOAT_DTYPES, INDEX_DTYPES, SDDMM_LAYOUTS, ["sorted", "shuffled", "duplicates"], [None, 1, 3]]
+    ),
+)
+def test_sddmm_gather_dense_plan_matches_the_judge(
+    device, shape, dtype, index_dtype, layout, order, block_rows, monkeypatch, gen
+):
+    """PEFT_SPARSE_SDDMM=dense: the product in row blocks (one row, three rows, or the default 64 MiB, so blocks end
+    inside and outside the rows that hold entries), held to the same judge as the sampled kernels."""
+    monkeypatch.delenv(FORCE_REFERENCE_ENV, raising=False)
+    monkeypatch.setenv(dense_rows.SDDMM_PLAN_ENV, "dense")
+    num_tokens, out_features, in_features, k = shape
+    if block_rows is not None:
+        monkeypatch.setattr(dense_rows, "BLOCK_BYTES", block_rows * 4 * in_features)
+    calls = []
+    monkeypatch.setattr(dense_rows, "_product_fp32", lambda *a, _f=dense_rows._product_fp32: calls.append(1) or _f(*a))
+    grad_output = _strided_pair(num_tokens, out_features, gen, dtype, device, layout)
+    input = _strided_pair(num_tokens, in_features, gen, dtype, device, layout)
+    indices = _indices(out_features * in_features, k, gen, index_dtype, device, order)
+
+    result = ops.sddmm_gather(grad_output, input, indices, in_features)
+
+    assert result.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert result.shape == (k,) and result.device == input.device
+    expected, bound = _sddmm_judge(grad_output, input, indices, in_features, dtype)
+    _assert_within(result, expected, bound, f"dense sddmm_gather[{dtype}]")
+    rows_with_entries = len(set((indices.long() // in_features).tolist()))
+    if block_rows == 1:
+        assert len(calls) == rows_with_entries  # one product per row that holds entries, none for the others
+    assert (len(calls) > 0) == (k > 0 and num_tokens > 0)
+
+
+def test_sddmm_plan_reads_the_environment_and_refuses_unknown_plans(monkeypatch):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv(dense_rows.SDDMM_PLAN_ENV, raising=False)
+    assert dense_rows.sddmm_plan(cpu, 10**6, 1000, 1000) == "sampled"  # the default, whatever the density
+    monkeypatch.setenv(dense_rows.SDDMM_PLAN_ENV, "dense")
+    assert dense_rows.sddmm_plan(cpu, 0, 1000, 1000) == "dense"
+    monkeypatch.setenv(dense_rows.SDDMM_PLAN_ENV, " Auto ")
+    for device in (cpu, cuda):
+        threshold = dense_rows.DENSE_FROM_DENSITY[device.type]
+        numel = 1000 * 1000
+        assert dense_rows.sddmm_plan(device, math.ceil(threshold * numel), 1000, 1000) == "dense"
+        assert dense_rows.sddmm_plan(device, math.ceil(threshold * numel) - 1, 1000, 1000) == "sampled"
+    assert dense_rows.sddmm_plan(torch.device("meta"), 10**6, 1000, 1000) == "sampled"  # no threshold: sampled
+    monkeypatch.setenv(dense_rows.SDDMM_PLAN_ENV, "tensorcores")
+    with pytest.raises(
+        ValueError, match=r"PEFT_SPARSE_SDDMM must be one of \['sampled', 'dense', 'auto'\], got 'tensorcores'"
+    ):
+        ops.sddmm_gather(torch.zeros(2, 3), torch.zeros(2, 4), torch.tensor([1]), 4)
+
+
+def test_the_reference_backend_ignores_the_sddmm_plan(monkeypatch, gen):
+    """PEFT_SPARSE_FORCE_REFERENCE=1 rules every kernel out, the dense plan included."""
+    monkeypatch.setenv(FORCE_REFERENCE_ENV, "1")
+    monkeypatch.setenv(dense_rows.SDDMM_PLAN_ENV, "dense")
+    monkeypatch.setattr(dense_rows, "sddmm_gather_dense_rows", lambda *a, **k: pytest.fail("dense path taken"))
+    grad_output, input = _randn((6, 5), gen), _randn((6, 7), gen)
+    indices = _indices(35, 9, gen, torch.int64)
+    torch.testing.assert_close(
+        ops.sddmm_gather(grad_output, input, indices, 7), reference.sddmm_gather(grad_output, input, indices, 7)
+    )
+
+
+def test_dense_plan_rejects_what_the_kernels_reject(monkeypatch):
+    monkeypatch.delenv(FORCE_REFERENCE_ENV, raising=False)
+    monkeypatch.setenv(dense_rows.SDDMM_PLAN_ENV, "dense")
+    with pytest.raises(ValueError, match=r"expected grad_output \(N, out\)"):
+        ops.sddmm_gather(torch.zeros(4, 3), torch.zeros(5, 5), torch.tensor([0]), 5)
+    with pytest.raises(ValueError, match="expected in_features=6"):
+        ops.sddmm_gather(torch.zeros(4, 3), torch.zeros(4, 5), torch.tensor([0]), 6)
+    with pytest.raises(ValueError, match=r"out of range \[0, 15\)"):
+        ops.sddmm_gather(torch.zeros(4, 3), torch.zeros(4, 5), torch.tensor([0, 15]), 5)
 
 
 @pytest.mark.parametrize("backend", _per_backend())

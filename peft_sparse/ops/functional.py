@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from . import reference
+from . import dense_rows, reference
 from ._backend import backend
 
 __all__ = ["dequant_scatter", "dequant_scatter_4bit", "scatter_add", "sddmm_gather"]
@@ -29,9 +29,12 @@ def sddmm_gather(
     grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor, in_features: int
 ) -> torch.Tensor:
     """``g[i] = sum_n grad_output[n, row_i] * input[n, col_i]`` without the dense ``out x in`` product; fp32 result
-    (fp64 for fp64 inputs)."""
+    (fp64 for fp64 inputs). ``PEFT_SPARSE_SDDMM`` can route it through dense row blocks instead
+    (:mod:`peft_sparse.ops.dense_rows`)."""
     if backend(input.device) == "reference":
         return reference.sddmm_gather(grad_output, input, indices, in_features)
+    if dense_rows.sddmm_plan(input.device, indices.numel(), grad_output.shape[-1], in_features) == "dense":
+        return dense_rows.sddmm_gather_dense_rows(grad_output, input, indices, in_features)
     return torch.ops.peft_sparse.sddmm_gather(grad_output, input, indices, in_features)
 
 
