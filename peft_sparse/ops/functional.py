@@ -33,7 +33,8 @@ def sddmm_gather(
     (:mod:`peft_sparse.ops.dense_rows`)."""
     if backend(input.device) == "reference":
         return reference.sddmm_gather(grad_output, input, indices, in_features)
-    if dense_rows.sddmm_plan(input.device, indices.numel(), grad_output.shape[-1], in_features) == "dense":
+    out_features = grad_output.shape[1] if grad_output.dim() == 2 else 0  # (bad shapes: refused by either path)
+    if dense_rows.sddmm_plan(input.device, indices.numel(), out_features, in_features) == "dense":
         return dense_rows.sddmm_gather_dense_rows(grad_output, input, indices, in_features)
     return torch.ops.peft_sparse.sddmm_gather(grad_output, input, indices, in_features)
 
