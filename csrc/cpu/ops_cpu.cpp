@@ -183,21 +183,45 @@ PS_TARGET_CLONES void accumulate_entries(
   accumulate_entries_impl(grad_tile, input_tile, rows, cols, result, begin, end, count);
 }
 
-// Rows [0, count) of a (tokens, features) strided matrix, converted to acc_t, into a feature-major (features, count)
-// buffer. 16 x 16 blocks keep both the reads and the writes within a few cache lines at a time.
+// Features [f0, f1) of rows [0, count) of a (tokens, features) strided matrix, converted to acc_t, into a
+// feature-major (features, count) buffer, in 16 x 16 blocks that keep both the reads and the writes within a few
+// cache lines at a time. Rows of unit feature stride (the usual case) get a loop the compiler can vectorise.
 template <typename scalar_t, typename acc_t>
-void transpose_tile(const scalar_t* source, int64_t stride_token, int64_t stride_feature, int64_t features,
-                    int64_t count, acc_t* buffer) {
+void transpose_block(const scalar_t* source, int64_t stride_token, int64_t stride_feature, int64_t f0, int64_t f1,
+                     int64_t count, acc_t* buffer) {
   constexpr int64_t kBlock = 16;
-  at::parallel_for(0, (features + kBlock - 1) / kBlock, 4, [&](int64_t block_begin, int64_t block_end) {
+  for (int64_t t0 = 0; t0 < count; t0 += kBlock) {
+    const int64_t t1 = std::min(count, t0 + kBlock);
+    for (int64_t t = t0; t < t1; ++t) {
+      const scalar_t* row = source + t * stride_token;
+      if (stride_feature == 1) {
+        for (int64_t f = f0; f < f1; ++f) buffer[f * count + t] = static_cast<acc_t>(row[f]);
+      } else {
+        for (int64_t f = f0; f < f1; ++f) buffer[f * count + t] = static_cast<acc_t>(row[f * stride_feature]);
+      }
+    }
+  }
+}
+
+// Both tiles of a token tile (input and grad_output) transposed in one parallel region.
+template <typename scalar_t, typename acc_t>
+void transpose_tiles(const scalar_t* input, int64_t input_stride_token, int64_t input_stride_feature,
+                     int64_t in_features, const scalar_t* grad, int64_t grad_stride_token,
+                     int64_t grad_stride_feature, int64_t out_features, int64_t count, acc_t* input_tile,
+                     acc_t* grad_tile) {
+  constexpr int64_t kBlock = 16;
+  const int64_t input_blocks = (in_features + kBlock - 1) / kBlock;
+  const int64_t grad_blocks = (out_features + kBlock - 1) / kBlock;
+  at::parallel_for(0, input_blocks + grad_blocks, 4, [&](int64_t block_begin, int64_t block_end) {
     for (int64_t block = block_begin; block < block_end; ++block) {
-      const int64_t f0 = block * kBlock, f1 = std::min(features, f0 + kBlock);
-      for (int64_t t0 = 0; t0 < count; t0 += kBlock) {
-        const int64_t t1 = std::min(count, t0 + kBlock);
-        for (int64_t t = t0; t < t1; ++t) {
-          const scalar_t* row = source + t * stride_token;
-          for (int64_t f = f0; f < f1; ++f) buffer[f * count + t] = static_cast<acc_t>(row[f * stride_feature]);
-        }
+      if (block < input_blocks) {
+        const int64_t f0 = block * kBlock;
+        transpose_block(input, input_stride_token, input_stride_feature, f0, std::min(in_features, f0 + kBlock),
+                        count, input_tile);
+      } else {
+        const int64_t f0 = (block - input_blocks) * kBlock;
+        transpose_block(grad, grad_stride_token, grad_stride_feature, f0, std::min(out_features, f0 + kBlock),
+                        count, grad_tile);
       }
     }
   });
@@ -243,10 +267,9 @@ at::Tensor sddmm_gather_cpu(const at::Tensor& grad_output, const at::Tensor& inp
       const int64_t num_chunks = static_cast<int64_t>(boundaries.size()) - 1;
       for (int64_t n0 = 0; n0 < num_tokens; n0 += token_tile) {
         const int64_t count = std::min(token_tile, num_tokens - n0);
-        transpose_tile(input_data + n0 * input.stride(0), input.stride(0), input.stride(1), in_features, count,
-                       input_tile.data());
-        transpose_tile(grad_data + n0 * grad_output.stride(0), grad_output.stride(0), grad_output.stride(1),
-                       out_features, count, grad_tile.data());
+        transpose_tiles(input_data + n0 * input.stride(0), input.stride(0), input.stride(1), in_features,
+                        grad_data + n0 * grad_output.stride(0), grad_output.stride(0), grad_output.stride(1),
+                        out_features, count, input_tile.data(), grad_tile.data());
         at::parallel_for(0, num_chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
           accumulate_entries(grad_tile.data(), input_tile.data(), rows.data(), cols.data(), result,
                              boundaries[chunk_begin], boundaries[chunk_end], count);
