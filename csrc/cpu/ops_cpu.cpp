@@ -5,7 +5,8 @@
 // sddmm_gather: walk the tokens in tiles; per tile, transpose the tile of `input` and `grad_output` to feature-major
 //   fp32 buffers ((in + out) * tile floats, sized to stay in L2 and bounded whatever N is), then every entry is a
 //   contiguous dot product of length tile. Entries are processed in chunks of consecutive (sorted) indices,
-//   so a chunk's entries share grad_output rows, which stay in cache.
+//   so a chunk's entries share grad_output rows, which stay in cache; chunks end only at boundaries of one
+//   grouping fixed from the first entry, so the result is the same bits for any number of threads.
 //   Floors: bytes = N * (in + out) * sizeof(T) + k * (sizeof(index) + 4); FLOPs = 2 * k * N.
 // dequant_scatter: parallel over 4096-element tiles; a tile is decoded into an fp32 buffer, the tile's delta
 //   entries (binary search: indices sorted) are added, and the buffer is rounded once into the output.
