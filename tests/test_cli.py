@@ -446,7 +446,6 @@ def test_finetune_both_methods_on_a_tiny_model(tiny_model_dir, jsonl, tmp_path, 
         8,
         "--density",
         0.05,
-        "--compare-masks",
         "--lr",
         0.01,
         "--output-dir",
@@ -454,7 +453,7 @@ def test_finetune_both_methods_on_a_tiny_model(tiny_model_dir, jsonl, tmp_path, 
     )
     assert result.returncode == 0, result.stderr[-3000:]
     runs = json.loads((out / "results.json").read_text())
-    assert [r["label"] for r in runs] == ["sparse-gradient", "sparse-magnitude", "sparse-random", "lora"]
+    assert [r["label"] for r in runs] == ["sparse-gradient", "lora"]
     assert len({r["adapter_params"] for r in runs}) == 1 and len({r["trainable"] for r in runs}) == 1
     for r in runs:
         assert len(r["losses"]) == 6 and r["step_seconds_median"] > 0 and r["peak_memory_mb"] > 0
@@ -474,6 +473,25 @@ def test_finetune_both_methods_on_a_tiny_model(tiny_model_dir, jsonl, tmp_path, 
         base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=3)
         model = PeftModel.from_pretrained(base, r["adapter_dir"])
         assert accuracy(model, held_out) == pytest.approx(r["held_out_accuracy"])
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], [("sparse-gradient", "gradient"), ("lora", "")]),
+        (["--compare-masks"], [("sparse-gradient", "gradient"), ("sparse-magnitude", "magnitude"),
+                               ("sparse-random", "random"), ("lora", "")]),
+        (["--compare-masks", "--selection", "random"], [("sparse-random", "random"),
+                                                         ("sparse-magnitude", "magnitude"), ("lora", "")]),
+        (["--method", "sparse", "--compare-masks"], [("sparse-gradient", "gradient"),
+                                                     ("sparse-magnitude", "magnitude"), ("sparse-random", "random")]),
+        (["--method", "lora"], [("lora", "")]),
+    ],
+)  # fmt: skip
+def test_planned_runs_name_each_mask_once_and_lora_last(extra, expected):
+    """Every planned sparse run gets LoRA's count in its worker (test_finetune_both_methods_on_a_tiny_model runs
+    the gradient mask end to end; the other masks differ only in `selection`)."""
+    assert finetune.planned_runs(build_parser().parse_args(["finetune", *extra])) == expected
 
 
 def test_finetune_sparse_only_keeps_the_exact_density_and_runs_spiel_on_a_4bit_base(
