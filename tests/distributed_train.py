@@ -68,6 +68,14 @@ class FSDPOnCPUTrainer(SequentialTrainer):
         self.is_fsdp_enabled = True
 
 
+def without_deepspeed_shared_memory_allreduce() -> None:
+    """DeepSpeed's CPU accelerator JIT-compiles a shared-memory allreduce when its process group comes up (30-50 s,
+    once per machine and Python environment, so in every CI run); gloo carries these tiny runs' collectives too."""
+    import deepspeed
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def deepspeed_on_cpu(arguments) -> None:
     """Without an accelerator device accelerate leaves its process state single-process under DeepSpeed (no
     backend, so one process, every rank reading every batch) while DeepSpeed itself initialises gloo over all
@@ -136,6 +144,7 @@ def train(root: Path, name: str, options: dict, started: list) -> None:
     if engine != "single":
         args["ddp_backend"] = "gloo"
     if engine.startswith("zero"):  # "zero2", "zero3": DeepSpeed ZeRO on its CPU accelerator
+        without_deepspeed_shared_memory_allreduce()
         args["deepspeed"] = {
             "train_micro_batch_size_per_gpu": "auto",
             "gradient_accumulation_steps": "auto",
