@@ -33,7 +33,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from ops_bench import add_paired_ratios, machine, median_time, write_section
+from ops_bench import add_paired_ratios, machine, median_time, steps_peak_memory, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -149,19 +149,7 @@ def build_step(method: str, device: str, base: str):
 
 
 def peak_memory(method: str, device: str, base: str) -> int:
-    step, _ = build_step(method, device, base)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(2):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
+    return steps_peak_memory(build_step(method, device, base)[0], device, steps=2)
 
 
 def bench(device: str, base: str, repeats: int) -> dict:

@@ -263,10 +263,16 @@ def build_step(method: str, device: str, dtype: torch.dtype):
 
 def peak_memory(method: str, device: str, dtype_str: str) -> int:
     """Peak memory of a few steps of one configuration alone (max RSS on CPU, peak allocated on GPU)."""
-    step, _ = build_step(method, device, getattr(torch, dtype_str))
+    return steps_peak_memory(build_step(method, device, getattr(torch, dtype_str))[0], device)
+
+
+def steps_peak_memory(step, device: str, steps: int = 3) -> int:
+    """Peak memory while ``step()`` runs ``steps`` times: peak allocated on the GPU (counted from here), or the
+    process's peak resident set on the CPU (run it in a process of its own)."""
     if device == "cuda":
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    for _ in range(3):
+    for _ in range(steps):
         step()
     _sync(device)
     if device == "cuda":

@@ -28,7 +28,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from ops_bench import add_paired_ratios, machine, median_time, write_section
+from ops_bench import add_paired_ratios, machine, median_time, steps_peak_memory, write_section
 from torch import nn
 
 from peft_sparse import ops
@@ -128,19 +128,7 @@ def build_step(method: str, device: str, tokens: int):
 
 
 def peak_memory(method: str, device: str, tokens: int) -> int:
-    step, _ = build_step(method, device, tokens)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(3):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated()
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found")
+    return steps_peak_memory(build_step(method, device, tokens)[0], device)
 
 
 def bench(device: str, tokens: int, repeats: int) -> dict:

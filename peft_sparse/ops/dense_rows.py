@@ -21,7 +21,7 @@ import os
 
 import torch
 
-from .reference import check_index_range
+from .reference import check_index_range, check_sddmm_shapes
 
 SDDMM_PLAN_ENV = "PEFT_SPARSE_SDDMM"
 PLANS = ("sampled", "dense", "auto")
@@ -55,13 +55,7 @@ def sddmm_gather_dense_rows(
     """:func:`peft_sparse.ops.sddmm_gather` (same arguments, same result dtype) from row blocks of
     ``grad_output.T @ input`` of at most ``block_bytes`` each (default ``BLOCK_BYTES``, read at the call; a block
     holds one row at least). ``indices`` need not be sorted."""
-    if grad_output.dim() != 2 or input.dim() != 2 or grad_output.shape[0] != input.shape[0]:
-        raise ValueError(
-            f"sddmm_gather: expected grad_output (N, out) and input (N, in), got {tuple(grad_output.shape)} and "
-            f"{tuple(input.shape)}"
-        )
-    if input.shape[1] != in_features:
-        raise ValueError(f"sddmm_gather: input has {input.shape[1]} features, expected in_features={in_features}")
+    check_sddmm_shapes(grad_output, input, in_features)
     acc_dtype = torch.float64 if torch.float64 in (grad_output.dtype, input.dtype) else torch.float32
     out_features, k = grad_output.shape[1], indices.numel()
     result = torch.zeros(k, dtype=acc_dtype, device=grad_output.device)

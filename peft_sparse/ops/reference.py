@@ -76,6 +76,18 @@ def scatter_add(dense: torch.Tensor, indices: torch.Tensor, values: torch.Tensor
     return dense
 
 
+def check_sddmm_shapes(grad_output: torch.Tensor, input: torch.Tensor, in_features: int) -> None:
+    """``sddmm_gather``'s shape contract: ``grad_output (N, out)`` and ``input (N, in_features)``; ``ValueError``
+    naming the shapes otherwise."""
+    if grad_output.dim() != 2 or input.dim() != 2 or grad_output.shape[0] != input.shape[0]:
+        raise ValueError(
+            f"sddmm_gather: expected grad_output (N, out) and input (N, in), got {tuple(grad_output.shape)} and "
+            f"{tuple(input.shape)}"
+        )
+    if input.shape[1] != in_features:
+        raise ValueError(f"sddmm_gather: input has {input.shape[1]} features, expected in_features={in_features}")
+
+
 def sddmm_gather(
     grad_output: torch.Tensor, input: torch.Tensor, indices: torch.Tensor, in_features: int
 ) -> torch.Tensor:
@@ -94,13 +106,7 @@ def sddmm_gather(
     Returns:
         A float32 tensor of shape ``(k,)`` (fp16/bf16 inputs are accumulated in fp32; float64 stays float64).
     """
-    if grad_output.dim() != 2 or input.dim() != 2 or grad_output.shape[0] != input.shape[0]:
-        raise ValueError(
-            f"sddmm_gather: expected grad_output (N, out) and input (N, in), got {tuple(grad_output.shape)} and "
-            f"{tuple(input.shape)}"
-        )
-    if input.shape[1] != in_features:
-        raise ValueError(f"sddmm_gather: input has {input.shape[1]} features, expected in_features={in_features}")
+    check_sddmm_shapes(grad_output, input, in_features)
     acc_dtype = torch.float64 if torch.float64 in (grad_output.dtype, input.dtype) else torch.float32
     num_entries = indices.numel()
     out = torch.empty(num_entries, dtype=acc_dtype, device=grad_output.device)
