@@ -610,7 +610,7 @@ def test_sddmm_gather_dense_plan_matches_the_judge(
     monkeypatch.setenv(dense_rows.SDDMM_PLAN_ENV, "dense")
     num_tokens, out_features, in_features, k = shape
     if block_rows is not None:
-        monkeypatch.setattr(dense_rows, "BLOCK_BYTES", block_rows * 4 * in_features)
+        monkeypatch.setattr(dense_rows, "BLOCK_BYTES", block_rows * (8 if dtype == torch.float64 else 4) * in_features)
     calls = []
     monkeypatch.setattr(dense_rows, "_product_fp32", lambda *a, _f=dense_rows._product_fp32: calls.append(1) or _f(*a))
     grad_output = _strided_pair(num_tokens, out_features, gen, dtype, device, layout)

@@ -4,7 +4,7 @@
 the ``k`` indices. The sampled kernels compute only those ``k`` dot products (``2 * k * N`` FLOPs on vector units);
 the matrix product computes all ``out * in`` of them (``2 * out * in * N`` FLOPs), but on a GPU's tensor cores
 through cuBLAS, hundreds of times faster per FLOP, so above a density of a few tenths of a percent it can win. Here
-the product is taken one block of rows at a time (``block_bytes`` of fp32 output at most, whatever the layer's
+the product is taken one block of rows at a time (``block_bytes`` of fp32 (fp64) output at most, whatever the layer's
 size), with fp32 accumulation (fp64 for fp64 inputs), and each block's entries are gathered from it before the next
 block is computed: no dense ``out x in`` gradient is ever alive.
 
@@ -58,15 +58,15 @@ def sddmm_gather_dense_rows(
     check_sddmm_shapes(grad_output, input, in_features)
     acc_dtype = torch.float64 if torch.float64 in (grad_output.dtype, input.dtype) else torch.float32
     out_features, k = grad_output.shape[1], indices.numel()
-    result = torch.zeros(k, dtype=acc_dtype, device=grad_output.device)
     if k == 0 or input.shape[0] == 0:
-        return result
+        return torch.zeros(k, dtype=acc_dtype, device=grad_output.device)
     check_index_range(indices, out_features * in_features, "sddmm_gather")
     flat = indices.long()
     order = None
     if k > 1 and not bool((flat[1:] >= flat[:-1]).all()):
         flat, order = torch.sort(flat)
-    rows_per_block = max(1, (BLOCK_BYTES if block_bytes is None else block_bytes) // (4 * in_features))
+    row_bytes = in_features * acc_dtype.itemsize  # one row of the product, in the dtype it is computed in
+    rows_per_block = max(1, (BLOCK_BYTES if block_bytes is None else block_bytes) // row_bytes)
     starts = torch.arange(0, out_features + 1, rows_per_block, device=flat.device) * in_features
     bounds = torch.searchsorted(flat, starts).tolist() + [k]
     gathered = torch.empty(k, dtype=acc_dtype, device=grad_output.device)
@@ -79,8 +79,7 @@ def sddmm_gather_dense_rows(
         gathered[lo:hi] = product.view(-1)[flat[lo:hi] - row * in_features]
     if order is None:
         return gathered
-    result[order] = gathered
-    return result
+    return torch.empty_like(gathered).index_copy_(0, order, gathered)  # back to the caller's order
 
 
 def _product_fp32(a: torch.Tensor, b: torch.Tensor, acc_dtype: torch.dtype) -> torch.Tensor:
