@@ -270,10 +270,30 @@ def write_results(records: list[dict], path: Path) -> None:
         raise
 
 
+def worker_inputs(args: argparse.Namespace):
+    """What every worker starts from: (device, data split, model source, tokenizer), with transformers quiet."""
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    transformers.logging.set_verbosity_error()  # "newly initialised head weights" is expected here
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    source = models.resolve(args.model)
+    return device, data_module.load(args.data, args.max_examples, args.seed), source, models.load_tokenizer(source)
+
+
+def load_base(args: argparse.Namespace, device: str, dataset, source, tokenizer):
+    """The pretrained body with a fresh seeded head, on ``device`` (a 4-bit base stays where bitsandbytes put it)."""
+    base = models.load_classifier(source, len(dataset.label_names), args.seed, tokenizer, args.load_in_4bit)
+    if device == "cuda" and not args.load_in_4bit:
+        base.to(device)
+    return base
+
+
 def run_worker(args: argparse.Namespace) -> dict:
     """Train one method (``args.worker``) and return its record; the adapter goes to ``output_dir/label``."""
     import torch
-    import transformers
     from peft import LoraConfig, get_peft_model
 
     import peft_sparse
@@ -282,20 +302,11 @@ def run_worker(args: argparse.Namespace) -> dict:
 
     label = args.worker
     selection = label.split("-", 1)[1] if label.startswith("sparse-") else ""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    transformers.logging.set_verbosity_error()  # "newly initialised head weights" is expected here
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     torch.manual_seed(args.seed)
-
-    dataset = data_module.load(args.data, args.max_examples, args.seed)
-    source = models.resolve(args.model)
-    tokenizer = models.load_tokenizer(source)
+    device, dataset, source, tokenizer = worker_inputs(args)
     train_batches = list(batches(dataset.train, tokenizer, args.batch_size, MAX_TOKENS))
     held_out_batches = list(batches(dataset.held_out, tokenizer, HELD_OUT_BATCH, MAX_TOKENS))
-    base = models.load_classifier(source, len(dataset.label_names), args.seed, tokenizer, args.load_in_4bit)
-    if device == "cuda" and not args.load_in_4bit:
-        base.to(device)
+    base = load_base(args, device, dataset, source, tokenizer)
 
     rank = count = None
     if args.method == "both" or not selection:
@@ -398,25 +409,16 @@ def time_steps(args: argparse.Namespace, labels: list[str]) -> dict:
     machine (another job, a throttled core) slows all of them alike. Returns each method's median step time and the
     median over rounds of its step time divided by LoRA's in the same round."""
     import torch
-    import transformers
     from peft import PeftModel
 
     from ..classification import batches
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-    dataset = data_module.load(args.data, args.max_examples, args.seed)
-    source = models.resolve(args.model)
-    tokenizer = models.load_tokenizer(source)
+    device, dataset, source, tokenizer = worker_inputs(args)
     batch = next(iter(batches(dataset.train, tokenizer, args.batch_size, MAX_TOKENS)))
     batch = {k: v.to(device) for k, v in batch.items()}
     steps = {}
     for label in labels:
-        base = models.load_classifier(source, len(dataset.label_names), args.seed, tokenizer, args.load_in_4bit)
-        if device == "cuda" and not args.load_in_4bit:
-            base.to(device)
+        base = load_base(args, device, dataset, source, tokenizer)
         model = PeftModel.from_pretrained(base, str(Path(args.output_dir) / label), is_trainable=True).train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
 
