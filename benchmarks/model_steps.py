@@ -33,7 +33,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from ops_bench import add_paired_ratios, machine, median_time, steps_peak_memory, write_section
+from ops_bench import add_paired_ratios, causal_lm_step, machine, median_time, steps_peak_memory, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,22 +130,7 @@ def build_step(method: str, device: str, base: str):
     else:
         model = get_peft_model(model, adapter_config(method, model, shape["lora_r"]))
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-5) if params else None
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, shape["vocab"], (shape["batch"], shape["seq"]), generator=generator).to(device)
-    embed = model.get_input_embeddings()
-
-    def step():
-        if optimizer is None:  # the frozen base still propagates the gradient down to its input
-            embeds = embed(ids).detach().requires_grad_()
-            model(inputs_embeds=embeds, labels=ids).loss.backward()
-            return
-        model(input_ids=ids, labels=ids).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step, sum(p.numel() for p in params)
+    return causal_lm_step(model, shape["vocab"], shape["batch"], shape["seq"], device, lr=1e-5)
 
 
 def peak_memory(method: str, device: str, base: str) -> int:

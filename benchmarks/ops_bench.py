@@ -242,19 +242,25 @@ def build_step(method: str, device: str, dtype: torch.dtype):
         model = get_peft_model(model, LoraConfig(target_modules=TARGETS, r=c["lora_r"], lora_alpha=16))
     else:
         model.requires_grad_(False)
+    return causal_lm_step(model, c["vocab"], c["batch"], c["seq"], device, lr=1e-4)
+
+
+def causal_lm_step(model, vocab: int, batch: int, seq: int, device: str, lr: float):
+    """(step, trainable count): one training step (forward, backward, AdamW on the trainable parameters) of a causal
+    LM on a fixed batch of seeded token ids. With nothing trainable (the frozen base) the backward still runs down to
+    the input embeddings: the part every adapter pays for."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
-    gen = torch.Generator().manual_seed(0)
-    input_ids = torch.randint(0, c["vocab"], (c["batch"], c["seq"]), generator=gen).to(device)
+    optimizer = torch.optim.AdamW(params, lr=lr) if params else None
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (batch, seq), generator=generator).to(device)
     embed = model.get_input_embeddings()
 
     def step():
-        if method == "base":
-            # The frozen base still propagates the gradient down to its input: the part every adapter pays for.
-            embeds = embed(input_ids).detach().requires_grad_()
-            model(inputs_embeds=embeds, labels=input_ids).loss.backward()
+        if optimizer is None:
+            embeds = embed(ids).detach().requires_grad_()
+            model(inputs_embeds=embeds, labels=ids).loss.backward()
             return
-        model(input_ids=input_ids, labels=input_ids).loss.backward()
+        model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
