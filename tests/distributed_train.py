@@ -106,6 +106,14 @@ def rank() -> int:
     return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
 
+def on_rank_zero_then_wait(action) -> None:
+    """``action()`` on rank 0 only (a file every rank then reads), the other ranks waiting until it is done."""
+    if rank() == 0:
+        action()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def train(root: Path, name: str, options: dict, started: list) -> None:
     out_dir = root / name
     engine = options.get("engine", "single")
@@ -125,10 +133,7 @@ def train(root: Path, name: str, options: dict, started: list) -> None:
         storage = getattr(torch, options.get("quant_storage", "uint8"))
         # bitsandbytes runs the untargeted 4-bit layers; its CPU kernels want in_features a multiple of 64.
         directory = out_dir / f"base-{storage}"
-        if rank() == 0:  # one process writes the checkpoint every process quantises
-            tiny_llama_aligned().save_pretrained(directory)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        on_rank_zero_then_wait(lambda: tiny_llama_aligned().save_pretrained(directory))  # every rank quantises it
         base = quantised_model(
             directory,
             tiny_llama_aligned,
@@ -176,16 +181,14 @@ def train(root: Path, name: str, options: dict, started: list) -> None:
     started.append(trainer)
     resume = options.get("resume")
     if resume:  # the earlier run's checkpoint, where the Trainer looks for it
-        if rank() == 0:
-            shutil.copytree(root / options["resume_from"] / "run" / resume, out_dir / "run" / resume)
-        if torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        source = root / options["resume_from"] / "run" / resume
+        on_rank_zero_then_wait(lambda: shutil.copytree(source, out_dir / "run" / resume))
     trainer.train(resume_from_checkpoint=str(out_dir / "run" / resume) if resume else None)
     trainer.save_model(str(out_dir / "adapter"))
     torch.save({"state": sparse_state(model), "log": sparse_log(trainer)}, out_dir / f"rank{rank()}.pt")
 
 
-def probe_select_mask_on_shards(out_dir: Path) -> dict:
+def probe_select_mask_on_shards() -> dict:
     """``select_mask`` on a model whose values ``fully_shard`` made DTensors: moving the budget between layers is
     refused (each layer's k is fixed by the layout); keeping the layer sizes works."""
     from torch.distributed.fsdp import fully_shard
@@ -226,7 +229,7 @@ def main() -> None:
     for name, options in plan.items():
         (root / name).mkdir(parents=True, exist_ok=True)
         if options.get("probe") == "select_mask_on_shards":
-            result = probe_select_mask_on_shards(root / name)
+            result = probe_select_mask_on_shards()
             (root / name / f"probe-rank{rank()}.json").write_text(json.dumps(result))
             continue
         started: list = []
