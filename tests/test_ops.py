@@ -279,12 +279,16 @@ def test_jit_build_fallback(request, tmp_path):
 
 def test_cpu_kernels_do_not_depend_on_the_thread_count(monkeypatch, gen):
     """The same bits with any number of threads: dequant_scatter decodes every element on its own, scatter_add is
-    one sequential loop, and sddmm_gather splits its entries between threads only at boundaries of one grouping
-    fixed from the first entry (rows shared by four consecutive entries), so every entry sums in the same order."""
+    one sequential loop, and sddmm_gather cuts the tokens into tiles fixed by the shapes, sums each tile's dot
+    products apart and adds them in tile order, and splits a tile's entries between threads only at boundaries of
+    one grouping fixed from the first entry (rows shared by four consecutive entries). Its two inputs give the
+    threads whole tiles in rounds (700 tokens: 11 tiles), and shares of the entries of 2 tiles (90 tokens)."""
     _select("cpp", monkeypatch)
-    grad_output, input = _randn((700, 40), gen), _randn((700, 70), gen)
-    indices = _indices(2800, 2000, gen, torch.int64)
-    expected, bound = _sddmm_judge(grad_output, input, indices, 70, torch.float32)
+    gathers = []
+    for tokens in (700, 90):
+        grad_output, input = _randn((tokens, 40), gen), _randn((tokens, 70), gen)
+        indices = _indices(2800, 2000, gen, torch.int64)
+        gathers.append((grad_output, input, indices, *_sddmm_judge(grad_output, input, indices, 70, torch.float32)))
     packed, absmax, code, extra = _random_4bit((33, 257), 128, True, gen, "cpu")
     dq_indices = _indices(33 * 257, 900, gen, torch.int32)
     dq_values = _randn(900, gen)
@@ -296,11 +300,13 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(monkeypatch, gen):
     try:
         for count in (1, 2, 3, 4):
             torch.set_num_threads(count)
-            gathered = ops.sddmm_gather(grad_output, input, indices, 70)
-            _assert_within(gathered, expected, bound, f"{count} threads")
+            gathered = []
+            for grad_output, input, indices, expected, bound in gathers:
+                gathered.append(ops.sddmm_gather(grad_output, input, indices, 70))
+                _assert_within(gathered[-1], expected, bound, f"{count} threads, {len(input)} tokens")
             results.append(
                 (
-                    gathered,
+                    *gathered,
                     ops.dequant_scatter(
                         packed, absmax, code, 128, (33, 257), torch.bfloat16, dq_indices, dq_values, **extra
                     ),
@@ -310,7 +316,8 @@ def test_cpu_kernels_do_not_depend_on_the_thread_count(monkeypatch, gen):
     finally:
         torch.set_num_threads(threads)
     for count, result in zip((2, 3, 4), results[1:], strict=True):
-        for name, single, multi in zip(("sddmm_gather", "dequant_scatter", "scatter_add"), results[0], result):
+        names = ("sddmm_gather, 700 tokens", "sddmm_gather, 90 tokens", "dequant_scatter", "scatter_add")
+        for name, single, multi in zip(names, results[0], result, strict=True):
             assert torch.equal(single, multi), f"{name}: 1 thread vs {count}"
 
 
