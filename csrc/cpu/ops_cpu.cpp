@@ -5,7 +5,7 @@
 // sddmm_gather: the tokens are cut into tiles of a few dozen tokens, and the work items (a tile, or a share of a
 //   tile's entries when there are fewer tiles than threads) are spread over the threads. A thread transposes its
 //   tile of `input` and `grad_output` into its own feature-major fp32 buffers ((in + out) * tile floats, sized to
-//   stay in its core's L2, written and read by the same core), then every entry is a contiguous dot product of
+//   stay in its core's L2, written and read by the same core, kept between calls: TileScratch), then every entry is a contiguous dot product of
 //   length tile. Each tile's dot products go to a per-tile row of partial sums, and the rows are added to the
 //   result in tile order; entries are processed in chunks that end only at boundaries of one grouping fixed from
 //   the first entry. Tile boundaries depend on the shapes alone, so the result is the same bits for any number of
@@ -23,12 +23,15 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <memory>
+#include <cstdlib>
 #include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
+#endif
+#if defined(__linux__)
+#include <sys/mman.h>
 #endif
 
 #include "../op_checks.h"
@@ -36,14 +39,15 @@
 namespace {
 
 // Token tiles are sized so that one thread's two feature-major tiles, (in + out) * tile floats, stay within this
-// many bytes (between kMinTokenTile and kMaxTokenTile tokens, a multiple of 8): well inside the L2 of the core that
-// writes and reads them. Measured on a 2-core EPYC (1 MiB L2 per core), N = 1024, 1 % density: 64 tokens were the
-// best tile for 512 x 512 (96 and 128 were 1.6x slower) and within the noise of the best for 512 x 1376; 32 tokens
-// were the best for 2048 x 2048.
-constexpr int64_t kTileBytes = 512 * 1024;
-constexpr int64_t kMinTokenTile = 16, kMaxTokenTile = 64;
-// Bound of the per-tile partial sums of one round of tiles (rounds hold at least one tile).
-constexpr int64_t kPartialBytes = 64 << 20;
+// many bytes (between kMinTokenTile and kMaxTokenTile tokens, a multiple of 8): the L2 of the core that writes and
+// reads them. Measured on a 2-core EPYC (1 MiB L2 per core), N = 1024, 2.5 % density, tiles on huge pages: 128
+// tokens were within the noise of the best tile for 512 x 512, 512 x 1376 and 1376 x 512; 64 tokens were
+// 1.05-1.2x slower. On 4 KiB pages 128-token tiles were up to 1.5x slower (TLB misses): see TileScratch.
+constexpr int64_t kTileBytes = 1024 * 1024;
+constexpr int64_t kMinTokenTile = 16, kMaxTokenTile = 128;
+// Bound of the per-tile partial sums of one round of tiles (rounds hold at least one tile): the calling thread
+// keeps this much between calls (TileScratch).
+constexpr int64_t kPartialBytes = 8 << 20;
 constexpr int64_t kDequantTile = 4096;
 
 void scatter_add_cpu(at::Tensor dense, const at::Tensor& indices, const at::Tensor& values) {
@@ -294,6 +298,49 @@ void transpose_tile(const scalar_t* source, int64_t stride_token, int64_t stride
   }
 }
 
+// Scratch memory of sddmm_gather, kept between calls (grow-only; freed when the thread ends): each thread's tile
+// buffers (at most about kTileBytes) and the calling thread's per-tile partial sums (at most about kPartialBytes).
+// Allocating them per call cost 20-25 % of the op (page faults on fresh memory). Aligned to 2 MiB and marked for
+// transparent huge pages where Linux offers them (madvise mode): the entries read columns all over a tile, and on
+// 4 KiB pages those reads missed the TLB (1.3x slower on the tiles here). thread_local, so concurrent calls from
+// several threads never share one.
+class TileScratch {
+ public:
+  TileScratch() = default;
+  TileScratch(const TileScratch&) = delete;
+  TileScratch& operator=(const TileScratch&) = delete;
+  ~TileScratch() { std::free(data_); }
+
+  void* get(size_t bytes) {
+    if (bytes <= capacity_) return data_;
+    constexpr size_t kHugePage = size_t{2} << 20;
+    const size_t capacity = (bytes + kHugePage - 1) / kHugePage * kHugePage;
+    void* data = std::aligned_alloc(kHugePage, capacity);
+    TORCH_CHECK(data != nullptr, "sddmm_gather: could not allocate ", capacity, " bytes of tile buffers");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    madvise(data, capacity, MADV_HUGEPAGE);  // advice only: without huge pages the buffer works the same
+#endif
+    std::free(data_);
+    data_ = data;
+    capacity_ = capacity;
+    return data_;
+  }
+
+ private:
+  void* data_ = nullptr;
+  size_t capacity_ = 0;
+};
+
+TileScratch& tile_scratch() {
+  thread_local TileScratch scratch;
+  return scratch;
+}
+
+TileScratch& partial_scratch() {
+  thread_local TileScratch scratch;
+  return scratch;
+}
+
 at::Tensor sddmm_gather_cpu(const at::Tensor& grad_output, const at::Tensor& input, const at::Tensor& indices,
                             int64_t in_features) {
   peft_sparse_checks::check_sddmm_gather(grad_output, input, indices, in_features);
@@ -338,14 +385,13 @@ at::Tensor sddmm_gather_cpu(const at::Tensor& grad_output, const at::Tensor& inp
       const int64_t round_tiles = std::min({num_tiles, std::max<int64_t>(threads, 8), by_memory});
       const int64_t shares = std::min(num_chunks, (threads + round_tiles - 1) / round_tiles);  // items per tile
       const int64_t tile_floats = (in_features + out_features) * token_tile;
-      std::unique_ptr<acc_t[]> buffers(new acc_t[threads * tile_floats]);
-      std::unique_ptr<acc_t[]> partial(new acc_t[round_tiles * k]);
+      const size_t partial_bytes = static_cast<size_t>(round_tiles * k) * sizeof(acc_t);
+      acc_t* partial = static_cast<acc_t*>(partial_scratch().get(partial_bytes));
       for (int64_t first = 0; first < num_tiles; first += round_tiles) {
         const int64_t tiles = std::min(round_tiles, num_tiles - first);
         at::parallel_for(0, tiles * shares, 1, [&](int64_t item_begin, int64_t item_end) {
-          const int64_t thread = at::get_thread_num();
-          TORCH_INTERNAL_ASSERT(thread >= 0 && thread < threads, "sddmm_gather: thread ", thread, " of ", threads);
-          acc_t* input_tile = buffers.get() + thread * tile_floats;
+          const size_t tile_bytes = static_cast<size_t>(tile_floats) * sizeof(acc_t);
+          acc_t* input_tile = static_cast<acc_t*>(tile_scratch().get(tile_bytes));
           acc_t* grad_tile = input_tile + in_features * token_tile;
           int64_t transposed = -1;
           for (int64_t item = item_begin; item < item_end; ++item) {
@@ -360,14 +406,14 @@ at::Tensor sddmm_gather_cpu(const at::Tensor& grad_output, const at::Tensor& inp
             }
             const int64_t begin = boundaries[num_chunks * share / shares];
             const int64_t end = boundaries[num_chunks * (share + 1) / shares];
-            acc_t* sums = partial.get() + tile * k;
+            acc_t* sums = partial + tile * k;
             std::fill(sums + begin, sums + end, acc_t(0));
             accumulate_entries(grad_tile, input_tile, rows.data(), cols.data(), sums, begin, end, count);
           }
         });
         at::parallel_for(0, k, 4096, [&](int64_t begin, int64_t end) {
           for (int64_t tile = 0; tile < tiles; ++tile) {
-            const acc_t* sums = partial.get() + tile * k;
+            const acc_t* sums = partial + tile * k;
             for (int64_t i = begin; i < end; ++i) result[i] += sums[i];
           }
         });
