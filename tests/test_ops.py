@@ -679,6 +679,27 @@ def test_dense_plan_rejects_what_the_kernels_reject(monkeypatch):
         ops.sddmm_gather(torch.zeros(4, 3), torch.zeros(4, 5), torch.tensor([0, 15]), 5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_sddmm_gather_gives_the_same_bits_for_any_input_layout(dtype, monkeypatch, gen):
+    """The CPU kernel transposes rows of unit feature stride with vector instructions where the CPU has them, and
+    any other layout element by element; both widen exactly and feed the same sums, so the bits must agree. Token
+    and feature counts leave tails after the 8 x 8 blocks and after the 128-token tiles."""
+    _select("cpp", monkeypatch)
+    for num_tokens, out_features, in_features in ((301, 37, 19), (8, 8, 8), (7, 3, 70)):
+        grad_output = _randn((num_tokens, out_features), gen, dtype)
+        input = _randn((num_tokens, in_features), gen, dtype)
+        indices = _indices(out_features * in_features, 4 * out_features, gen, torch.int64)
+        contiguous = ops.sddmm_gather(grad_output, input, indices, in_features)
+        strided = [
+            torch.empty((num_tokens, 2 * features), dtype=dtype)[:, ::2].copy_(tensor)
+            for features, tensor in ((out_features, grad_output), (in_features, input))
+        ]
+        assert strided[0].stride(1) == 2 and torch.equal(strided[1], input)
+        assert torch.equal(ops.sddmm_gather(*strided, indices, in_features), contiguous), (num_tokens, dtype)
+        expected, bound = _sddmm_judge(grad_output, input, indices, in_features, dtype)
+        _assert_within(contiguous, expected, bound, f"{num_tokens} tokens, {dtype}")
+
+
 @pytest.mark.parametrize("backend", _per_backend())
 def test_sddmm_gather_over_zero_tokens_gives_zeros(backend, monkeypatch):
     device = _select(backend, monkeypatch)
