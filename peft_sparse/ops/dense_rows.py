@@ -27,9 +27,10 @@ SDDMM_PLAN_ENV = "PEFT_SPARSE_SDDMM"
 PLANS = ("sampled", "dense", "auto")
 # Density (k / (out * in)) from which `auto` takes the dense path. CUDA: on the H200 the dense product plus gather
 # was 1.3-2.2x faster than the sampled kernel at 0.5 % on 7B shapes, and the FLOP-rate ratio puts the crossing
-# near 0.3 %. CPU: on a 2-core AMD EPYC (N = 1024; 1024x1024 and 512x1376) the dense blocks took 0.84-0.90x the
-# sampled kernel's time at 20 %, 1.16-1.38x at 10 % and 2.3-3.4x at 1 %.
-DENSE_FROM_DENSITY = {"cuda": 0.003, "cpu": 0.2}
+# near 0.3 %. CPU: on a 2-core AMD EPYC (N = 1024; 1024x1024 and 512x1376; the per-thread-tile sampled kernel of
+# 2026-11-28) the dense blocks took 0.49-0.57x the sampled kernel's time at 60 %, 0.69x at 40 %, 1.5-1.6x at 20 %
+# and 2.8-3.0x at 10 %.
+DENSE_FROM_DENSITY = {"cuda": 0.003, "cpu": 0.3}
 BLOCK_BYTES = 64 * 2**20
 
 
