@@ -4,6 +4,7 @@ comparison, saved adapters, 4-bit and sparse + low-rank runs, on a tiny Llama wi
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -328,6 +329,9 @@ def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_
     for record in (sparse, lora):
         assert (out / record["method"] / "adapter" / "adapter_config.json").is_file()
         assert record["peak_memory_mb"] > 0 and record["tokens_per_second"] > 0
+        # every optimizer step timed (2 of them, --max_steps), the median over those after the first
+        assert len(record["step_seconds"]) == record["steps"] == 2 and min(record["step_seconds"]) > 0
+        assert record["step_seconds_median"] == statistics.median(record["step_seconds"][1:])
         # before training and after each step (--eval_steps 1): the last is the held-out loss after training
         evaluations = [e for e in record["log_history"] if "eval_loss" in e]
         assert [e["step"] for e in evaluations] == [0, 1, 2]
@@ -339,6 +343,9 @@ def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert len(table) == 4 and table[2].startswith("| sparse, gradient mask | 8,192 |")
     assert table[3].startswith("| LoRA r=4 | 8,192 |") and "x LoRA)" in table[2]
+    ratio = sparse["step_seconds_median"] / lora["step_seconds_median"]
+    assert f"{sparse['step_seconds_median'] * 1e3:,.0f} ms ({ratio:.2f}x LoRA)" in table[2]
+    assert "step time, median" in table[0]
     assert "exact match (6 held-out rows)" in table[0]
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

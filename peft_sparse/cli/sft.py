@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import statistics
 import sys
 import time
 import warnings
@@ -695,6 +696,8 @@ def train_one(method: str, script_args, training_args, model_args, sparse_args, 
             training_args.dataset_text_field,
         )
     trainer, source = build_trainer(method, script_args, training_args, model_args, sparse_args, data)
+    timer = step_timer(device)
+    trainer.add_callback(timer)
     tokenizer, lr = trainer.processing_class, trainer.args.learning_rate
     loss_before = trainer.evaluate()["eval_loss"]
     logged_before = list(trainer.state.log_history)  # train() starts a new state, and log, of its own
@@ -738,6 +741,8 @@ def train_one(method: str, script_args, training_args, model_args, sparse_args, 
         "train_tokens": tokens,
         "train_seconds": train_seconds,
         "tokens_per_second": tokens / train_seconds,
+        "step_seconds": timer.seconds,
+        "step_seconds_median": timer.median(),
         "steps": trainer.state.global_step,
         "peak_memory_mb": peak,
         "device": device,
@@ -751,6 +756,41 @@ def train_one(method: str, script_args, training_args, model_args, sparse_args, 
         "num_held_out": len(data.held_out),
     }
     return record, trainer
+
+
+def step_timer(device: str):
+    """A ``TrainerCallback`` that records the wall time of every optimizer step in ``.seconds``, from
+    ``on_step_begin`` to ``on_step_end``: forward, backward and optimizer, and a dynamic sparse mask's update at the
+    steps that have one. The mask selection before the first step and the evaluations are not in it, so that short
+    runs compare their steps, not their set-up. (Defined here so that importing this module does not import
+    transformers.)"""
+    import torch
+    from transformers import TrainerCallback
+
+    def now() -> float:
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.seconds, self._start = [], None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = now()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self._start is not None:
+                self.seconds.append(now() - self._start)
+                self._start = None
+
+        def median(self) -> float | None:
+            """The median step time, the first (warm-up) step left out where there are others; None without
+            steps."""
+            timed = self.seconds[1:] or self.seconds
+            return statistics.median(timed) if timed else None
+
+    return StepTimer()
 
 
 def _check_finite(trainer, method: str, lr: float) -> None:
@@ -782,13 +822,13 @@ def method_name(record: dict) -> str:
 
 
 def table(records: list[dict]) -> str:
-    """The runs as a markdown table (tokens/s and memory also as ratios to LoRA when LoRA ran)."""
+    """The runs as a markdown table (step time and memory also as ratios to LoRA when LoRA ran)."""
     lora = next((r for r in records if r["method"] == "lora"), None)
     scored = next((r for r in records if r["exact_match"] is not None), None)
     header = ["method", "trainable parameters", "held-out loss, before -> after"]
     if scored:
         header.append(f"exact match ({scored['exact_match_rows']} held-out rows)")
-    header += ["tokens/s (training)", "peak memory"]
+    header += ["step time, median", "peak memory"]
     rows = []
     for r in records:
         row = [method_name(r), f"{r['trainable']:,}", f"{r['eval_loss_before']:.3f} -> {r['eval_loss_after']:.3f}"]
@@ -796,9 +836,11 @@ def table(records: list[dict]) -> str:
             row.append(
                 "n/a" if r["exact_match"] is None else f"{r['exact_match_before']:.1%} -> {r['exact_match']:.1%}"
             )
-        speed, memory = f"{r['tokens_per_second']:,.0f}", f"{r['peak_memory_mb']:,.0f} MB"
+        step, memory = r["step_seconds_median"], f"{r['peak_memory_mb']:,.0f} MB"
+        speed = "n/a" if step is None else f"{step * 1e3:,.0f} ms"
         if lora is not None and r is not lora:
-            speed += f" ({r['tokens_per_second'] / lora['tokens_per_second']:.2f}x LoRA)"
+            if step is not None and lora["step_seconds_median"]:
+                speed += f" ({step / lora['step_seconds_median']:.2f}x LoRA)"
             memory += f" ({r['peak_memory_mb'] / lora['peak_memory_mb']:.2f}x LoRA)"
         rows.append(row + [speed, memory])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -838,6 +880,12 @@ def report(records: list[dict], training_args, sparse_args, model_args, output_d
         f"{first['device']}\n"
     )
     print(table(records))
+    if len(records) > 1:
+        print(
+            "\nStep time: each run's median optimizer step (forward, backward, optimizer), its first step and the "
+            "mask selection left out. The runs ran one after the other, so a change in the machine's load between "
+            "them moves the ratio; benchmarks/ops_bench.py times the steps side by side."
+        )
     return finetune.finish(records, results_path, results_error, (plot, plot_path), not_written, wall, PROG)
 
 
