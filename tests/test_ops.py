@@ -870,6 +870,56 @@ def test_dequant_scatter_matches_the_judge(backend, shape_blocksize, out_dtype, 
 
 
 @pytest.mark.parametrize("backend", _per_backend())
+def test_dequant_scatter_rounds_specials_and_ties_as_torch_does(backend, monkeypatch, gen):
+    """The one rounding to bf16 (vectorised on CPUs with AVX2) and fp16 keeps nan and +-inf and rounds values that
+    sit exactly between two bf16 values to the even one, as torch's conversion does, bit for bit (nan: a nan). The
+    elements chosen decode to 0 (code[0] = 0), so the delta alone sets them."""
+    device = _select(backend, monkeypatch)
+    shape = (3, 40)  # 120 elements: seven groups of 16 and a tail of 8
+    packed, absmax, code, _ = _random_4bit(shape, 64, False, gen, "cpu")
+    code[0] = 0.0
+    # halfway between two bf16 values: below an even one (rounds down) and below an odd one (rounds up)
+    ties = {
+        33: (1 + 2**-8, 1.0),
+        34: (1 + 2**-7 + 2**-8, 1 + 2**-6),
+        60: (-(3 + 2**-7), -3.0),
+        118: (3 + 3 * 2**-7, 3 + 2**-5),
+    }
+    specials = {5: math.nan, 17: math.inf, 18: -math.inf, 119: math.nan}
+    targets = {**{e: value for e, (value, _) in ties.items()}, **specials}
+    flat = packed.view(-1)
+    for e in targets:  # nibble 0 at element e: the high nibble of byte e // 2 for even e, else the low one
+        flat[e // 2] &= 0x0F if e % 2 == 0 else 0xF0
+    indices = torch.tensor(sorted(targets), dtype=torch.int64)
+    values = torch.tensor([targets[e] for e in sorted(targets)], dtype=torch.float32)
+    for out_dtype in (torch.bfloat16, torch.float16):
+        result = (
+            ops.dequant_scatter(
+                packed.to(device),
+                absmax.to(device),
+                code.to(device),
+                64,
+                shape,
+                out_dtype,
+                indices.to(device),
+                values.to(device),
+            )
+            .cpu()
+            .flatten()
+        )
+        judge = _dequant_judge(packed, absmax, code, 64, shape, indices, values, {}).float().to(out_dtype).flatten()
+        # nan payloads are not part of any contract (torch's vector and scalar conversions differ there)
+        assert torch.equal(result.isnan(), judge.isnan()) and result[5].isnan() and result[119].isnan()
+        numbers = ~judge.isnan()
+        assert torch.equal(result[numbers].view(torch.int16), judge[numbers].view(torch.int16)), out_dtype
+        assert (result[17], result[18]) == (math.inf, -math.inf)
+        if out_dtype == torch.bfloat16:
+            assert [result[e].item() for e in ties] == [rounded for _, rounded in ties.values()]
+        else:  # exact in fp16
+            assert [result[e].item() for e in ties] == [value for value, _ in ties.values()]
+
+
+@pytest.mark.parametrize("backend", _per_backend())
 def test_dequant_scatter_duplicate_indices_accumulate(backend, monkeypatch, gen):
     device = _select(backend, monkeypatch)
     packed, absmax, code, _ = _random_4bit((9, 70), 64, False, gen, device)
