@@ -34,6 +34,9 @@
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
+#if defined(_MSC_VER)
+#include <malloc.h>
+#endif
 
 #include "../op_checks.h"
 
@@ -365,23 +368,39 @@ void transpose_tile(const scalar_t* source, int64_t stride_token, int64_t stride
 // transparent huge pages where Linux offers them (madvise mode): the entries read columns all over a tile, and on
 // 4 KiB pages those reads missed the TLB (1.3x slower on the tiles here). thread_local, so concurrent calls from
 // several threads never share one.
+void* aligned_allocate(size_t alignment, size_t bytes) {  // bytes: a multiple of alignment
+#if defined(_MSC_VER)
+  return _aligned_malloc(bytes, alignment);
+#else
+  return std::aligned_alloc(alignment, bytes);
+#endif
+}
+
+void aligned_free(void* data) {
+#if defined(_MSC_VER)
+  _aligned_free(data);
+#else
+  std::free(data);
+#endif
+}
+
 class TileScratch {
  public:
   TileScratch() = default;
   TileScratch(const TileScratch&) = delete;
   TileScratch& operator=(const TileScratch&) = delete;
-  ~TileScratch() { std::free(data_); }
+  ~TileScratch() { aligned_free(data_); }
 
   void* get(size_t bytes) {
     if (bytes <= capacity_) return data_;
     constexpr size_t kHugePage = size_t{2} << 20;
     const size_t capacity = (bytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* data = std::aligned_alloc(kHugePage, capacity);
+    void* data = aligned_allocate(kHugePage, capacity);
     TORCH_CHECK(data != nullptr, "sddmm_gather: could not allocate ", capacity, " bytes of tile buffers");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     madvise(data, capacity, MADV_HUGEPAGE);  // advice only: without huge pages the buffer works the same
 #endif
-    std::free(data_);
+    aligned_free(data_);
     data_ = data;
     capacity_ = capacity;
     return data_;
