@@ -86,8 +86,9 @@ void scatter_add_cpu(at::Tensor dense, const at::Tensor& indices, const at::Tens
 
 // The hot loop of sddmm_gather: one dot product of length `count` per entry, between the entry's grad_output row
 // and input column, both stored feature-major. kLanes independent partial sums hide the latency of the vector adds
-// and are folded as a tree, not a serial chain. The whole entry loop (not one dot) is the cloned function, so the
-// dot is inlined and the AVX2 clone, resolved once at load time, pays no call per entry.
+// and are folded as a tree, not a serial chain. The whole entry loop (not one dot) is the cloned function, with the
+// dots forced inline (PS_INLINE), so each clone, resolved once at load time, runs its own vector width and pays no
+// call per entry.
 constexpr int64_t kLanes = 16;
 
 // PS_INLINE: these run inside the CPU-specific clones of accumulate_entries only if inlined there (a call would go
