@@ -237,7 +237,7 @@ void transpose_block(const scalar_t* source, int64_t stride_token, int64_t strid
 }
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PS_HAVE_AVX_TRANSPOSE 1
+#define PS_HAVE_AVX2 1  // the AVX2/F16C transposes, 4-bit decode and bf16 rounding below (chosen at run time)
 #define PS_AVX2_F16C __attribute__((target("avx2,f16c")))
 // Eight consecutive elements widened to fp32 (exactly: every bf16 and fp16 value is an fp32 value).
 PS_AVX2_F16C inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
@@ -303,9 +303,11 @@ PS_AVX2_F16C inline __m256 lookup16(__m256 low, __m256 high, __m256i index) {
   return _mm256_blendv_ps(_mm256_permutevar8x32_ps(low, index), _mm256_permutevar8x32_ps(high, index), from_high);
 }
 
-// `pairs` packed bytes decoded to 2 * pairs floats, table[nibble] * scale, high nibble first: the same products
-// (one fp32 rounding each) as dequant_scatter's scalar loop, 16 at a time.
-PS_AVX2_F16C void decode_4bit_avx2(const uint8_t* bytes, int64_t pairs, const float* table, float scale, float* out) {
+// Packed bytes decoded to floats, table[nibble] * scale, high nibble first, 16 at a time: the same products (one
+// fp32 rounding each) as dequant_scatter's scalar loop. Decodes the whole groups of 8 of the `pairs` bytes and
+// returns how many bytes that was; the caller's scalar loop decodes the rest.
+PS_AVX2_F16C int64_t decode_4bit_avx2(const uint8_t* bytes, int64_t pairs, const float* table, float scale,
+                                      float* out) {
   const __m256 low = _mm256_loadu_ps(table), high = _mm256_loadu_ps(table + 8), factor = _mm256_set1_ps(scale);
   const __m256i nibble = _mm256_set1_epi32(15);
   int64_t p = 0;
@@ -317,10 +319,7 @@ PS_AVX2_F16C void decode_4bit_avx2(const uint8_t* bytes, int64_t pairs, const fl
     _mm256_storeu_ps(out + 2 * p, _mm256_mul_ps(lookup16(low, high, first), factor));
     _mm256_storeu_ps(out + 2 * p + 8, _mm256_mul_ps(lookup16(low, high, second), factor));
   }
-  for (; p < pairs; ++p) {
-    out[2 * p] = table[bytes[p] >> 4] * scale;
-    out[2 * p + 1] = table[bytes[p] & 15] * scale;
-  }
+  return p;
 }
 
 // Round to nearest even, eight fp32 lanes to bf16 bits in 32-bit lanes, NaN to 0x7FC0: c10::BFloat16's conversion.
@@ -333,7 +332,8 @@ PS_AVX2_F16C inline __m256i bf16_bits(__m256 v) {
   return _mm256_blendv_epi8(rounded, _mm256_set1_epi32(0x7FC0), nan);
 }
 
-PS_AVX2_F16C void round_to_bf16_avx2(const float* in, int64_t n, c10::BFloat16* out) {
+// The whole groups of 16 of `n` floats rounded to bf16 (bf16_bits); returns how many that was.
+PS_AVX2_F16C int64_t round_to_bf16_avx2(const float* in, int64_t n, c10::BFloat16* out) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m256i first = bf16_bits(_mm256_loadu_ps(in + i)), second = bf16_bits(_mm256_loadu_ps(in + i + 8));
@@ -341,7 +341,7 @@ PS_AVX2_F16C void round_to_bf16_avx2(const float* in, int64_t n, c10::BFloat16* 
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
                         _mm256_permute4x64_epi64(_mm256_packus_epi32(first, second), 0xD8));
   }
-  for (; i < n; ++i) out[i] = static_cast<c10::BFloat16>(in[i]);
+  return i;
 }
 #endif
 
@@ -349,7 +349,7 @@ PS_AVX2_F16C void round_to_bf16_avx2(const float* in, int64_t n, c10::BFloat16* 
 template <typename scalar_t, typename acc_t>
 void transpose_tile(const scalar_t* source, int64_t stride_token, int64_t stride_feature, int64_t features,
                     int64_t count, acc_t* buffer) {
-#ifdef PS_HAVE_AVX_TRANSPOSE
+#ifdef PS_HAVE_AVX2
   if constexpr (std::is_same_v<acc_t, float> && !std::is_same_v<scalar_t, double>) {
     if (stride_feature == 1 && has_avx2_f16c()) {
       transpose_to_fp32_avx2(source, stride_token, features, count, buffer);
@@ -507,18 +507,14 @@ at::Tensor sddmm_gather_cpu(const at::Tensor& grad_output, const at::Tensor& inp
 // A decoded fp32 tile rounded once into the output dtype; bf16 with vector instructions where `vector` (the CPU has
 // AVX2), with the same bits.
 template <typename scalar_t>
-void round_tile(const float* tile, int64_t n, scalar_t* out, bool /*vector*/) {
-  for (int64_t e = 0; e < n; ++e) out[e] = static_cast<scalar_t>(tile[e]);
-}
-
-void round_tile(const float* tile, int64_t n, c10::BFloat16* out, bool vector) {
-#ifdef PS_HAVE_AVX_TRANSPOSE
-  if (vector) {
-    round_to_bf16_avx2(tile, n, out);
-    return;
+void round_tile(const float* tile, int64_t n, scalar_t* out, [[maybe_unused]] bool vector) {
+  int64_t e = 0;
+#ifdef PS_HAVE_AVX2
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (vector) e = round_to_bf16_avx2(tile, n, out);
   }
 #endif
-  for (int64_t e = 0; e < n; ++e) out[e] = static_cast<c10::BFloat16>(tile[e]);
+  for (; e < n; ++e) out[e] = static_cast<scalar_t>(tile[e]);
 }
 
 at::Tensor dequant_scatter_cpu(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
@@ -558,7 +554,7 @@ at::Tensor dequant_scatter_cpu(const at::Tensor& packed, const at::Tensor& absma
     pair_table[2 * byte + 1] = table[byte & 15];
   }
 
-#ifdef PS_HAVE_AVX_TRANSPOSE
+#ifdef PS_HAVE_AVX2
   const bool vector = has_avx2_f16c();
 #else
   const bool vector = false;
@@ -586,11 +582,9 @@ at::Tensor dequant_scatter_cpu(const at::Tensor& packed, const at::Tensor& absma
               buffer[e - t0] = table[bytes[e >> 1] & 15] * scale;
               ++e;
             }
-#ifdef PS_HAVE_AVX_TRANSPOSE
+#ifdef PS_HAVE_AVX2
             if (vector) {
-              const int64_t pairs = (e1 - e) / 2;
-              decode_4bit_avx2(bytes + (e >> 1), pairs, table, scale, buffer.data() + (e - t0));
-              e += 2 * pairs;
+              e += 2 * decode_4bit_avx2(bytes + (e >> 1), (e1 - e) / 2, table, scale, buffer.data() + (e - t0));
             }
 #endif
             for (; e + 1 < e1; e += 2) {
