@@ -33,7 +33,16 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from ops_bench import add_paired_ratios, causal_lm_step, machine, median_time, steps_peak_memory, write_section
+from ops_bench import (
+    TARGETS,
+    add_paired_ratios,
+    causal_lm_step,
+    machine,
+    median_time,
+    seeded_llama,
+    steps_peak_memory,
+    write_section,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +54,6 @@ SHAPES = {
             "batch": 2, "seq": 64, "lora_r": 8},
 }  # fmt: skip
 METHODS = ("base", "lora", "sparse", "shira", "supertuning")
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def compute_dtype(device: str) -> torch.dtype:
@@ -54,20 +62,7 @@ def compute_dtype(device: str) -> torch.dtype:
 
 def llama(device: str, base: str):
     """The random Llama of ``SHAPES[device]`` on ``device``: bf16 weights, or its decoder linears as NF4."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    shape = SHAPES[device]
-    config = LlamaConfig(
-        hidden_size=shape["hidden"],
-        intermediate_size=shape["intermediate"],
-        num_hidden_layers=shape["layers"],
-        num_attention_heads=shape["heads"],
-        num_key_value_heads=shape["kv_heads"],
-        vocab_size=shape["vocab"],
-        max_position_embeddings=shape["seq"],
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(dtype=compute_dtype(device))
+    model = seeded_llama(SHAPES[device], compute_dtype(device))
     if base == "nf4":
         quantise_decoder_linears(model, compute_dtype(device))
     return model.to(device)

@@ -207,21 +207,22 @@ STEP_CONFIG = {
 }
 
 
-def _tiny_llama(device: str, dtype: torch.dtype):
+def seeded_llama(shape: dict, dtype: torch.dtype):
+    """A randomly initialised (seed 0) Llama of ``shape`` (``hidden``, ``intermediate``, ``layers``, ``heads``,
+    ``kv_heads`` (default: ``heads``), ``vocab``, ``seq``) in ``dtype``, on the CPU."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    c = STEP_CONFIG
     config = LlamaConfig(
-        hidden_size=c["hidden"],
-        intermediate_size=c["intermediate"],
-        num_hidden_layers=c["layers"],
-        num_attention_heads=c["heads"],
-        num_key_value_heads=c["heads"],
-        vocab_size=c["vocab"],
-        max_position_embeddings=c["seq"],
+        hidden_size=shape["hidden"],
+        intermediate_size=shape["intermediate"],
+        num_hidden_layers=shape["layers"],
+        num_attention_heads=shape["heads"],
+        num_key_value_heads=shape.get("kv_heads", shape["heads"]),
+        vocab_size=shape["vocab"],
+        max_position_embeddings=shape["seq"],
     )
     torch.manual_seed(0)
-    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    return LlamaForCausalLM(config).to(dtype=dtype)
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -234,7 +235,7 @@ def build_step(method: str, device: str, dtype: torch.dtype):
     from peft_sparse import SparseConfig, lora_equivalent_budget  # importing peft_sparse registers PeftType.SPARSE
 
     c = STEP_CONFIG
-    model = _tiny_llama(device, dtype)
+    model = seeded_llama(c, dtype).to(device)
     budget = lora_equivalent_budget(model, r=c["lora_r"], target_modules=TARGETS)
     if method == "sparse":
         model = get_peft_model(model, SparseConfig(target_modules=TARGETS, num_tunable_weights=budget))
