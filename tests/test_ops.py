@@ -584,6 +584,11 @@ def _sddmm_judge(grad_output, input, indices, in_features, dtype):
 )
 def test_sddmm_gather_matches_the_judge(backend, shape, dtype, index_dtype, layout, order, monkeypatch, gen):
     device = _select(backend, monkeypatch)
+    _gather_and_judge(shape, dtype, index_dtype, layout, order, device, gen, "sddmm_gather")
+
+
+def _gather_and_judge(shape, dtype, index_dtype, layout, order, device, gen, what):
+    """One ``sddmm_gather`` case on fresh inputs of ``shape`` = (tokens, out, in, k), judged; returns its indices."""
     num_tokens, out_features, in_features, k = shape
     grad_output = _strided_pair(num_tokens, out_features, gen, dtype, device, layout)
     input = _strided_pair(num_tokens, in_features, gen, dtype, device, layout)
@@ -595,7 +600,8 @@ def test_sddmm_gather_matches_the_judge(backend, shape, dtype, index_dtype, layo
     assert result.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert result.shape == (k,) and result.device == input.device
     expected, bound = _sddmm_judge(grad_output, input, indices, in_features, dtype)
-    _assert_within(result, expected, bound, f"sddmm_gather[{dtype}]")
+    _assert_within(result, expected, bound, f"{what}[{dtype}]")
+    return indices
 
 
 DENSE_PLAN_DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=_MARKS["cuda"])]
@@ -615,21 +621,12 @@ def test_sddmm_gather_dense_plan_matches_the_judge(
     inside and outside the rows that hold entries), held to the same judge as the sampled kernels."""
     monkeypatch.delenv(FORCE_REFERENCE_ENV, raising=False)
     monkeypatch.setenv(dense_rows.SDDMM_PLAN_ENV, "dense")
-    num_tokens, out_features, in_features, k = shape
+    num_tokens, _, in_features, k = shape
     if block_rows is not None:
         monkeypatch.setattr(dense_rows, "BLOCK_BYTES", block_rows * (8 if dtype == torch.float64 else 4) * in_features)
     calls = []
     monkeypatch.setattr(dense_rows, "_product_fp32", lambda *a, _f=dense_rows._product_fp32: calls.append(1) or _f(*a))
-    grad_output = _strided_pair(num_tokens, out_features, gen, dtype, device, layout)
-    input = _strided_pair(num_tokens, in_features, gen, dtype, device, layout)
-    indices = _indices(out_features * in_features, k, gen, index_dtype, device, order)
-
-    result = ops.sddmm_gather(grad_output, input, indices, in_features)
-
-    assert result.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert result.shape == (k,) and result.device == input.device
-    expected, bound = _sddmm_judge(grad_output, input, indices, in_features, dtype)
-    _assert_within(result, expected, bound, f"dense sddmm_gather[{dtype}]")
+    indices = _gather_and_judge(shape, dtype, index_dtype, layout, order, device, gen, "dense sddmm_gather")
     rows_with_entries = len(set((indices.long() // in_features).tolist()))
     if block_rows == 1:
         assert len(calls) == rows_with_entries  # one product per row that holds entries, none for the others
