@@ -8,7 +8,7 @@ TRL formats, tokenises and masks the data (completion-only or assistant-only los
 Unless ``--density`` or ``--num_tunable_weights`` says otherwise, the sparse adapter trains exactly as many parameters
 as a LoRA adapter of rank ``--lora_r`` would. ``--compare lora`` also trains that LoRA adapter, each method in its own
 process (so that its peak memory is its own), and prints one table: trainable parameters, held-out loss before and
-after, exact match of greedy generations where the data has an ``answer`` column, training tokens per second and peak
+after, exact match of greedy generations where the data has an ``answer`` column, each run's median step time and peak
 memory. Adapters go to ``<output_dir>/<method>/adapter``, next to ``results.json`` and ``loss_curves.png``.
 
 Defaults, examples and measured results: README.md, "Fine-tuning a causal LM".
