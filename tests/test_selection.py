@@ -217,14 +217,15 @@ def test_selection_leaves_no_gradients_and_is_reproducible():
 
 
 def test_layer_groups_bound_the_accumulator_memory():
-    def run(layers_per_pass):
+    def run(**kwargs):
         model = get_peft_model(tiny_llama(seed=8), SparseConfig(target_modules=TARGETS, selection="gradient"))
-        return select_mask(model, _batches(), layers_per_pass=layers_per_pass), _selected(model)
+        return select_mask(model, _batches(), **kwargs), _selected(model)
 
-    all_at_once, selected_all = run(None)
-    one_by_one, selected_one = run(1)
+    all_at_once, selected_all = run(max_memory=2**40)
+    one_by_one, selected_one = run(layers_per_pass=1)
     assert all(torch.equal(selected_all[n], selected_one[n]) for n in selected_all)
     assert one_by_one.extra_memory_bytes < all_at_once.extra_memory_bytes
+    assert (all_at_once.passes, one_by_one.passes) == (1, len(selected_all))
 
 
 def test_random_selection_depends_on_the_seed_only():

@@ -6,7 +6,9 @@ SynFlow's data-free pass lives in :mod:`peft_sparse.selection.synflow`."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import send_to_device
@@ -18,20 +20,26 @@ from ..tuner.indices import layer_seed
 from .salience import GradientProbe
 from .synflow import synflow_statistics
 
-__all__ = ["compute_scores", "effective_weight", "probe_backward", "run_passes"]
+__all__ = [
+    "ScoringPlan",
+    "effective_weight",
+    "layer_scores",
+    "plan_groups",
+    "probe_backward",
+    "run_passes",
+    "smallest_budget",
+]
 
 # GRaSP's Hessian-vector product is (grad(W + eps G) - grad(W)) / eps with eps = this * ||W|| / ||G||: small enough
 # for the first-order difference to be accurate, large enough to stay clear of fp32 cancellation.
 GRASP_RELATIVE_STEP = 1e-3
 
 
-def run_passes(model, layers, adapter_name, data, num_batches, loss_fn, description) -> int:
-    """Forward + backward over up to ``num_batches`` batches; the layers' probes collect the dense gradients."""
+def run_passes(model, layers, adapter_name, batches, loss_fn, description) -> int:
+    """Forward + backward over ``batches``; the layers' probes collect the dense gradients."""
     values = [layer.sparse_values[adapter_name] for _, layer in layers]
     device = values[0].device
-    seen = 0
-    total = min(num_batches, len(data)) if hasattr(data, "__len__") else num_batches
-    for batch in tqdm(itertools.islice(iter(data), num_batches), total=total, desc=description, leave=False):
+    for seen, batch in enumerate(tqdm(batches, desc=description, leave=False)):
         batch = send_to_device(batch, device)
         outputs = model(**batch) if isinstance(batch, Mapping) else model(batch)
         loss = loss_fn(outputs, batch) if loss_fn is not None else outputs.loss
@@ -47,11 +55,8 @@ def run_passes(model, layers, adapter_name, data, num_batches, loss_fn, descript
         probe_backward(model, loss, values)
         for _, layer in layers:
             layer.salience_probe.end_batch()
-        seen += 1
-    if seen == 0:
-        raise ValueError("select_mask: `data` yielded no batch")
     _all_reduce_probes(layers)
-    return seen
+    return len(batches)
 
 
 def probe_backward(model, loss: torch.Tensor, values: list[torch.Tensor]) -> None:
@@ -94,69 +99,203 @@ def effective_weight(layer, adapter_name: str) -> torch.Tensor:
     return scatter_add(weight, *layer.adapter_delta(adapter_name, detach=True))
 
 
-def compute_scores(
-    model, layers, adapter_name, config, metric, data, num_batches, loss_fn, accumulation_dtype, layers_per_pass
-):
-    """Salience of every entry of every layer; returns (scores, batches seen, peak extra bytes)."""
-    if num_batches is None:
-        num_batches = config.salience_batches
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
-    if layers_per_pass is not None and (not isinstance(layers_per_pass, int) or layers_per_pass < 1):
-        raise ValueError(f"layers_per_pass must be a positive int or None, got {layers_per_pass!r}")
+# Bytes per targeted weight held while salience is estimated, by what a metric needs: its accumulators (per
+# accumulation-dtype byte: the gradient sum; Fisher adds the sum of squares and the batch buffer; GRaSP's second pass
+# holds the first gradient, the weight offset and the new sum) and, while one layer is scored, fp32 temporaries (the
+# score and one intermediate, the weight where the metric reads it, fp32 copies of accumulators kept in another dtype).
+_ACCUMULATORS = {"fisher": 3, "grasp": 3}
+
+
+def accumulator_bytes_per_weight(metric, accumulation_dtype: torch.dtype) -> int:
+    """Bytes per weight a layer's salience accumulators hold for the whole pass over the data."""
+    if metric.name == "synflow":
+        return accumulation_dtype.itemsize + 4  # the gradient, and the linearised |W| scored with it
+    if not metric.needs_data:
+        return 0
+    return _ACCUMULATORS.get(metric.name, 1) * accumulation_dtype.itemsize
+
+
+def scoring_bytes_per_weight(metric, accumulation_dtype: torch.dtype) -> int:
+    """Bytes per weight of the temporaries while one layer is scored (after its accumulators are complete)."""
+    converted = 0 if accumulation_dtype == torch.float32 else 4 * (2 if metric.needs_grad_square else 1)
+    if metric.needs_hessian:
+        converted += 8  # the finite difference of two gradients
+    return 8 + (4 if metric.needs_weight else 0) + (converted if metric.needs_data else 0)
+
+
+@dataclass
+class ScoringPlan:
+    """How salience is computed under a memory budget: which layers share a pass over the data, and the bytes that
+    each part needs (all per process; on a GPU, device memory)."""
+
+    groups: list[range]
+    budget: int | None  # None: no budget (layers_per_pass alone decides)
+    candidate_bytes: int  # reserved for the running top-k candidate set
+    passes: int  # passes over the data (GRaSP: two per group); 0 for data-free metrics without a pass
+    peak_bytes: int = 0  # filled in by layer_scores: the most this selection held at once
+
+    def describe(self) -> str:
+        return f"{len(self.groups)} layer group(s), {self.passes} pass(es) over the data"
+
+
+def plan_groups(
+    layers,
+    metric,
+    accumulation_dtype: torch.dtype,
+    candidate_bytes: int,
+    max_memory: int | None,
+    layers_per_pass: int | None,
+    where: str,
+) -> ScoringPlan:
+    """Split the layers, in order, into groups whose accumulators share one pass over the data: as many layers as
+    ``max_memory`` leaves room for next to ``candidate_bytes`` (and at most ``layers_per_pass``). GRaSP is always
+    one group of all layers.
+
+    Raises:
+        ValueError: if ``max_memory`` is too small for even one layer; the message names the smallest workable
+            value.
+    """
+    budget = max_memory
+    held = accumulator_bytes_per_weight(metric, accumulation_dtype)
+    scoring = scoring_bytes_per_weight(metric, accumulation_dtype)
+    sizes = [layer.num_weight_entries for _, layer in layers]
+    if metric.needs_hessian and layers_per_pass is not None and layers_per_pass < len(layers):
+        raise ValueError(
+            f"{where}: selection='grasp' perturbs every layer at once for its Hessian-vector product, so its layers "
+            f"cannot be split into groups (layers_per_pass={layers_per_pass} < {len(layers)} layers); use "
+            "layers_per_pass=None, or a metric that scores layer groups ('gradient', 'snip', 'fisher', ...)"
+        )
+    if max_memory is not None:
+        smallest = smallest_budget(layers, metric, accumulation_dtype, candidate_bytes)
+        if max_memory < smallest:
+            what = (
+                f"hold GRaSP's accumulators for all {sum(sizes):,} weights at once (its Hessian-vector product "
+                "perturbs every layer together)"
+                if metric.needs_hessian
+                else f"score even the largest layer ({max(sizes):,} weights, {held + scoring} bytes each)"
+            )
+            raise ValueError(
+                f"{where}: max_memory={max_memory} bytes is too small to {what} next to the top-k candidates "
+                f"({candidate_bytes} bytes); the smallest workable value is {smallest}"
+            )
+    if metric.needs_hessian:
+        cap = len(layers)
+        max_memory = None  # one group, checked above
+    else:
+        cap = layers_per_pass or len(layers)
+    groups, start = [], 0
+    while start < len(layers):
+        end = start + 1
+        while end < len(layers) and end - start < cap:
+            group = sizes[start : end + 1]
+            if max_memory is not None and candidate_bytes + held * sum(group) + scoring * max(group) > max_memory:
+                break
+            end += 1
+        groups.append(range(start, end))
+        start = end
+    if metric.name == "synflow":
+        passes = len(groups)
+    elif metric.needs_hessian:  # the gradient, then the perturbed gradient
+        passes = 2 * len(groups)
+    elif metric.needs_data:
+        passes = len(groups)
+    else:
+        passes = 0
+    return ScoringPlan(groups, budget, candidate_bytes, passes)
+
+
+def smallest_budget(layers, metric, accumulation_dtype: torch.dtype, candidate_bytes: int) -> int:
+    """The least ``max_memory`` that works: the candidates plus one layer's accumulators and scoring (GRaSP: all
+    layers' accumulators, which it needs at once)."""
+    held = accumulator_bytes_per_weight(metric, accumulation_dtype)
+    scoring = scoring_bytes_per_weight(metric, accumulation_dtype)
+    sizes = [layer.num_weight_entries for _, layer in layers]
+    if metric.needs_hessian:
+        return candidate_bytes + held * sum(sizes) + scoring * max(sizes)
+    return candidate_bytes + max(sizes) * (held + scoring)
+
+
+def layer_scores(
+    model,
+    layers,
+    adapter_name,
+    config,
+    metric,
+    batches,
+    loss_fn,
+    accumulation_dtype,
+    plan: ScoringPlan,
+    held_elsewhere=lambda: 0,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Salience of every entry of every layer, yielded as ``(layer position, fp32 score)`` in layer order, one layer
+    group (one pass over ``batches``) at a time. Only the current group's accumulators and one layer's score are
+    alive at once: a consumer that keeps what it needs from each score (a running top-k) holds no per-weight buffer
+    of the whole model. The yielded score is the consumer's: it may be overwritten in place.
+
+    After the generator is exhausted, ``plan.peak_bytes`` holds the peak of accumulators + scoring temporaries +
+    ``held_elsewhere()`` (the consumer's own state, e.g. the candidate set) seen at any group.
+    """
     generators = [torch.Generator().manual_seed(layer_seed(config.seed, name)) for name, _ in layers]
-    scores: list[torch.Tensor] = []
-    peak = held = 0
-    batches_seen = 0
-    group_size = layers_per_pass or len(layers)
-    for group_start in range(0, len(layers), group_size):
-        group = layers[group_start : group_start + group_size]
-        group_generators = generators[group_start : group_start + group_size]
+    scoring = scoring_bytes_per_weight(metric, accumulation_dtype)
+    plan.peak_bytes = 0
+    for positions in plan.groups:
+        group = [layers[i] for i in positions]
         statistics = [{} for _ in group]
         probe_bytes = 0
         if metric.name == "synflow":
             probe_bytes = synflow_statistics(model, group, adapter_name, accumulation_dtype, statistics)
         elif metric.needs_data:
-            was_trainable = []
-            for _, layer in group:
-                layer.salience_probe = GradientProbe(
-                    layer.logical_shape, accumulation_dtype, layer.weight_device, keep_square=metric.needs_grad_square
-                )
-                values = layer.sparse_values[adapter_name]
-                was_trainable.append(values.requires_grad)
-                values.requires_grad_(True)
-            try:
-                description = f"salience ({config.selection}) layers {group_start + 1}-{group_start + len(group)}"
-                batches_seen = run_passes(model, group, adapter_name, data, num_batches, loss_fn, description)
+            with _probes(group, adapter_name, accumulation_dtype, keep_square=metric.needs_grad_square):
+                description = f"salience ({config.selection}) layers {positions.start + 1}-{positions.stop}"
+                run_passes(model, group, adapter_name, batches, loss_fn, description)
                 if metric.needs_hessian:
-                    hessian_grad_pass(model, group, adapter_name, data, num_batches, loss_fn, statistics)
+                    hessian_grad_pass(model, group, adapter_name, batches, loss_fn, statistics)
                 probe_bytes = sum(layer.salience_probe.nbytes for _, layer in group)
                 for stats, (_, layer) in zip(statistics, group):
-                    probe = layer.salience_probe
-                    stats.setdefault("grad", probe.grad)
-                    stats["grad_square"] = probe.grad_square
-            finally:
-                for (_, layer), trainable in zip(group, was_trainable):
-                    layer.salience_probe = None
-                    layer.sparse_values[adapter_name].requires_grad_(trainable)
-        # The group's scores are computed while its accumulators are still alive; all scores are kept (the top-k
-        # needs them), so the peak is every earlier score + this group's accumulators + this group's scores.
-        for stats, (_, layer), generator in zip(statistics, group, group_generators):
+                    stats.setdefault("grad", layer.salience_probe.grad)
+                    stats["grad_square"] = layer.salience_probe.grad_square
+        largest = max(layer.num_weight_entries for _, layer in group)
+        plan.peak_bytes = max(plan.peak_bytes, probe_bytes + scoring * largest + held_elsewhere())
+        for position, stats, (_, layer) in zip(positions, statistics, group):
             weight = stats.pop("linearised_weight", None)
-            weight = effective_weight(layer, adapter_name) if weight is None else weight
+            if weight is None and metric.needs_weight:
+                weight = effective_weight(layer, adapter_name)
             stats = {key: value.float() for key, value in stats.items() if value is not None}
-            score = metric.score(weight=weight, generator=generator, **stats).float()
-            scores.append(score)
-            held += score.numel() * score.element_size()
-        peak = max(peak, held + probe_bytes)
-        del statistics
-    return scores, batches_seen, peak
+            score = metric.score(
+                weight=weight,
+                shape=layer.logical_shape,
+                device=layer.weight_device,
+                generator=generators[position],
+                **stats,
+            ).float()
+            del weight, stats
+            statistics[position - positions.start] = None  # the layer's accumulators go before the next is scored
+            yield position, score
+            del score
+        plan.peak_bytes = max(plan.peak_bytes, held_elsewhere())
 
 
-def hessian_grad_pass(model, group, adapter_name, data, num_batches, loss_fn, statistics) -> None:
-    """GRaSP: H G by a finite difference of gradients, (G(W + eps G) - G(W)) / eps, one more pass over the data."""
-    weight_norm = sum(float(layer.dequantized_weight().square().sum()) for _, layer in group) ** 0.5
-    grad_norm = sum(float(layer.salience_probe.grad.float().square().sum()) for _, layer in group) ** 0.5
+def materialise_batches(data, num_batches: int, caller: str) -> list:
+    """The first ``num_batches`` batches of ``data``, drawn once: every pass over the data (one per layer group)
+    then sees the same batches, even from a shuffling data loader, and the loader is iterated once, as by a single
+    pass. Batches stay where the loader put them (token ids: a few bytes per token)."""
+    batches = list(itertools.islice(iter(data), num_batches))
+    if not batches:
+        raise ValueError(f"{caller}: `data` yielded no batch")
+    return batches
+
+
+def check_num_batches(num_batches) -> None:
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+
+
+def hessian_grad_pass(model, group, adapter_name, batches, loss_fn, statistics) -> None:
+    """GRaSP: H G by a finite difference of gradients, (G(W + eps G) - G(W)) / eps, one more pass over the data.
+    The perturbation eps G moves every layer of the group at once, so H G has the cross-layer terms only within
+    the group: GRaSP is therefore always one group of all layers (see :func:`plan_groups`)."""
+    weight_square, grad_square = _squared_norms(group)
+    weight_norm, grad_norm = weight_square**0.5, grad_square**0.5
     if grad_norm == 0.0:
         for stats, (_, layer) in zip(statistics, group):
             stats["hessian_grad"] = torch.zeros_like(layer.salience_probe.grad)
@@ -167,8 +306,35 @@ def hessian_grad_pass(model, group, adapter_name, data, num_batches, loss_fn, st
         stats["grad"] = probe.grad.clone()
         probe.weight_offset = probe.grad * step
         probe.grad = torch.zeros_like(probe.grad)
-    run_passes(model, group, adapter_name, data, num_batches, loss_fn, "salience (grasp, perturbed)")
+    run_passes(model, group, adapter_name, batches, loss_fn, "salience (grasp, perturbed)")
     for stats, (_, layer) in zip(statistics, group):
         probe = layer.salience_probe
         stats["hessian_grad"] = (probe.grad - stats["grad"]) / step
         probe.weight_offset = None
+
+
+def _squared_norms(group) -> tuple[float, float]:
+    """``(sum ||W||^2, sum ||G||^2)`` over the group's layers (their probes hold G), summed in layer order."""
+    weight_square = sum(float(layer.dequantized_weight().square().sum()) for _, layer in group)
+    grad_square = sum(float(layer.salience_probe.grad.float().square().sum()) for _, layer in group)
+    return weight_square, grad_square
+
+
+@contextmanager
+def _probes(group, adapter_name, accumulation_dtype, keep_square: bool):
+    """Install a :class:`GradientProbe` in every layer of the group (its values made to require grad so that the
+    backward reaches the layer); remove them and restore ``requires_grad`` afterwards, whatever happens."""
+    was_trainable = []
+    try:
+        for _, layer in group:
+            layer.salience_probe = GradientProbe(
+                layer.logical_shape, accumulation_dtype, layer.weight_device, keep_square=keep_square
+            )
+            values = layer.sparse_values[adapter_name]
+            was_trainable.append(values.requires_grad)
+            values.requires_grad_(True)
+        yield
+    finally:
+        for (_, layer), trainable in zip(group, was_trainable):
+            layer.salience_probe = None
+            layer.sparse_values[adapter_name].requires_grad_(trainable)

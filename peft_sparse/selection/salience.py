@@ -6,6 +6,7 @@ Every metric is a small function of named per-layer tensors, all in the logical 
 * ``grad`` -- ``G = sum_b g_b``, the dense gradient of the loss w.r.t. ``W`` summed over the salience batches;
 * ``grad_square`` -- ``sum_b g_b**2``, the per-batch squared gradients (Fisher);
 * ``hessian_grad`` -- ``H G``, a Hessian-vector product (GRaSP);
+* ``shape``, ``device`` -- the layer's logical ``(out, in)`` shape and its weight's device;
 * ``generator`` -- a seeded ``torch.Generator`` for the layer (random).
 
 Higher score = more salient; every metric is oriented so. Signs and absolute values follow the papers:
@@ -49,6 +50,7 @@ class Metric:
     needs_data: bool
     needs_grad_square: bool
     needs_hessian: bool
+    needs_weight: bool
     score: Callable[..., torch.Tensor]
 
 
@@ -84,22 +86,22 @@ def _synflow(weight, grad, **_):
     return grad * weight
 
 
-def _random(weight, generator, **_):
-    return torch.rand(weight.shape, generator=generator).to(weight.device)
+def _random(shape, device, generator, **_):
+    return torch.rand(shape, generator=generator).to(device)
 
 
 METRICS: dict[str, Metric] = {
     m.name: m
     for m in (
-        Metric("magnitude", False, False, False, _magnitude),
-        Metric("gradient", True, False, False, _gradient),
-        Metric("snip", True, False, False, _snip),
-        Metric("force", True, False, False, _force),
-        Metric("taylor_fo", True, False, False, _taylor_fo),
-        Metric("grasp", True, False, True, _grasp),
-        Metric("fisher", True, True, False, _fisher),
-        Metric("synflow", False, False, False, _synflow),
-        Metric("random", False, False, False, _random),
+        Metric("magnitude", False, False, False, True, _magnitude),
+        Metric("gradient", True, False, False, False, _gradient),
+        Metric("snip", True, False, False, True, _snip),
+        Metric("force", True, False, False, True, _force),
+        Metric("taylor_fo", True, False, False, True, _taylor_fo),
+        Metric("grasp", True, False, True, True, _grasp),
+        Metric("fisher", True, True, False, False, _fisher),
+        Metric("synflow", False, False, False, True, _synflow),
+        Metric("random", False, False, False, False, _random),
     )
 }
 

@@ -13,13 +13,13 @@ from torch import nn
 from .._distributed import is_sharded, whole
 from ..tuner.budget import allocate_budget
 from ..tuner.config import SparseConfig
-from ..tuner.indices import layer_seed
+from ..tuner.indices import index_dtype, layer_seed
 from ..tuner.layer import SparseLayer
 from ..tuner.lookup import resolve_adapter, sparse_layers
-from .passes import compute_scores
+from .passes import check_num_batches, layer_scores, materialise_batches, plan_groups, smallest_budget
 from .reassign import move_entries, reassign_entries
 from .salience import METRICS
-from .topk import select_top_k
+from .topk import RunningTopK
 
 __all__ = ["SelectionReport", "salience_scores", "select_mask", "update_mask"]
 
@@ -33,7 +33,9 @@ class SelectionReport:
     num_batches: int
     per_layer: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
-    extra_memory_bytes: int = 0  # peak bytes of gradient accumulators and scores held at once
+    extra_memory_bytes: int = 0  # peak bytes held at once: accumulators, one layer's scoring, the candidate set
+    passes: int = 0  # passes over the data (one per layer group; GRaSP two); 0 for magnitude and random
+    max_memory: int | None = None  # the budget the layer groups were planned under (None: layers_per_pass alone)
 
     @property
     def total(self) -> int:
@@ -51,6 +53,7 @@ def select_mask(
     layers_per_pass: int | None = None,
     keep_layer_sizes: bool = False,
     reset_values: bool = False,
+    max_memory: int | None = None,
 ) -> SelectionReport:
     """Choose the trainable entries of every sparse layer of an adapter by the salience metric of its config.
 
@@ -70,9 +73,8 @@ def select_mask(
         accumulation_dtype: dtype of the dense gradient accumulators. fp32 (default) costs 4 bytes per targeted
             weight (8 for ``fisher``, whose per-batch squares need a second buffer); the model's compute dtype
             halves that, at the cost of rounding in long sums.
-        layers_per_pass: estimate salience for this many layers at a time, re-reading the batches for each group:
-            the accumulators then never hold more than that many layers (at the cost of one pass over the data
-            per group). ``None``: all layers in one pass.
+        layers_per_pass: at most this many layers share one pass over the data (``None``: as many as
+            ``max_memory`` allows).
         keep_layer_sizes: keep every layer's current ``k`` and rewrite its indices in place (the values
             ``Parameter`` objects survive, so an optimizer or a DDP wrapper built on them stays valid; values are
             still reset to zero). The budget is then the one allocated at injection; ``global`` no longer moves
@@ -80,6 +82,14 @@ def select_mask(
         reset_values: selection sets every value to zero, so it refuses an adapter that holds values other than
             its initial ones (trained, loaded or set by hand), which would be lost; ``True`` discards them
             deliberately.
+        max_memory: bytes that selection may hold beyond the model and one pass's activations (``None``: the
+            config's ``selection_max_memory``, whose default ``None`` means the adapter's own training state, see
+            :func:`default_max_memory`). Salience needs a dense accumulator per weight (4 bytes in fp32) that must
+            outlive every batch, so the layers are split into groups that fit the budget, each scored in its own
+            pass over the same batches (drawn once from ``data``); the global top-k is kept as a running candidate
+            set of about ``k`` entries (:class:`~peft_sparse.selection.topk.RunningTopK`), never a score per
+            weight of the whole model. The mask is the same whatever the budget; a smaller budget costs passes.
+            A budget too small for the largest layer is refused, naming the smallest workable value.
 
     The values ``Parameter`` objects keep their identity (they are resized in place), so an optimizer built
     before ``select_mask`` and not stepped yet trains the selected entries.
@@ -89,7 +99,7 @@ def select_mask(
     cannot be resized: ``keep_layer_sizes=True`` is required there (refused otherwise).
 
     Returns:
-        A :class:`SelectionReport` (per-layer k, time taken, peak extra memory).
+        A :class:`SelectionReport` (per-layer k, time taken, peak extra memory, passes over the data).
     """
     start = time.perf_counter()
     _, adapter_name, config, metric, layers = _prepare("select_mask", model, adapter_name, data)
@@ -112,9 +122,6 @@ def select_mask(
             f"{trained[:3]}); selecting a mask resets every value to zero and would lose them. Select before "
             "training, or pass reset_values=True to discard them."
         )
-    scores, batches_seen, peak = compute_scores(
-        model, layers, adapter_name, config, metric, data, num_batches, loss_fn, accumulation_dtype, layers_per_pass
-    )
     ties = tie_generators(config, layers)
     if keep_layer_sizes:
         counts = [layer.sparse_indices[adapter_name].numel() for _, layer in layers]
@@ -125,11 +132,26 @@ def select_mask(
             config.num_tunable_weights,
             config.budget,
         )
-    if config.budget == "global" and not keep_layer_sizes:
-        chosen = select_top_k(scores, sum(counts), ties)
-    else:
-        chosen = [select_top_k([s], c, [g])[0] for s, c, g in zip(scores, counts, ties)]
-    report = SelectionReport(config.selection, "per-layer k kept" if keep_layer_sizes else config.budget, batches_seen)
+    one_top_k = config.budget == "global" and not keep_layer_sizes
+    report = SelectionReport(config.selection, "per-layer k kept" if keep_layer_sizes else config.budget, 0)
+    chosen = _choose(
+        "select_mask",
+        model,
+        layers,
+        adapter_name,
+        config,
+        metric,
+        data,
+        num_batches,
+        loss_fn,
+        accumulation_dtype,
+        layers_per_pass,
+        max_memory,
+        counts,
+        ties,
+        one_top_k,
+        report,
+    )
     for (name, layer), indices in zip(layers, chosen):
         if keep_layer_sizes:
             with torch.no_grad():
@@ -140,8 +162,95 @@ def select_mask(
         layer.mask_chosen.add(adapter_name)
         report.per_layer[name] = indices.numel()
     report.seconds = time.perf_counter() - start
-    report.extra_memory_bytes = peak
     return report
+
+
+# Bytes per candidate the running top-k may hold, against k: up to 1.25 k between layers plus the arriving layer's
+# entries that reach the boundary (at most k more, barring ties), 8 bytes each (int32 key and position).
+CANDIDATE_BYTES_PER_ENTRY = 18
+# The adapter's own training state per entry (fp32 value, gradient and two AdamW moments): the default budget.
+TRAINING_STATE_BYTES_PER_ENTRY = 16
+
+
+def default_max_memory(layers, metric, accumulation_dtype: torch.dtype, counts: list[int], one_top_k: bool) -> int:
+    """The budget selection gets when none is given: room for the groups' accumulators as large as the adapter's
+    own training state (``TRAINING_STATE_BYTES_PER_ENTRY`` per entry), so that selection holds about what a training
+    step holds besides activations, and never less than the smallest workable budget (the candidates and the
+    largest layer; for GRaSP, which needs every layer at once, all of them)."""
+    candidates = _candidate_bytes(counts, one_top_k)
+    smallest = smallest_budget(layers, metric, accumulation_dtype, candidates)
+    return max(smallest, candidates + TRAINING_STATE_BYTES_PER_ENTRY * sum(counts))
+
+
+def _candidate_bytes(counts: list[int], one_top_k: bool) -> int:
+    """What the chosen entries take while layers are scored: the running top-k's candidates, or (a top-k per
+    layer) each scored layer's chosen positions (4 bytes each) and one layer's candidates."""
+    if one_top_k:
+        return CANDIDATE_BYTES_PER_ENTRY * sum(counts)
+    return 4 * sum(counts) + CANDIDATE_BYTES_PER_ENTRY * max(counts, default=0)
+
+
+def _choose(
+    caller,
+    model,
+    layers,
+    adapter_name,
+    config,
+    metric,
+    data,
+    num_batches,
+    loss_fn,
+    accumulation_dtype,
+    layers_per_pass,
+    max_memory,
+    counts,
+    ties,
+    one_top_k,
+    report,
+) -> list[torch.Tensor]:
+    """Score the layers group by group under the memory budget and keep, per layer, its chosen positions (sorted
+    int64): one top-k over all layers (``one_top_k``) or a top-``counts[i]`` per layer. Fills in the report's
+    passes, batches, budget and peak memory. The model is not changed."""
+    if num_batches is None:
+        num_batches = config.salience_batches
+    check_num_batches(num_batches)
+    if layers_per_pass is not None and (
+        isinstance(layers_per_pass, bool) or not isinstance(layers_per_pass, int) or layers_per_pass < 1
+    ):
+        raise ValueError(f"layers_per_pass must be a positive int or None, got {layers_per_pass!r}")
+    if max_memory is None:
+        max_memory = config.selection_max_memory
+    if max_memory is None:
+        max_memory = default_max_memory(layers, metric, accumulation_dtype, counts, one_top_k)
+    elif isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory <= 0:
+        raise ValueError(f"{caller}: max_memory must be a positive int (bytes) or None, got {max_memory!r}")
+    plan = plan_groups(
+        layers, metric, accumulation_dtype, _candidate_bytes(counts, one_top_k), max_memory, layers_per_pass, caller
+    )
+    batches = materialise_batches(data, num_batches, caller) if metric.needs_data else None
+    if one_top_k:
+        running = RunningTopK(sum(counts), ties)
+        held = lambda: running.nbytes
+    else:
+        chosen: list[torch.Tensor] = []
+        held = lambda: sum(c.numel() * c.element_size() for c in chosen)
+    for position, score in layer_scores(
+        model, layers, adapter_name, config, metric, batches, loss_fn, accumulation_dtype, plan, held
+    ):
+        if one_top_k:
+            running.add(score, in_place=True)
+        else:
+            layer_top_k = RunningTopK(counts[position], [ties[position]])
+            layer_top_k.add(score, in_place=True)
+            chosen.append(layer_top_k.result()[0].to(index_dtype(layers[position][1].num_weight_entries)))
+        del score
+    if one_top_k:
+        chosen = running.result()
+    report.num_batches = 0 if batches is None else len(batches)
+    report.passes = plan.passes
+    report.max_memory = plan.budget
+    report.extra_memory_bytes = plan.peak_bytes
+    return chosen
 
 
 def salience_scores(
@@ -157,12 +266,17 @@ def salience_scores(
     """The salience :func:`select_mask` would rank, without selecting: for every sparse layer of the adapter (by
     module name) an fp32 score per entry of its ``(out, in)`` weight, by the metric of the adapter's config.
     Nothing in the model changes. Arguments as for :func:`select_mask`; :func:`tie_generators` gives the seeded
-    tie-breaks that make a top-k of these scores the mask ``select_mask`` picks."""
+    tie-breaks that make a top-k of these scores the mask ``select_mask`` picks. It returns a score per weight of
+    every targeted layer (4 bytes each): meant for inspection and tests on small models, not for selection at scale,
+    which :func:`select_mask` does in bounded memory."""
     _, adapter_name, config, metric, layers = _prepare("salience_scores", model, adapter_name, data)
-    scores, _, _ = compute_scores(
-        model, layers, adapter_name, config, metric, data, num_batches, loss_fn, accumulation_dtype, layers_per_pass
-    )
-    return {name: score for (name, _), score in zip(layers, scores)}
+    if num_batches is None:
+        num_batches = config.salience_batches
+    check_num_batches(num_batches)
+    plan = plan_groups(layers, metric, accumulation_dtype, 0, None, layers_per_pass, "salience_scores")
+    batches = materialise_batches(data, num_batches, "salience_scores") if metric.needs_data else None
+    scores = layer_scores(model, layers, adapter_name, config, metric, batches, loss_fn, accumulation_dtype, plan)
+    return {layers[position][0]: score for position, score in scores}
 
 
 def update_mask(
@@ -175,6 +289,7 @@ def update_mask(
     adapter_name: str | None = None,
     accumulation_dtype: torch.dtype = torch.float32,
     layers_per_pass: int | None = None,
+    max_memory: int | None = None,
 ) -> SelectionReport:
     """One dynamic mask update (SPEFT, ``update="dynamic"``): re-rank every layer's entries and move its ``k``.
 
@@ -188,8 +303,8 @@ def update_mask(
     stay valid; the optimizer state of entries that changed is reset to zero, that of the others is kept.
 
     Args:
-        model, data, num_batches, loss_fn, adapter_name, accumulation_dtype, layers_per_pass: as for
-            :func:`select_mask`.
+        model, data, num_batches, loss_fn, adapter_name, accumulation_dtype, layers_per_pass, max_memory: as for
+            :func:`select_mask` (layer groups under a memory budget; each layer keeps its ``k``).
         optimizer: the optimizer training the values, whose per-entry state is remapped.
 
     Returns:
@@ -197,16 +312,31 @@ def update_mask(
     """
     start = time.perf_counter()
     _, adapter_name, config, metric, layers = _prepare("update_mask", model, adapter_name, data)
-    scores, batches_seen, peak = compute_scores(
-        model, layers, adapter_name, config, metric, data, num_batches, loss_fn, accumulation_dtype, layers_per_pass
+    counts = [layer.sparse_indices[adapter_name].numel() for _, layer in layers]
+    report = SelectionReport(config.selection, "per-layer k kept", 0)
+    chosen = _choose(
+        "update_mask",
+        model,
+        layers,
+        adapter_name,
+        config,
+        metric,
+        data,
+        num_batches,
+        loss_fn,
+        accumulation_dtype,
+        layers_per_pass,
+        max_memory,
+        counts,
+        tie_generators(config, layers),
+        False,
+        report,
     )
-    report = SelectionReport(config.selection, "per-layer k kept", batches_seen)
-    for (name, layer), score, generator in zip(layers, scores, tie_generators(config, layers)):
-        new = select_top_k([score], layer.sparse_indices[adapter_name].numel(), [generator])[0]
+    # Entries move only once every layer is scored: every pass sees the model as it was.
+    for (name, layer), new in zip(layers, chosen):
         report.per_layer[name] = move_entries(layer, adapter_name, new, optimizer)
         layer.mask_chosen.add(adapter_name)
     report.seconds = time.perf_counter() - start
-    report.extra_memory_bytes = peak
     return report
 
 

@@ -77,6 +77,15 @@ class SparseConfig(PeftConfig):
             Optimizer steps between mask updates for ``update="dynamic"`` and ``"spiel"``.
         salience_batches (`int`):
             Number of batches over which salience is estimated.
+        selection_max_memory (`Optional[int]`):
+            Bytes that mask selection (``select_mask``, and ``update_mask`` for ``update="dynamic"``) may hold beyond
+            the model and one batch's activations: its dense gradient accumulators (4 bytes per weight of the layers
+            scored in one pass), one layer's scoring temporaries and the running top-k's candidate set. Layers are
+            scored in groups that fit, one pass over the salience batches per group; the chosen mask does not depend
+            on it. ``None`` (default): the adapter's own training state, 16 bytes per trainable entry, on top of
+            what the candidate set and the largest layer need (see
+            :func:`peft_sparse.selection.select.default_max_memory`). A value too small for the largest layer is
+            refused at selection, naming the smallest workable one.
         regrow (`str`):
             SpIEL regrowth criterion: ``"gradient"`` (accumulated gradients, SpIEL-AG) or ``"momentum"``
             (SM3-approximated momenta, SpIEL-MA).
@@ -167,6 +176,16 @@ class SparseConfig(PeftConfig):
         default=20, metadata={"help": "Optimizer steps between mask updates for update='dynamic' or 'spiel'."}
     )
     salience_batches: int = field(default=64, metadata={"help": "Number of batches to estimate salience over."})
+    selection_max_memory: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "Bytes mask selection may hold besides the model and one batch's activations (gradient accumulators, "
+                "scores, top-k candidates); layers are scored in groups that fit, one pass over the salience batches "
+                "each. None: the adapter's training state (16 bytes per entry) plus what the largest layer needs."
+            )
+        },
+    )
     regrow: Literal["gradient", "momentum"] = field(
         default="gradient",
         metadata={"help": "SpIEL regrowth: 'gradient' (accumulated gradients) or 'momentum' (SM3 momenta)."},
@@ -255,6 +274,8 @@ class SparseConfig(PeftConfig):
             raise TypeError(f"SparseConfig.init_weights must be a bool, got {self.init_weights!r}")
         _check_int("update_interval", self.update_interval, 1)
         _check_int("salience_batches", self.salience_batches, 1)
+        if self.selection_max_memory is not None:
+            _check_int("selection_max_memory", self.selection_max_memory, 1)
         _check_int("accumulation_steps", self.accumulation_steps, 1)
         _check_int("seed", self.seed, 0)
         _check_int("r", self.r, 0)
