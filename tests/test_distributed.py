@@ -31,15 +31,18 @@ RUNS: dict[str, dict] = {
     "single-global": {"engine": "single", "batch": 4, **GLOBAL},
     "single-static": {"engine": "single", "batch": 4},
     "single-dynamic": {"engine": "single", "batch": 4, "update": "dynamic"},
+    "single-spiel": {"engine": "single", "batch": 4, "update": "spiel"},
     "single-sm3": {"engine": "single", "batch": 4, "update": "spiel", "regrow": "momentum", "optimizer": "sm3"},
     "single-4bit-uint8": {"engine": "single", "batch": 4, "quant_storage": "uint8", **QUANTISED},
     "single-4bit-bfloat16": {"engine": "single", "batch": 4, "quant_storage": "bfloat16", **QUANTISED},
     "single-random": {"engine": "single", "batch": 4, "selection": "random"},
     "single-7-steps": {"engine": "single", "batch": 8, "steps": 7},
+    "single-spiel-7-steps": {"engine": "single", "batch": 8, "steps": 7, "update": "spiel"},
     "ddp-7-steps": {"engine": "ddp", "batch": 4, "steps": 7},
     "ddp-spiel-7-steps": {"engine": "ddp", "batch": 4, "steps": 7, "update": "spiel"},
     "ddp-global": {"engine": "ddp", "batch": 2, **GLOBAL},
     "ddp-spiel": {"engine": "ddp", "batch": 2, "update": "spiel"},
+    "ddp-dynamic": {"engine": "ddp", "batch": 2, "update": "dynamic"},
     "fsdp-global": {"engine": "fsdp", "batch": 2, **GLOBAL},
     "fsdp-static": {"engine": "fsdp", "batch": 2},
     # the dynamic and SpIEL runs save checkpoints for the resume tests: indices moved at step 3, just before the
@@ -170,9 +173,15 @@ def test_ddp_two_processes_match_one_process_and_agree_across_ranks(runs):
         assert torch.allclose(ranks[0][name][1], single[name][1], rtol=1e-4, atol=1e-6), name
 
 
-def test_ddp_spiel_reselection_keeps_ranks_identical(runs):
+def test_ddp_spiel_reselection_matches_one_process_and_keeps_ranks_identical(runs):
+    """Two SpIEL-AG updates (steps 3 and 6), each regrowing from the gradient of both ranks' micro-batches."""
     log = assert_ranks_identical(runs["ddp-spiel-7-steps"])
-    assert [entry["step"] for entry in log] == [0, 3, 6]
+    assert [entry["step"] for entry in log] == [0, 3, 6] and all(entry["sparse/regrown"] > 0 for entry in log[1:])
+    single = torch.load(runs["single-spiel-7-steps"] / "rank0.pt")["state"]
+    ranks = torch.load(runs["ddp-spiel-7-steps"] / "rank0.pt")["state"]
+    for name, (indices, values) in single.items():
+        assert torch.equal(ranks[name][0], indices), name
+        torch.testing.assert_close(ranks[name][1], values, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_a_global_budget_that_leaves_layers_empty_trains_under_ddp_like_one_process(runs):
@@ -208,21 +217,31 @@ def test_an_empty_layer_is_frozen_and_gets_no_gradient_until_it_has_entries():
     assert not empty[1].sparse_values["default"].requires_grad
 
 
-@pytest.mark.parametrize("update", ["static", "dynamic"])
-def test_selection_at_train_begin_and_dynamic_updates_under_fsdp_match_one_process(runs, update):
-    fsdp = runs[f"fsdp-{update}"]
-    adapter = assert_same_adapter(runs[f"single-{update}"], fsdp)
-    log = assert_ranks_identical(fsdp)
-    assert [entry["step"] for entry in log] == ([0] if update == "static" else [0, 3])
-    if update == "dynamic":
-        assert log[1]["sparse/moved"] > 0
-        assert any(t.numel() for k, t in adapter.items() if "sparse_residual_values" in k)
+def test_selection_at_train_begin_under_fsdp_matches_one_process(runs):
+    assert_same_adapter(runs["single-static"], runs["fsdp-static"])
+    log = assert_ranks_identical(runs["fsdp-static"])
+    assert [entry["step"] for entry in log] == [0]
 
 
-def test_spiel_with_accumulated_gradients_under_fsdp_equals_ddp(runs):
-    # SpIEL-AG regrows from rank 0's micro-batches (as under DDP), so the reference is DDP, not one process.
-    assert_same_adapter(runs["ddp-spiel"], runs["fsdp-spiel"])
-    log = assert_ranks_identical(runs["fsdp-spiel"])
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_dynamic_mask_updates_under_ddp_and_fsdp_match_one_process(runs, engine):
+    """``update_mask`` re-runs the salience passes on each rank's micro-batches and sums the dense accumulators over
+    ranks before the top-k, so two ranks reselect what one process does on the whole batch."""
+    distributed = runs[f"{engine}-dynamic"]
+    adapter = assert_same_adapter(runs["single-dynamic"], distributed)
+    log = assert_ranks_identical(distributed)
+    assert [entry["step"] for entry in log] == [0, 3]
+    assert log[1]["sparse/moved"] > 0
+    assert any(t.numel() for k, t in adapter.items() if "sparse_residual_values" in k)
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_spiel_with_accumulated_gradients_under_ddp_and_fsdp_matches_one_process(runs, engine):
+    """SpIEL-AG's candidates and their accumulated gradients come from the global batch (both ranks'
+    micro-batches), so two ranks regrow what one process does on the whole batch."""
+    distributed = runs[f"{engine}-spiel"]
+    assert_same_adapter(runs["single-spiel"], distributed)
+    log = assert_ranks_identical(distributed)
     assert [entry["step"] for entry in log] == [0, 3] and log[1]["sparse/regrown"] > 0
 
 

@@ -318,3 +318,63 @@ def test_spiel_is_deterministic_for_a_seed():
 
     (indices_a, values_a), (indices_b, values_b) = run(), run()
     assert torch.equal(indices_a, indices_b) and torch.equal(values_a, values_b)
+
+
+def _windowed_run(steps, save_at=None, save_before_step=False):
+    """A one-layer SpIEL-AG run on fixed batches (update at step 4, window of 3 steps). ``save_at``: hand the run
+    over to a fresh :class:`SpIEL` restored from ``state_dict()`` after that step's backward (``save_before_step``)
+    or after its ``step()``."""
+    model, layer = one_layer_model(
+        k=20, update_interval=4, accumulation_steps=3, reselection_rate=0.3, reselection_schedule="constant"
+    )
+    optimizer = torch.optim.AdamW([layer.sparse_values["default"]], lr=1e-2)
+    spiel = SpIEL(model, optimizer, num_training_steps=50)
+    generator = torch.Generator().manual_seed(6)
+    for number in range(1, steps + 1):
+        x, target = torch.randn(4, IN, generator=generator), torch.randn(4, OUT, generator=generator)
+        (model(x) * target).sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if number == save_at and save_before_step:
+            state = spiel.state_dict()
+            spiel.close()
+            spiel = SpIEL(model, optimizer, num_training_steps=50)
+            spiel.load_state_dict(state)
+        spiel.step()
+        if number == save_at and not save_before_step:
+            state = spiel.state_dict()
+            spiel.close()
+            spiel = SpIEL(model, optimizer, num_training_steps=50)
+            spiel.load_state_dict(state)
+    return layer.sparse_indices["default"].clone(), layer.sparse_values["default"].detach().clone(), spiel
+
+
+@pytest.mark.parametrize("save_before_step", [False, True])
+def test_spiel_resumed_from_inside_the_accumulation_window_continues_exactly(save_before_step):
+    indices, values, spiel = _windowed_run(6)
+    assert spiel.history[-1].step == 4 and spiel.history[-1].total == 6
+    resumed_indices, resumed_values, _ = _windowed_run(6, save_at=3, save_before_step=save_before_step)
+    assert torch.equal(resumed_indices, indices) and torch.equal(resumed_values, values)
+
+
+def test_spiel_ag_sums_over_ranks_once_per_window_densely_then_once_per_step_at_the_candidates(monkeypatch):
+    """Under torch.distributed SpIEL-AG averages over ranks, in the window's first backward, each layer's dense
+    gradient (to choose the candidates), then, at each later optimizer step of the window, the gradient at the
+    candidates (one collective for all layers). Here a stand-in second rank sees the same micro-batches, so the run
+    must equal the one-process run exactly."""
+    from peft_sparse.selection import spiel as spiel_module
+
+    indices, values, _ = _windowed_run(6)
+    reduced = []
+
+    def all_reduce(tensor, *args, **kwargs):
+        reduced.append(tensor.numel())
+        tensor.mul_(2)  # the sum over two ranks with identical gradients
+
+    monkeypatch.setattr(spiel_module, "world_size", lambda: 2)
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    two_rank_indices, two_rank_values, _ = _windowed_run(6)
+    assert torch.equal(two_rank_indices, indices) and torch.equal(two_rank_values, values)
+    # the update at step 4 reads the backwards of steps 2-4: the dense gradient at step 2, the 20 candidates' sums
+    # after steps 3 and 4, no broadcast at the update; the next window opens with step 6's dense gradient
+    assert reduced == [OUT * IN, 20, 20, OUT * IN]

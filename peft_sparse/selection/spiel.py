@@ -13,7 +13,8 @@ Every ``update_interval`` optimizer steps, in every sparse layer of the adapter:
      layer keeps its ``k`` inactive positions of largest ``|gradient|`` as candidates (O(k) memory), and every later
      backward of the window adds the gradient at those candidates through the sampled gather (no dense product).
      As in the reference implementation, a position that was not a candidate after the first backward of the
-     window cannot be regrown at this update.
+     window cannot be regrown at this update. Under ``torch.distributed`` both come from the global batch (see
+     below), so N ranks regrow what one process on the whole batch (their micro-batches together) would.
    * ``regrow="momentum"`` (SpIEL-MA): by ``row[r] * col[c]``, the outer product of the row and column
      accumulators of :class:`peft_sparse.optim.SM3` (which must be the optimizer), with no dense gradient at all.
 
@@ -27,9 +28,24 @@ the start, zero at the end), ``reselection_rate * (1 - t / T)`` for ``"linear"``
 ``reselection_rate`` throughout for ``"constant"``. No update happens at or after step ``T``.
 
 **Determinism.** Scores are ranked with :func:`~peft_sparse.selection.topk.select_top_k` and seeded tie-breaks,
-so a run is reproducible for a given seed. Under ``torch.distributed`` the new index sets are broadcast from rank 0
-after each update, so every rank holds identical indices (SpIEL-MA's statistics come from all-reduced gradients and
-agree anyway; SpIEL-AG's dense candidates are local to each rank, so rank 0's micro-batches choose them).
+so a run is reproducible for a given seed. Under ``torch.distributed`` (DDP, FSDP2) every rank computes the same
+update from the same numbers, so no index set is broadcast: the values are read whole, the growth records are
+identical, SpIEL-MA's SM3 statistics come from the gradients DDP/FSDP already averaged, and SpIEL-AG's statistics
+are averaged over ranks (as DDP and FSDP average gradients) at two points:
+
+* in the window's first backward, inside each sparse layer's backward, that layer's fp32 dense gradient, before the
+  candidates are chosen: **4 * out * in bytes per layer, once per window** (a transient of one layer; every rank
+  runs the same layers' backwards in the same order, so these all-reduces line up with DDP's and FSDP's own);
+* after each later optimizer step of the window (in :meth:`SpIEL.step`), the gradient at the candidates that this
+  rank's backwards added since the last step, for all layers in one all-reduce: **4 * c bytes per layer per step**,
+  ``c = min(k, out * in - k)`` candidates.
+
+So an update costs ``4 * (out * in + (accumulation_steps - 1) * c)`` bytes of all-reduce payload per layer (a ring
+all-reduce moves about twice that per rank), SpIEL-MA nothing beyond the training's own all-reduces. The candidate
+sums are reduced at every step of the window rather than only at the update so that between optimizer steps every
+rank's :meth:`SpIEL.state_dict` is the global one: the Trainer callback saves it from rank 0 alone, and a run resumed
+from a checkpoint inside the window continues exactly. (A state taken between a backward and :meth:`SpIEL.step` also
+holds this rank's not yet reduced sums.)
 """
 
 from __future__ import annotations
@@ -83,7 +99,11 @@ class SpielReport:
 
 
 class _CandidateGradients:
-    """SpIEL-AG's probe for one layer (installed as ``layer.salience_probe`` during the accumulation window)."""
+    """SpIEL-AG's probe for one layer (installed as ``layer.salience_probe`` during the accumulation window).
+
+    ``sums`` holds the global-batch gradient at the candidates accumulated so far (up to the last :meth:`SpIEL.step`
+    under ``torch.distributed``, identical on every rank); there ``pending`` holds the gradient at the candidates
+    this rank's backwards added since, which :func:`_flush_pending` averages over ranks once per optimizer step."""
 
     weight_offset = None  # the layer's forward reads this; SpIEL never perturbs the weight
 
@@ -93,12 +113,17 @@ class _CandidateGradients:
         self.seed = seed
         self.candidates: torch.Tensor | None = None  # sorted flat positions
         self.sums: torch.Tensor | None = None
+        self.pending: torch.Tensor | None = None
 
     def accumulate(self, grad_output_2d: torch.Tensor, input_2d: torch.Tensor) -> None:
         in_features = self.layer.in_features
         if self.candidates is None:
-            # First backward of the window: one dense gradient, this layer only, to choose the candidates.
+            # First backward of the window: one dense gradient, this layer only, to choose the candidates. Summed
+            # over ranks (every rank runs the same layers' backwards in the same order, so these collectives line
+            # up between DDP's and FSDP's own) and divided by the world size as DDP and FSDP average gradients: the
+            # gradient of the global batch, what one process on the whole batch computes.
             dense = (grad_output_2d.t().float() @ input_2d.float()).reshape(-1)
+            _mean_over_ranks(dense)
             active = self.layer.sparse_indices[self.adapter_name].to(torch.int64)
             magnitude = dense.abs()
             magnitude[active] = -1.0  # active positions cannot be regrown
@@ -114,7 +139,11 @@ class _CandidateGradients:
             return
         if self.candidates.numel():
             indices = self.candidates.to(index_dtype(self.layer.num_weight_entries))
-            self.sums += sddmm_gather(grad_output_2d, input_2d.to(grad_output_2d.dtype), indices, in_features).float()
+            gathered = sddmm_gather(grad_output_2d, input_2d.to(grad_output_2d.dtype), indices, in_features).float()
+            if world_size() == 1:
+                self.sums += gathered
+            else:  # this rank's part, summed over ranks at the end of the optimizer step
+                self.pending = gathered if self.pending is None else self.pending.add_(gathered)
 
 
 class SpIEL:
@@ -211,6 +240,8 @@ class SpIEL:
     def step(self) -> SpielReport | None:
         """Count one optimizer step; prune and regrow when an update is due. Returns the update's report, if any."""
         self.completed_steps += 1
+        if self._probing:
+            _flush_pending([layer.salience_probe for _, layer in self.layers])
         report = None
         if self.completed_steps % self.config.update_interval == 0 and self.completed_steps < self.num_training_steps:
             report = self.reselect()
@@ -229,9 +260,10 @@ class SpIEL:
             self.config.reselection_schedule,
         )
         probes = self._stop_window()
+        _flush_pending(list(probes.values()))  # a no-op after step(); reselect() may also be called by hand
         report = SpielReport(self.completed_steps, fraction)
         for name, layer in self.layers:
-            new_indices = _broadcast(self._reselect_layer(name, layer, fraction, probes.get(name)))
+            new_indices = self._reselect_layer(name, layer, fraction, probes.get(name))
             old = layer.sparse_indices[self.adapter_name].to(torch.int64)
             positions, survived = surviving_positions(old, new_indices)
             moved = int((~survived).sum())
@@ -291,7 +323,8 @@ class SpIEL:
     # --- checkpointing ------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Where the schedule is, each entry's value at growth, and an open SpIEL-AG window's candidates and sums
-        (indices and values live in the model, moments in the optimizer)."""
+        (indices and values live in the model, moments in the optimizer). Taken after :meth:`step` it is the same on
+        every rank (no collective: rank 0 alone may call it)."""
         probes = None
         if self._probing:
             probes = {}
@@ -301,6 +334,7 @@ class SpIEL:
                     "seed": probe.seed,
                     "candidates": None if probe.candidates is None else probe.candidates.clone(),
                     "sums": None if probe.sums is None else probe.sums.clone(),
+                    "pending": None if probe.pending is None else probe.pending.clone(),
                 }
         return {
             "completed_steps": self.completed_steps,
@@ -328,6 +362,8 @@ class SpIEL:
             device = layer.sparse_values[self.adapter_name].device
             if saved["candidates"] is not None:
                 probe.candidates, probe.sums = saved["candidates"].to(device), saved["sums"].to(device)
+            if saved.get("pending") is not None:
+                probe.pending = saved["pending"].to(device)
             layer.salience_probe = probe
         self._probing = True
 
@@ -343,8 +379,30 @@ class SpIEL:
         self._stop_window()
 
 
-def _broadcast(indices: torch.Tensor) -> torch.Tensor:
-    """Rank 0's index set on every rank (a no-op without torch.distributed)."""
-    if world_size() > 1:
-        torch.distributed.broadcast(indices, src=0)
-    return indices
+def _mean_over_ranks(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` replaced in place by its mean over ranks (a collective; nothing without torch.distributed). The
+    sum is reduced once and shared, so every rank holds the same bits, as DDP's own gradient all-reduce assumes."""
+    size = world_size()
+    if size > 1:
+        torch.distributed.all_reduce(tensor)
+        tensor.div_(size)
+    return tensor
+
+
+def _flush_pending(probes: list[Any]) -> None:
+    """Add every probe's ``pending`` gradient at its candidates, averaged over ranks, to its ``sums``: one
+    all-reduce per device of all its layers' pending sums together (4 bytes per candidate)."""
+    pending = [probe for probe in probes if isinstance(probe, _CandidateGradients) and probe.pending is not None]
+    if world_size() == 1:
+        for probe in pending:
+            probe.sums += probe.pending
+            probe.pending = None
+        return
+    by_device: dict[torch.device, list[_CandidateGradients]] = {}
+    for probe in pending:  # in layer order, the same on every rank
+        by_device.setdefault(probe.pending.device, []).append(probe)
+    for group in by_device.values():
+        flat = _mean_over_ranks(torch.cat([probe.pending for probe in group]))
+        for probe, part in zip(group, flat.split([probe.pending.numel() for probe in group])):
+            probe.sums += part
+            probe.pending = None
