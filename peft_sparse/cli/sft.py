@@ -92,6 +92,14 @@ class SparseArguments:
     )
     update_interval: int = field(default=20, metadata={"help": "Optimizer steps between mask updates."})
     salience_batches: int = field(default=64, metadata={"help": "Training batches salience is measured on."})
+    selection_max_memory: int | None = field(
+        default=None,
+        metadata={
+            "help": "Bytes mask selection may hold besides the model and one batch's activations; layers are "
+            "scored in groups that fit, one pass over the salience batches each (same mask). Default: the "
+            "adapter's training state, 16 bytes per entry, plus what the largest layer needs."
+        },
+    )
     regrow: str = field(
         default="gradient",
         metadata={
@@ -535,6 +543,7 @@ def sparse_config(base, model_args, sparse_args, seed: int):
             update=sparse_args.update,
             update_interval=sparse_args.update_interval,
             salience_batches=sparse_args.salience_batches,
+            selection_max_memory=sparse_args.selection_max_memory,
             regrow=sparse_args.regrow,
             seed=seed,
             accumulation_steps=min(finetune.ACCUMULATION_STEPS, sparse_args.update_interval),

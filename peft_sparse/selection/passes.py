@@ -99,11 +99,12 @@ def effective_weight(layer, adapter_name: str) -> torch.Tensor:
     return scatter_add(weight, *layer.adapter_delta(adapter_name, detach=True))
 
 
-# Bytes per targeted weight held while salience is estimated, by what a metric needs: its accumulators (per
-# accumulation-dtype byte: the gradient sum; Fisher adds the sum of squares and the batch buffer; GRaSP's second pass
-# holds the first gradient, the weight offset and the new sum) and, while one layer is scored, fp32 temporaries (the
-# score and one intermediate, the weight where the metric reads it, fp32 copies of accumulators kept in another dtype).
-_ACCUMULATORS = {"fisher": 3, "grasp": 3}
+# Bytes per targeted weight held while salience is estimated, by what a metric needs: its accumulators (in units of
+# the accumulation dtype: the gradient sum; Fisher adds the sum of squares and the batch buffer; GRaSP holds the first
+# gradient, the weight offset, the perturbed sum and their difference) and, while one layer is scored in place,
+# temporaries: a fresh fp32 weight where the metric reads it (plus the compute-dtype copy a quantised base
+# dequantises through) and fp32 copies of accumulators kept in another dtype.
+_ACCUMULATORS = {"fisher": 3, "grasp": 4}
 
 
 def accumulator_bytes_per_weight(metric, accumulation_dtype: torch.dtype) -> int:
@@ -117,10 +118,12 @@ def accumulator_bytes_per_weight(metric, accumulation_dtype: torch.dtype) -> int
 
 def scoring_bytes_per_weight(metric, accumulation_dtype: torch.dtype) -> int:
     """Bytes per weight of the temporaries while one layer is scored (after its accumulators are complete)."""
-    converted = 0 if accumulation_dtype == torch.float32 else 4 * (2 if metric.needs_grad_square else 1)
-    if metric.needs_hessian:
-        converted += 8  # the finite difference of two gradients
-    return 8 + (4 if metric.needs_weight else 0) + (converted if metric.needs_data else 0)
+    converted = 0
+    if metric.needs_data and accumulation_dtype != torch.float32:
+        converted = 4 * (2 if metric.needs_grad_square else 1) + (8 if metric.needs_hessian else 0)
+    if metric.name == "random":
+        return 4  # the draws
+    return (6 if metric.needs_weight and metric.name != "synflow" else 0) + converted
 
 
 @dataclass

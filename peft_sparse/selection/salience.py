@@ -1,6 +1,8 @@
 """Salience metrics (SPEFT, arXiv 2412.13488, section 3): which entries of each targeted weight are worth training.
 
-Every metric is a small function of named per-layer tensors, all in the logical ``(out, in)`` layout:
+Every metric is a small function of named per-layer tensors, all in the logical ``(out, in)`` layout, which it
+may overwrite (they are the layer's accumulators and a fresh weight copy, dead once it is scored: computing the
+score in place keeps scoring to no more than one dense layer-sized buffer besides them):
 
 * ``weight`` -- the frozen base weight ``W`` (dequantised for quantised bases), as fp32;
 * ``grad`` -- ``G = sum_b g_b``, the dense gradient of the loss w.r.t. ``W`` summed over the salience batches;
@@ -55,27 +57,27 @@ class Metric:
 
 
 def _magnitude(weight, **_):
-    return weight.abs()
+    return weight.abs_()
 
 
 def _gradient(grad, **_):
-    return grad.abs()
+    return grad.abs_()
 
 
 def _snip(weight, grad, **_):
-    return (grad * weight).abs()
+    return grad.mul_(weight).abs_()
 
 
 def _force(weight, grad, **_):
-    return -(grad * weight)
+    return grad.mul_(weight).neg_()
 
 
 def _taylor_fo(weight, grad, **_):
-    return (grad * weight).square()
+    return grad.mul_(weight).square_()
 
 
 def _grasp(weight, hessian_grad, **_):
-    return -(hessian_grad * weight)
+    return hessian_grad.mul_(weight).neg_()
 
 
 def _fisher(grad_square, **_):
@@ -83,7 +85,7 @@ def _fisher(grad_square, **_):
 
 
 def _synflow(weight, grad, **_):
-    return grad * weight
+    return grad.mul_(weight)
 
 
 def _random(shape, device, generator, **_):

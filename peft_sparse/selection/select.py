@@ -165,9 +165,10 @@ def select_mask(
     return report
 
 
-# Bytes per candidate the running top-k may hold, against k: up to 1.25 k between layers plus the arriving layer's
-# entries that reach the boundary (at most k more, barring ties), 8 bytes each (int32 key and position).
-CANDIDATE_BYTES_PER_ENTRY = 18
+# Bytes per entry of k planned for the running top-k: at most 1.25 k candidates between layers, 8 bytes each (int32
+# key and position), and an arriving layer's entries that reach the boundary before the set is pruned back (rarely
+# more than 0.25 k once the set is full). The report's extra_memory_bytes counts what it really held.
+CANDIDATE_BYTES_PER_ENTRY = 12
 # The adapter's own training state per entry (fp32 value, gradient and two AdamW moments): the default budget.
 TRAINING_STATE_BYTES_PER_ENTRY = 16
 
