@@ -39,8 +39,11 @@ def run_passes(model, layers, adapter_name, batches, loss_fn, description) -> in
     """Forward + backward over ``batches``; the layers' probes collect the dense gradients."""
     values = [layer.sparse_values[adapter_name] for _, layer in layers]
     device = values[0].device
+    probes = [layer.salience_probe for _, layer in layers]
+    calls_before = [(probe.forward_calls, probe.backward_calls) for probe in probes]
     for seen, batch in enumerate(tqdm(batches, desc=description, leave=False)):
         batch = send_to_device(batch, device)
+        replays_before = sum(probe.forward_calls_without_grad for probe in probes)
         outputs = model(**batch) if isinstance(batch, Mapping) else model(batch)
         loss = loss_fn(outputs, batch) if loss_fn is not None else outputs.loss
         if loss is None:
@@ -52,33 +55,75 @@ def run_passes(model, layers, adapter_name, batches, loss_fn, description) -> in
                 f"select_mask: the loss of salience batch {seen} (0-based) is {loss.detach().float().tolist()}; "
                 "salience needs finite losses (check the batch's inputs and labels, or the model's dtype)"
             )
-        probe_backward(model, loss, values)
+        if not loss.requires_grad:
+            raise ValueError(
+                f"select_mask: the loss of salience batch {seen} (0-based) does not require grad, so no gradient can "
+                f"reach the sparse layers (selection under torch.no_grad()?). {_CUT_FROM_GRAPH}"
+            )
+        replays = sum(probe.forward_calls_without_grad for probe in probes) > replays_before
+        probe_backward(model, loss, values, replays_forward=replays)
         for _, layer in layers:
             layer.salience_probe.end_batch()
+    # A layer with entries is in the graph whenever its input or its values are (the values require grad here); a
+    # layer without entries detaches its empty values (see SparseLayer.adapter_delta), so it is only there when its
+    # input requires grad, and is left out. A layer that ran in the forward but that no backward reached holds zeros:
+    # its entries would be ranked by the seeded tie-breaks alone, a mask that claims to be salient.
+    unreached = [
+        name
+        for (name, layer), probe, (forwards, backwards), layer_values in zip(layers, probes, calls_before, values)
+        if layer_values.numel() and probe.forward_calls > forwards and probe.backward_calls == backwards
+    ]
+    if unreached:
+        raise ValueError(
+            f"select_mask: {len(unreached)} sparse layer(s) (e.g. {unreached[:3]}) computed the loss "
+            f"of {len(batches)} salience batch(es), but no gradient reached them in the backward. {_CUT_FROM_GRAPH}"
+        )
     _all_reduce_probes(layers)
     return len(batches)
 
 
-def probe_backward(model, loss: torch.Tensor, values: list[torch.Tensor]) -> None:
+# How a layer that computes the loss can be missing from its autograd graph, and what to do about it.
+_CUT_FROM_GRAPH = (
+    "With reentrant gradient checkpointing (use_reentrant=True, as peft's prepare_model_for_kbit_training turns it "
+    "on), a checkpointed block whose inputs do not require grad is cut from the graph, and training would not reach "
+    "its values either: call model.enable_input_require_grads() and pass input_ids rather than inputs_embeds, or "
+    "enable checkpointing with gradient_checkpointing_kwargs={'use_reentrant': False}"
+)
+
+
+def _record_forward(layer, args, output) -> None:
+    """Forward hook on a probed layer (installed by :func:`_probes` for a pass): counts its forward calls."""
+    layer.salience_probe.record_forward()
+
+
+def probe_backward(model, loss: torch.Tensor, values: list[torch.Tensor], replays_forward: bool = False) -> None:
     """Run the backward that feeds the layers' salience probes, leaving every parameter's ``.grad`` as it was, so
     that selection leaves no trace in an optimizer's view of the model.
 
-    On one process or under DDP, ``autograd.grad`` with respect to the values does that. Under FSDP2 the forward
-    computes with unsharded copies of the parameters, so the sharded values are not in the graph: ``autograd.grad``
-    would run nothing (and the probes would see no gradient, i.e. the mask would be chosen by tie-breaks). There a
-    regular ``backward`` runs, and the gradients it leaves (FSDP reduce-scatters them into the sharded ``.grad``)
-    are put back to what they were.
+    On one process or under DDP, ``autograd.grad`` with respect to the values does that. Two setups need a regular
+    ``backward`` instead, after which the gradients it left are put back to what they were:
+
+    * FSDP2: the forward computes with unsharded copies of the parameters, so the sharded values are not in the
+      graph: ``autograd.grad`` would run nothing (and the probes would see no gradient, i.e. the mask would be
+      chosen by tie-breaks). FSDP reduce-scatters the gradients into the sharded ``.grad``.
+    * Reentrant activation checkpointing (``replays_forward``: a probed layer's forward ran with autograd off): the
+      checkpoint runs its block under ``no_grad`` and its backward node replays the block and back-propagates
+      through it with ``torch.autograd.backward``. The values used inside the block are not inputs of that node,
+      so ``autograd.grad`` with respect to them prunes it (the block's probes would see nothing, silently), and the
+      node refuses to run under ``autograd.grad`` anyway.
     """
-    if not any(is_sharded(v) for v in values):
+    if not replays_forward and not any(is_sharded(v) for v in values):
         torch.autograd.grad(loss, values, allow_unused=True)
         return
     parameters = [p for p in model.parameters() if p.requires_grad]
     saved = [p.grad for p in parameters]
     for p in parameters:
         p.grad = None
-    loss.backward()
-    for p, grad in zip(parameters, saved):
-        p.grad = grad
+    try:
+        loss.backward()
+    finally:
+        for p, grad in zip(parameters, saved):
+            p.grad = grad
 
 
 def _all_reduce_probes(layers) -> None:
@@ -326,18 +371,23 @@ def _squared_norms(group) -> tuple[float, float]:
 @contextmanager
 def _probes(group, adapter_name, accumulation_dtype, keep_square: bool):
     """Install a :class:`GradientProbe` in every layer of the group (its values made to require grad so that the
-    backward reaches the layer); remove them and restore ``requires_grad`` afterwards, whatever happens."""
+    backward reaches the layer, a forward hook counting the layer's forward calls); remove them and restore
+    ``requires_grad`` afterwards, whatever happens."""
     was_trainable = []
+    hooks = []
     try:
         for _, layer in group:
             layer.salience_probe = GradientProbe(
                 layer.logical_shape, accumulation_dtype, layer.weight_device, keep_square=keep_square
             )
+            hooks.append(layer.register_forward_hook(_record_forward))
             values = layer.sparse_values[adapter_name]
             was_trainable.append(values.requires_grad)
             values.requires_grad_(True)
         yield
     finally:
+        for hook in hooks:
+            hook.remove()
         for (_, layer), trainable in zip(group, was_trainable):
             layer.salience_probe = None
             layer.sparse_values[adapter_name].requires_grad_(trainable)

@@ -128,13 +128,25 @@ class GradientProbe:
         self.grad_square = torch.zeros(shape, dtype=dtype, device=device) if keep_square else None
         self._batch = torch.zeros(shape, dtype=dtype, device=device) if keep_square else None
         self.weight_offset: torch.Tensor | None = None
+        # A pass whose forward ran the layer but whose backward never reached it would leave ``grad`` all zeros and
+        # the layer's mask to tie-breaks: the passes count both sides (and forwards run with autograd off, which a
+        # reentrant checkpoint replays in the backward) to refuse that.
+        self.forward_calls = 0
+        self.forward_calls_without_grad = 0
+        self.backward_calls = 0
 
     @property
     def nbytes(self) -> int:
         tensors = [t for t in (self.grad, self.grad_square, self._batch, self.weight_offset) if t is not None]
         return sum(t.numel() * t.element_size() for t in tensors)
 
+    def record_forward(self) -> None:
+        self.forward_calls += 1
+        if not torch.is_grad_enabled():
+            self.forward_calls_without_grad += 1
+
     def accumulate(self, grad_output_2d: torch.Tensor, input_2d: torch.Tensor) -> None:
+        self.backward_calls += 1
         target = self._batch if self._batch is not None else self.grad
         target.addmm_(grad_output_2d.t().to(self.dtype), input_2d.to(self.dtype))
 

@@ -1,0 +1,318 @@
+"""Gradient checkpointing changes no mask decision (issue 27).
+
+DESIGN.md: "Gradient checkpointing (reentrant or not, as TRL and peft's QLoRA recipe turn it on) must not change any
+result". Every mask decision is checked here in every way users turn checkpointing on (on the base before
+``get_peft_model``, on the peft model after it, through ``prepare_model_for_kbit_training`` on a 4-bit model, through
+``TrainingArguments(gradient_checkpointing=True)``), reentrant and not:
+
+* ``select_mask`` (``selection="gradient"``, global and local budgets) and ``update_mask`` (``update="dynamic"``) must
+  choose exactly the entries they choose without checkpointing (same fp32 arithmetic, so the same bits), from the
+  salience a float64 dense model gives by plain autograd, and must leave every parameter's ``.grad`` as it was;
+* SpIEL-AG's window statistics (candidates and their accumulated gradients) and its update must be the same;
+* training gradients of the values must be the same.
+
+Where no gradient can reach the sparse layers (reentrant checkpointing of blocks whose inputs do not require grad, e.g.
+``inputs_embeds`` passed directly: the blocks are then cut from the graph), selection must refuse with a ``ValueError``
+that names the cause instead of ranking all-zero salience by its tie-breaks.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import get_peft_model, prepare_model_for_kbit_training
+from tiny_models import make_batch, quantised_tiny_llama, tiny_llama
+from trainer_helpers import make_trainer, sparse_log, sparse_model, sparse_state
+
+from peft_sparse import SparseConfig, SparseLayer, SpIEL, select_mask, update_mask
+from peft_sparse.selection.select import salience_scores
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# How checkpointing is turned on. "reentrant" on the base before get_peft_model (transformers then makes the embeddings'
+# output require grad); "reentrant-after-wrapping" on the peft model, with enable_input_require_grads by hand.
+MODES = ["none", "non-reentrant", "reentrant", "reentrant-after-wrapping"]
+CHECKPOINTED = MODES[1:]
+# Float64 judge of the fp32 salience: relative L2 error per layer.
+SALIENCE_TOLERANCE = 1e-4
+
+
+def sparse_llama(mode: str, **config) -> torch.nn.Module:
+    """``tiny_llama`` (fp32) with a sparse adapter on every linear layer of its blocks, checkpointed as ``mode`` says,
+    in train mode (transformers checkpoints only then)."""
+    base = tiny_llama()
+    if mode in ("non-reentrant", "reentrant"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+    config.setdefault("target_modules", TARGETS)
+    config.setdefault("density", 0.05)
+    model = get_peft_model(base, SparseConfig(**config))
+    if mode == "reentrant-after-wrapping":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    assert model.get_base_model().is_gradient_checkpointing == (mode != "none")
+    return model.train()
+
+
+def batches(count: int = 2, model=None) -> list[dict[str, torch.Tensor]]:
+    """Salience batches with labels; with ``model``, as ``inputs_embeds`` computed apart from the model (so they do
+    not require grad, as embeddings a caller computes itself)."""
+    result = []
+    for seed in range(count):
+        batch = make_batch(seed=seed, batch=2, length=8)
+        batch["labels"] = batch["input_ids"].clone()
+        if model is not None:
+            weight = model.get_base_model().get_input_embeddings().weight.detach()
+            batch["inputs_embeds"] = torch.nn.functional.embedding(batch.pop("input_ids"), weight)
+        result.append(batch)
+    return result
+
+
+def sparse_layers(model) -> list[tuple[str, SparseLayer]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, SparseLayer)]
+
+
+def masks(model) -> dict[str, torch.Tensor]:
+    return {name: layer.sparse_indices["default"].clone() for name, layer in sparse_layers(model)}
+
+
+def assert_same_masks(actual: dict, expected: dict) -> None:
+    assert actual.keys() == expected.keys()
+    differ = [name for name in expected if not torch.equal(actual[name], expected[name])]
+    assert not differ, f"{len(differ)} of {len(expected)} layers chose other entries, e.g. {differ[:3]}"
+
+
+def float64_gradient_salience(data) -> dict[str, torch.Tensor]:
+    """|sum over batches of dL/dW| of every targeted weight of the float64 ``tiny_llama``, by plain autograd: what
+    ``selection="gradient"`` ranks on a fresh adapter (all values zero, so the adapted model is the base)."""
+    model = tiny_llama(dtype=torch.float64).train()
+    model.requires_grad_(False)
+    weights = {name: module.weight for name, module in model.named_modules() if name.split(".")[-1] in TARGETS}
+    for weight in weights.values():
+        weight.requires_grad_(True)
+    for batch in data:
+        model(**batch).loss.backward()
+    return {name: weight.grad.abs() for name, weight in weights.items()}
+
+
+@pytest.fixture(scope="module")
+def unchecked_masks():
+    """The masks ``select_mask`` chooses without checkpointing, by budget."""
+    result = {}
+    for budget in ("global", "local"):
+        model = sparse_llama("none", selection="gradient", budget=budget)
+        select_mask(model, batches())
+        result[budget] = masks(model)
+    return result
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_salience_is_the_float64_gradient_in_every_mode(mode):
+    """... and measuring it leaves every parameter's ``.grad`` as it was (an optimizer must not see selection)."""
+    data = batches()
+    expected = float64_gradient_salience(data)
+    model = sparse_llama(mode, selection="gradient")
+    sentinels = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            parameter.grad = torch.full_like(parameter, 0.25)
+            sentinels[name] = parameter.grad
+    scores = salience_scores(model, data)
+    for name, parameter in model.named_parameters():
+        if name in sentinels:
+            assert parameter.grad is sentinels[name] and bool((parameter.grad == 0.25).all()), name
+    assert len(scores) == len(expected) == 14
+    for name, score in scores.items():
+        judge = expected[name.removeprefix("base_model.model.")]
+        error = float((score.double() - judge).norm() / judge.norm())
+        assert error < SALIENCE_TOLERANCE, (mode, name, error)
+
+
+@pytest.mark.parametrize("budget", ["global", "local"])
+@pytest.mark.parametrize("mode", CHECKPOINTED)
+def test_select_mask_chooses_what_it_chooses_without_checkpointing(unchecked_masks, mode, budget):
+    model = sparse_llama(mode, selection="gradient", budget=budget)
+    select_mask(model, batches())
+    assert_same_masks(masks(model), unchecked_masks[budget])
+    assert all(parameter.grad is None for parameter in model.parameters())  # selection leaves no gradient behind
+
+
+def dynamic_update(mode: str):
+    """One ``update_mask`` on an adapter holding (seeded) non-zero values; returns the entries moved per layer and
+    every layer's entries, values and residual afterwards."""
+    model = sparse_llama(mode, selection="gradient", update="dynamic", init_weights=False)
+    report = update_mask(model, batches())
+    state = {
+        name: (
+            layer.sparse_indices["default"].clone(),
+            layer.sparse_values["default"].detach().clone(),
+            layer.sparse_residual_indices["default"].clone(),
+            layer.sparse_residual_values["default"].clone(),
+        )
+        for name, layer in sparse_layers(model)
+    }
+    return report.per_layer, state
+
+
+@pytest.fixture(scope="module")
+def unchecked_update():
+    return dynamic_update("none")
+
+
+@pytest.mark.parametrize("mode", CHECKPOINTED)
+def test_update_mask_moves_what_it_moves_without_checkpointing(unchecked_update, mode):
+    expected_moved, expected = unchecked_update
+    assert sum(expected_moved.values()) > 0  # the update does move entries
+    moved, state = dynamic_update(mode)
+    assert moved == expected_moved
+    for name, tensors in expected.items():
+        for actual, wanted in zip(state[name], tensors):
+            assert torch.equal(actual, wanted), name
+
+
+def spiel_window(mode: str):
+    """Two SpIEL-AG steps (the window is both, the update follows the second): the candidates and gradient sums each
+    layer's probe holds just before the update, the update's report and the indices after it."""
+    model = sparse_llama(
+        mode,
+        update="spiel",
+        regrow="gradient",
+        update_interval=2,
+        accumulation_steps=2,
+        reselection_rate=0.3,
+        reselection_schedule="constant",
+    )
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    spiel = SpIEL(model, optimizer, num_training_steps=10)
+    statistics = report = None
+    for step, batch in enumerate(batches(2)):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 1:
+            statistics = {
+                name: (layer.salience_probe.candidates, layer.salience_probe.sums)
+                for name, layer in sparse_layers(model)
+            }
+        report = spiel.step()
+    return statistics, report.per_layer, masks(model)
+
+
+@pytest.fixture(scope="module")
+def unchecked_spiel():
+    return spiel_window("none")
+
+
+@pytest.mark.parametrize("mode", CHECKPOINTED)
+def test_spiel_ag_window_statistics_and_update_match_no_checkpointing(unchecked_spiel, mode):
+    expected_statistics, expected_moved, expected_masks = unchecked_spiel
+    assert sum(expected_moved.values()) > 0
+    statistics, moved, after = spiel_window(mode)
+    for name, (candidates, sums) in expected_statistics.items():
+        assert statistics[name][0] is not None, (name, "the window saw no gradient")
+        assert torch.equal(statistics[name][0], candidates), name
+        torch.testing.assert_close(statistics[name][1], sums, rtol=1e-5, atol=1e-7)
+    assert moved == expected_moved
+    assert_same_masks(after, expected_masks)
+
+
+@pytest.mark.parametrize("mode", CHECKPOINTED)
+def test_training_gradients_of_the_values_match_no_checkpointing(mode):
+    def value_grads(mode):
+        model = sparse_llama(mode, init_weights=False)
+        model(**batches(1)[0]).loss.backward()
+        return {name: layer.sparse_values["default"].grad for name, layer in sparse_layers(model)}
+
+    expected, actual = value_grads("none"), value_grads(mode)
+    for name, grad in expected.items():
+        assert actual[name] is not None, name
+        torch.testing.assert_close(actual[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_inputs_embeds_give_the_same_mask_when_checkpointing_is_not_reentrant(unchecked_masks):
+    model = sparse_llama("non-reentrant", selection="gradient", budget="global")
+    select_mask(model, batches(model=model))
+    assert_same_masks(masks(model), unchecked_masks["global"])
+
+
+@pytest.mark.parametrize("targets", [TARGETS, [*TARGETS, "lm_head"]], ids=["blocks", "blocks-and-head"])
+@pytest.mark.parametrize("select", ["select_mask", "update_mask"])
+def test_selection_refuses_blocks_that_reentrant_checkpointing_cut_from_the_graph(targets, select):
+    """Reentrant checkpointing of blocks whose input does not require grad (``inputs_embeds`` computed by the
+    caller) leaves the blocks out of the graph: no gradient can reach their sparse layers (training's neither). With
+    only block layers targeted the loss does not require grad; with the head targeted too it does, and only the
+    block layers' salience would silently be zeros."""
+    model = sparse_llama("reentrant", selection="gradient", target_modules=targets, update="dynamic")
+    before = masks(model)
+    with pytest.raises(ValueError, match=r"(?s)use_reentrant.*enable_input_require_grads"):
+        (select_mask if select == "select_mask" else update_mask)(model, batches(model=model))
+    assert_same_masks(masks(model), before)  # nothing half-applied
+
+
+# --- 4-bit: peft's QLoRA recipe (prepare_model_for_kbit_training turns reentrant checkpointing on) ---------------
+
+KBIT_MODES = {
+    "none": {"use_gradient_checkpointing": False},
+    "reentrant": {},  # the recipe's default: checkpoint() without use_reentrant, which torch takes as reentrant
+    "non-reentrant": {"gradient_checkpointing_kwargs": {"use_reentrant": False}},
+}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is in the dev extra; the 4-bit case needs it")
+    return tmp_path_factory.mktemp("tiny_llama_4bit")
+
+
+def kbit_select(model_dir, mode: str) -> dict[str, torch.Tensor]:
+    base = quantised_tiny_llama(
+        model_dir,
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    base = prepare_model_for_kbit_training(base, **KBIT_MODES[mode])
+    assert base.is_gradient_checkpointing == (mode != "none")
+    model = get_peft_model(base, SparseConfig(target_modules=TARGETS, density=0.05, selection="gradient")).train()
+    assert all(type(layer.get_base_layer().weight).__name__ == "Params4bit" for _, layer in sparse_layers(model))
+    select_mask(model, batches())
+    return masks(model)
+
+
+@pytest.fixture(scope="module")
+def unchecked_kbit_masks(model_dir):
+    return kbit_select(model_dir, "none")
+
+
+@pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
+def test_select_mask_on_a_4bit_model_prepared_for_kbit_training(model_dir, unchecked_kbit_masks, mode):
+    assert_same_masks(kbit_select(model_dir, mode), unchecked_kbit_masks)
+
+
+# --- transformers Trainer: TrainingArguments(gradient_checkpointing=True) + SparseTrainingCallback ---------------
+
+
+def trained_with_callback(tmp_path, **arguments):
+    """Selection at train begin and a dynamic update after step 1, by the callback, over two steps."""
+    model = sparse_model(selection="gradient", update="dynamic", update_interval=1)
+    trainer = make_trainer(model, tmp_path, max_steps=2, **arguments)
+    trainer.train()
+    log = sparse_log(trainer)
+    assert len(log) == 2 and "sparse/selected_entries" in log[0] and "sparse/moved" in log[1]
+    return sparse_state(model)
+
+
+@pytest.fixture(scope="module")
+def unchecked_trainer_state(tmp_path_factory):
+    return trained_with_callback(tmp_path_factory.mktemp("plain"))
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_trainer_with_gradient_checkpointing_selects_and_updates_as_without(
+    unchecked_trainer_state, tmp_path, use_reentrant
+):
+    state = trained_with_callback(
+        tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
+    )
+    for name, (indices, values) in unchecked_trainer_state.items():
+        assert torch.equal(state[name][0], indices), name
+        torch.testing.assert_close(state[name][1], values, rtol=1e-5, atol=1e-6)
