@@ -171,16 +171,20 @@ def select_mask(
 CANDIDATE_BYTES_PER_ENTRY = 12
 # The adapter's own training state per entry (fp32 value, gradient and two AdamW moments): the default budget.
 TRAINING_STATE_BYTES_PER_ENTRY = 16
+# ... but never less than this for the accumulators: below it memory limits no one, while every extra group costs a
+# pass over the salience batches (a small model is then scored in one pass, as before budgets existed).
+MIN_DEFAULT_ACCUMULATOR_BYTES = 256 * 2**20
 
 
 def default_max_memory(layers, metric, accumulation_dtype: torch.dtype, counts: list[int], one_top_k: bool) -> int:
-    """The budget selection gets when none is given: room for the groups' accumulators as large as the adapter's
-    own training state (``TRAINING_STATE_BYTES_PER_ENTRY`` per entry), so that selection holds about what a training
-    step holds besides activations, and never less than the smallest workable budget (the candidates and the
-    largest layer; for GRaSP, which needs every layer at once, all of them)."""
+    """The budget selection gets when none is given: the candidate set, plus room for the groups' accumulators as
+    large as the adapter's own training state (``TRAINING_STATE_BYTES_PER_ENTRY`` per entry, at least
+    ``MIN_DEFAULT_ACCUMULATOR_BYTES``), so that selection holds about what a training step holds besides its
+    activations; never less than the smallest workable budget (the largest layer; GRaSP: every layer at once)."""
     candidates = _candidate_bytes(counts, one_top_k)
     smallest = smallest_budget(layers, metric, accumulation_dtype, candidates)
-    return max(smallest, candidates + TRAINING_STATE_BYTES_PER_ENTRY * sum(counts))
+    room = max(TRAINING_STATE_BYTES_PER_ENTRY * sum(counts), MIN_DEFAULT_ACCUMULATOR_BYTES)
+    return max(smallest, candidates + room)
 
 
 def _candidate_bytes(counts: list[int], one_top_k: bool) -> int:

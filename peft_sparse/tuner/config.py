@@ -82,9 +82,9 @@ class SparseConfig(PeftConfig):
             the model and one batch's activations: its dense gradient accumulators (4 bytes per weight of the layers
             scored in one pass), one layer's scoring temporaries and the running top-k's candidate set. Layers are
             scored in groups that fit, one pass over the salience batches per group; the chosen mask does not depend
-            on it. ``None`` (default): the adapter's own training state, 16 bytes per trainable entry, on top of
-            what the candidate set and the largest layer need (see
-            :func:`peft_sparse.selection.select.default_max_memory`). A value too small for the largest layer is
+            on it. ``None`` (default): room for accumulators as large as the adapter's own training state (16 bytes
+            per trainable entry, at least 256 MiB) next to the candidate set, and at least what the largest layer
+            needs (see :func:`peft_sparse.selection.select.default_max_memory`). A value too small for the largest layer is
             refused at selection, naming the smallest workable one.
         regrow (`str`):
             SpIEL regrowth criterion: ``"gradient"`` (accumulated gradients, SpIEL-AG) or ``"momentum"``
@@ -182,7 +182,7 @@ class SparseConfig(PeftConfig):
             "help": (
                 "Bytes mask selection may hold besides the model and one batch's activations (gradient accumulators, "
                 "scores, top-k candidates); layers are scored in groups that fit, one pass over the salience batches "
-                "each. None: the adapter's training state (16 bytes per entry) plus what the largest layer needs."
+                "each. None: the adapter's training state (16 bytes per entry, at least 256 MiB) for accumulators."
             )
         },
     )
