@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -66,6 +67,7 @@ class SparseTrainingCallback(TrainerCallback):
         self.loss_fn = loss_fn
         self.spiel: SpIEL | None = None
         self._train_dataloader = None
+        self._gradients_checked = False
 
     # --- helpers -------------------------------------------------------------------------------------------------
     def _config(self, model):
@@ -125,6 +127,13 @@ class SparseTrainingCallback(TrainerCallback):
             state, {"sparse/selected_entries": float(report.total), "sparse/selection_seconds": report.seconds}
         )
 
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not self._gradients_checked and model is not None:
+            self._gradients_checked = True
+            adapter_name, _ = self._config(model)
+            _warn_about_layers_without_gradient(sparse_layers(model, adapter_name), adapter_name)
+        return control
+
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         adapter_name, config = self._config(model)
         if config.update == "spiel" and self.spiel is not None:
@@ -175,6 +184,33 @@ class SparseTrainingCallback(TrainerCallback):
             self.spiel.restart_growth_records()
             return
         self.spiel.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _warn_about_layers_without_gradient(layers, adapter_name: str) -> None:
+    """Before the first optimizer step: warn when some sparse layers with entries got a gradient and others none.
+
+    The known cause is reentrant gradient checkpointing of blocks whose inputs do not require grad (``inputs_embeds``
+    computed by the caller, or a model whose ``enable_input_require_grads`` was not called): the blocks are cut from
+    the graph and their entries never train, with no error from torch. A layer the forward does not use gets no
+    gradient either, legitimately, so this warns rather than refuses. Where no layer has a ``.grad`` (DeepSpeed ZeRO
+    keeps gradients in its own buffers) there is nothing to compare."""
+    trainable = [
+        (name, layer.sparse_values[adapter_name])
+        for name, layer in layers
+        if layer.sparse_values[adapter_name].requires_grad and layer.sparse_values[adapter_name].numel()
+    ]
+    starved = [name for name, values in trainable if values.grad is None]
+    if not starved or len(starved) == len(trainable):
+        return
+    message = (
+        f"peft-sparse: {len(starved)} of {len(trainable)} sparse layers with trainable entries got no gradient in "
+        f"the first step (e.g. {starved[:3]}), so their entries will not train. With reentrant gradient "
+        "checkpointing (use_reentrant=True, as prepare_model_for_kbit_training sets it) blocks whose inputs do not "
+        "require grad are cut from the graph: call model.enable_input_require_grads() and pass input_ids, or use "
+        "gradient_checkpointing_kwargs={'use_reentrant': False}"
+    )
+    logger.warning(message)
+    warnings.warn(message, RuntimeWarning, stacklevel=2)
 
 
 def _deepspeed_zero_stage(optimizer) -> int | None:

@@ -18,6 +18,8 @@ that names the cause instead of ranking all-zero salience by its tie-breaks.
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
@@ -316,3 +318,26 @@ def test_trainer_with_gradient_checkpointing_selects_and_updates_as_without(
     for name, (indices, values) in unchecked_trainer_state.items():
         assert torch.equal(state[name][0], indices), name
         torch.testing.assert_close(state[name][1], values, rtol=1e-5, atol=1e-6)
+
+
+def test_the_callback_warns_when_checkpointing_cut_trained_layers_from_the_graph():
+    """Training itself goes blind the same way (torch only warns that no input requires grad): the callback names
+    the starved layers before the first optimizer step, and says nothing when every layer got its gradient."""
+    from peft_sparse import SparseTrainingCallback
+
+    def first_step(data):
+        model = sparse_llama("reentrant", selection="random", target_modules=[*TARGETS, "lm_head"])
+        with pytest.warns(UserWarning):  # torch's own: "None of the inputs have requires_grad=True"
+            model(**data[0]).loss.backward()
+        callback = SparseTrainingCallback()
+        return lambda: callback.on_pre_optimizer_step(None, None, None, model=model)
+
+    step = first_step(batches(model=sparse_llama("none")))
+    with pytest.warns(RuntimeWarning, match=r"14 of 15 sparse layers .* got no gradient .*enable_input_require_grads"):
+        step()
+
+    model = sparse_llama("reentrant", selection="random", target_modules=[*TARGETS, "lm_head"])
+    model(**batches()[0]).loss.backward()  # input_ids: transformers makes the embeddings' output require grad
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SparseTrainingCallback().on_pre_optimizer_step(None, None, None, model=model)
