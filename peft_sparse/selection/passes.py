@@ -203,6 +203,10 @@ def plan_groups(
         ValueError: if ``max_memory`` is too small for even one layer; the message names the smallest workable
             value.
     """
+    if layers_per_pass is not None and (
+        isinstance(layers_per_pass, bool) or not isinstance(layers_per_pass, int) or layers_per_pass < 1
+    ):
+        raise ValueError(f"layers_per_pass must be a positive int or None, got {layers_per_pass!r}")
     budget = max_memory
     held = accumulator_bytes_per_weight(metric, accumulation_dtype)
     scoring = scoring_bytes_per_weight(metric, accumulation_dtype)

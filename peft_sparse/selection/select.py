@@ -134,23 +134,9 @@ def select_mask(
         )
     one_top_k = config.budget == "global" and not keep_layer_sizes
     report = SelectionReport(config.selection, "per-layer k kept" if keep_layer_sizes else config.budget, 0)
+    passes = _Passes(data, num_batches, loss_fn, accumulation_dtype, layers_per_pass, max_memory)
     chosen = _choose(
-        "select_mask",
-        model,
-        layers,
-        adapter_name,
-        config,
-        metric,
-        data,
-        num_batches,
-        loss_fn,
-        accumulation_dtype,
-        layers_per_pass,
-        max_memory,
-        counts,
-        ties,
-        one_top_k,
-        report,
+        "select_mask", model, layers, adapter_name, config, metric, passes, counts, ties, one_top_k, report
     )
     for (name, layer), indices in zip(layers, chosen):
         if keep_layer_sizes:
@@ -195,44 +181,35 @@ def _candidate_bytes(counts: list[int], one_top_k: bool) -> int:
     return 4 * sum(counts) + CANDIDATE_BYTES_PER_ENTRY * max(counts, default=0)
 
 
+@dataclass
+class _Passes:
+    """How the salience passes run: the caller's data and options (see :func:`select_mask`)."""
+
+    data: Iterable | None
+    num_batches: int | None
+    loss_fn: Callable[[Any, Any], torch.Tensor] | None
+    accumulation_dtype: torch.dtype
+    layers_per_pass: int | None
+    max_memory: int | None
+
+
 def _choose(
-    caller,
-    model,
-    layers,
-    adapter_name,
-    config,
-    metric,
-    data,
-    num_batches,
-    loss_fn,
-    accumulation_dtype,
-    layers_per_pass,
-    max_memory,
-    counts,
-    ties,
-    one_top_k,
-    report,
+    caller, model, layers, adapter_name, config, metric, passes: _Passes, counts, ties, one_top_k, report
 ) -> list[torch.Tensor]:
     """Score the layers group by group under the memory budget and keep, per layer, its chosen positions (sorted
     int64): one top-k over all layers (``one_top_k``) or a top-``counts[i]`` per layer. Fills in the report's
     passes, batches, budget and peak memory. The model is not changed."""
-    if num_batches is None:
-        num_batches = config.salience_batches
+    num_batches = config.salience_batches if passes.num_batches is None else passes.num_batches
     check_num_batches(num_batches)
-    if layers_per_pass is not None and (
-        isinstance(layers_per_pass, bool) or not isinstance(layers_per_pass, int) or layers_per_pass < 1
-    ):
-        raise ValueError(f"layers_per_pass must be a positive int or None, got {layers_per_pass!r}")
+    dtype = passes.accumulation_dtype
+    max_memory = config.selection_max_memory if passes.max_memory is None else passes.max_memory
     if max_memory is None:
-        max_memory = config.selection_max_memory
-    if max_memory is None:
-        max_memory = default_max_memory(layers, metric, accumulation_dtype, counts, one_top_k)
+        max_memory = default_max_memory(layers, metric, dtype, counts, one_top_k)
     elif isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory <= 0:
         raise ValueError(f"{caller}: max_memory must be a positive int (bytes) or None, got {max_memory!r}")
-    plan = plan_groups(
-        layers, metric, accumulation_dtype, _candidate_bytes(counts, one_top_k), max_memory, layers_per_pass, caller
-    )
-    batches = materialise_batches(data, num_batches, caller) if metric.needs_data else None
+    candidates = _candidate_bytes(counts, one_top_k)
+    plan = plan_groups(layers, metric, dtype, candidates, max_memory, passes.layers_per_pass, caller)
+    batches = materialise_batches(passes.data, num_batches, caller) if metric.needs_data else None
     if one_top_k:
         running = RunningTopK(sum(counts), ties)
         held = lambda: running.nbytes
@@ -240,7 +217,7 @@ def _choose(
         chosen: list[torch.Tensor] = []
         held = lambda: sum(c.numel() * c.element_size() for c in chosen)
     for position, score in layer_scores(
-        model, layers, adapter_name, config, metric, batches, loss_fn, accumulation_dtype, plan, held
+        model, layers, adapter_name, config, metric, batches, passes.loss_fn, dtype, plan, held
     ):
         if one_top_k:
             running.add(score, in_place=True)
@@ -319,24 +296,9 @@ def update_mask(
     _, adapter_name, config, metric, layers = _prepare("update_mask", model, adapter_name, data)
     counts = [layer.sparse_indices[adapter_name].numel() for _, layer in layers]
     report = SelectionReport(config.selection, "per-layer k kept", 0)
-    chosen = _choose(
-        "update_mask",
-        model,
-        layers,
-        adapter_name,
-        config,
-        metric,
-        data,
-        num_batches,
-        loss_fn,
-        accumulation_dtype,
-        layers_per_pass,
-        max_memory,
-        counts,
-        tie_generators(config, layers),
-        False,
-        report,
-    )
+    passes = _Passes(data, num_batches, loss_fn, accumulation_dtype, layers_per_pass, max_memory)
+    ties = tie_generators(config, layers)
+    chosen = _choose("update_mask", model, layers, adapter_name, config, metric, passes, counts, ties, False, report)
     # Entries move only once every layer is scored: every pass sees the model as it was.
     for (name, layer), new in zip(layers, chosen):
         report.per_layer[name] = move_entries(layer, adapter_name, new, optimizer)
