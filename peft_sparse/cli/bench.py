@@ -16,6 +16,7 @@ SCRIPTS = {
     "qlora": "qlora_bench.py",
     "quality": "quality.py",
     "distributed": "distributed_bench.py",
+    "memory": "memory.py",
 }
 TAKES_REPEATS = ("ops", "qlora")
 DEFAULT = ("ops", "qlora")
