@@ -97,7 +97,7 @@ class SparseArguments:
         metadata={
             "help": "Bytes mask selection may hold besides the model and one batch's activations; layers are "
             "scored in groups that fit, one pass over the salience batches each (same mask). Default: the "
-            "adapter's training state (16 bytes per entry, at least 256 MiB) for the accumulators."
+            "candidates plus 12 bytes per entry (what training adds), at least 64 MiB, for the accumulators."
         },
     )
     regrow: str = field(

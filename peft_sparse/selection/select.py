@@ -155,16 +155,17 @@ def select_mask(
 # key and position), and an arriving layer's entries that reach the boundary before the set is pruned back (rarely
 # more than 0.25 k once the set is full). The report's extra_memory_bytes counts what it really held.
 CANDIDATE_BYTES_PER_ENTRY = 12
-# The adapter's own training state per entry (fp32 value, gradient and two AdamW moments): the default budget.
-TRAINING_STATE_BYTES_PER_ENTRY = 16
+# What a training step adds per entry over what exists at selection time (the values and indices already do): the
+# fp32 gradient and two AdamW moments. The default budget gives the accumulators that much.
+TRAINING_STATE_BYTES_PER_ENTRY = 12
 # ... but never less than this for the accumulators: below it memory limits no one, while every extra group costs a
 # pass over the salience batches (a small model is then scored in one pass, as before budgets existed).
-MIN_DEFAULT_ACCUMULATOR_BYTES = 256 * 2**20
+MIN_DEFAULT_ACCUMULATOR_BYTES = 64 * 2**20
 
 
 def default_max_memory(layers, metric, accumulation_dtype: torch.dtype, counts: list[int], one_top_k: bool) -> int:
     """The budget selection gets when none is given: the candidate set, plus room for the groups' accumulators as
-    large as the adapter's own training state (``TRAINING_STATE_BYTES_PER_ENTRY`` per entry, at least
+    large as what training adds per entry (``TRAINING_STATE_BYTES_PER_ENTRY``: gradient and AdamW moments, at least
     ``MIN_DEFAULT_ACCUMULATOR_BYTES``), so that selection holds about what a training step holds besides its
     activations; never less than the smallest workable budget (the largest layer; GRaSP: every layer at once)."""
     candidates = _candidate_bytes(counts, one_top_k)

@@ -82,10 +82,10 @@ class SparseConfig(PeftConfig):
             the model and one batch's activations: its dense gradient accumulators (4 bytes per weight of the layers
             scored in one pass), one layer's scoring temporaries and the running top-k's candidate set. Layers are
             scored in groups that fit, one pass over the salience batches per group; the chosen mask does not depend
-            on it. ``None`` (default): room for accumulators as large as the adapter's own training state (16 bytes
-            per trainable entry, at least 256 MiB) next to the candidate set, and at least what the largest layer
-            needs (see :func:`peft_sparse.selection.select.default_max_memory`). A value too small for the largest layer is
-            refused at selection, naming the smallest workable one.
+            on it. ``None`` (default): next to the candidate set, room for accumulators as large as what training
+            adds per entry (12 bytes: the gradient and two AdamW moments), at least 64 MiB, and never less than the
+            largest layer needs (see :func:`peft_sparse.selection.select.default_max_memory`). A value too small
+            for the largest layer is refused at selection, naming the smallest workable one.
         regrow (`str`):
             SpIEL regrowth criterion: ``"gradient"`` (accumulated gradients, SpIEL-AG) or ``"momentum"``
             (SM3-approximated momenta, SpIEL-MA).
@@ -182,7 +182,7 @@ class SparseConfig(PeftConfig):
             "help": (
                 "Bytes mask selection may hold besides the model and one batch's activations (gradient accumulators, "
                 "scores, top-k candidates); layers are scored in groups that fit, one pass over the salience batches "
-                "each. None: the adapter's training state (16 bytes per entry, at least 256 MiB) for accumulators."
+                "each. None: the candidates plus 12 bytes per entry (what training adds), at least 64 MiB."
             )
         },
     )
