@@ -182,9 +182,6 @@ class ScoringPlan:
     passes: int  # passes over the data (GRaSP: two per group); 0 for data-free metrics without a pass
     peak_bytes: int = 0  # filled in by layer_scores: the most this selection held at once
 
-    def describe(self) -> str:
-        return f"{len(self.groups)} layer group(s), {self.passes} pass(es) over the data"
-
 
 def plan_groups(
     layers,
