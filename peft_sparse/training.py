@@ -34,6 +34,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ._distributed import rank, world_size
+from .selection.passes import CUT_FROM_GRAPH
 from .selection.reassign import unwrap_optimizer
 from .selection.select import select_mask, update_mask
 from .selection.spiel import SpIEL
@@ -204,10 +205,7 @@ def _warn_about_layers_without_gradient(layers, adapter_name: str) -> None:
         return
     message = (
         f"peft-sparse: {len(starved)} of {len(trainable)} sparse layers with trainable entries got no gradient in "
-        f"the first step (e.g. {starved[:3]}), so their entries will not train. With reentrant gradient "
-        "checkpointing (use_reentrant=True, as prepare_model_for_kbit_training sets it) blocks whose inputs do not "
-        "require grad are cut from the graph: call model.enable_input_require_grads() and pass input_ids, or use "
-        "gradient_checkpointing_kwargs={'use_reentrant': False}"
+        f"the first step (e.g. {starved[:3]}), so their entries will not train. {CUT_FROM_GRAPH}"
     )
     logger.warning(message)
     warnings.warn(message, RuntimeWarning, stacklevel=2)

@@ -21,12 +21,14 @@ from .salience import GradientProbe
 from .synflow import synflow_statistics
 
 __all__ = [
+    "CUT_FROM_GRAPH",
     "ScoringPlan",
     "effective_weight",
     "layer_scores",
     "plan_groups",
     "probe_backward",
     "run_passes",
+    "salience_batches",
     "smallest_budget",
 ]
 
@@ -35,7 +37,7 @@ __all__ = [
 GRASP_RELATIVE_STEP = 1e-3
 
 
-def run_passes(model, layers, adapter_name, batches, loss_fn, description) -> int:
+def run_passes(model, layers, adapter_name, batches, loss_fn, description) -> None:
     """Forward + backward over ``batches``; the layers' probes collect the dense gradients."""
     values = [layer.sparse_values[adapter_name] for _, layer in layers]
     device = values[0].device
@@ -58,7 +60,7 @@ def run_passes(model, layers, adapter_name, batches, loss_fn, description) -> in
         if not loss.requires_grad:
             raise ValueError(
                 f"select_mask: the loss of salience batch {seen} (0-based) does not require grad, so no gradient can "
-                f"reach the sparse layers (selection under torch.no_grad()?). {_CUT_FROM_GRAPH}"
+                f"reach the sparse layers (selection under torch.no_grad()?). {CUT_FROM_GRAPH}"
             )
         replays = sum(probe.forward_calls_without_grad for probe in probes) > replays_before
         probe_backward(model, loss, values, replays_forward=replays)
@@ -76,14 +78,14 @@ def run_passes(model, layers, adapter_name, batches, loss_fn, description) -> in
     if unreached:
         raise ValueError(
             f"select_mask: {len(unreached)} sparse layer(s) (e.g. {unreached[:3]}) computed the loss "
-            f"of {len(batches)} salience batch(es), but no gradient reached them in the backward. {_CUT_FROM_GRAPH}"
+            f"of {len(batches)} salience batch(es), but no gradient reached them in the backward. {CUT_FROM_GRAPH}"
         )
     _all_reduce_probes(layers)
-    return len(batches)
 
 
-# How a layer that computes the loss can be missing from its autograd graph, and what to do about it.
-_CUT_FROM_GRAPH = (
+# How a layer that computes the loss can be missing from its autograd graph, and what to do about it (selection's
+# refusal and the training callback's first-step warning both say it).
+CUT_FROM_GRAPH = (
     "With reentrant gradient checkpointing (use_reentrant=True, as peft's prepare_model_for_kbit_training turns it "
     "on), a checkpointed block whose inputs do not require grad is cut from the graph, and training would not reach "
     "its values either: call model.enable_input_require_grads() and pass input_ids rather than inputs_embeds, or "
@@ -178,7 +180,6 @@ class ScoringPlan:
 
     groups: list[range]
     budget: int | None  # None: no budget (layers_per_pass alone decides)
-    candidate_bytes: int  # reserved for the running top-k candidate set
     passes: int  # passes over the data (GRaSP: two per group); 0 for data-free metrics without a pass
     peak_bytes: int = 0  # filled in by layer_scores: the most this selection held at once
 
@@ -250,7 +251,7 @@ def plan_groups(
         passes = len(groups)
     else:
         passes = 0
-    return ScoringPlan(groups, budget, candidate_bytes, passes)
+    return ScoringPlan(groups, budget, passes)
 
 
 def smallest_budget(layers, metric, accumulation_dtype: torch.dtype, candidate_bytes: int) -> int:
@@ -324,27 +325,29 @@ def layer_scores(
         plan.peak_bytes = max(plan.peak_bytes, held_elsewhere())
 
 
-def materialise_batches(data, num_batches: int, caller: str) -> list:
-    """The first ``num_batches`` batches of ``data``, drawn once: every pass over the data (one per layer group)
-    then sees the same batches, even from a shuffling data loader, and the loader is iterated once, as by a single
-    pass. Batches stay where the loader put them (token ids: a few bytes per token)."""
+def salience_batches(data, num_batches: int | None, config, metric, caller: str) -> list | None:
+    """The first ``num_batches`` (default ``config.salience_batches``) batches of ``data``, drawn once: every pass
+    over the data (one per layer group) then sees the same batches, even from a shuffling data loader, and the
+    loader is iterated once, as by a single pass. Batches stay where the loader put them (token ids: a few bytes per
+    token). ``None`` for a data-free metric."""
+    if num_batches is None:
+        num_batches = config.salience_batches
+    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+        raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
+    if not metric.needs_data:
+        return None
     batches = list(itertools.islice(iter(data), num_batches))
     if not batches:
         raise ValueError(f"{caller}: `data` yielded no batch")
     return batches
 
 
-def check_num_batches(num_batches) -> None:
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches must be a positive int, got {num_batches!r}")
-
-
 def hessian_grad_pass(model, group, adapter_name, batches, loss_fn, statistics) -> None:
     """GRaSP: H G by a finite difference of gradients, (G(W + eps G) - G(W)) / eps, one more pass over the data.
     The perturbation eps G moves every layer of the group at once, so H G has the cross-layer terms only within
     the group: GRaSP is therefore always one group of all layers (see :func:`plan_groups`)."""
-    weight_square, grad_square = _squared_norms(group)
-    weight_norm, grad_norm = weight_square**0.5, grad_square**0.5
+    weight_norm = sum(float(layer.dequantized_weight().square().sum()) for _, layer in group) ** 0.5
+    grad_norm = sum(float(layer.salience_probe.grad.float().square().sum()) for _, layer in group) ** 0.5
     if grad_norm == 0.0:
         for stats, (_, layer) in zip(statistics, group):
             stats["hessian_grad"] = torch.zeros_like(layer.salience_probe.grad)
@@ -360,13 +363,6 @@ def hessian_grad_pass(model, group, adapter_name, batches, loss_fn, statistics) 
         probe = layer.salience_probe
         stats["hessian_grad"] = (probe.grad - stats["grad"]) / step
         probe.weight_offset = None
-
-
-def _squared_norms(group) -> tuple[float, float]:
-    """``(sum ||W||^2, sum ||G||^2)`` over the group's layers (their probes hold G), summed in layer order."""
-    weight_square = sum(float(layer.dequantized_weight().square().sum()) for _, layer in group)
-    grad_square = sum(float(layer.salience_probe.grad.float().square().sum()) for _, layer in group)
-    return weight_square, grad_square
 
 
 @contextmanager

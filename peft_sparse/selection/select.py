@@ -16,7 +16,7 @@ from ..tuner.config import SparseConfig
 from ..tuner.indices import index_dtype, layer_seed
 from ..tuner.layer import SparseLayer
 from ..tuner.lookup import resolve_adapter, sparse_layers
-from .passes import check_num_batches, layer_scores, materialise_batches, plan_groups, smallest_budget
+from .passes import layer_scores, plan_groups, salience_batches, smallest_budget
 from .reassign import move_entries, reassign_entries
 from .salience import METRICS
 from .topk import RunningTopK
@@ -71,7 +71,7 @@ def select_mask(
         loss_fn: ``loss_fn(outputs, batch) -> loss``; defaults to ``outputs.loss``.
         adapter_name: the adapter to select for; defaults to the active one.
         accumulation_dtype: dtype of the dense gradient accumulators. fp32 (default) costs 4 bytes per targeted
-            weight (8 for ``fisher``, whose per-batch squares need a second buffer); the model's compute dtype
+            weight (12 for ``fisher``: the sum of squares and the batch buffer besides the sum); the model's compute dtype
             halves that, at the cost of rounding in long sums.
         layers_per_pass: at most this many layers share one pass over the data (``None``: as many as
             ``max_memory`` allows).
@@ -83,8 +83,8 @@ def select_mask(
             its initial ones (trained, loaded or set by hand), which would be lost; ``True`` discards them
             deliberately.
         max_memory: bytes that selection may hold beyond the model and one pass's activations (``None``: the
-            config's ``selection_max_memory``, whose default ``None`` means the adapter's own training state, see
-            :func:`default_max_memory`). Salience needs a dense accumulator per weight (4 bytes in fp32) that must
+            config's ``selection_max_memory``, whose default ``None`` means :func:`default_max_memory`: the
+            candidates plus 12 bytes per entry, at least 64 MiB). Salience needs a dense accumulator per weight (4 bytes in fp32) that must
             outlive every batch, so the layers are split into groups that fit the budget, each scored in its own
             pass over the same batches (drawn once from ``data``); the global top-k is kept as a running candidate
             set of about ``k`` entries (:class:`~peft_sparse.selection.topk.RunningTopK`), never a score per
@@ -200,8 +200,7 @@ def _choose(
     """Score the layers group by group under the memory budget and keep, per layer, its chosen positions (sorted
     int64): one top-k over all layers (``one_top_k``) or a top-``counts[i]`` per layer. Fills in the report's
     passes, batches, budget and peak memory. The model is not changed."""
-    num_batches = config.salience_batches if passes.num_batches is None else passes.num_batches
-    check_num_batches(num_batches)
+    batches = salience_batches(passes.data, passes.num_batches, config, metric, caller)
     dtype = passes.accumulation_dtype
     max_memory = config.selection_max_memory if passes.max_memory is None else passes.max_memory
     if max_memory is None:
@@ -210,7 +209,6 @@ def _choose(
         raise ValueError(f"{caller}: max_memory must be a positive int (bytes) or None, got {max_memory!r}")
     candidates = _candidate_bytes(counts, one_top_k)
     plan = plan_groups(layers, metric, dtype, candidates, max_memory, passes.layers_per_pass, caller)
-    batches = materialise_batches(passes.data, num_batches, caller) if metric.needs_data else None
     if one_top_k:
         running = RunningTopK(sum(counts), ties)
         held = lambda: running.nbytes
@@ -253,11 +251,8 @@ def salience_scores(
     every targeted layer (4 bytes each): meant for inspection and tests on small models, not for selection at scale,
     which :func:`select_mask` does in bounded memory."""
     _, adapter_name, config, metric, layers = _prepare("salience_scores", model, adapter_name, data)
-    if num_batches is None:
-        num_batches = config.salience_batches
-    check_num_batches(num_batches)
+    batches = salience_batches(data, num_batches, config, metric, "salience_scores")
     plan = plan_groups(layers, metric, accumulation_dtype, 0, None, layers_per_pass, "salience_scores")
-    batches = materialise_batches(data, num_batches, "salience_scores") if metric.needs_data else None
     scores = layer_scores(model, layers, adapter_name, config, metric, batches, loss_fn, accumulation_dtype, plan)
     return {layers[position][0]: score for position, score in scores}
 
