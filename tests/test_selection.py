@@ -74,6 +74,8 @@ def _reference_statistics(base, batches, hessian: bool = False):
 EXPECTED = {
     "magnitude": lambda s: s["weight"].abs(),
     "gradient": lambda s: s["grad"].abs(),
+    "relative_gradient": lambda s: s["grad"].abs()
+    / (s["grad"].square().mean(1, keepdim=True).sqrt() * s["grad"].square().mean(0, keepdim=True).sqrt()),
     "snip": lambda s: (s["grad"] * s["weight"]).abs(),
     "force": lambda s: -(s["grad"] * s["weight"]),
     "taylor_fo": lambda s: (s["grad"] * s["weight"]).square(),
@@ -386,3 +388,28 @@ def test_fresh_selection_refuses_a_model_with_residual():
     update_mask(model, _batches(5), optimizer=optimizer)
     with pytest.raises(ValueError, match="use update_mask|Use update_mask"):
         select_mask(model, batches)
+
+
+def test_relative_gradient_removes_the_row_and_column_scales_and_keeps_what_they_do_not_explain():
+    from peft_sparse.selection.salience import METRICS
+
+    score = METRICS["relative_gradient"].score
+    generator = torch.Generator().manual_seed(0)
+    rows, cols = torch.rand(7, 1, generator=generator) + 0.1, torch.rand(1, 5, generator=generator) + 0.1
+    signs = torch.randint(0, 2, (7, 5), generator=generator) * 2.0 - 1
+    rank_one = score(grad=(rows * cols * signs).double())
+    torch.testing.assert_close(rank_one, torch.full_like(rank_one, rank_one[0, 0].item()))  # |G| = u vᵀ: all tie
+    spiked = rows * cols * signs
+    spiked[2, 3] *= 4  # one entry larger than its row and column predict ...
+    spiked[0] *= 100  # ... while a whole row is 100x larger: plain |G| ranks that row first
+    plain = spiked.abs().flatten().topk(5).indices
+    assert (plain // 5 == 0).all()
+    relative = score(grad=spiked.clone()).flatten()
+    assert relative.argmax().item() == 2 * 5 + 3
+    # An all-zero row or column scores zero, never NaN; the input is overwritten in place (no layer-sized temporary).
+    grad = torch.randn(4, 6, generator=generator)
+    grad[1] = 0
+    grad[:, 4] = 0
+    out = score(grad=grad)
+    assert out.data_ptr() == grad.data_ptr()
+    assert torch.isfinite(out).all() and (out[1] == 0).all() and (out[:, 4] == 0).all() and (out > 0).sum() == 15

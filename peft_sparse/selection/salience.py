@@ -19,6 +19,9 @@ metric     score                       convention
 magnitude  ``|W|``                     data-free; large weights matter
 gradient   ``|G|``                     magnitude of the *accumulated* gradient (sum first, then ``abs``), as
                                        SPEFT's code does: entries whose gradient is consistently large
+relative_  ``|G| / (r ⊗ c)``           ``|G|`` relative to its row's and column's root-mean-square (``r_i``,
+gradient                               ``c_j``): what the rank-one "row scale × column scale" part of ``|G|``
+                                       does not explain. See below; the default.
 snip       ``|G * W|``                 connection sensitivity, first-order loss change of removing the weight
 force      ``-(G * W)``                signed: FORCE as specified for this package keeps entries whose removal
                                        would raise the loss the most when moving against the gradient
@@ -28,6 +31,17 @@ fisher     ``sum_b g_b**2``            empirical Fisher, per-batch approximation
 synflow    ``dR/d|W| * |W|``          data-free, R = 1^T (linearised network) 1; always >= 0
 random     ``U[0, 1)``                 seeded per layer from the config seed and the layer name
 ========== =========================== ==========================================================================
+
+Why ``relative_gradient``: ``|G|`` is dominated by a few rows (outputs with large gradients) and columns (inputs
+with large activations), so the plain gradient mask piles its entries into them (on SmolLM2-135M, the chosen entries'
+input columns have 2.9x the average activation RMS, and 16 % of the entries sit in 1 % of the columns). An AdamW step
+moves every trained entry by about the learning rate, with the sign of its gradient, so entries that share a row add
+up coherently in that row's output: the plain gradient mask then tolerates only a small rate, learns slowly and
+spends its budget on one direction (the first gradient's), which the first steps already satisfy. Dividing by the
+row and column scales removes exactly that part (for a rank-one ``|G| = u vᵀ`` every score ties) and keeps what is
+salient *for its row and column*: the entries spread over rows and columns, take the rate a random mask takes and
+still follow the data (`benchmarks/capacity.py`, `benchmarks/RESULTS.md`). It costs two vectors per layer
+(``out + in`` floats) and no layer-sized temporary.
 
 ``synflow`` scores ``(dR/dW) * |W|`` on the linearised network (all parameters replaced by their absolute value,
 an all-ones input, R = the sum of the outputs; see :func:`peft_sparse.selection.synflow.synflow_statistics` for the numerical safety and how
@@ -64,6 +78,16 @@ def _gradient(grad, **_):
     return grad.abs_()
 
 
+def _relative_gradient(grad, **_):
+    score = grad.abs_()
+    # Row and column root-mean-squares of |G|, both of the original |G| (one step of a two-sided normalisation: a
+    # rank-one |G| maps to a constant). vector_norm reduces without a layer-sized temporary.
+    tiny = torch.finfo(score.dtype).tiny
+    rows = torch.linalg.vector_norm(score, dim=1, keepdim=True).div_(score.shape[1] ** 0.5).clamp_min_(tiny)
+    cols = torch.linalg.vector_norm(score, dim=0, keepdim=True).div_(score.shape[0] ** 0.5).clamp_min_(tiny)
+    return score.div_(rows).div_(cols)
+
+
 def _snip(weight, grad, **_):
     return grad.mul_(weight).abs_()
 
@@ -97,6 +121,7 @@ METRICS: dict[str, Metric] = {
     for m in (
         Metric("magnitude", False, False, False, True, _magnitude),
         Metric("gradient", True, False, False, False, _gradient),
+        Metric("relative_gradient", True, False, False, False, _relative_gradient),
         Metric("snip", True, False, False, True, _snip),
         Metric("force", True, False, False, True, _force),
         Metric("taylor_fo", True, False, False, True, _taylor_fo),

@@ -11,7 +11,7 @@ from peft.config import PeftConfig
 
 from .registration import SPARSE_PEFT_TYPE
 
-SELECTION_METHODS = ("magnitude", "gradient", "snip", "force", "taylor_fo", "synflow", "grasp", "fisher", "random")
+SELECTION_METHODS = ("magnitude", "gradient", "relative_gradient", "snip", "force", "taylor_fo", "synflow", "grasp", "fisher", "random")
 UPDATE_MODES = ("static", "dynamic", "spiel")
 BUDGET_MODES = ("global", "local")
 REGROW_METHODS = ("gradient", "momentum")
@@ -68,8 +68,10 @@ class SparseConfig(PeftConfig):
             ``"global"``: one top-k over all targeted weights (layers get different ``k``); ``"local"``: the same
             density in every layer.
         selection (`str`):
-            Salience metric that chooses the trainable entries: one of ``magnitude``, ``gradient``, ``snip``,
-            ``force``, ``taylor_fo``, ``synflow``, ``grasp``, ``fisher``, ``random``.
+            Salience metric that chooses the trainable entries: one of ``magnitude``, ``gradient``,
+            ``relative_gradient`` (``|G|`` divided by its row and column RMS: spreads the entries over rows and
+            columns, see :mod:`peft_sparse.selection.salience`), ``snip``, ``force``, ``taylor_fo``, ``synflow``,
+            ``grasp``, ``fisher``, ``random``.
         update (`str`):
             ``"static"`` (select once), ``"dynamic"`` (reselect by salience every ``update_interval`` steps) or
             ``"spiel"`` (SpIEL prune and regrow every ``update_interval`` steps).
@@ -164,7 +166,7 @@ class SparseConfig(PeftConfig):
         metadata={"help": "'global': one top-k over all targeted weights; 'local': the same density in every layer."},
     )
     selection: Literal[
-        "magnitude", "gradient", "snip", "force", "taylor_fo", "synflow", "grasp", "fisher", "random"
+        "magnitude", "gradient", "relative_gradient", "snip", "force", "taylor_fo", "synflow", "grasp", "fisher", "random"
     ] = field(
         default="gradient", metadata={"help": f"Salience metric choosing the trainable entries: {SELECTION_METHODS}."}
     )
