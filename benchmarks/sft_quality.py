@@ -11,7 +11,8 @@ every method.
 
 Unit of trainable parameters: LoRA r=8 over all linear layers (`--lora-r`). Methods:
 
-* `sparse_gradient` (the default `SparseConfig`: gradient salience, static mask, global budget), `sparse_random`,
+* `sparse_relative` (the default `SparseConfig`: relative-gradient salience, static mask, global budget),
+  `sparse_gradient` (SPEFT's gradient salience, the default before 0.2), `sparse_random`,
   `sparse_magnitude`, `spiel_ag` (SpIEL-AG from a random mask), all with exactly LoRA's count, selected by the
   `SparseTrainingCallback` at train begin;
 * `hybrid`: sparse entries (gradient salience) + a rank-r/2 low-rank term (`SparseConfig(r=...)`, RoSA), together
@@ -47,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SPARSE_GRID = (3e-4, 1e-3, 3e-3)
 GRIDS = {
+    "sparse_relative": (1e-3, 3e-3, 1e-2),
     "sparse_gradient": SPARSE_GRID,
     "sparse_random": SPARSE_GRID,
     "sparse_magnitude": SPARSE_GRID,
@@ -59,7 +61,8 @@ GRIDS = {
 }
 METHODS = tuple(GRIDS)
 LABELS = {
-    "sparse_gradient": "sparse, gradient mask (default)",
+    "sparse_relative": "sparse, relative-gradient mask (default)",
+    "sparse_gradient": "sparse, gradient mask (SPEFT)",
     "sparse_random": "sparse, random mask",
     "sparse_magnitude": "sparse, magnitude mask",
     "spiel_ag": "SpIEL-AG (from random)",
@@ -100,6 +103,7 @@ def peft_config(method: str, base, lora_r: int, seed: int, salience_batches: int
             num_tunable_weights=budget - low_rank, r=lora_r // 2, lora_alpha=lora_r, **common
         )
     selection = {
+        "sparse_relative": "relative_gradient",
         "sparse_gradient": "gradient",
         "sparse_random": "random",
         "sparse_magnitude": "magnitude",
