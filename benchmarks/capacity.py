@@ -81,10 +81,15 @@ def facts(count: int, seed: int = 0) -> list[dict]:
     return rows
 
 
-def datasets_for(task: str):
+def shape(task: str, args) -> tuple[int, int, int]:
+    """(examples, epochs, batch) of ``task``, with the command line's overrides."""
+    count, epochs, batch, _ = TASKS[task]
+    return args.examples or count, args.epochs or epochs, args.batch or batch
+
+
+def datasets_for(task: str, count: int):
     from datasets import Dataset
 
-    count = TASKS[task][0]
     if task == "memorise":
         train = Dataset.from_list([{"text": t} for t in quotations(ITALIAN, count)])
         return train, {"fit": train, "english": Dataset.from_list([{"text": t} for t in quotations(ENGLISH, 64)])}
@@ -102,9 +107,9 @@ def run(task: str, method: str, lr: float, seed: int, args) -> dict:
     from peft_sparse.cli import models
     from peft_sparse.cli.sft import exact_match
 
-    count, epochs, batch, _ = TASKS[task]
+    count, epochs, batch = shape(task, args)
     transformers.set_seed(seed)
-    train, evaluation = datasets_for(task)
+    train, evaluation = datasets_for(task, count)
     source = models.as_folder(models.resolve("smollm2"))
     tokenizer = models.load_tokenizer(source)
     base = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
@@ -154,6 +159,9 @@ def run(task: str, method: str, lr: float, seed: int, args) -> dict:
         "method": method,
         "lr": lr,
         "seed": seed,
+        "examples": count,
+        "epochs": epochs,
+        "batch": batch,
         "trainable": trainable,
         "steps": trainer.state.global_step,
         "seconds": seconds,
@@ -166,7 +174,9 @@ def run(task: str, method: str, lr: float, seed: int, args) -> dict:
 
 
 def key(record: dict) -> tuple:
-    return record["task"], record["method"], record["lr"], record["seed"]
+    task = record["task"]
+    sizes = tuple(record.get(name, TASKS[task][i]) for i, name in enumerate(("examples", "epochs", "batch")))
+    return (task, record["method"], record["lr"], record["seed"], *sizes)
 
 
 def _stat(values: list[float], digits: int = 3, percent: bool = False) -> str:
@@ -181,6 +191,16 @@ def main() -> None:
     parser.add_argument("--task", choices=tuple(TASKS), default="memorise")
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--examples", type=int, help="texts or facts to learn (default: the task's)")
+    parser.add_argument("--epochs", type=int, help="passes over them (default: the task's)")
+    parser.add_argument("--batch", type=int, help="examples per step (default: the task's)")
+    parser.add_argument(
+        "--grid",
+        action="append",
+        default=[],
+        metavar="METHOD=LR,LR,...",
+        help="start METHOD's rate grid here instead of at sft_quality.py's (the edge rule still applies); repeatable",
+    )
     parser.add_argument("--lora-r", type=int, default=8, help="LoRA rank whose count every method gets")
     parser.add_argument("--salience-batches", type=int, default=4, help="batches of the gradient-salience pass")
     parser.add_argument("--out", default="/tmp/capacity/runs.json", help="raw results (JSON; resumable)")
@@ -197,25 +217,33 @@ def main() -> None:
     task = args.task
     score_key = TASKS[task][3]
 
+    sizes = shape(task, args)
+
     def get(method, lr, seed):
-        if (task, method, lr, seed) not in done:
+        if (task, method, lr, seed, *sizes) not in done:
             record = run(task, method, lr, seed, args)
             records.append(record)
             done[key(record)] = record
             out.write_text(json.dumps(records, indent=1))
             scores = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.endswith("_loss") or k == "recall")
             print(f"{task} {method:16s} lr {lr:g} seed {seed}: {scores} ({record['seconds']:.0f} s)", file=sys.stderr)
-        return done[(task, method, lr, seed)]
+        return done[(task, method, lr, seed, *sizes)]
 
+    start = dict(GRIDS)
+    for spec in args.grid:
+        method, _, rates = spec.partition("=")
+        if method not in start or not rates:
+            parser.error(f"--grid: expected METHOD=LR,LR,... with METHOD one of {list(start)}, got {spec!r}")
+        start[method] = tuple(sorted(float(rate) for rate in rates.split(",")))
     best, grids, results = {}, {}, {}
     for method in args.methods:
-        grid = list(GRIDS[method])
+        grid = list(start[method])
         while True:
             scored = sorted((_finite(get(method, lr, 0)[score_key]), lr) for lr in grid)
             best[method] = scored[0][1]
-            if best[method] == max(grid) and len(grid) < len(GRIDS[method]) + 2:
+            if best[method] == max(grid) and len(grid) < len(start[method]) + 2:
                 grid.append(_ladder(max(grid), up=True))
-            elif best[method] == min(grid) and len(grid) < len(GRIDS[method]) + 2:
+            elif best[method] == min(grid) and len(grid) < len(start[method]) + 2:
                 grid.insert(0, _ladder(min(grid), up=False))
             else:
                 break
@@ -223,14 +251,18 @@ def main() -> None:
         results[method] = [get(method, best[method], seed) for seed in args.seeds]
     untrained = get("none", 0.0, 0)
 
-    count, epochs, batch, _ = TASKS[task]
+    count, epochs, batch = shape(task, args)
+    sizes = "".join(
+        f" --{name} {getattr(args, name)}" for name in ("examples", "epochs", "batch") if getattr(args, name)
+    )
+    sizes += "".join(f" --grid {spec}" for spec in args.grid)
     command = (
-        f"python benchmarks/capacity.py --task {task} --methods {' '.join(args.methods)} --seeds "
+        f"python benchmarks/capacity.py --task {task}{sizes} --methods {' '.join(args.methods)} --seeds "
         f"{' '.join(map(str, args.seeds))} --lora-r {args.lora_r} --salience-batches {args.salience_batches} --write"
     )
     if task == "memorise":
         what = (
-            f"{count} Italian quotations (`fortunes-it`), {epochs} epochs of {batch} ({untrained['steps'] or results and next(iter(results.values()))[0]['steps']} steps); "
+            f"{count} Italian quotations (`fortunes-it`), {epochs} epochs of {batch}; "
             "fit: loss on those texts; forgetting: loss on 64 English quotations (`fortunes-min`) never trained on"
         )
         columns = ("fit loss", "English loss (forgetting)")
@@ -260,7 +292,7 @@ def main() -> None:
         f"| not fine-tuned | 0 | | | {untrained[keys[0]]:.3f} | {untrained[keys[1]]:.3f} | |",
     ]
     for method, runs in results.items():
-        sweep = ", ".join(f"{done[(task, method, lr, 0)][score_key]:.3f}" for lr in grids[method])
+        sweep = ", ".join(f"{done[(task, method, lr, 0, *sizes)][score_key]:.3f}" for lr in grids[method])
         lines.append(
             f"| {LABELS[method]} | {runs[0]['trainable']:,} | {best[method]:g} ({'/'.join(f'{lr:g}' for lr in grids[method])}) "
             f"| {sweep} | {_stat([r[keys[0]] for r in runs])} | "

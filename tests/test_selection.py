@@ -74,8 +74,10 @@ def _reference_statistics(base, batches, hessian: bool = False):
 EXPECTED = {
     "magnitude": lambda s: s["weight"].abs(),
     "gradient": lambda s: s["grad"].abs(),
-    "relative_gradient": lambda s: s["grad"].abs()
-    / (s["grad"].square().mean(1, keepdim=True).sqrt() * s["grad"].square().mean(0, keepdim=True).sqrt()),
+    "relative_gradient": lambda s: (
+        s["grad"].abs()
+        / (s["grad"].square().mean(1, keepdim=True).sqrt() * s["grad"].square().mean(0, keepdim=True).sqrt())
+    ),
     "snip": lambda s: (s["grad"] * s["weight"]).abs(),
     "force": lambda s: -(s["grad"] * s["weight"]),
     "taylor_fo": lambda s: (s["grad"] * s["weight"]).square(),

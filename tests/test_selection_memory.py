@@ -23,7 +23,17 @@ from peft_sparse.selection.topk import RunningTopK
 from peft_sparse.tuner.lookup import sparse_layers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
-GROUPED_METRICS = ["gradient", "relative_gradient", "snip", "force", "taylor_fo", "fisher", "magnitude", "random", "synflow"]
+GROUPED_METRICS = [
+    "gradient",
+    "relative_gradient",
+    "snip",
+    "force",
+    "taylor_fo",
+    "fisher",
+    "magnitude",
+    "random",
+    "synflow",
+]
 
 
 def _batches(seed: int = 0, count: int = 2):

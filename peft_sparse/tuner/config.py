@@ -11,7 +11,18 @@ from peft.config import PeftConfig
 
 from .registration import SPARSE_PEFT_TYPE
 
-SELECTION_METHODS = ("magnitude", "gradient", "relative_gradient", "snip", "force", "taylor_fo", "synflow", "grasp", "fisher", "random")
+SELECTION_METHODS = (
+    "magnitude",
+    "gradient",
+    "relative_gradient",
+    "snip",
+    "force",
+    "taylor_fo",
+    "synflow",
+    "grasp",
+    "fisher",
+    "random",
+)
 UPDATE_MODES = ("static", "dynamic", "spiel")
 BUDGET_MODES = ("global", "local")
 REGROW_METHODS = ("gradient", "momentum")
@@ -166,7 +177,16 @@ class SparseConfig(PeftConfig):
         metadata={"help": "'global': one top-k over all targeted weights; 'local': the same density in every layer."},
     )
     selection: Literal[
-        "magnitude", "gradient", "relative_gradient", "snip", "force", "taylor_fo", "synflow", "grasp", "fisher", "random"
+        "magnitude",
+        "gradient",
+        "relative_gradient",
+        "snip",
+        "force",
+        "taylor_fo",
+        "synflow",
+        "grasp",
+        "fisher",
+        "random",
     ] = field(
         default="gradient", metadata={"help": f"Salience metric choosing the trainable entries: {SELECTION_METHODS}."}
     )
