@@ -1,0 +1,253 @@
+"""Why a gradient-chosen sparse mask learns slower than LoRA: where its entries sit, and which changes of the score
+let it take a higher rate. The evidence behind `selection="relative_gradient"` (issue 28).
+
+    python benchmarks/mask_diagnosis.py stats                          # where each mask puts its entries
+    python benchmarks/mask_diagnosis.py probe gradient:1e-2 relative_gradient:1e-2 lora:3e-3 ...
+
+`stats`: on SmolLM2-135M-Instruct with LoRA r=8's count and the salience batches of the probe, for each mask: the
+input-activation RMS of the chosen entries' columns relative to their layer's mean column (a value of 1 means no
+preference), the share of the entries in the busiest 1 % of columns, the busiest row's count over the mean row's, and
+the range of per-layer densities.
+
+`probe`: a short memorisation probe, a plain PyTorch loop (no Trainer, so it is quick): 64 Italian quotations
+(Debian `fortunes-it`), 6 epochs of batches of 8 (48 steps), AdamW with linear decay, loss on those texts (fit) and
+on 64 English quotations (Debian `fortunes`, `wisdom`; forgetting). Each argument is `MASK:LR`, where MASK is a
+`SparseConfig.selection`, `lora`, or one of the score variants below, which replace the gradient metric's score
+for that run only; a `/local` suffix (`relative_gradient/local:1e-2`) selects with `budget="local"`:
+
+* `column_rms`: |G| divided by the RMS of its column's input activations;
+* `sqrt_row_col`: |G| divided by the square root of its row's and column's RMS of |G| (half of `relative_gradient`).
+
+`benchmarks/capacity.py` is the full benchmark (SFTTrainer, the callback, 96 steps, rate grids, seeds); this script
+is the quick look that found what to put in it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import random
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+ITALIAN = Path("/usr/share/games/fortunes/it/italia")
+ENGLISH = Path("/usr/share/games/fortunes/wisdom")
+VARIANTS = ("column_rms", "sqrt_row_col")
+
+
+def quotations(path: Path, count: int, max_chars: int = 200) -> list[str]:
+    texts = [t.strip() for t in path.read_text(encoding="latin-1").split("\n%\n")]
+    texts = [t for t in texts if 30 < len(t) < max_chars]
+    random.Random(0).shuffle(texts)
+    return texts[:count]
+
+
+class Probe:
+    def __init__(self) -> None:
+        from peft_sparse.cli import models
+
+        self.source = models.as_folder(models.resolve("smollm2"))
+        self.tokenizer = models.load_tokenizer(self.source)
+        self.tokenizer.pad_token = self.tokenizer.pad_token or self.tokenizer.eos_token
+        self.train = quotations(ITALIAN, 64)
+        self.english = quotations(ENGLISH, 64)
+
+    def batches(self, texts: list[str], size: int):
+        for start in range(0, len(texts), size):
+            encoded = self.tokenizer(
+                texts[start : start + size], return_tensors="pt", padding=True, truncation=True, max_length=64
+            )
+            yield {**encoded, "labels": encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)}
+
+    @torch.no_grad()
+    def loss(self, model, texts: list[str]) -> float:
+        model.eval()
+        total = tokens = 0
+        for batch in self.batches(texts, 16):
+            count = (batch["labels"][:, 1:] != -100).sum().item()
+            total += model(**batch).loss.item() * count
+            tokens += count
+        model.train()
+        return total / tokens
+
+    def model(self, mask: str, seed: int = 0):
+        import transformers
+        from peft import LoraConfig, get_peft_model
+
+        import peft_sparse
+
+        transformers.set_seed(seed)
+        base = transformers.AutoModelForCausalLM.from_pretrained(
+            self.source.path, dtype=torch.float32, local_files_only=True
+        )
+        if mask == "lora":
+            config = LoraConfig(task_type="CAUSAL_LM", target_modules="all-linear", r=8, lora_alpha=16)
+            return get_peft_model(base, config)
+        budget = peft_sparse.lora_equivalent_budget(base, r=8, target_modules="all-linear")
+        mask, _, scope = mask.partition("/")
+        selection = "gradient" if mask in VARIANTS else mask
+        config = peft_sparse.SparseConfig(
+            task_type="CAUSAL_LM",
+            target_modules="all-linear",
+            num_tunable_weights=budget,
+            selection=selection,
+            budget=scope or "global",
+            seed=seed,
+            salience_batches=4,
+        )
+        model = get_peft_model(base, config)
+        if selection != "random":
+            with score_variant(mask if mask in VARIANTS else None):
+                peft_sparse.select_mask(model, list(self.batches(self.train, 8))[:4])
+        return model
+
+
+class score_variant:
+    """Within the block, the gradient metric scores by a variant (and its probes keep each column's input sum of
+    squares, which ``column_rms`` needs)."""
+
+    def __init__(self, variant: str | None) -> None:
+        self.variant = variant
+
+    def __enter__(self):
+        from peft_sparse.selection import salience
+
+        self.salience, self.metric, self.accumulate = salience, salience.METRICS["gradient"], None
+        if self.variant is None:
+            return self
+        probes = {}
+        accumulate = salience.GradientProbe.accumulate
+
+        def keep_inputs(probe, grad_output_2d, input_2d):
+            accumulate(probe, grad_output_2d, input_2d)
+            if not hasattr(probe, "input_square"):
+                probe.input_square, probe.rows = torch.zeros(input_2d.shape[-1], dtype=torch.float64), 0
+            probe.input_square += input_2d.double().square().sum(0)
+            probe.rows += input_2d.shape[0]
+            probes[id(probe.grad)] = probe
+
+        def score(grad, **_):
+            magnitude = grad.abs_()
+            if self.variant == "column_rms":
+                probe = probes[id(grad)]
+                rms = (probe.input_square / probe.rows).sqrt().float()
+                return magnitude.div_(rms + 1e-6 * rms.mean())
+            rows = magnitude.square().mean(1, keepdim=True).sqrt()
+            cols = magnitude.square().mean(0, keepdim=True).sqrt()
+            return magnitude.div_((rows * cols).sqrt_().add_(1e-12))
+
+        self.accumulate = accumulate
+        salience.GradientProbe.accumulate = keep_inputs
+        salience.METRICS["gradient"] = dataclasses.replace(self.metric, score=score)
+        return self
+
+    def __exit__(self, *exc):
+        self.salience.METRICS["gradient"] = self.metric
+        if self.accumulate is not None:
+            self.salience.GradientProbe.accumulate = self.accumulate
+
+
+def probe_run(probe: Probe, mask: str, lr: float, epochs: int = 6, seed: int = 0) -> dict:
+    model = probe.model(mask, seed)
+    rng = random.Random(seed)
+    order = []
+    for _ in range(epochs):
+        texts = list(probe.train)
+        rng.shuffle(texts)
+        order += list(probe.batches(texts, 8))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / len(order))
+    start = time.perf_counter()
+    for batch in order:
+        model(**batch).loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    return {
+        "mask": mask,
+        "lr": lr,
+        "steps": len(order),
+        "fit": probe.loss(model, probe.train),
+        "english": probe.loss(model, probe.english),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def mask_stats(probe: Probe, mask: str) -> dict:
+    from peft_sparse.tuner.lookup import sparse_layers
+
+    model = probe.model(mask)
+    batches = list(probe.batches(probe.train, 8))[:4]
+    square = {}
+    hooks = []
+    for name, layer in sparse_layers(model):
+
+        def hook(module, inputs, output, name=name):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1])
+            square[name] = square.get(name, 0) + x.square().mean(0) / len(batches)
+
+        hooks.append(layer.register_forward_hook(hook))
+    with torch.no_grad():
+        for batch in batches:
+            model(**batch)
+    for hook in hooks:
+        hook.remove()
+    column_ratio, top_share, row_ratio, densities = [], [], [], []
+    for name, layer in sparse_layers(model):
+        positions = layer.sparse_indices["default"].long()
+        rows, cols = layer.sparse_shape["default"].tolist()
+        k = positions.numel()
+        densities.append(k / (rows * cols))
+        if k == 0:
+            continue
+        rms = square[name].sqrt()
+        column, row = positions % cols, positions // cols
+        column_ratio.append((k, (rms[column].mean() / rms.mean()).item()))
+        per_column = torch.bincount(column, minlength=cols).float().sort(descending=True).values
+        top_share.append((k, (per_column[: max(1, cols // 100)].sum() / k).item()))
+        per_row = torch.bincount(row, minlength=rows).float()
+        row_ratio.append((k, (per_row.max() / per_row.mean()).item()))
+
+    def weighted(pairs):
+        return sum(k * v for k, v in pairs) / sum(k for k, _ in pairs)
+
+    return {
+        "mask": mask,
+        "column_rms_ratio": weighted(column_ratio),
+        "share_in_top_1pct_columns": weighted(top_share),
+        "busiest_row_over_mean": weighted(row_ratio),
+        "layer_density_min": min(densities),
+        "layer_density_max": max(densities),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("stats", "probe"))
+    parser.add_argument(
+        "runs", nargs="*", help="probe: MASK:LR ...; stats: masks (default: gradient, relative, random)"
+    )
+    args = parser.parse_args()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    probe = Probe()
+    if args.what == "stats":
+        for mask in args.runs or ["gradient", "relative_gradient", "random"]:
+            print(json.dumps(mask_stats(probe, mask)), flush=True)
+        return
+    for spec in args.runs:
+        mask, _, lr = spec.partition(":")
+        if not lr:
+            sys.exit(f"probe: expected MASK:LR, got {spec!r}")
+        print(json.dumps(probe_run(probe, mask, float(lr))), flush=True)
+
+
+if __name__ == "__main__":
+    main()
