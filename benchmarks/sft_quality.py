@@ -11,8 +11,9 @@ every method.
 
 Unit of trainable parameters: LoRA r=8 over all linear layers (`--lora-r`). Methods:
 
-* `sparse_relative` (the default `SparseConfig`: relative-gradient salience, static mask, global budget),
-  `sparse_gradient` (SPEFT's gradient salience, the default before 0.2), `sparse_random`,
+* `sparse_relative` (the default `SparseConfig`: relative-gradient salience, the same density in every layer,
+  static mask), `sparse_relative_global` (the same score, one global top-k), `sparse_gradient` (SPEFT's gradient
+  salience with a global top-k, the default before), `sparse_random`,
   `sparse_magnitude`, `spiel_ag` (SpIEL-AG from a random mask), all with exactly LoRA's count, selected by the
   `SparseTrainingCallback` at train begin;
 * `hybrid`: sparse entries (gradient salience) + a rank-r/2 low-rank term (`SparseConfig(r=...)`, RoSA), together
@@ -49,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SPARSE_GRID = (3e-4, 1e-3, 3e-3)
 GRIDS = {
     "sparse_relative": (1e-3, 3e-3, 1e-2),
+    "sparse_relative_global": (1e-3, 3e-3, 1e-2),
     "sparse_gradient": SPARSE_GRID,
     "sparse_random": SPARSE_GRID,
     "sparse_magnitude": SPARSE_GRID,
@@ -61,7 +63,8 @@ GRIDS = {
 }
 METHODS = tuple(GRIDS)
 LABELS = {
-    "sparse_relative": "sparse, relative-gradient mask (default)",
+    "sparse_relative": "sparse, relative-gradient mask, same density per layer (default)",
+    "sparse_relative_global": "sparse, relative-gradient mask, global top-k",
     "sparse_gradient": "sparse, gradient mask (SPEFT)",
     "sparse_random": "sparse, random mask",
     "sparse_magnitude": "sparse, magnitude mask",
@@ -100,17 +103,25 @@ def peft_config(method: str, base, lora_r: int, seed: int, salience_batches: int
     if method == "hybrid":
         low_rank = peft_sparse.lora_equivalent_budget(base, r=lora_r // 2, target_modules="all-linear")
         return peft_sparse.SparseConfig(
-            num_tunable_weights=budget - low_rank, r=lora_r // 2, lora_alpha=lora_r, **common
+            num_tunable_weights=budget - low_rank,
+            r=lora_r // 2,
+            lora_alpha=lora_r,
+            selection="gradient",
+            budget="global",
+            **common,
         )
     selection = {
         "sparse_relative": "relative_gradient",
+        "sparse_relative_global": "relative_gradient",
         "sparse_gradient": "gradient",
         "sparse_random": "random",
         "sparse_magnitude": "magnitude",
         "spiel_ag": "random",
     }[method]
     update = {"update": "spiel", "update_interval": 20, "accumulation_steps": 5} if method == "spiel_ag" else {}
-    return peft_sparse.SparseConfig(num_tunable_weights=budget, selection=selection, **update, **common)
+    # Every sparse method states its budget: the default changed to "local" with relative_gradient.
+    scope = "local" if method == "sparse_relative" else "global"
+    return peft_sparse.SparseConfig(num_tunable_weights=budget, selection=selection, budget=scope, **update, **common)
 
 
 def run(method: str, lr: float, seed: int, split: str, args) -> dict:

@@ -172,7 +172,8 @@ def test_global_budget_equals_top_k_over_the_concatenation():
     batches = _batches(1)
     stats = _reference_statistics(base, batches)
     model = get_peft_model(
-        copy.deepcopy(base), SparseConfig(target_modules=TARGETS, num_tunable_weights=300, selection="snip")
+        copy.deepcopy(base),
+        SparseConfig(target_modules=TARGETS, num_tunable_weights=300, selection="snip", budget="global"),
     )
     select_mask(model, batches, accumulation_dtype=torch.float64)
     names = list(stats)

@@ -199,6 +199,7 @@ def test_training_learns_keeps_k_fixed_and_indices_sorted_unique(regrow):
         SparseConfig(
             target_modules=["q_proj", "v_proj", "down_proj"],
             density=0.05,
+            budget="global",
             update="spiel",
             regrow=regrow,
             update_interval=3,

@@ -323,6 +323,10 @@ def run_worker(args: argparse.Namespace) -> dict:
             task_type="SEQ_CLS",
             target_modules="all-linear",
             selection=selection,
+            # The measured configurations: SPEFT's global top-k for the scale-carrying metrics (this command's
+            # `gradient` default, benchmarks/quality.py); the relative score is scale-free per layer, so one density
+            # per layer (SparseConfig's default).
+            budget="local" if selection == "relative_gradient" else "global",
             update=args.update,
             update_interval=args.update_interval,
             salience_batches=args.salience_batches,

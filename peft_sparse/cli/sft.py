@@ -33,8 +33,9 @@ from . import data as data_module
 
 PROG = "peft-sparse sft"
 # Each method's best rate on the built-in data's validation split (benchmarks/sft_quality.py, RESULTS.md: grids
-# 3e-4/1e-3/3e-3, extended at an edge): the gradient-chosen sparse mask 1e-3, LoRA r=8 (alpha 16) 3e-3.
-DEFAULT_LEARNING_RATE = 1e-3
+# 1e-3/3e-3/1e-2 and 3e-4/1e-3/3e-3, extended at an edge): the default sparse mask (relative gradient, the same
+# density per layer) 3e-3, LoRA r=8 (alpha 16) 3e-3.
+DEFAULT_LEARNING_RATE = 3e-3
 DEFAULT_LORA_LEARNING_RATE = 3e-3
 DEFAULT_MAX_STEPS = 60  # `peft-sparse sft --compare lora` in about five minutes on 2 CPU cores
 COMPARE_METHODS = ("lora",)
@@ -72,15 +73,19 @@ class SparseArguments:
         },
     )
     budget: str = field(
-        default="global",
+        default="local",
         metadata={
-            "help": "'global': one top-k over all targeted weights; 'local': the same density in every layer.",
+            "help": "'local': the same density in every layer; 'global': one top-k over all targeted weights.",
             "choices": list(BUDGET_MODES),
         },
     )
     selection: str = field(
-        default="gradient",
-        metadata={"help": "Salience metric choosing the trained entries (SPEFT).", "choices": list(SELECTION_METHODS)},
+        default="relative_gradient",
+        metadata={
+            "help": "Salience metric choosing the trained entries: relative_gradient (|gradient| over its row and "
+            "column RMS), gradient (SPEFT), ...",
+            "choices": list(SELECTION_METHODS),
+        },
     )
     update: str = field(
         default="static",
@@ -826,7 +831,8 @@ def _check_finite(trainer, method: str, lr: float) -> None:
 def method_name(record: dict) -> str:
     if record["method"] == "lora":
         return f"LoRA r={record['lora_rank']}" + (" (QLoRA)" if record["quantization"].startswith("4-bit") else "")
-    name = f"sparse, {record['selection']} mask" + (f", {record['update']}" if record["update"] != "static" else "")
+    name = f"sparse, {record['selection'].replace('_', '-')} mask"
+    name += f", {record['update']}" if record["update"] != "static" else ""
     return name + (f", + rank {record['sparse_r']}" if record["sparse_r"] else "")
 
 
