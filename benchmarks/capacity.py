@@ -180,7 +180,9 @@ def key(record: dict) -> tuple:
 
 
 def _stat(values: list[float], digits: int = 3, percent: bool = False) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    if len(values) == 1:  # no spread to show
+        return (f"{values[0]:.1%}" if percent else f"{values[0]:.{digits}f}") + " (1 seed)"
+    spread = statistics.stdev(values)
     if percent:
         return f"{statistics.mean(values):.1%} ± {spread:.1%}"
     return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
@@ -252,12 +254,12 @@ def main() -> None:
     untrained = get("none", 0.0, 0)
 
     count, epochs, batch = shape(task, args)
-    sizes = "".join(
+    flags = "".join(
         f" --{name} {getattr(args, name)}" for name in ("examples", "epochs", "batch") if getattr(args, name)
     )
-    sizes += "".join(f" --grid {spec}" for spec in args.grid)
+    flags += "".join(f" --grid {spec}" for spec in args.grid)
     command = (
-        f"python benchmarks/capacity.py --task {task}{sizes} --methods {' '.join(args.methods)} --seeds "
+        f"python benchmarks/capacity.py --task {task}{flags} --methods {' '.join(args.methods)} --seeds "
         f"{' '.join(map(str, args.seeds))} --lora-r {args.lora_r} --salience-batches {args.salience_batches} --write"
     )
     if task == "memorise":
@@ -286,16 +288,17 @@ def main() -> None:
             "then every seed at that rate."
         ),
         "",
-        f"| method | trainable | lr (grid) | {columns[0]} per lr | {columns[0]}, mean ± std | {columns[1]}, mean ± std "
-        "| run time, median |",
-        "|---|---|---|---|---|---|---|",
-        f"| not fine-tuned | 0 | | | {untrained[keys[0]]:.3f} | {untrained[keys[1]]:.3f} | |",
+        f"| method | trainable | lr (grid) | {columns[0]} per lr | {columns[1]} per lr | {columns[0]}, mean ± std | "
+        f"{columns[1]}, mean ± std | run time, median |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| not fine-tuned | 0 | | | | {untrained[keys[0]]:.3f} | {untrained[keys[1]]:.3f} | |",
     ]
     for method, runs in results.items():
-        sweep = ", ".join(f"{done[(task, method, lr, 0, *sizes)][score_key]:.3f}" for lr in grids[method])
+        sweep = ", ".join(f"{done[(task, method, lr, 0, *sizes)][keys[0]]:.3f}" for lr in grids[method])
+        other = ", ".join(f"{done[(task, method, lr, 0, *sizes)][keys[1]]:.3f}" for lr in grids[method])
         lines.append(
             f"| {LABELS[method]} | {runs[0]['trainable']:,} | {best[method]:g} ({'/'.join(f'{lr:g}' for lr in grids[method])}) "
-            f"| {sweep} | {_stat([r[keys[0]] for r in runs])} | "
+            f"| {sweep} | {other} | {_stat([r[keys[0]] for r in runs])} | "
             f"{_stat([r[keys[1]] for r in runs], percent=keys[1] == 'recall')} | "
             f"{statistics.median(r['seconds'] for r in runs):.0f} s |"
         )
