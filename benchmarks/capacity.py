@@ -33,9 +33,8 @@ import warnings
 from datetime import date
 from pathlib import Path
 
-import torch
 from ops_bench import machine, write_section
-from sft_quality import GRIDS, LABELS, METHODS, _finite, _ladder, peft_config
+from sft_quality import GRIDS, LABELS, METHODS, _finite, _ladder, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ITALIAN = Path("/usr/share/games/fortunes/it/italia")  # apt-get install fortunes-it
@@ -99,55 +98,20 @@ def datasets_for(task: str, count: int):
 
 def run(task: str, method: str, lr: float, seed: int, args) -> dict:
     """One training run of ``method`` on ``task``; returns its scores and time."""
-    import transformers
-    from peft import get_peft_model
-    from trl import SFTConfig, SFTTrainer
-
-    import peft_sparse
-    from peft_sparse.cli import models
     from peft_sparse.cli.sft import exact_match
 
     count, epochs, batch = shape(task, args)
-    transformers.set_seed(seed)
     train, evaluation = datasets_for(task, count)
-    source = models.as_folder(models.resolve("smollm2"))
-    tokenizer = models.load_tokenizer(source)
-    base = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
-    callbacks = None
-    if method in ("full", "none"):
-        model = base
-    else:
-        model = get_peft_model(base, peft_config(method, base, args.lora_r, seed, args.salience_batches))
-        if isinstance(model.peft_config["default"], peft_sparse.SparseConfig):
-            callbacks = [peft_sparse.SparseTrainingCallback()]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    config = SFTConfig(
-        output_dir=str(Path(args.out).parent / "trainer"),
+    trainer, tokenizer, trainable = build_trainer(
+        method,
+        lr,
+        seed,
+        args,
+        train,
+        evaluation,
         num_train_epochs=epochs,
         per_device_train_batch_size=batch,
-        per_device_eval_batch_size=32,
-        learning_rate=lr,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
         max_length=64,
-        seed=seed,
-        data_seed=seed,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=config,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        callbacks=callbacks,
     )
     start = time.perf_counter()
     if method != "none":

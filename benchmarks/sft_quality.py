@@ -124,20 +124,18 @@ def peft_config(method: str, base, lora_r: int, seed: int, salience_batches: int
     return peft_sparse.SparseConfig(num_tunable_weights=budget, selection=selection, budget=scope, **update, **common)
 
 
-def run(method: str, lr: float, seed: int, split: str, args) -> dict:
-    """One training run; returns held-out loss (and exact match on the test split) and timings."""
+def build_trainer(method: str, lr: float, seed: int, args, train, evaluation, **schedule):
+    """The SFTTrainer of one run: SmolLM2 with ``method``'s adapter (or none), the SparseTrainingCallback for sparse
+    adapters, AdamW with linear decay and no warm-up; ``schedule``: ``max_steps`` or ``num_train_epochs``, the batch
+    and the sequence length. Returns the trainer, the tokenizer and the trainable count."""
     import transformers
     from peft import get_peft_model
     from trl import SFTConfig, SFTTrainer
 
     import peft_sparse
-    from peft_sparse.cli import instructions, models
-    from peft_sparse.cli.sft import exact_match
+    from peft_sparse.cli import models
 
     transformers.set_seed(seed)
-    data = instructions.load(
-        seed=0, sizes={"define": (args.train_per_task, 50, 50), "base_form": (args.train_per_task, 50, 100)}
-    )
     source = models.as_folder(models.resolve("smollm2"))
     tokenizer = models.load_tokenizer(source)
     base = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
@@ -151,13 +149,10 @@ def run(method: str, lr: float, seed: int, split: str, args) -> dict:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = SFTConfig(
         output_dir=str(Path(args.out).parent / "trainer"),
-        max_steps=args.steps,
-        per_device_train_batch_size=args.batch,
         per_device_eval_batch_size=32,
         learning_rate=lr,
         lr_scheduler_type="linear",
         warmup_steps=0,
-        max_length=args.max_length,
         seed=seed,
         data_seed=seed,
         bf16=False,
@@ -168,14 +163,37 @@ def run(method: str, lr: float, seed: int, split: str, args) -> dict:
         logging_steps=10,
         disable_tqdm=True,
         dataloader_num_workers=0,
+        **schedule,
     )
     trainer = SFTTrainer(
         model=model,
         args=config,
-        train_dataset=data["train"],
-        eval_dataset=data[split],
+        train_dataset=train,
+        eval_dataset=evaluation,
         processing_class=tokenizer,
         callbacks=callbacks,
+    )
+    return trainer, tokenizer, trainable
+
+
+def run(method: str, lr: float, seed: int, split: str, args) -> dict:
+    """One training run; returns held-out loss (and exact match on the test split) and timings."""
+    from peft_sparse.cli import instructions
+    from peft_sparse.cli.sft import exact_match
+
+    data = instructions.load(
+        seed=0, sizes={"define": (args.train_per_task, 50, 50), "base_form": (args.train_per_task, 50, 100)}
+    )
+    trainer, tokenizer, trainable = build_trainer(
+        method,
+        lr,
+        seed,
+        args,
+        data["train"],
+        data[split],
+        max_steps=args.steps,
+        per_device_train_batch_size=args.batch,
+        max_length=args.max_length,
     )
     start = time.perf_counter()
     if method != "none":  # "none": the base model as it ships, evaluated only
