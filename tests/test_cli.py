@@ -429,6 +429,7 @@ def test_builtin_models_resolve_or_say_how_to_install(monkeypatch):
 # ------------------------------------------------------------------------------------------------ whole runs
 
 
+@pytest.mark.slow
 def test_finetune_both_methods_on_a_tiny_model(tiny_model_dir, jsonl, tmp_path, cli_here):
     from peft import PeftModel
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -494,6 +495,7 @@ def test_planned_runs_name_each_mask_once_and_lora_last(extra, expected):
     assert finetune.planned_runs(build_parser().parse_args(["finetune", *extra])) == expected
 
 
+@pytest.mark.slow
 def test_finetune_sparse_only_keeps_the_exact_density_and_runs_spiel_on_a_4bit_base(
     tiny_model_dir, jsonl, tmp_path, cli_here
 ):
@@ -534,6 +536,7 @@ def test_finetune_sparse_only_keeps_the_exact_density_and_runs_spiel_on_a_4bit_b
     assert "4-bit NF4 base" in result.stdout and not (out / "loss_curves.png").exists()
 
 
+@pytest.mark.slow
 def test_a_diverging_run_gives_one_line_and_exit_code_2_and_saves_nothing(tiny_model_dir, jsonl, tmp_path, cli_here):
     # (the run itself is a worker, python -m peft_sparse.cli in a process of its own: its one line is in stderr)
     out = tmp_path / "out"
@@ -641,6 +644,7 @@ def test_bench_runs_the_chosen_scripts_in_order_and_stops_at_a_failure(monkeypat
     assert "qlora_bench.py failed (exit code 3)" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_command_not_the_import_makes_the_process_work_offline():
     script = (
         "import os\nimport peft_sparse.cli as cli\nfrom huggingface_hub import constants\n"

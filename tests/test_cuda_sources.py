@@ -219,6 +219,7 @@ def _cuda_include_dir() -> Path | None:
     return next((path for path in candidates if (path / "cuda_runtime.h").is_file()), None)
 
 
+@pytest.mark.slow
 def test_cuda_binding_type_checks_against_the_torch_headers(tmp_path):
     """csrc/cuda/ops_cuda.cpp (the torch side of the CUDA build) through the compiler's full type check, on a
     machine whose torch has no CUDA: only the build-generated `cuda_cmake_macros.h`, absent from CPU wheels, is

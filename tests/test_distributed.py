@@ -22,6 +22,8 @@ from trainer_helpers import free_port
 
 HERE = Path(__file__).resolve().parent
 
+pytestmark = pytest.mark.slow  # every test here launches torchrun processes
+
 
 GLOBAL = {"budget": "global", "select_before_wrapping": True}  # select before training: layers may get k = 0
 QUANTISED = {"quantised": True, **GLOBAL}

@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
+@pytest.mark.slow
 def test_sft_trl_example_trains_saves_and_reloads(tmp_path):
     result = subprocess.run(
         [sys.executable, str(EXAMPLES / "sft_trl.py"), "--steps", "20", "--output-dir", str(tmp_path)],

@@ -242,6 +242,7 @@ def test_prebuilt_extension_is_used_in_ci():
     assert ops.extension_source() == "prebuilt"
 
 
+@pytest.mark.slow
 def test_jit_build_fallback(request, tmp_path):
     """Without ``peft_sparse._C`` the same sources are JIT-built and serve the CPU, with the same results.
 

@@ -101,6 +101,7 @@ def test_this_checkout_uses_its_csrc():
     assert _backend.CSRC == CSRC
 
 
+@pytest.mark.slow
 def test_cpu_sources_build_for_aarch64(tmp_path):
     """The CPU kernels compile for a non-x86 target (the AVX2 function clones are x86-only). Code generation, not
     only -fsyntax-only: GCC rejects a target("avx2") clone only when it emits code."""

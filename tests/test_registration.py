@@ -58,6 +58,7 @@ IMPORT_ORDERS = [
 ]
 
 
+@pytest.mark.slow
 def test_import_orders_in_fresh_interpreters():
     check = textwrap.dedent(
         """

@@ -297,6 +297,7 @@ def test_each_data_format_trains_and_writes_an_adapter(data_format, tiny_dir, tm
 # ------------------------------------------------------------------------------------------------ whole runs
 
 
+@pytest.mark.slow
 def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_dir, tmp_path, cli_here):
     out = tmp_path / "out"
     data_path = write_jsonl(tmp_path / "pc.jsonl", ROWS["prompt_completion"])
