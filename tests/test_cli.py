@@ -465,6 +465,9 @@ def test_finetune_both_methods_on_a_tiny_model(tiny_model_dir, jsonl, tmp_path, 
     assert all(r["step_seconds_interleaved"] > 0 and r["step_time_vs_lora"] > 0 for r in runs)
     assert runs[-1]["step_time_vs_lora"] == 1.0 and runs[0]["timing_rounds"] == finetune.TIMING_ROUNDS
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the workers print only their progress bars: no other package's warnings or deprecation notices
+    progress = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert all("step/s" in line or "salience" in line or "?it/s" in line for line in progress), progress[:20]
 
     # The saved sparse adapter reloads onto the base and reproduces the trained model's held-out accuracy.
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)

@@ -5,6 +5,9 @@ Bad arguments, bad data, and problems found once a run is under way (an output f
 training loss that became inf or nan) end with one line on stderr naming the option or the field and the value, and
 exit code 2 (argparse's convention); a failed run exits with 1, as does a run whose results could not all be written
 (its table is still printed, and one line names what is missing).
+
+A command prints its own output only: other packages' loggers show errors, their deprecation notices are hidden,
+unless ``--verbose`` (see ``_peft_sparse_cli``, the console script's entry point, which also quiets the imports).
 """
 
 from __future__ import annotations
@@ -14,7 +17,17 @@ import os
 import sys
 from collections.abc import Sequence
 
+from _peft_sparse_cli import only_our_output, wants_verbose
+
 USAGE_ERROR = 2
+VERBOSE_HELP = (
+    "show everything the packages underneath print (transformers, bitsandbytes, datasets, DeepSpeed: their info "
+    "and warning logs, deprecation notices, progress bars); by default they print errors only"
+)
+
+
+def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -74,6 +87,11 @@ def _work_offline() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    with only_our_output(wants_verbose(argv)):
+        return _run(argv)
+
+
+def _run(argv: list[str]) -> int:
     _work_offline()
     if argv[:1] == ["sft"]:
         from . import sft

@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from . import add_verbose_argument
+
 SCRIPTS = {
     "ops": "ops_bench.py",
     "qlora": "qlora_bench.py",
@@ -39,6 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "runs FSDP2 and DDP on 2 processes: about 1.5 minutes; sft_quality and capacity sweep 9 methods' rates "
         "over 3 seeds: hours on 2 CPU cores, resumable)",
     )
+    add_verbose_argument(parser)
     parser.add_argument(
         "--repeats",
         type=int,

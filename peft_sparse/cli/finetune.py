@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..tuner.config import SELECTION_METHODS, UPDATE_MODES
-from . import USAGE_ERROR, models
+from . import USAGE_ERROR, add_verbose_argument, models
 from . import data as data_module
 
 CHOICE_METHODS = ("sparse", "lora", "both")
@@ -122,6 +122,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--seed", type=int, default=0, help=f"seed of the split, the mask, the head and the order, 0 to {MAX_SEED}"
     )
     parser.add_argument("--no-plot", action="store_true", help="skip loss_curves.png")
+    add_verbose_argument(parser)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method, JSON to stdout
 
 
@@ -571,7 +572,7 @@ def run_method(label: str, argv: list[str]) -> tuple[int, dict | None]:
 def run_worker_process(cli_argv: list[str]) -> tuple[int, dict | None]:
     """Run ``peft-sparse *cli_argv`` (a worker: see :func:`send_record`) in a fresh Python process, offline: its exit
     code and, when it succeeded, the JSON record it wrote to stdout. Its stderr (progress, errors) is the user's."""
-    command = [sys.executable, "-m", "peft_sparse.cli", *cli_argv]
+    command = [sys.executable, "-m", "_peft_sparse_cli", *cli_argv]
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     completed = subprocess.run(command, env=env, stdout=subprocess.PIPE, check=False)
     if completed.returncode != 0:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..tuner.config import BUDGET_MODES, REGROW_METHODS, SELECTION_METHODS, UPDATE_MODES
-from . import USAGE_ERROR, finetune, instructions, models
+from . import USAGE_ERROR, VERBOSE_HELP, finetune, instructions, models
 from . import data as data_module
 
 PROG = "peft-sparse sft"
@@ -149,6 +149,7 @@ class SparseArguments:
         },
     )
     max_eval_examples: int = field(default=200, metadata={"help": "Held-out rows evaluated, at most."})
+    verbose: bool = field(default=False, metadata={"help": VERBOSE_HELP})
 
     def __post_init__(self):
         self.sparse_target_modules = target_modules(self.sparse_target_modules)
