@@ -3,7 +3,9 @@ comparison, saved adapters, 4-bit and sparse + low-rank runs, on a tiny Llama wi
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import statistics
 
 import pytest
@@ -125,44 +127,50 @@ def cli(*argv) -> int:
 # ------------------------------------------------------------------------------------------------ arguments
 
 
-def test_help_lists_sft_with_trls_arguments_and_ours(capsys):
+def sft_help(capsys, flag: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["sft", flag])
+    assert exit_info.value.code == 0
+    return capsys.readouterr().out
+
+
+OUR_OPTIONS = (
+    "--density",
+    "--num_tunable_weights",
+    "--selection",
+    "--update",
+    "--sparse_target_modules",
+    "--sparse_r",
+)
+OUR_OPTIONS += ("--compare", "--compare_learning_rate", "--eval_fraction", "--max_eval_examples", "--verbose")
+COMMON_TRL = ("--model_name_or_path", "--dataset_name", "--dataset_test_split", "--learning_rate", "--max_steps")
+COMMON_TRL += ("--per_device_train_batch_size", "--max_length", "--output_dir", "--load_in_4bit", "--lora_r")
+COMMON_TRL += ("--lora_alpha", "--lora_target_modules", "--assistant_only_loss", "--config", "--help-all")
+RARE_TRL = ("--dataset_train_split", "--completion_only_loss", "--use_dora", "--adam_beta2", "--torch_compile")
+
+
+def test_help_puts_our_options_first_and_help_all_lists_every_trl_option(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0 and "sft" in capsys.readouterr().out
-    with pytest.raises(SystemExit) as exit_info:
-        main(["sft", "--help"])
-    assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for option in (
-        "--model_name_or_path",
-        "--dataset_name",
-        "--dataset_train_split",
-        "--dataset_test_split",
-        "--learning_rate",
-        "--max_steps",
-        "--per_device_train_batch_size",
-        "--max_length",
-        "--output_dir",
-        "--load_in_4bit",
-        "--lora_r",
-        "--lora_alpha",
-        "--lora_target_modules",
-        "--completion_only_loss",
-        "--assistant_only_loss",
-        "--density",
-        "--num_tunable_weights",
-        "--selection",
-        "--update",
-        "--sparse_target_modules",
-        "--sparse_r",
-        "--compare",
-        "--compare_learning_rate",
-        "--eval_fraction",
-        "--max_eval_examples",
-        "--config",
-    ):
-        assert option in text, option
-    assert "--worker" not in text
+    text = sft_help(capsys, "--help")
+    everything = sft_help(capsys, "--help-all")
+    ours, trl = text.index("peft-sparse options"), text.index("TRL options most runs set")
+    for option in OUR_OPTIONS:
+        assert ours < text.index(f"\n  {option}\n") < trl, option
+    for option in COMMON_TRL:
+        assert f"{option}" in text[trl:], option
+    for option in RARE_TRL:
+        assert f"\n  {option}\n" not in text and f"\n  {option}\n" in everything, option
+    assert len(text.splitlines()) < 200 < len(everything.splitlines())
+    assert "--worker" not in everything
+    # every option the parser takes is listed by --help-all (dashed spellings and --no_ negations aside)
+    listed = set(re.findall(r"^  (--\S+)$", everything, re.MULTILINE))
+    taken = {action.option_strings[0] for action in sft.make_parser()._actions if action.help != argparse.SUPPRESS}
+    assert {option for option in taken if not option.startswith("--no_")} - {"-h"} <= listed | {"--help"}
+    # TRL's help strings that contradict this command are corrected
+    assert "Works only with LoRA" not in everything and "QLoRA" in text
+    assert "Of the LoRA baseline" in everything.split("\n  --use_dora\n")[1].split("\n  --")[0]
 
 
 def test_defaults_suit_a_cpu_and_yaml_then_flags_override_them(tmp_path):

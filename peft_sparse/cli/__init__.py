@@ -13,7 +13,6 @@ unless ``--verbose`` (see ``_peft_sparse_cli``, the console script's entry point
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
@@ -21,8 +20,8 @@ from _peft_sparse_cli import only_our_output, wants_verbose
 
 USAGE_ERROR = 2
 VERBOSE_HELP = (
-    "show everything the packages underneath print (transformers, bitsandbytes, datasets, DeepSpeed: their info "
-    "and warning logs, deprecation notices, progress bars); by default they print errors only"
+    "show what the packages underneath print besides errors (transformers', bitsandbytes', datasets' and "
+    "DeepSpeed's logs, deprecation notices, datasets' progress bars)"
 )
 
 
@@ -71,20 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _work_offline() -> None:
-    """Everything the command line loads comes from local files: make sure nothing reaches for the Hugging Face
-    Hub (unless the environment says otherwise). Done when a command runs, not when the package is imported (a
-    library import must not change the process's settings). huggingface_hub reads the variable once, when it is
-    imported, which importing peft already did: a variable set here is also set in its constant (one the user set
-    was read then); worker processes inherit the variables."""
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    if "HF_HUB_OFFLINE" not in os.environ:
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        from huggingface_hub import constants
-
-        constants.HF_HUB_OFFLINE = True
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     with only_our_output(wants_verbose(argv)):
@@ -92,7 +77,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
-    _work_offline()
     if argv[:1] == ["sft"]:
         from . import sft
 

