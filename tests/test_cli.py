@@ -264,6 +264,16 @@ def test_output_dir_that_cannot_be_created_at_run_time_gives_one_line(
             b'[{"text": "a b", "label": "x"},\n {"text": "c d", "label": "y"\n',
             ["is not valid JSON", "line 3"],
         ),
+        (
+            "tab.jsonl",
+            b'{"text": "a b", "label": "x"}\n{"text": "c\td", "label": "y"}\n',
+            ["line 2 is not JSON (Invalid control character at column 12: a tab or line break", "\\t or \\n)"],
+        ),
+        (
+            "cut.jsonl",
+            b'{"text": "a b", "label": "x"}\n{"text": "c d", "lab\n',
+            ["line 2 is not JSON (Unterminated string starting at column 17)"],
+        ),
     ],
 )
 def test_bad_data_files_give_one_line_naming_the_record(name, content, named, tmp_path, capsys):
@@ -692,3 +702,45 @@ def test_an_offline_miss_names_the_fix(monkeypatch):
     message = str(err.value)
     assert "HF_HUB_OFFLINE=1 forbids downloading it" in message and "unset HF_HUB_OFFLINE" in message
     assert "hf download someone-who-does-not-exist/no-such-model-xyz" in message
+
+
+@pytest.mark.parametrize("command", ["finetune", "sft"])
+def test_the_loss_plots_keep_their_labels_inside_the_figure(command, tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from peft_sparse.cli import sft
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, path: saved.append(figure))
+    losses = [2.0 - 0.01 * step for step in range(40)]
+    if command == "finetune":
+        finetune.plot([{"label": "lora", "losses": losses, "held_out_accuracy": 0.5}], tmp_path / "plot.png")
+    else:
+        history = [{"step": s + 1, "loss": loss} for s, loss in enumerate(losses)] + [{"step": 40, "eval_loss": 1.7}]
+        record = {"method": "lora", "log_history": history, "label": "LoRA r=8", "selection": None}
+        monkeypatch.setattr(sft, "method_name", lambda r: r["label"])
+        sft.plot([record], tmp_path / "plot.png")
+    (figure,) = saved
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    renderer = FigureCanvasAgg(figure).get_renderer()
+    axis = figure.axes[0]
+    for text in (axis.yaxis.label, axis.xaxis.label, axis.title):
+        box = text.get_window_extent(renderer)
+        assert text.get_text() and figure.bbox.x0 <= box.x0 and box.x1 <= figure.bbox.x1, text.get_text()
+        assert figure.bbox.y0 <= box.y0 and box.y1 <= figure.bbox.y1, text.get_text()
+
+
+def test_the_finetune_table_says_its_loss_columns_are_window_means():
+    def record(method, losses):
+        return {
+            "method": method, "lora_rank": 3, "selection": "gradient", "update": "static", "losses": losses,
+            "adapter_params": 10, "trainable": 15, "held_out_accuracy_before": 0.2, "held_out_accuracy": 0.8,
+            "step_seconds_median": 0.1, "peak_memory_mb": 100.0,
+        }  # fmt: skip
+
+    losses = [float(step) for step in range(40, 0, -1)]  # 40 steps: a window of 8
+    text = finetune.table([record("sparse", losses), record("lora", losses)])
+    assert "train loss, mean of the first -> last 8 steps" in text
+    assert f"{sum(losses[:8]) / 8:.3f} -> {sum(losses[-8:]) / 8:.3f}" in text  # 36.500 -> 4.500
+    assert "train loss, first -> last step |" in finetune.table([record("lora", [2.0, 1.0])])

@@ -178,9 +178,18 @@ def json_rows(path: Path, text: str, option: str = "--data") -> list[tuple[str, 
     for number, line in enumerate(io.StringIO(text, newline=None), 1):  # universal newlines, as a text file
         if line.strip():
             try:
-                rows.append((f"line {number}", json.loads(line)))
+                rows.append((f"line {number}", json.loads(line.rstrip("\n"))))  # its end is not in a string
             except json.JSONDecodeError as err:
-                raise DataError(f"{option} {str(path)!r}: line {number} is not JSON ({err.msg})") from None
+                hint = (
+                    ": a tab or line break inside a string must be written as \\t or \\n"
+                    if "control character" in err.msg
+                    else ""
+                )
+                raise DataError(
+                    f"{option} {str(path)!r}: line {number} is not JSON ({err.msg} column {err.colno}{hint})"
+                    if err.msg.endswith(" at")
+                    else f"{option} {str(path)!r}: line {number} is not JSON ({err.msg} at column {err.colno}{hint})"
+                ) from None
     return rows
 
 

@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -463,17 +464,17 @@ def _window(losses: list[float]) -> int:
 def table(records: list[dict]) -> str:
     """The comparison as a markdown table (time and memory also as ratios to LoRA when LoRA ran)."""
     lora = next((r for r in records if r["method"] == "lora"), None)
+    window = _window(records[0]["losses"])  # every run trains the same number of steps
     header = [
         "method",
         "trainable (adapter + head)",
-        "train loss, first -> last",
+        f"train loss, mean of the first -> last {window} steps" if window > 1 else "train loss, first -> last step",
         "held-out accuracy",
         "step time, median",
         "peak memory",
     ]
     rows = []
     for r in records:
-        w = _window(r["losses"])
         name = (
             f"LoRA r={r['lora_rank']}"
             if r["method"] == "lora"
@@ -490,7 +491,7 @@ def table(records: list[dict]) -> str:
             [
                 name,
                 f"{r['adapter_params']:,} + {r['trainable'] - r['adapter_params']:,}",
-                f"{statistics.mean(r['losses'][:w]):.3f} -> {statistics.mean(r['losses'][-w:]):.3f}",
+                f"{statistics.mean(r['losses'][:window]):.3f} -> {statistics.mean(r['losses'][-window:]):.3f}",
                 f"{r['held_out_accuracy_before']:.1%} -> {r['held_out_accuracy']:.1%}",
                 time_cell,
                 memory_cell,
@@ -514,6 +515,9 @@ def plot(records: list[dict], path: Path) -> None:
             axis.plot(range(1, len(losses) + 1), losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
 
 
+YLABEL_WIDTH = 34  # characters per line of a y-axis label: what the 4-inch-high loss figure holds
+
+
 @contextmanager
 def loss_figure(path: Path, title: str, ylabel: str, **legend) -> Iterator:
     """A matplotlib axis to draw loss curves on (against the optimizer step); on leaving, the figure gets its labels,
@@ -528,7 +532,7 @@ def loss_figure(path: Path, title: str, ylabel: str, **legend) -> Iterator:
     try:
         yield axis
         axis.set_xlabel("optimizer step")
-        axis.set_ylabel(ylabel)
+        axis.set_ylabel(textwrap.fill(ylabel, YLABEL_WIDTH))  # one long line runs off the figure's height
         axis.set_title(title)
         axis.grid(alpha=0.3)
         axis.legend(**legend)
