@@ -410,11 +410,8 @@ TIMING_ROUNDS = 6
 
 
 def time_steps(args: argparse.Namespace, labels: list[str]) -> dict:
-    """Time the training step of every saved adapter in ``labels``, in this one process, interleaved: each round
-    runs one step (forward, backward, AdamW) of each method back to back on the same batch, so a slow phase of the
-    machine (another job, a throttled core) slows all of them alike. Returns each method's median step time and the
-    median over rounds of its step time divided by LoRA's in the same round."""
-    import torch
+    """Time the training step of every saved adapter in ``labels`` side by side in this one process
+    (:func:`interleaved_step_times`)."""
     from peft import PeftModel
 
     from ..classification import batches
@@ -426,22 +423,46 @@ def time_steps(args: argparse.Namespace, labels: list[str]) -> dict:
     for label in labels:
         base = load_base(args, device, dataset, source, tokenizer)
         model = PeftModel.from_pretrained(base, str(Path(args.output_dir) / label), is_trainable=True).train()
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+        steps[label] = timed_step(model, batch, device)
+    return interleaved_step_times(steps)
 
-        def step(model=model, optimizer=optimizer) -> float:
-            start = time.perf_counter()
-            model(**batch).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device == "cuda":
-                torch.cuda.synchronize()
-            return time.perf_counter() - start
 
-        steps[label] = step
-    times = {label: [] for label in labels}
-    for round_index in range(TIMING_ROUNDS + 1):  # the first round warms up
-        for label in labels:
-            seconds = steps[label]()
+def timed_step(model, batch: dict, device: str, autocast_dtype=None) -> Callable[[], float]:
+    """A function that runs one training step of ``model`` on ``batch`` (forward, backward, AdamW on its trainable
+    parameters; under ``torch.autocast`` with ``autocast_dtype``, as the Trainer's bf16/fp16) and returns its wall
+    time in seconds."""
+    import contextlib
+
+    import torch
+
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
+
+    def step() -> float:
+        start = time.perf_counter()
+        autocast = (
+            torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
+        )
+        with autocast:
+            loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    return step
+
+
+def interleaved_step_times(steps: dict[str, Callable[[], float]]) -> dict:
+    """Run ``steps`` (label -> one timed training step, LoRA's labelled ``"lora"``) interleaved: each round runs one
+    step of each method back to back, so a slow phase of the machine (another job, a throttled core) slows all of
+    them alike. Returns each method's median step time and the median over rounds of its step time divided by
+    LoRA's in the same round, the first round (a warm-up) left out."""
+    times = {label: [] for label in steps}
+    for round_index in range(TIMING_ROUNDS + 1):
+        for label, step in steps.items():
+            seconds = step()
             if round_index:
                 times[label].append(seconds)
     return {

@@ -50,6 +50,7 @@ EXACT_MATCH_TASK = "base_form"
 EXACT_MATCH_NEW_TOKENS = 8
 GENERATION_BATCH = 16
 WORKER_FLAG = "--worker"  # internal: run one method and write its record to stdout as JSON
+TIMING_WORKER = "timing"  # internal: --worker timing times the saved adapters' steps side by side
 
 
 class SftError(Exception):
@@ -968,11 +969,11 @@ def table(records: list[dict]) -> str:
             row.append(
                 "n/a" if r["exact_match"] is None else f"{r['exact_match_before']:.1%} -> {r['exact_match']:.1%}"
             )
-        step, memory = r["step_seconds_median"], f"{r['peak_memory_mb']:,.0f} MB"
+        step, memory = r.get("step_seconds_interleaved") or r["step_seconds_median"], f"{r['peak_memory_mb']:,.0f} MB"
         speed = "n/a" if step is None else f"{step * 1e3:,.0f} ms"
         if lora is not None and r is not lora:
-            if step is not None and lora["step_seconds_median"]:
-                speed += f" ({step / lora['step_seconds_median']:.2f}x LoRA)"
+            if r.get("step_time_vs_lora") is not None:  # a ratio only where both were timed side by side
+                speed += f" ({r['step_time_vs_lora']:.2f}x LoRA)"
             memory += f" ({r['peak_memory_mb'] / lora['peak_memory_mb']:.2f}x LoRA)"
         rows.append(row + [speed, memory])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -1012,11 +1013,12 @@ def report(records: list[dict], training_args, sparse_args, model_args, output_d
         f"{first['device']}\n"
     )
     print(table(records))
-    if len(records) > 1:
+    if any("timing_rounds" in r for r in records):
         print(
-            "\nStep time: each run's median optimizer step (forward, backward, optimizer), its first step and the "
-            "mask selection left out. The runs ran one after the other, so a change in the machine's load between "
-            "them moves the ratio; benchmarks/ops_bench.py times the steps side by side."
+            f"\nStep time: the median optimizer step (forward, backward, AdamW) of each saved adapter, timed side by "
+            f"side in one process over {records[0]['timing_rounds']} rounds after a warm-up; the ratio is the median "
+            "of the per-round ratios, so a change in the machine's load cannot skew it. Mask updates, selection and "
+            "evaluation are not in it."
         )
     return finetune.finish(records, results_path, results_error, (plot, plot_path), not_written, wall, PROG)
 
@@ -1037,9 +1039,9 @@ def run(argv: list[str]) -> int:
     if WORKER_FLAG in argv:  # internal: the parent process appends it, with the method, to run one method
         at = argv.index(WORKER_FLAG)
         worker = argv[at + 1] if at + 1 < len(argv) else None
-        if worker not in ("sparse", *COMPARE_METHODS):
+        if worker not in ("sparse", *COMPARE_METHODS, TIMING_WORKER):
             return _usage_error(
-                f"{WORKER_FLAG} (internal) takes one of {['sparse', *COMPARE_METHODS]}, got {worker!r}"
+                f"{WORKER_FLAG} (internal) takes one of {['sparse', *COMPARE_METHODS, TIMING_WORKER]}, got {worker!r}"
             )
         del argv[at : at + 2]
     script_args, training_args, model_args, sparse_args = parse(argv)
@@ -1048,6 +1050,8 @@ def run(argv: list[str]) -> int:
         return _usage_error(problem)
     _quiet()
     try:
+        if worker == TIMING_WORKER:
+            return finetune.send_record(lambda: time_steps(script_args, training_args, model_args, sparse_args))
         if worker is not None:
             return finetune.send_record(
                 lambda: train_one(worker, script_args, training_args, model_args, sparse_args)[0]
@@ -1090,4 +1094,64 @@ def _run(argv, script_args, training_args, model_args, sparse_args) -> int:
                 print(f"{PROG}: the {method} run failed (exit code {code})", file=sys.stderr)
                 return 1
             records.append(record)
+        timing_problem = add_interleaved_step_times(records, argv)
+        if timing_problem:
+            print(f"{PROG}: {timing_problem}", file=sys.stderr)
     return report(records, training_args, sparse_args, model_args, output_dir, time.perf_counter() - start)
+
+
+def add_interleaved_step_times(records: list[dict], argv: list[str]) -> str | None:
+    """Time the saved adapters' steps side by side in one more process (:func:`time_steps`) and add
+    ``step_seconds_interleaved`` and ``step_time_vs_lora`` to their records: the step times of runs made one after
+    the other are not comparable on a machine whose load changes. Returns why no ratio could be taken, or None."""
+    if any(not r["adapter_dir"] for r in records):  # already named in its own error line; the table shows no ratio
+        return None
+    code, timing = finetune.run_worker_process(["sft", *argv, WORKER_FLAG, TIMING_WORKER])
+    if code != 0:
+        return f"no step-time ratios: the side-by-side timing run failed (exit code {code})"
+    for record in records:
+        record["step_seconds_interleaved"] = timing["step_seconds"][record["method"]]
+        record["step_time_vs_lora"] = timing["vs_lora"][record["method"]]
+        record["timing_rounds"] = timing["rounds"]
+    return None
+
+
+def time_steps(script_args, training_args, model_args, sparse_args) -> dict:
+    """The training step of every saved adapter (``<output_dir>/<method>/adapter``), timed side by side in this one
+    process (:func:`~peft_sparse.cli.finetune.interleaved_step_times`) on one batch from TRL's own data pipeline,
+    with the run's gradient checkpointing and bf16/fp16 autocast. Mask updates and evaluation are not in it."""
+    import torch
+    from peft import PeftModel
+    from trl import SFTTrainer
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = load_data(
+        script_args,
+        training_args.seed,
+        sparse_args.eval_fraction,
+        sparse_args.max_eval_examples,
+        training_args.dataset_text_field,
+    )
+    source = resolve_model(model_args)
+    tokenizer = models.load_tokenizer(models.as_folder(source))
+    autocast = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
+    batch, steps = None, {}
+    for method in planned_methods(sparse_args):
+        adapter = Path(training_args.output_dir) / method / "adapter"
+        model = PeftModel.from_pretrained(load_model(source, model_args), str(adapter), is_trainable=True)
+        if batch is None:  # TRL's tokenisation and collation, as in training
+            args = copy.copy(training_args)
+            args.output_dir, args.eval_strategy = str(Path(training_args.output_dir) / method), "no"
+            trainer = SFTTrainer(model=model, args=args, train_dataset=data.train, processing_class=tokenizer)
+            batch = {k: v for k, v in next(iter(trainer.get_train_dataloader())).items() if k in MODEL_INPUTS}
+        model.to(device).train()
+        if training_args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs
+            )
+            model.enable_input_require_grads()
+        steps[method] = finetune.timed_step(model, batch, device, autocast)
+    return finetune.interleaved_step_times(steps)
+
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "labels")  # of a collated SFT batch
