@@ -110,5 +110,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_command(argv)
 
 
+def run_script(argv: Sequence[str] | None = None) -> int:
+    """``python -c "...run_script()" SCRIPT ARGS``: run a benchmark script as ``python SCRIPT ARGS`` would, its
+    imports included, inside :func:`only_our_output` (``peft-sparse bench`` runs each script so)."""
+    import runpy
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    script = os.path.abspath(argv[0])
+    sys.argv = [script, *argv[1:]]
+    sys.path.insert(0, os.path.dirname(script))  # as `python SCRIPT` puts the script's folder first
+    with only_our_output():
+        try:
+            runpy.run_path(script, run_name="__main__")
+        except SystemExit as done:
+            code = done.code
+            if code is None or isinstance(code, int):
+                return code or 0
+            print(code, file=sys.stderr)
+            return 1
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -129,3 +129,20 @@ def test_the_command_prints_nothing_but_its_own_output(argv, stderr):
     )
     assert result.stderr == stderr
     assert result.returncode == (0 if argv[-1] == "--help" else 2)
+
+
+def test_bench_scripts_run_as_python_would_run_them_with_only_their_own_output(tmp_path):
+    (tmp_path / "helper.py").write_text("VALUE = 'from a sibling module'\n")
+    script = tmp_path / "bench_script.py"
+    script.write_text(
+        "import logging, sys\nfrom helper import VALUE\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('noise from an import')\n"
+        "print(VALUE, sys.argv[1:], __name__, __file__.endswith('bench_script.py'))\nsys.exit(int(sys.argv[1]))\n"
+    )
+    launcher = "import sys, _peft_sparse_cli; sys.exit(_peft_sparse_cli.run_script())"
+    for code in ("0", "3"):
+        result = subprocess.run(
+            [sys.executable, "-c", launcher, str(script), code], capture_output=True, text=True, check=False
+        )
+        assert (result.returncode, result.stderr) == (int(code), "")
+        assert result.stdout == f"from a sibling module ['{code}'] __main__ True\n"

@@ -70,13 +70,16 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    # Each script runs through the console script's quiet wrapper: its own output only, as the other commands print.
+    launcher = [] if args.verbose else ["-c", "import sys, _peft_sparse_cli; sys.exit(_peft_sparse_cli.run_script())"]
     for name in dict.fromkeys(args.which or DEFAULT):  # unique, in the given order
-        command = [sys.executable, str(folder / SCRIPTS[name])]
+        script = [str(folder / SCRIPTS[name])]
         if args.repeats is not None and name in TAKES_REPEATS:
-            command += ["--repeats", str(args.repeats)]
+            script += ["--repeats", str(args.repeats)]
         if args.write:
-            command.append("--write")
-        print(f"==== {' '.join(command[1:])}", flush=True)
+            script.append("--write")
+        print(f"==== {' '.join(script)}", flush=True)
+        command = [sys.executable, *launcher, *script]
         completed = subprocess.run(command, check=False)
         if completed.returncode != 0:
             print(f"peft-sparse bench: {SCRIPTS[name]} failed (exit code {completed.returncode})", file=sys.stderr)
