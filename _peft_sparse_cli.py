@@ -22,7 +22,15 @@ from collections.abc import Iterator, Sequence
 
 # Loggers of the packages underneath (a logger's level covers its children: "transformers.modeling_utils", ...).
 # DeepSpeed's logger sets its own level when deepspeed is imported, so each also gets a filter, which that keeps.
-THIRD_PARTY_LOGGERS = ("bitsandbytes", "transformers", "datasets", "accelerate", "DeepSpeed", "huggingface_hub")
+THIRD_PARTY_LOGGERS = (
+    "bitsandbytes",
+    "transformers",
+    "datasets",
+    "accelerate",
+    "DeepSpeed",
+    "huggingface_hub",
+    "kernels",  # transformers >= 5.25 depends on it; bitsandbytes asks it for a CPU kernel, offline it logs why not
+)
 # The same settings for worker processes and for packages not yet imported, which read them at import time.
 ENVIRONMENT = {
     "TRANSFORMERS_VERBOSITY": "error",
