@@ -16,7 +16,10 @@ import torch
 from bnb_defects import dequantize_4bit_defect, linear4bit_forward_defect
 from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 from tiny_models import (
+    assert_within_one_quantisation_step,
     decode_4bit,
+    decoded,
+    four_bit,
     make_batch,
     quantised_model,
     quantised_tiny_llama,
@@ -38,15 +41,6 @@ TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 4e-2, torch.float16: 8e-3}
 # The two tiny llamas: "in32" has linear layers with in_features 32 and 48 (not multiples of bitsandbytes' 64-element
 # 4-bit block), "in64" only 64 and 128, as real models have.
 MODELS = {"in32": tiny_llama, "in64": tiny_llama_aligned}
-
-
-def four_bit(quant_type="nf4", double_quant=True, compute_dtype=torch.float32):
-    return {
-        "load_in_4bit": True,
-        "bnb_4bit_quant_type": quant_type,
-        "bnb_4bit_use_double_quant": double_quant,
-        "bnb_4bit_compute_dtype": compute_dtype,
-    }
 
 
 @pytest.fixture(scope="module")
@@ -278,34 +272,6 @@ def test_save_load_onto_quantised_and_unquantised_models(model_dir, tmp_path, bn
     assert adapter_gap < 1.5 * base_gap
     # ... and the adapter is really there: without it the dense model is farther from the adapted one.
     assert (dense_base(**batch).logits - expected).norm() > 2 * adapter_gap
-
-
-def _block_absmax(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
-    flat = weight.reshape(-1)
-    pad = (-flat.numel()) % blocksize
-    flat = torch.cat([flat, flat.new_zeros(pad)])
-    return flat.view(-1, blocksize).abs().amax(dim=1).repeat_interleave(blocksize)[: weight.numel()].view_as(weight)
-
-
-def decoded(layer):
-    """The 4-bit base weight of a sparse layer, decoded by our reference in float64."""
-    weight = layer.get_base_layer().weight
-    return decode_4bit(weight.data, weight.quant_state)
-
-
-def assert_within_one_quantisation_step(merged, target, quant_type, name):
-    """``merged`` (the decode of the re-quantised weight) is ``target`` rounded to the nearest code of its block.
-
-    Rounding to the nearest code is off by at most half the largest gap between neighbouring codes, relative to the
-    block's absmax ``s``: NF4 0.304 (between -1 and -0.696), FP4 1/3. The decoded scale ``s'`` is ``s`` after the
-    absmax's own 8-bit double quantisation, which moves every decoded element by at most ``|s' - s|`` (up to ~3 % of
-    ``s`` on these models). The element at the absmax decodes to exactly ``±s'`` (both code books hold ±1), so
-    ``s'`` is the absmax of ``merged``'s block.
-    """
-    half_gap = {"nf4": 0.3038 / 2, "fp4": 1 / 6}[quant_type]
-    scale, decoded_scale = _block_absmax(target, 64), _block_absmax(merged, 64)
-    bound = half_gap * scale + (decoded_scale - scale).abs() + 1e-6
-    assert ((merged - target).abs() <= bound).all(), name
 
 
 def assert_requantised_from(layer, target32, name):

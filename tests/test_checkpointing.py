@@ -26,8 +26,9 @@ from peft import get_peft_model, prepare_model_for_kbit_training
 from tiny_models import make_batch, quantised_tiny_llama, tiny_llama
 from trainer_helpers import make_trainer, sparse_log, sparse_model, sparse_state
 
-from peft_sparse import SparseConfig, SparseLayer, SpIEL, select_mask, update_mask
+from peft_sparse import SparseConfig, SpIEL, select_mask, update_mask
 from peft_sparse.selection.select import salience_scores
+from peft_sparse.tuner.lookup import sparse_layers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # How checkpointing is turned on. "reentrant" on the base before get_peft_model (transformers then makes the embeddings'
@@ -66,10 +67,6 @@ def batches(count: int = 2, model=None) -> list[dict[str, torch.Tensor]]:
             batch["inputs_embeds"] = torch.nn.functional.embedding(batch.pop("input_ids"), weight)
         result.append(batch)
     return result
-
-
-def sparse_layers(model) -> list[tuple[str, SparseLayer]]:
-    return [(name, module) for name, module in model.named_modules() if isinstance(module, SparseLayer)]
 
 
 def masks(model) -> dict[str, torch.Tensor]:

@@ -12,17 +12,22 @@ from __future__ import annotations
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from test_bnb import assert_within_one_quantisation_step, decoded, four_bit
-from tiny_models import make_batch, quantised_tiny_llama, reference_dequantised_copy, tiny_gpt2, tiny_llama
+from tiny_models import (
+    assert_within_one_quantisation_step,
+    decoded,
+    four_bit,
+    make_batch,
+    quantised_tiny_llama,
+    reference_dequantised_copy,
+    tiny_gpt2,
+    tiny_llama,
+)
 
 from peft_sparse import SparseConfig, SparseLayer, lora_equivalent_budget
 from peft_sparse.tuner import bnb as sparse_bnb
+from peft_sparse.tuner.lookup import sparse_layers
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
-
-
-def sparse_layers(model):
-    return {name: m for name, m in model.named_modules() if isinstance(m, SparseLayer)}
 
 
 def dense_delta(layer: SparseLayer, name: str = "default") -> torch.Tensor:
@@ -40,7 +45,7 @@ def reference_logits(peft_model, dense_base, batch, names=("default",)) -> torch
     """Logits of ``dense_base`` (float64) with every adapted weight replaced by ``W0 + sum of deltas``."""
     modules = dict(dense_base.named_modules())
     with torch.no_grad():
-        for name, layer in sparse_layers(peft_model).items():
+        for name, layer in sparse_layers(peft_model):
             target = modules[name.removeprefix("base_model.model.")]
             delta = sum(dense_delta(layer, n) for n in names)
             if layer.fan_in_fan_out:
@@ -52,7 +57,7 @@ def reference_logits(peft_model, dense_base, batch, names=("default",)) -> torch
 def randomise_values(model, seed: int = 1, scale: float = 0.05) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for layer in sparse_layers(model).values():
+        for _, layer in sparse_layers(model):
             for values in layer.sparse_values.values():
                 values.copy_(torch.randn(values.shape, generator=generator) * scale)
 
@@ -64,7 +69,7 @@ def test_fresh_hybrid_is_the_identity_and_counts_entries_and_factors():
     budget = lora_equivalent_budget(base, r=2, target_modules=TARGETS)
     model = get_peft_model(base, SparseConfig(target_modules=TARGETS, num_tunable_weights=budget, r=2))
     assert torch.equal(model(**batch).logits, expected)
-    layers = sparse_layers(model).values()
+    layers = [layer for _, layer in sparse_layers(model)]
     assert all(not layer.sparse_lora_B["default"].any() for layer in layers)
     entries = sum(layer.sparse_values["default"].numel() for layer in layers)
     factors = sum(2 * (layer.in_features + layer.out_features) for layer in layers)
@@ -86,7 +91,7 @@ def test_forward_and_gradients_match_the_dense_float64_reference(factory):
     out = model(**batch, labels=batch["input_ids"])
     torch.testing.assert_close(out.logits.double(), reference, rtol=1e-4, atol=1e-5)
     out.loss.backward()
-    for name, layer in sparse_layers(model).items():
+    for name, layer in sparse_layers(model):
         for part in (layer.sparse_values, layer.sparse_lora_A, layer.sparse_lora_B):
             grad = part["default"].grad
             assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
@@ -100,12 +105,12 @@ def test_low_rank_term_is_loras():
         tiny_llama(), SparseConfig(target_modules=TARGETS, density=0.02, r=4, lora_alpha=8, init_weights=False)
     )
     with torch.no_grad():
-        for layer in sparse_layers(hybrid).values():
+        for _, layer in sparse_layers(hybrid):
             layer.sparse_values["default"].zero_()
     lora = get_peft_model(tiny_llama(), LoraConfig(target_modules=TARGETS, r=4, lora_alpha=8, lora_dropout=0.0))
     lora_layers = {name: m for name, m in lora.named_modules() if hasattr(m, "lora_A") and "default" in m.lora_A}
     with torch.no_grad():
-        for name, layer in sparse_layers(hybrid).items():
+        for name, layer in sparse_layers(hybrid):
             lora_layers[name].lora_A["default"].weight.copy_(layer.sparse_lora_A["default"])
             lora_layers[name].lora_B["default"].weight.copy_(layer.sparse_lora_B["default"])
     torch.testing.assert_close(hybrid(**batch).logits, lora(**batch).logits, rtol=1e-5, atol=1e-6)
@@ -123,7 +128,7 @@ def test_training_moves_entries_and_factors_and_merge_keeps_the_function(tmp_pat
     model.eval()
     batch = make_batch(seed=9)
     trained = model(**batch).logits.detach()
-    for layer in sparse_layers(model).values():
+    for _, layer in sparse_layers(model):
         assert layer.sparse_lora_B["default"].abs().sum() > 0 and layer.sparse_values["default"].abs().sum() > 0
     model.save_pretrained(tmp_path)
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
@@ -141,7 +146,7 @@ def test_weighted_adapter_of_hybrids_is_the_weighted_sum_of_deltas():
     model.add_adapter("two", SparseConfig(target_modules=["q_proj"], density=0.03, r=3, seed=5, init_weights=False))
     model.add_adapter("plain", SparseConfig(target_modules=TARGETS, density=0.02, seed=7, init_weights=False))
     model.add_weighted_adapter(["one", "two", "plain"], [0.7, -1.5, 2.0], "mix")
-    for name, layer in sparse_layers(model).items():
+    for name, layer in sparse_layers(model):
         expected = sum(
             w * dense_delta(layer, n)
             for n, w in (("one", 0.7), ("two", -1.5), ("plain", 2.0))
@@ -193,7 +198,7 @@ def test_4bit_hybrid_matches_the_reference_and_saves_loads_and_merges(tmp_path):
     out = model(**batch, labels=batch["input_ids"])
     torch.testing.assert_close(out.logits.double(), reference, rtol=1e-4, atol=1e-5)
     out.loss.backward()
-    assert all(layer.sparse_lora_A["default"].grad.abs().sum() > 0 for layer in sparse_layers(model).values())
+    assert all(layer.sparse_lora_A["default"].grad.abs().sum() > 0 for _, layer in sparse_layers(model))
     with torch.no_grad():
         expected = model(**batch).logits
     model.save_pretrained(tmp_path / "adapter")
@@ -203,18 +208,17 @@ def test_4bit_hybrid_matches_the_reference_and_saves_loads_and_merges(tmp_path):
         torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=0)
     # Merging re-quantises W0 + sparse + low-rank delta (one 4-bit rounding); unmerge restores the original bytes.
     originals = {
-        name: (layer.get_base_layer().weight.data.clone(), decoded(layer))
-        for name, layer in sparse_layers(loaded).items()
+        name: (layer.get_base_layer().weight.data.clone(), decoded(layer)) for name, layer in sparse_layers(loaded)
     }
     sparse_bnb._requantisation_warned = False
     with pytest.warns(UserWarning, match="re-quantises"):
         loaded.merge_adapter()
-    for name, layer in sparse_layers(loaded).items():
+    for name, layer in sparse_layers(loaded):
         target = originals[name][1] + dense_delta(layer)
         assert_within_one_quantisation_step(decoded(layer), target, "nf4", name)
         assert not torch.equal(decoded(layer), originals[name][1]), name  # the delta really went in
     loaded.unmerge_adapter()
-    for name, layer in sparse_layers(loaded).items():
+    for name, layer in sparse_layers(loaded):
         assert torch.equal(layer.get_base_layer().weight.data, originals[name][0]), name
 
 
@@ -231,7 +235,7 @@ def test_salience_selection_and_spiel_leave_the_low_rank_term_training():
     )
     batches = [{**make_batch(seed=i), "labels": make_batch(seed=i)["input_ids"]} for i in range(3)]
     select_mask(model, batches)
-    layers = sparse_layers(model)
+    layers = dict(sparse_layers(model))
     factors = {name: layer.sparse_lora_A["default"] for name, layer in layers.items()}
     selected = {name: layer.sparse_indices["default"].clone() for name, layer in layers.items()}
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)

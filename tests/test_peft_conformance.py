@@ -19,7 +19,8 @@ from peft import PeftModel, get_peft_model, get_peft_model_state_dict
 from tiny_models import make_batch, tiny_gpt2
 from torch import nn
 
-from peft_sparse import SparseConfig, SparseLayer, SparseTrainingCallback
+from peft_sparse import SparseConfig, SparseTrainingCallback
+from peft_sparse.tuner.lookup import sparse_layers
 
 
 class MLP(nn.Module):
@@ -90,10 +91,6 @@ def make(kind: str, kwargs: dict, name: str = "default", **config_overrides):
     return get_peft_model(base_model(kind), config, adapter_name=name)
 
 
-def sparse_layers(model) -> list[SparseLayer]:
-    return [m for m in model.modules() if isinstance(m, SparseLayer)]
-
-
 @pytest.fixture(params=VARIANTS, ids=IDS)
 def variant(request):
     return request.param
@@ -106,7 +103,7 @@ def test_init_weights_true_is_the_identity(variant):
     expected = output(base_model(kind), batch)
     model = get_peft_model(base_model(kind), SparseConfig(**kwargs))
     torch.testing.assert_close(output(model, batch), expected)
-    assert all(not layer.sparse_values["default"].any() for layer in sparse_layers(model))
+    assert all(not layer.sparse_values["default"].any() for _, layer in sparse_layers(model))
 
 
 def test_init_weights_false_is_seeded_and_changes_the_output(variant):
@@ -216,7 +213,7 @@ def test_unload_gives_back_the_base_model(variant):
 def test_safe_merge_refuses_a_non_finite_adapter_and_leaves_the_weight(variant):
     _, kind, kwargs = variant
     model = make(kind, kwargs)
-    layer = sparse_layers(model)[0]
+    layer = sparse_layers(model)[0][1]
     before = layer.get_base_layer().weight.clone()
     with torch.no_grad():
         layer.sparse_values["default"][0] = float("nan")

@@ -11,17 +11,14 @@ from safetensors.torch import load_file, save_file
 from tiny_models import llama_of_width, make_batch, tiny_llama
 from transformers import LlamaForCausalLM
 
-from peft_sparse import SparseConfig, SparseLayer, select_mask
+from peft_sparse import SparseConfig, select_mask
+from peft_sparse.tuner.lookup import sparse_layers
 
 ADAPTER_FILE = "adapter_model.safetensors"
 
 
 def llama(hidden: int) -> LlamaForCausalLM:
     return llama_of_width(hidden, 2 * hidden)
-
-
-def sparse_layers(model) -> list[SparseLayer]:
-    return [m for m in model.modules() if isinstance(m, SparseLayer)]
 
 
 def batches(count: int = 2, labels: bool = True) -> list[dict[str, torch.Tensor]]:
@@ -85,7 +82,7 @@ def test_file_missing_a_layers_tensors_names_the_keys(tmp_path, low_cpu_mem_usag
 @pytest.mark.parametrize("selection", ["gradient", "fisher", "snip"])
 def test_non_finite_loss_in_salience_names_the_batch(bad, selection):
     model = get_peft_model(tiny_llama(), SparseConfig(target_modules=["q_proj"], density=0.05, selection=selection))
-    before = [layer.sparse_indices["default"].clone() for layer in sparse_layers(model)]
+    before = [layer.sparse_indices["default"].clone() for _, layer in sparse_layers(model)]
 
     def loss_fn(outputs, batch):
         loss = outputs.loss
@@ -93,7 +90,7 @@ def test_non_finite_loss_in_salience_names_the_batch(bad, selection):
 
     with pytest.raises(ValueError, match=rf"salience batch 1 \(0-based\) is {bad}"):
         select_mask(model, batches(3), loss_fn=loss_fn)
-    after = [layer.sparse_indices["default"] for layer in sparse_layers(model)]
+    after = [layer.sparse_indices["default"] for _, layer in sparse_layers(model)]
     assert all(torch.equal(a, b) for a, b in zip(before, after))  # nothing half-applied
 
 
@@ -103,7 +100,7 @@ def test_an_optimizer_built_before_select_mask_trains_the_selected_entries():
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     held = {id(p) for group in optimizer.param_groups for p in group["params"]}
     select_mask(model, batches())
-    values = [layer.sparse_values["default"] for layer in sparse_layers(model)]
+    values = [layer.sparse_values["default"] for _, layer in sparse_layers(model)]
     assert all(id(v) in held for v in values)  # the same Parameter objects, resized
     for batch in batches(3):
         optimizer.zero_grad()
@@ -118,12 +115,12 @@ def test_select_mask_after_training_refuses_to_zero_the_trained_values():
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model(**batches(1)[0]).loss.backward()
     optimizer.step()
-    trained = [layer.sparse_values["default"].detach().clone() for layer in sparse_layers(model)]
+    trained = [layer.sparse_values["default"].detach().clone() for _, layer in sparse_layers(model)]
     with pytest.raises(ValueError, match=r"holds trained values in 2 layer\(s\).*reset_values=True"):
         select_mask(model, batches())
-    assert all(torch.equal(t, layer.sparse_values["default"]) for t, layer in zip(trained, sparse_layers(model)))
+    assert all(torch.equal(t, layer.sparse_values["default"]) for t, (_, layer) in zip(trained, sparse_layers(model)))
     select_mask(model, batches(), reset_values=True)  # deliberate
-    assert all(not layer.sparse_values["default"].any() for layer in sparse_layers(model))
+    assert all(not layer.sparse_values["default"].any() for _, layer in sparse_layers(model))
 
 
 def test_select_mask_accepts_fresh_init_weights_false_values_but_not_edited_ones():
@@ -131,7 +128,7 @@ def test_select_mask_accepts_fresh_init_weights_false_values_but_not_edited_ones
     probe = copy.deepcopy(model)
     select_mask(model, batches())  # the seeded initial values are not training: nothing is lost
     with torch.no_grad():
-        sparse_layers(probe)[0].sparse_values["default"][0] += 1.0
+        sparse_layers(probe)[0][1].sparse_values["default"][0] += 1.0
     with pytest.raises(ValueError, match="holds trained values in 1 layer"):
         select_mask(probe, batches())
 
@@ -162,4 +159,4 @@ def test_a_config_mutated_after_construction_is_validated_at_injection():
     with pytest.raises(ValueError, match=r"selection must be one of .* got 'gradients'"):
         model.add_adapter("other", config)
     assert "other" not in model.peft_config
-    assert all("other" not in layer.sparse_values for layer in sparse_layers(model))
+    assert all("other" not in layer.sparse_values for _, layer in sparse_layers(model))

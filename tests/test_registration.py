@@ -12,7 +12,6 @@ from peft import PeftConfig, PeftType, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from tiny_models import tiny_llama
 
-import peft_sparse
 from peft_sparse import SparseConfig, SparseModel
 from peft_sparse.tuner import registration
 
@@ -90,8 +89,3 @@ def test_peft_config_from_pretrained_resolves_sparse_config(tmp_path):
     assert loaded.peft_type == PeftType.SPARSE
     assert loaded.target_modules == {"q_proj", "v_proj"}
     assert (loaded.density, loaded.budget, loaded.selection) == (0.02, "local", "fisher")
-
-
-def test_package_exports():
-    assert peft_sparse.__version__
-    assert peft_sparse.SparseConfig is SparseConfig

@@ -15,10 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from peft_sparse import SparseConfig, SparseLayer, lora_equivalent_budget
 from peft_sparse.tuner.layer import Linear as SparseLinear
-
-
-def sparse_layers(model) -> list[tuple[str, SparseLayer]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, SparseLayer)]
+from peft_sparse.tuner.lookup import sparse_layers
 
 
 def randomize_values(model, seed: int = 1, scale: float = 0.2, adapter_name: str = "default") -> None:

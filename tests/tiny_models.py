@@ -229,3 +229,43 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token="<pad>", unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
+
+
+# ---------------------------------------------------------------------------------------------------- 4-bit
+
+
+def four_bit(quant_type="nf4", double_quant=True, compute_dtype=torch.float32):
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": quant_type,
+        "bnb_4bit_use_double_quant": double_quant,
+        "bnb_4bit_compute_dtype": compute_dtype,
+    }
+
+
+def block_absmax(weight: torch.Tensor, blocksize: int) -> torch.Tensor:
+    flat = weight.reshape(-1)
+    pad = (-flat.numel()) % blocksize
+    flat = torch.cat([flat, flat.new_zeros(pad)])
+    return flat.view(-1, blocksize).abs().amax(dim=1).repeat_interleave(blocksize)[: weight.numel()].view_as(weight)
+
+
+def decoded(layer):
+    """The 4-bit base weight of a sparse layer, decoded by our reference in float64."""
+    weight = layer.get_base_layer().weight
+    return decode_4bit(weight.data, weight.quant_state)
+
+
+def assert_within_one_quantisation_step(merged, target, quant_type, name):
+    """``merged`` (the decode of the re-quantised weight) is ``target`` rounded to the nearest code of its block.
+
+    Rounding to the nearest code is off by at most half the largest gap between neighbouring codes, relative to the
+    block's absmax ``s``: NF4 0.304 (between -1 and -0.696), FP4 1/3. The decoded scale ``s'`` is ``s`` after the
+    absmax's own 8-bit double quantisation, which moves every decoded element by at most ``|s' - s|`` (up to ~3 % of
+    ``s`` on these models). The element at the absmax decodes to exactly ``±s'`` (both code books hold ±1), so
+    ``s'`` is the absmax of ``merged``'s block.
+    """
+    half_gap = {"nf4": 0.3038 / 2, "fp4": 1 / 6}[quant_type]
+    scale, decoded_scale = block_absmax(target, 64), block_absmax(merged, 64)
+    bound = half_gap * scale + (decoded_scale - scale).abs() + 1e-6
+    assert ((merged - target).abs() <= bound).all(), name
