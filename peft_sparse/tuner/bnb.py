@@ -307,6 +307,11 @@ class Linear8bitLt(_QuantisedSparseLayer):
         base.weight = weight
 
 
+# The bitsandbytes layers supported (see _bnb_types) and their weights' types, by name: a weight of one of these
+# types, on any layer, is quantised (the tuner refuses quantised layers it does not support, naming them).
+QUANTISED_WEIGHT_TYPES = ("Params4bit", "Int8Params")  # Linear4bit's, Linear8bitLt's
+
+
 def _bnb_types() -> tuple[type, type] | None:
     # A bitsandbytes layer exists only once bitsandbytes is imported: a model without one never imports it here.
     bnb = sys.modules.get("bitsandbytes")

@@ -15,21 +15,19 @@ from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, _ge
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .bnb import dispatch_bnb
+from .bnb import QUANTISED_WEIGHT_TYPES, dispatch_bnb
 from .budget import allocate_budget
 from .config import SparseConfig
 from .layer import Linear, SparseLayer
 from .lookup import sparse_layers
 from .registration import PREFIX
 
-_QUANTISED_WEIGHT_TYPES = ("Params4bit", "Int8Params")
-
 
 def _unsupported_reason(layer_name: str, base_layer: nn.Module) -> str | None:
     """Why ``base_layer`` cannot carry a sparse adapter yet, or ``None`` if it can."""
     weight = getattr(base_layer, "weight", None)
     quantised = weight is not None and (
-        type(weight).__name__ in _QUANTISED_WEIGHT_TYPES or not weight.is_floating_point()
+        type(weight).__name__ in QUANTISED_WEIGHT_TYPES or not weight.is_floating_point()
     )
     if isinstance(base_layer, (nn.Linear, Conv1D)) and not quantised:
         return None
