@@ -37,18 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
+    from peft_sparse._memory import process_status_kib
 
-
-def _reset_peak_rss() -> None:
-    """Restart VmHWM from the current RSS (Linux >= 4.0), so the peak measured is that of training alone."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
+    return process_status_kib(field) or 0
 
 
 def _local_bytes(tensor) -> int:
@@ -94,7 +85,9 @@ def worker(args) -> None:
 
     gc.collect()
     rss_wrapped = _status_kib("VmRSS")
-    _reset_peak_rss()
+    from peft_sparse._memory import reset_peak_memory
+
+    reset_peak_memory("cpu")  # the peak measured is that of training alone
     trainable = [p for p in wrapped.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-3)
     generator = torch.Generator().manual_seed(rank)

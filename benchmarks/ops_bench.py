@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from peft_sparse import ops
+from peft_sparse._memory import peak_memory_bytes, reset_peak_memory
 from peft_sparse.ops import reference
 from peft_sparse.ops.dense_rows import sddmm_gather_dense_rows
 
@@ -278,17 +279,14 @@ def steps_peak_memory(step, device: str, steps: int = 3) -> int:
     process's peak resident set on the CPU (run it in a process of its own)."""
     if device == "cuda":
         torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        reset_peak_memory(device)
     for _ in range(steps):
         step()
     _sync(device)
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated()
-    # VmHWM, not getrusage's ru_maxrss: the latter carries over the parent's peak across fork + exec.
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError("VmHWM not found in /proc/self/status")
+    peak = peak_memory_bytes(device)
+    if peak is None:
+        raise RuntimeError("VmHWM not found in /proc/self/status")
+    return peak
 
 
 def add_paired_ratios(results: dict, references: tuple[str, ...]) -> None:

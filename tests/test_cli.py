@@ -744,3 +744,14 @@ def test_the_finetune_table_says_its_loss_columns_are_window_means():
     assert "train loss, mean of the first -> last 8 steps" in text
     assert f"{sum(losses[:8]) / 8:.3f} -> {sum(losses[-8:]) / 8:.3f}" in text  # 36.500 -> 4.500
     assert "train loss, first -> last step |" in finetune.table([record("lora", [2.0, 1.0])])
+
+
+def test_the_peak_memory_count_sees_a_new_allocation():
+    from peft_sparse._memory import peak_memory_bytes, process_status_kib, reset_peak_memory
+
+    reset_peak_memory("cpu")
+    before = peak_memory_bytes("cpu")
+    assert before is not None and before >= process_status_kib("VmRSS") * 1024 * 0.9
+    block = torch.ones(96 * 2**20 // 4)  # 96 MiB, written, so resident
+    assert peak_memory_bytes("cpu") - before >= 64 * 2**20 and float(block[-1]) == 1.0
+    assert finetune.peak_memory_mb("cpu") == pytest.approx(peak_memory_bytes("cpu") / 2**20, rel=0.01)

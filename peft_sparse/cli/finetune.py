@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .._memory import peak_memory_bytes, reset_peak_memory
 from ..tuner.config import SELECTION_METHODS, UPDATE_MODES
 from . import USAGE_ERROR, add_verbose_argument, models
 from . import data as data_module
@@ -194,35 +195,10 @@ def planned_runs(args: argparse.Namespace) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------------------------------- one run
 
 
-def reset_peak_memory(device: str) -> None:
-    """Start the peak-memory count here, so that loading (a GGUF model is de-quantised on load) is left out."""
-    import torch
-
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:  # "5" resets the process's VmHWM to its current RSS (Linux)
-            f.write("5")
-    except OSError:  # not Linux, or not permitted: the peak then includes loading
-        pass
-
-
 def peak_memory_mb(device: str) -> float:
-    """Peak allocated CUDA memory, or on CPU the process's peak resident set (VmHWM): model, activations,
-    gradients, optimizer state and the Python/torch runtime itself."""
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+    """Peak allocated CUDA memory, or on CPU the process's peak resident set (:mod:`peft_sparse._memory`), in MiB."""
+    peak = peak_memory_bytes(device)
+    return float("nan") if peak is None else peak / 2**20
 
 
 def targeted_weights(base) -> int:
