@@ -32,6 +32,7 @@ from torch import nn
 
 from .._distributed import whole
 from ..ops import dequant_scatter_4bit, scatter_add, sparse_linear
+from .config import SparseConfig
 from .layer import SparseLayer
 
 _requantisation_warned = False
@@ -67,9 +68,8 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
         self,
         base_layer: nn.Module,
         adapter_name: str,
-        delta_dtype: torch.dtype | None = None,
+        config: SparseConfig,
         layer_name: str = "",
-        low_rank: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
@@ -77,7 +77,7 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
         self._active_adapter = adapter_name
         # The quantised weight as it was before the first merge (a plain dict: not a parameter, not saved).
         self._premerge: dict[str, Any] = {}
-        self.update_layer(adapter_name, delta_dtype, **(low_rank or {}))
+        self.update_layer(adapter_name, config)
         self.register_load_state_dict_pre_hook(self._load_sparse_state_pre_hook)
 
     # --- what each quantised type provides -------------------------------------------------------------------
@@ -320,7 +320,7 @@ def _bnb_types() -> tuple[type, type] | None:
     return bnb.nn.Linear4bit, bnb.nn.Linear8bitLt
 
 
-def dispatch_bnb(target: nn.Module, adapter_name: str, **kwargs) -> nn.Module | None:
+def dispatch_bnb(target: nn.Module, adapter_name: str, config: SparseConfig, layer_name: str) -> nn.Module | None:
     """A sparse layer for a supported bitsandbytes layer, else ``None``.
 
     Raises:
@@ -333,13 +333,13 @@ def dispatch_bnb(target: nn.Module, adapter_name: str, **kwargs) -> nn.Module | 
     linear4bit, linear8bit = types
     base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
     if isinstance(base_layer, linear4bit):
-        return Linear4bit(target, adapter_name, **kwargs)
+        return Linear4bit(target, adapter_name, config, layer_name=layer_name)
     if isinstance(base_layer, linear8bit):
         if base_layer.state.has_fp16_weights:
             raise TypeError(
-                f"Target module {kwargs.get('layer_name', '')!r} is a bitsandbytes Linear8bitLt with "
+                f"Target module {layer_name!r} is a bitsandbytes Linear8bitLt with "
                 "has_fp16_weights=True, which peft-sparse does not support; load the model with int8 weights "
                 "(BitsAndBytesConfig(load_in_8bit=True))"
             )
-        return Linear8bitLt(target, adapter_name, **kwargs)
+        return Linear8bitLt(target, adapter_name, config, layer_name=layer_name)
     return None

@@ -29,6 +29,7 @@ from torch import nn
 
 from .._distributed import whole
 from ..ops import scatter_add, sparse_linear
+from .config import SparseConfig
 from .indices import check_indices, index_dtype, layer_seed, random_indices
 
 _hooks_warned = False
@@ -108,28 +109,22 @@ class SparseLayer(BaseTunerLayer):
         """Number of entries of the logical ``(out, in)`` weight (the size of the index space)."""
         return self.out_features * self.in_features
 
-    def update_layer(
-        self,
-        adapter_name: str,
-        delta_dtype: torch.dtype | None,
-        inference_mode: bool = False,
-        r: int = 0,
-        lora_alpha: float = 8,
-        init_weights: bool = True,
-        seed: int = 0,
-    ) -> None:
-        """Create an empty (``k = 0``) adapter; :meth:`set_sparse_entries` or :meth:`reset_random` sizes it.
+    def update_layer(self, adapter_name: str, config: SparseConfig, inference_mode: bool = False) -> None:
+        """Create ``config``'s adapter ``adapter_name`` empty (``k = 0``); :meth:`set_sparse_entries` or
+        :meth:`reset_random` sizes it.
 
         The model sizes every layer's adapter only once it knows all targeted layers, because a global budget is
-        split across them. ``delta_dtype=None`` creates float32 values; ``SparseModel._cast_adapter_dtype`` casts
-        them to the base layer's dtype where peft is asked not to autocast (``autocast_adapter_dtype=False``).
+        split across them. With ``config.delta_dtype`` unset the values are float32; ``SparseModel._cast_adapter_dtype``
+        casts them to the base layer's dtype where peft is asked not to autocast (``autocast_adapter_dtype=False``).
 
-        ``r > 0`` adds the low-rank term: ``A`` is drawn as LoRA draws it (Kaiming-uniform, seeded from ``seed`` and
-        the layer's name), ``B`` is zero with ``init_weights`` (the adapter stays the identity), else seeded draws.
+        ``config.r > 0`` adds the low-rank term: ``A`` is drawn as LoRA draws it (Kaiming-uniform, seeded from
+        ``config.seed`` and the layer's name), ``B`` is zero with ``config.init_weights`` (the adapter stays the
+        identity), else seeded draws.
         """
         if adapter_name in self.sparse_values:
             raise ValueError(f"adapter_name {adapter_name!r} already exists in layer {self.layer_name!r}")
         device = self.weight_device
+        delta_dtype = config.torch_delta_dtype
         values_dtype = delta_dtype if delta_dtype is not None else torch.float32
         self.values_dtype[adapter_name] = values_dtype
         self.sparse_indices[adapter_name] = torch.empty(0, dtype=index_dtype(self.num_weight_entries), device=device)
@@ -137,8 +132,10 @@ class SparseLayer(BaseTunerLayer):
         self.sparse_residual_indices[adapter_name] = torch.empty(0, dtype=torch.int64, device=device)
         self.sparse_residual_values[adapter_name] = torch.empty(0, dtype=torch.float32, device=device)
         self.sparse_shape[adapter_name] = torch.tensor(self.logical_shape, dtype=torch.int64, device=device)
-        if r > 0:
-            self._add_low_rank(adapter_name, r, lora_alpha, init_weights, seed, values_dtype, device)
+        if config.r > 0:
+            self._add_low_rank(
+                adapter_name, config.r, config.lora_alpha, config.init_weights, config.seed, values_dtype, device
+            )
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     def _add_low_rank(
@@ -547,16 +544,15 @@ class Linear(nn.Module, SparseLayer):
         self,
         base_layer: nn.Module,
         adapter_name: str,
-        delta_dtype: torch.dtype | None = None,
+        config: SparseConfig,
         layer_name: str = "",
         fan_in_fan_out: bool = False,
-        low_rank: dict[str, Any] | None = None,
         **kwargs,
     ) -> None:
         super().__init__()
         SparseLayer.__init__(self, base_layer, layer_name=layer_name, fan_in_fan_out=fan_in_fan_out, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, delta_dtype, **(low_rank or {}))
+        self.update_layer(adapter_name, config)
         self.register_load_state_dict_pre_hook(self._load_sparse_state_pre_hook)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

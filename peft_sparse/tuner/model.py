@@ -119,12 +119,7 @@ class SparseModel(BaseTuner):
         if current_key is None:
             raise ValueError("current_key must not be None")
         if isinstance(target, SparseLayer):
-            target.update_layer(
-                adapter_name,
-                sparse_config.torch_delta_dtype,
-                inference_mode=sparse_config.inference_mode,
-                **_low_rank_kwargs(sparse_config),
-            )
+            target.update_layer(adapter_name, sparse_config, inference_mode=sparse_config.inference_mode)
             return
         new_module = self._create_new_module(sparse_config, adapter_name, target, current_key)
         if adapter_name not in self.active_adapters:
@@ -135,10 +130,7 @@ class SparseModel(BaseTuner):
     @staticmethod
     def _create_new_module(sparse_config: SparseConfig, adapter_name: str, target: nn.Module, layer_name: str):
         base_layer = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        low_rank = _low_rank_kwargs(sparse_config)
-        quantised = dispatch_bnb(
-            target, adapter_name, delta_dtype=sparse_config.torch_delta_dtype, layer_name=layer_name, low_rank=low_rank
-        )
+        quantised = dispatch_bnb(target, adapter_name, sparse_config, layer_name)
         if quantised is not None:
             return quantised
         reason = _unsupported_reason(layer_name, base_layer)
@@ -156,14 +148,7 @@ class SparseModel(BaseTuner):
                 stacklevel=2,
             )
             sparse_config.fan_in_fan_out = fan_in_fan_out
-        return Linear(
-            target,
-            adapter_name,
-            delta_dtype=sparse_config.torch_delta_dtype,
-            layer_name=layer_name,
-            fan_in_fan_out=fan_in_fan_out,
-            low_rank=low_rank,
-        )
+        return Linear(target, adapter_name, sparse_config, layer_name=layer_name, fan_in_fan_out=fan_in_fan_out)
 
     def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
         """peft's dtype rule for the values, unless ``SparseConfig.delta_dtype`` pins them.
@@ -318,11 +303,6 @@ def _write_concatenated_low_rank(
             target = container[adapter_name]
             target.copy_(torch.cat([b.to(target.device) for b in blocks], dim=dim))
     layer.lora_scaling[adapter_name] = 1.0
-
-
-def _low_rank_kwargs(config: SparseConfig) -> dict:
-    """What a layer needs to build the config's low-rank term (``r = 0``: none)."""
-    return {"r": config.r, "lora_alpha": config.lora_alpha, "init_weights": config.init_weights, "seed": config.seed}
 
 
 def _union_of_targets(adapters: list[str], configs: list[SparseConfig]):
