@@ -51,8 +51,8 @@ from pathlib import Path
 import torch
 from ops_bench import machine, write_section
 
-from peft_sparse.classification import batches, train
 from peft_sparse.cli import data, models
+from peft_sparse.cli.classification import batches, train
 from peft_sparse.cli.finetune import MAX_TOKENS
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from peft_sparse.classification import TrainingDiverged, accuracy, batches, train
-from peft_sparse.cli import build_parser, data, finetune, main, models
+from peft_sparse.cli import build_parser, compare, data, finetune, main, models
+from peft_sparse.cli.classification import TrainingDiverged, accuracy, batches, train
 
 FINETUNE_OPTIONS = [
     "--model",
@@ -198,7 +198,7 @@ def test_output_dir_that_cannot_be_created_at_run_time_gives_one_line(
 ):
     """What the up-front check cannot see (a read-only file system, a folder removed meanwhile) is still one line."""
     (tmp_path / "file").write_text("")
-    monkeypatch.setattr(finetune, "output_dir_problem", lambda output_dir, labels: None)
+    monkeypatch.setattr(compare, "output_dir_problem", lambda output_dir, labels: None)
     with pytest.raises(SystemExit) as exit_info:
         main(
             [
@@ -471,9 +471,9 @@ def test_finetune_both_methods_on_a_tiny_model(tiny_model_dir, jsonl, tmp_path, 
         assert r["num_train"] == 27 and r["num_held_out"] == 9 and r["labels"] == sorted(LABELS)
         assert f"{r['held_out_accuracy']:.1%}" in result.stdout
     assert "| LoRA r=" in result.stdout and "x LoRA)" in result.stdout
-    # step times taken side by side in one process (finetune.time_steps): LoRA against itself is exactly 1
+    # step times taken side by side in one more worker (finetune.time_steps): LoRA against itself is exactly 1
     assert all(r["step_seconds_interleaved"] > 0 and r["step_time_vs_lora"] > 0 for r in runs)
-    assert runs[-1]["step_time_vs_lora"] == 1.0 and runs[0]["timing_rounds"] == finetune.TIMING_ROUNDS
+    assert runs[-1]["step_time_vs_lora"] == 1.0 and runs[0]["timing_rounds"] == compare.TIMING_ROUNDS
     assert (out / "loss_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the workers print only their progress bars: no other package's warnings or deprecation notices
     progress = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
@@ -605,12 +605,12 @@ def test_a_full_disk_at_save_time_still_prints_the_results(tiny_model_dir, jsonl
         str(out),
     ]
     monkeypatch.setattr(PeftModel, "save_pretrained", no_space)
-    record = finetune.run_worker(build_parser().parse_args([*argv, "--worker", "lora"]))  # in this process
+    record = finetune.run_worker(build_parser().parse_args(argv), "lora")  # in this process
     assert record["adapter_dir"] is None and len(record["losses"]) == 2
     assert f"the lora adapter to {out / 'lora'} (No space left on device" in record["adapter_error"]
 
     capsys.readouterr()
-    monkeypatch.setattr(finetune, "run_method", lambda label, argv: (0, json.loads(json.dumps(record))))
+    monkeypatch.setattr(compare, "run_worker_process", lambda cli_argv: (0, json.loads(json.dumps(record))))
     monkeypatch.setattr(Path, "write_text", no_space)
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", no_space)
     assert main(argv) == 1
@@ -717,8 +717,7 @@ def test_the_loss_plots_keep_their_labels_inside_the_figure(command, tmp_path, m
         finetune.plot([{"label": "lora", "losses": losses, "held_out_accuracy": 0.5}], tmp_path / "plot.png")
     else:
         history = [{"step": s + 1, "loss": loss} for s, loss in enumerate(losses)] + [{"step": 40, "eval_loss": 1.7}]
-        record = {"method": "lora", "log_history": history, "label": "LoRA r=8", "selection": None}
-        monkeypatch.setattr(sft, "method_name", lambda r: r["label"])
+        record = {"method": "lora", "log_history": history, "lora_rank": 8, "quantization": ""}
         sft.plot([record], tmp_path / "plot.png")
     (figure,) = saved
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -754,4 +753,4 @@ def test_the_peak_memory_count_sees_a_new_allocation():
     assert before is not None and before >= process_status_kib("VmRSS") * 1024 * 0.9
     block = torch.ones(96 * 2**20 // 4)  # 96 MiB, written, so resident
     assert peak_memory_bytes("cpu") - before >= 64 * 2**20 and float(block[-1]) == 1.0
-    assert finetune.peak_memory_mb("cpu") == pytest.approx(peak_memory_bytes("cpu") / 2**20, rel=0.01)
+    assert compare.peak_memory_mb("cpu") == pytest.approx(peak_memory_bytes("cpu") / 2**20, rel=0.01)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from peft_sparse import SparseLayer
-from peft_sparse.cli import finetune, main, sft
+from peft_sparse.cli import compare, main, sft
 
 # (inflected form, dictionary form): the tiny model learns them; one-word answers, as the built-in base_form task.
 PAIRS = [
@@ -247,7 +247,7 @@ def trainer_for(tiny_dir, data_path, *extra):
         ["--model_name_or_path", str(tiny_dir), "--dataset_name", str(data_path), *FAST, *map(str, extra)]
     )
     data = sft.load_data(script_args, training_args.seed, sparse_args.eval_fraction, sparse_args.max_eval_examples)
-    return sft.build_trainer("sparse", script_args, training_args, model_args, sparse_args, data)[0]
+    return sft.build_trainer("sparse", training_args, model_args, sparse_args, data)[0]
 
 
 def test_trl_masks_the_prompt_of_prompt_completion_data_and_trains_on_all_of_text(tiny_dir, tmp_path):
@@ -337,7 +337,7 @@ def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_
     assert (sparse["learning_rate"], lora["learning_rate"]) == (sft.DEFAULT_LEARNING_RATE, 5e-4)
     for record in (sparse, lora):
         assert (out / record["method"] / "adapter" / "adapter_config.json").is_file()
-        assert record["peak_memory_mb"] > 0 and record["tokens_per_second"] > 0
+        assert record["peak_memory_mb"] > 0 and record["train_tokens"] > 0
         # every optimizer step timed (2 of them, --max_steps), the median over those after the first
         assert len(record["step_seconds"]) == record["steps"] == 2 and min(record["step_seconds"]) > 0
         assert record["step_seconds_median"] == statistics.median(record["step_seconds"][1:])
@@ -353,7 +353,7 @@ def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_
     assert len(table) == 4 and table[2].startswith("| sparse, relative-gradient mask | 8,192 |")
     assert table[3].startswith("| LoRA r=4 | 8,192 |") and "x LoRA)" in table[2]
     # step times taken side by side in one more process (sft.time_steps): LoRA against itself is exactly 1
-    assert lora["step_time_vs_lora"] == 1.0 and sparse["timing_rounds"] == finetune.TIMING_ROUNDS
+    assert lora["step_time_vs_lora"] == 1.0 and sparse["timing_rounds"] == compare.TIMING_ROUNDS
     interleaved = f"{sparse['step_seconds_interleaved'] * 1e3:,.0f} ms ({sparse['step_time_vs_lora']:.2f}x LoRA)"
     assert interleaved in table[2] and "timed side by side in one process" in result.stdout
     assert "step time, median" in table[0]

@@ -77,24 +77,29 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run(argv: list[str]) -> int:
+    from . import compare
+
+    # A worker process (see peft_sparse.cli.compare) is the command re-invoked with `--worker METHOD`, taken out
+    # here, before the command's own parser sees the arguments.
+    worker, argv = compare.split_worker(argv) if argv[:1] in (["sft"], ["finetune"]) else (None, argv)
     if argv[:1] == ["sft"]:
         from . import sft
 
-        return sft.run(argv[1:])
+        return sft.run(argv[1:], worker)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)
         return USAGE_ERROR
     if args.command == "finetune":
-        from ..classification import TrainingDiverged
         from . import data, finetune, models
+        from .classification import TrainingDiverged
 
         problem = finetune.check_arguments(args)
         if problem is not None:
             parser.exit(USAGE_ERROR, f"peft-sparse finetune: error: {problem}\n")
         try:
-            return finetune.run(args, argv[1:])
+            return finetune.run(args, argv[1:], worker)
         except (data.DataError, models.ModelNotFound, finetune.FinetuneError, TrainingDiverged) as err:
             parser.exit(USAGE_ERROR, f"peft-sparse finetune: error: {err}\n")
     from . import bench

@@ -78,7 +78,7 @@ def train(
     Raises:
         TrainingDiverged: when a step's loss, or a trained parameter after the last step, is inf or nan.
     """
-    from .selection import SpIEL, update_mask
+    from ..selection import SpIEL, update_mask
 
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     scheduler = get_linear_schedule_with_warmup(optimizer, num_warmup_steps=0, num_training_steps=steps)

@@ -1,31 +1,23 @@
 """``peft-sparse finetune``: fine-tune a real pretrained model on real labelled text with a sparse adapter and with
 LoRA at the same trainable-parameter count, then compare them.
 
-Each method runs in its own Python process (this one re-invoked with ``--worker``), so that its peak memory is its
-own and nothing one run leaves behind (allocator caches, autograd state) tilts the next. The parent collects each
-run's JSON record (sent on the worker's stdout, not through a file, so that a full disk cannot lose it), prints the
-comparison table, and writes ``results.json`` and ``loss_curves.png`` next to the adapters. What cannot be written
-(e.g. a full disk) is named in one line on stderr after the table, and the exit code is then 1.
+Each method runs in a worker process of its own and their steps are timed side by side at the end
+(:mod:`peft_sparse.cli.compare`); the parent prints the comparison table and writes ``results.json`` and
+``loss_curves.png`` next to the adapters.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-import textwrap
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from .._memory import peak_memory_bytes, reset_peak_memory
+from .._memory import reset_peak_memory
 from ..tuner.config import SELECTION_METHODS, UPDATE_MODES
-from . import USAGE_ERROR, add_verbose_argument, models
+from . import add_verbose_argument, compare, models
 from . import data as data_module
 
 CHOICE_METHODS = ("sparse", "lora", "both")
@@ -36,7 +28,6 @@ MAX_SEED = 2**64 - 1  # torch.manual_seed's range
 # AdamW's first step is lr / (1 - beta1) = 10 x lr, and torch refuses (with a traceback) a step that float32, the
 # trainable parameters' dtype, cannot hold.
 MAX_LR = 3.4028234663852886e38 / 10
-RESULTS_FILE, PLOT_FILE = "results.json", "loss_curves.png"
 
 
 class FinetuneError(Exception):
@@ -125,7 +116,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--no-plot", action="store_true", help="skip loss_curves.png")
     add_verbose_argument(parser)
-    parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: run one method, JSON to stdout
 
 
 def check_arguments(args: argparse.Namespace) -> str | None:
@@ -147,36 +137,7 @@ def check_arguments(args: argparse.Namespace) -> str | None:
         return f"--data {args.data!r} does not exist"
     if args.method == "lora" and args.compare_masks:
         return "--compare-masks needs a sparse method (--method sparse or both), got --method lora"
-    return output_dir_problem(args.output_dir, [label for label, _ in planned_runs(args)])
-
-
-def output_dir_problem(output_dir: str, labels: list[str], option: str = "--output-dir") -> str | None:
-    """Why ``output_dir`` cannot receive the results (None when it can), found without creating anything, so that
-    a run that could not be saved is refused before any training rather than failing after it.
-
-    Each of ``labels`` becomes a folder in it (an adapter), next to the results and the plot; ``option`` is how the
-    message names the command's output-folder option."""
-    path = Path(output_dir)
-    try:
-        for folder in (path, *path.parents):  # the nearest existing one decides; "out/run" is made in "out" or "."
-            if folder.is_dir():
-                if not os.access(folder, os.W_OK | os.X_OK):
-                    where = "" if folder == path else f" cannot be created: {str(folder)!r}"
-                    return f"{option} {output_dir!r}{where} is not writable"
-                break
-            if os.path.lexists(folder):  # a file (or a dangling link) where a folder has to be
-                where = "" if folder == path else f": {str(folder)!r}"
-                return f"{option} {output_dir!r}{where} is a file, not a folder"
-        if path.is_dir():  # what a run writes must not be blocked by something of the other kind already there
-            wanted = [(label, True) for label in labels] + [(RESULTS_FILE, False), (PLOT_FILE, False)]
-            for name, folder_wanted in wanted:
-                existing = path / name
-                if existing.exists() and existing.is_dir() != folder_wanted:
-                    kind = "a file, not a folder" if folder_wanted else "a folder, not a file"
-                    return f"{option} {output_dir!r}: {str(existing)!r} is {kind}"
-    except OSError as err:  # e.g. a parent folder that may not be searched (Path.is_dir raises on EACCES)
-        return f"{option} {output_dir!r} cannot be checked ({err.strerror or err})"
-    return None
+    return compare.output_dir_problem(args.output_dir, [label for label, _ in planned_runs(args)])
 
 
 def planned_runs(args: argparse.Namespace) -> list[tuple[str, str]]:
@@ -193,12 +154,6 @@ def planned_runs(args: argparse.Namespace) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------------- one run
-
-
-def peak_memory_mb(device: str) -> float:
-    """Peak allocated CUDA memory, or on CPU the process's peak resident set (:mod:`peft_sparse._memory`), in MiB."""
-    peak = peak_memory_bytes(device)
-    return float("nan") if peak is None else peak / 2**20
 
 
 def targeted_weights(base) -> int:
@@ -223,31 +178,6 @@ def lora_rank_for(base, density: float) -> tuple[int, int]:
     return rank, rank * per_rank
 
 
-def attempt_write(what: str, path: Path, write: Callable[[], None], left_behind: str = "") -> str | None:
-    """Call ``write``; when it fails with an OSError (a full disk, a read-only or vanished folder), return a phrase
-    naming ``what`` was not written, where and why (and ``left_behind``, what that leaves there), so that the run's
-    results can still be shown. None when it was written."""
-    try:
-        write()
-    except OSError as err:
-        return f"{what} to {path} ({err.strerror or err}{'; ' + left_behind if left_behind else ''})"
-    return None
-
-
-def save_adapter(model, folder: Path) -> None:
-    """Write the trained adapter (peft's ``save_pretrained``) to ``folder``."""
-    model.save_pretrained(folder)
-
-
-def write_results(records: list[dict], path: Path) -> None:
-    """Write every run's record to ``path`` as JSON."""
-    try:
-        path.write_text(json.dumps(records, indent=1))
-    except OSError:
-        path.unlink(missing_ok=True)  # a truncated results.json (or an old one) must not pass for this run's
-        raise
-
-
 def worker_inputs(args: argparse.Namespace):
     """What every worker starts from: (device, data split, model source, tokenizer), with transformers quiet."""
     import torch
@@ -269,16 +199,16 @@ def load_base(args: argparse.Namespace, device: str, dataset, source, tokenizer)
     return base
 
 
-def run_worker(args: argparse.Namespace) -> dict:
-    """Train one method (``args.worker``) and return its record; the adapter goes to ``output_dir/label``."""
+def run_worker(args: argparse.Namespace, label: str) -> dict:
+    """Train one method (``label``, of :func:`planned_runs`) and return its record; the adapter goes to
+    ``output_dir/label``."""
     import torch
     from peft import LoraConfig, get_peft_model
 
     import peft_sparse
 
-    from ..classification import accuracy, batches, train
+    from .classification import accuracy, batches, train
 
-    label = args.worker
     selection = label.split("-", 1)[1] if label.startswith("sparse-") else ""
     torch.manual_seed(args.seed)
     device, dataset, source, tokenizer = worker_inputs(args)
@@ -353,8 +283,11 @@ def run_worker(args: argparse.Namespace) -> dict:
     accuracy_after = accuracy(model, held_out_batches)
     out = Path(args.output_dir) / label
     # A failed save (a full disk) must not lose the finished run: the record still goes back, naming the failure.
-    adapter_error = attempt_write(
-        f"the {label} adapter", out, lambda: save_adapter(model, out), left_behind="what is there is incomplete"
+    adapter_error = compare.attempt_write(
+        f"the {label} adapter",
+        out,
+        lambda: compare.save_adapter(model, out),
+        left_behind="what is there is incomplete",
     )
     return {
         "label": label,
@@ -369,7 +302,7 @@ def run_worker(args: argparse.Namespace) -> dict:
         "selection_seconds": selection_seconds,
         "held_out_accuracy_before": accuracy_before,
         "held_out_accuracy": accuracy_after,
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": compare.peak_memory_mb(device),
         "device": device,
         "adapter_dir": None if adapter_error else str(out),
         "adapter_error": adapter_error,
@@ -381,16 +314,12 @@ def run_worker(args: argparse.Namespace) -> dict:
     }
 
 
-TIMING_WORKER = "timing"
-TIMING_ROUNDS = 6
-
-
 def time_steps(args: argparse.Namespace, labels: list[str]) -> dict:
     """Time the training step of every saved adapter in ``labels`` side by side in this one process
-    (:func:`interleaved_step_times`)."""
+    (:func:`~peft_sparse.cli.compare.interleaved_step_times`)."""
     from peft import PeftModel
 
-    from ..classification import batches
+    from .classification import batches
 
     device, dataset, source, tokenizer = worker_inputs(args)
     batch = next(iter(batches(dataset.train, tokenizer, args.batch_size, MAX_TOKENS)))
@@ -399,56 +328,8 @@ def time_steps(args: argparse.Namespace, labels: list[str]) -> dict:
     for label in labels:
         base = load_base(args, device, dataset, source, tokenizer)
         model = PeftModel.from_pretrained(base, str(Path(args.output_dir) / label), is_trainable=True).train()
-        steps[label] = timed_step(model, batch, device)
-    return interleaved_step_times(steps)
-
-
-def timed_step(model, batch: dict, device: str, autocast_dtype=None) -> Callable[[], float]:
-    """A function that runs one training step of ``model`` on ``batch`` (forward, backward, AdamW on its trainable
-    parameters; under ``torch.autocast`` with ``autocast_dtype``, as the Trainer's bf16/fp16) and returns its wall
-    time in seconds."""
-    import contextlib
-
-    import torch
-
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-6)
-
-    def step() -> float:
-        start = time.perf_counter()
-        autocast = (
-            torch.autocast(device, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext()
-        )
-        with autocast:
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - start
-
-    return step
-
-
-def interleaved_step_times(steps: dict[str, Callable[[], float]]) -> dict:
-    """Run ``steps`` (label -> one timed training step, LoRA's labelled ``"lora"``) interleaved: each round runs one
-    step of each method back to back, so a slow phase of the machine (another job, a throttled core) slows all of
-    them alike. Returns each method's median step time and the median over rounds of its step time divided by
-    LoRA's in the same round, the first round (a warm-up) left out."""
-    times = {label: [] for label in steps}
-    for round_index in range(TIMING_ROUNDS + 1):
-        for label, step in steps.items():
-            seconds = step()
-            if round_index:
-                times[label].append(seconds)
-    return {
-        "rounds": TIMING_ROUNDS,
-        "step_seconds": {label: statistics.median(t) for label, t in times.items()},
-        "vs_lora": {
-            label: statistics.median(a / b for a, b in zip(t, times["lora"], strict=True))
-            for label, t in times.items()
-        },
-    }
+        steps[label] = compare.timed_step(model, batch, device)
+    return compare.interleaved_step_times(steps)
 
 
 # ---------------------------------------------------------------------------------------------------- compare
@@ -494,14 +375,13 @@ def table(records: list[dict]) -> str:
                 memory_cell,
             ]
         )
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return compare.markdown_table(header, rows)
 
 
 def plot(records: list[dict], path: Path) -> None:
     """The loss curves of every run, written to ``path`` (PNG)."""
     ylabel = f"train loss (bold: mean of the last {_window(records[0]['losses'])} steps)"
-    with loss_figure(path, "peft-sparse finetune: equal trainable parameters", ylabel) as axis:
+    with compare.loss_figure(path, "peft-sparse finetune: equal trainable parameters", ylabel) as axis:
         for r in records:
             losses = r["losses"]
             w = _window(losses)
@@ -512,92 +392,16 @@ def plot(records: list[dict], path: Path) -> None:
             axis.plot(range(1, len(losses) + 1), losses, color=line.get_color(), alpha=0.2, linewidth=0.8)
 
 
-YLABEL_WIDTH = 34  # characters per line of a y-axis label: what the 4-inch-high loss figure holds
-
-
-@contextmanager
-def loss_figure(path: Path, title: str, ylabel: str, **legend) -> Iterator:
-    """A matplotlib axis to draw loss curves on (against the optimizer step); on leaving, the figure gets its labels,
-    grid and legend (``legend``: its keyword arguments) and is written to ``path`` (PNG). A failed write leaves no
-    file there: a truncated image, or an old one, must not pass for this run's."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
-    try:
-        yield axis
-        axis.set_xlabel("optimizer step")
-        axis.set_ylabel(textwrap.fill(ylabel, YLABEL_WIDTH))  # one long line runs off the figure's height
-        axis.set_title(title)
-        axis.grid(alpha=0.3)
-        axis.legend(**legend)
-        figure.tight_layout()
-        try:
-            figure.savefig(path)
-        except OSError:
-            path.unlink(missing_ok=True)
-            raise
-    finally:
-        plt.close(figure)
-
-
-def add_interleaved_step_times(records: list[dict], argv: list[str]) -> str | None:
-    """With LoRA and at least one sparse run, time their steps side by side in one more process
-    (:func:`time_steps`) and add ``step_seconds_interleaved`` and ``step_time_vs_lora`` to their records: step times
-    of runs made one after the other are not comparable on a machine whose load changes. Returns why no ratio could
-    be taken, or None (also when an adapter could not be saved: its own error line says so, and the table then shows
-    no ratios)."""
-    if "lora" not in [r["method"] for r in records] or len(records) < 2:
-        return None
-    if any(not r["adapter_dir"] for r in records):  # already named in its own error line; the table shows no ratio
-        return None
-    labels = [r["label"] for r in records]
-    code, timing = run_worker_process(["finetune", *argv, "--worker", f"{TIMING_WORKER}:{','.join(labels)}"])
-    if code != 0:
-        return f"no step-time ratios: the side-by-side timing run failed (exit code {code})"
-    for record in records:
-        if record["label"] in labels:
-            record["step_seconds_interleaved"] = timing["step_seconds"][record["label"]]
-            record["step_time_vs_lora"] = timing["vs_lora"][record["label"]]
-            record["timing_rounds"] = timing["rounds"]
-    return None
-
-
-def run_method(label: str, argv: list[str]) -> tuple[int, dict | None]:
-    """Run one method in its own process: its exit code and, when it succeeded, its record."""
-    return run_worker_process(["finetune", *argv, "--worker", label])
-
-
-def run_worker_process(cli_argv: list[str]) -> tuple[int, dict | None]:
-    """Run ``peft-sparse *cli_argv`` (a worker: see :func:`send_record`) in a fresh Python process, offline: its exit
-    code and, when it succeeded, the JSON record it wrote to stdout. Its stderr (progress, errors) is the user's."""
-    command = [sys.executable, "-m", "_peft_sparse_cli", *cli_argv]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    completed = subprocess.run(command, env=env, stdout=subprocess.PIPE, check=False)
-    if completed.returncode != 0:
-        return completed.returncode, None
-    return 0, json.loads(completed.stdout)
-
-
-def send_record(work: Callable[[], dict]) -> int:
-    """Worker side: call ``work`` and write the record it returns to stdout as JSON, the one thing written there
-    (anything else printed meanwhile, by Python or native code, goes to stderr)."""
-    channel = os.fdopen(os.dup(sys.stdout.fileno()), "w")
-    sys.stdout.flush()
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    record = work()
-    with channel:
-        channel.write(json.dumps(record))
-    return 0
-
-
-def run(args: argparse.Namespace, argv: list[str]) -> int:
-    if args.worker is not None and args.worker.startswith(TIMING_WORKER + ":"):
-        return send_record(lambda: time_steps(args, args.worker.split(":", 1)[1].split(",")))
-    if args.worker is not None:
-        return send_record(lambda: run_worker(args))
+def run(args: argparse.Namespace, argv: list[str], worker: str | None = None) -> int:
+    """``peft-sparse finetune``: ``argv`` is the command's arguments; ``worker`` the method a worker process runs."""
+    labels = [label for label, _ in planned_runs(args)]
+    if worker is not None:
+        problem = compare.worker_problem(worker, labels)
+        if problem is not None:
+            raise FinetuneError(problem)
+        if worker == compare.TIMING_WORKER:
+            return compare.send_record(lambda: time_steps(args, labels))
+        return compare.send_record(lambda: run_worker(args, worker))
     # Fail fast, in this process, on what the workers would otherwise each fail on.
     data_module.load(args.data, args.max_examples, args.seed)
     models.resolve(args.model)
@@ -606,20 +410,16 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:  # what check_arguments cannot see (a read-only file system, a race)
         raise FinetuneError(f"--output-dir {args.output_dir!r} cannot be created ({err.strerror or err})") from None
-    records = []
     start = time.perf_counter()
-    for label, _ in planned_runs(args):
-        code, record = run_method(label, argv)
-        if code == USAGE_ERROR:  # the worker has said why, in one line (a diverged loss, ...)
-            return USAGE_ERROR
-        if code != 0:
-            print(f"peft-sparse finetune: the {label} run failed (exit code {code})", file=sys.stderr)
-            return 1
-        records.append(record)
-    timing_problem = add_interleaved_step_times(records, argv)
+    code, records = compare.run_workers("finetune", argv, labels)
+    if code != 0:
+        return code
+    timing_problem = compare.add_interleaved_step_times(records, "finetune", argv, labels)
     not_written = [r["adapter_error"] for r in records if r["adapter_error"]]
-    results_path, plot_path = output_dir / RESULTS_FILE, output_dir / PLOT_FILE
-    results_error = attempt_write(RESULTS_FILE, results_path, lambda: write_results(records, results_path))
+    results_path, plot_path = output_dir / compare.RESULTS_FILE, output_dir / compare.PLOT_FILE
+    results_error = compare.attempt_write(
+        compare.RESULTS_FILE, results_path, lambda: compare.write_results(records, results_path)
+    )
     first = records[0]
     print(f"\nmodel: {first['model']}")
     print(
@@ -634,7 +434,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     print(table(records))
     if timing_problem:
         print(f"peft-sparse finetune: {timing_problem}", file=sys.stderr)
-    return finish(
+    return compare.finish(
         records,
         results_path,
         results_error,
@@ -643,39 +443,3 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
         time.perf_counter() - start,
         "peft-sparse finetune",
     )
-
-
-def finish(
-    records: list[dict],
-    results_path: Path,
-    results_error: str | None,
-    plot_with,
-    not_written: list[str],
-    wall: float,
-    prog: str,
-) -> int:
-    """The end of a comparison command, after its table: where the adapters and results went, the loss-curve plot
-    (``plot_with``: ``(plot function, path)``, or ``None`` for none), the wall time, and the exit code (1 with one
-    line naming what could not be written, 0 otherwise)."""
-    saved = [r["adapter_dir"] for r in records if r["adapter_dir"]]
-    print(
-        f"\nadapters: {', '.join(saved) or 'none written'}; "
-        f"results: {'not written' if results_error else results_path}"
-    )
-    not_written = not_written + ([results_error] if results_error else [])
-    if plot_with is not None:
-        plot_function, plot_path = plot_with
-        plot_error = attempt_write(PLOT_FILE, plot_path, lambda: plot_function(records, plot_path))
-        if plot_error:
-            not_written.append(plot_error)
-        else:
-            print(f"loss curves: {plot_path}")
-    print(f"wall time: {wall:.0f} s")
-    if not_written:
-        print(
-            f"{prog}: error: could not write {'; '.join(not_written)}; the table above holds the results (exit "
-            "code 1)",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
