@@ -33,7 +33,7 @@ import warnings
 from datetime import date
 from pathlib import Path
 
-from ops_bench import machine, write_section
+from common import machine, write_section
 from sft_quality import GRIDS, LABELS, METHODS, _finite, _ladder, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -98,7 +98,7 @@ def datasets_for(task: str, count: int):
 
 def run(task: str, method: str, lr: float, seed: int, args) -> dict:
     """One training run of ``method`` on ``task``; returns its scores and time."""
-    from peft_sparse.cli.sft import exact_match
+    from peft_sparse.cli.sft.evaluation import exact_match
 
     count, epochs, batch = shape(task, args)
     train, evaluation = datasets_for(task, count)

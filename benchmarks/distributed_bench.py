@@ -171,7 +171,7 @@ def main() -> None:
         worker(args)
         return
 
-        from ops_bench import machine, write_section
+        from common import machine, write_section
 
     results: dict[str, list[list[dict]]] = {"ddp": [], "fsdp": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -54,7 +54,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from ops_bench import _sync, causal_lm_step, machine, seeded_llama, steps_peak_memory, write_section
+from common import causal_lm_step, machine, seeded_llama, steps_peak_memory, sync, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Memory: fits where QLoRA fits (issue 27)"
@@ -408,7 +408,7 @@ def measure(args) -> dict:
     def timed_step():
         start = time.perf_counter()
         step()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - start)
         print(f"  {method} step {len(times)}: {times[-1]:.1f} s", file=sys.stderr, flush=True)
 

@@ -33,7 +33,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from ops_bench import (
+from common import (
     TARGETS,
     add_paired_ratios,
     causal_lm_step,

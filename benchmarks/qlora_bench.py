@@ -28,7 +28,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from ops_bench import add_paired_ratios, machine, median_time, steps_peak_memory, write_section
+from common import add_paired_ratios, machine, median_time, steps_peak_memory, write_section
 from torch import nn
 
 from peft_sparse import ops

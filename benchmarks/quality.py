@@ -49,7 +49,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from ops_bench import machine, write_section
+from common import machine, write_section
 
 from peft_sparse.cli import data, models
 from peft_sparse.cli.classification import batches, train

@@ -43,7 +43,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from ops_bench import machine, write_section
+from common import machine, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -179,7 +179,7 @@ def build_trainer(method: str, lr: float, seed: int, args, train, evaluation, **
 def run(method: str, lr: float, seed: int, split: str, args) -> dict:
     """One training run; returns held-out loss (and exact match on the test split) and timings."""
     from peft_sparse.cli import instructions
-    from peft_sparse.cli.sft import exact_match
+    from peft_sparse.cli.sft.evaluation import exact_match
 
     data = instructions.load(
         seed=0, sizes={"define": (args.train_per_task, 50, 50), "base_form": (args.train_per_task, 50, 100)}

@@ -20,28 +20,14 @@ import statistics
 import time
 
 import torch
+from common import TARGETS, seeded_llama
 from peft import get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from peft_sparse import SparseConfig, SpIEL
 
 VOCAB = 97
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def tiny_llama(seed: int) -> LlamaForCausalLM:
-    """The tests' ``tiny_llama`` (tests/tiny_models.py): 2 layers, hidden 32, MLP 48, 4 heads, 2 key/value heads."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    return LlamaForCausalLM(config).eval()
+# The tests' tiny_llama (tests/tiny_models.py): 2 layers, hidden 32, MLP 48, 4 heads, 2 key/value heads.
+SHAPE = {"hidden": 32, "intermediate": 48, "layers": 2, "heads": 4, "kv_heads": 2, "vocab": VOCAB, "seq": 64}
 
 
 def train(update: str, steps: int, seed: int) -> list[float]:
@@ -55,7 +41,7 @@ def train(update: str, steps: int, seed: int) -> list[float]:
         reselection_rate=0.5,
         seed=seed,
     )
-    model = get_peft_model(tiny_llama(seed), config)
+    model = get_peft_model(seeded_llama(SHAPE, torch.float32, seed).eval(), config)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     spiel = SpIEL(model, optimizer, num_training_steps=steps) if update == "spiel" else None
     model.train()

@@ -655,6 +655,16 @@ def test_bench_runs_the_chosen_scripts_in_order_and_stops_at_a_failure(monkeypat
     assert main(["bench"]) == 1  # ops, then qlora fails
     assert [line.strip() for line in log.read_text().splitlines()] == ["ops", "qlora"]
     assert "qlora_bench.py failed (exit code 3)" in capsys.readouterr().err
+    log.unlink()
+    assert main(["bench", "mask_diagnosis", "spiel_vs_static", "memory", "--write"]) == 0
+    assert log.read_text().splitlines() == ["mask_diagnosis stats", "spiel_vs_static ", "memory --write"]
+
+
+def test_every_benchmark_script_is_reachable_from_peft_sparse_bench():
+    from peft_sparse.cli import bench
+
+    scripts = {path.name for path in bench.benchmarks_dir().glob("*.py")} - {"common.py"}
+    assert scripts == set(bench.SCRIPTS.values())
 
 
 def test_a_hub_name_downloads_unless_offline_and_the_command_leaves_the_setting_alone(tmp_path, monkeypatch):

@@ -21,8 +21,13 @@ SCRIPTS = {
     "memory": "memory.py",
     "sft_quality": "sft_quality.py",
     "capacity": "capacity.py",
+    "model_steps": "model_steps.py",
+    "spiel_vs_static": "spiel_vs_static.py",
+    "mask_diagnosis": "mask_diagnosis.py",
 }
+ARGUMENTS = {"mask_diagnosis": ["stats"]}  # what a script needs besides --repeats / --write
 TAKES_REPEATS = ("ops", "qlora")
+PRINT_ONLY = ("spiel_vs_static", "mask_diagnosis")  # measurements printed, not written to RESULTS.md (no --write)
 DEFAULT = ("ops", "qlora")
 
 
@@ -39,7 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"which benchmarks to run, of {list(SCRIPTS)}; default {list(DEFAULT)} "
         "(quality trains 5 methods x 3 seeds: about 25 minutes on 2 CPU cores; distributed "
         "runs FSDP2 and DDP on 2 processes: about 1.5 minutes; sft_quality and capacity sweep 9 methods' rates "
-        "over 3 seeds: hours on 2 CPU cores, resumable)",
+        "over 3 seeds: hours on 2 CPU cores, resumable; model_steps is meant for a GPU; spiel_vs_static and "
+        "mask_diagnosis print their measurements and take no --write)",
     )
     add_verbose_argument(parser)
     parser.add_argument(
@@ -73,10 +79,10 @@ def run(args: argparse.Namespace) -> int:
     # Each script runs through the console script's quiet wrapper: its own output only, as the other commands print.
     launcher = [] if args.verbose else ["-c", "import sys, _peft_sparse_cli; sys.exit(_peft_sparse_cli.run_script())"]
     for name in dict.fromkeys(args.which or DEFAULT):  # unique, in the given order
-        script = [str(folder / SCRIPTS[name])]
+        script = [str(folder / SCRIPTS[name]), *ARGUMENTS.get(name, [])]
         if args.repeats is not None and name in TAKES_REPEATS:
             script += ["--repeats", str(args.repeats)]
-        if args.write:
+        if args.write and name not in PRINT_ONLY:
             script.append("--write")
         print(f"==== {' '.join(script)}", flush=True)
         command = [sys.executable, *launcher, *script]
