@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 from peft import PeftModel, get_peft_model, get_peft_model_state_dict
-from tiny_models import make_batch, tiny_gpt2
+from tiny_models import MODEL_FAMILIES, make_batch
 from torch import nn
 
 from peft_sparse import SparseConfig, SparseTrainingCallback
@@ -65,12 +65,16 @@ VARIANTS = [
         {"target_modules": ["lin0", "lin1"], "density": 0.1, "r": 2, "lora_alpha": 4, "modules_to_save": ["head"]},
     ),
     ("hybrid conv1d", "gpt2", {"target_modules": ["c_attn", "c_proj"], "density": 0.05, "r": 2}),
+    # the other tiny model families of tests/tiny_models.py: a causal Llama and OPT, a BERT sequence classifier
+    ("llama", "llama", {"target_modules": MODEL_FAMILIES["llama"][1], "density": 0.1}),
+    ("opt", "opt", {"target_modules": MODEL_FAMILIES["opt"][1], "density": 0.1}),
+    ("bert", "bert", {"target_modules": MODEL_FAMILIES["bert"][1], "density": 0.1}),
 ]
 IDS = [name for name, _, _ in VARIANTS]
 
 
 def base_model(kind: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    return mlp(dtype=dtype) if kind == "mlp" else tiny_gpt2().to(dtype).eval()
+    return mlp(dtype=dtype) if kind == "mlp" else MODEL_FAMILIES[kind][0]().to(dtype).eval()
 
 
 def model_inputs(kind: str, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -141,6 +145,9 @@ def test_save_and_load_roundtrip(variant, tmp_path, safe_serialization, low_cpu_
         assert saved[key].dtype == reloaded[key].dtype, key
         torch.testing.assert_close(saved[key], reloaded[key], rtol=0, atol=0)
     assert all(not p.requires_grad for p in loaded.parameters())  # loaded for inference by default
+    trainable = PeftModel.from_pretrained(base_model(kind), tmp_path, is_trainable=True)
+    assert trainable.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
+    assert all(".default" not in key for key in saved)  # saved without the adapter's name, as peft saves LoRA
     assert all(p.device.type != "meta" for p in loaded.parameters())
     assert all(b.device.type != "meta" for b in loaded.buffers())
 
@@ -198,7 +205,7 @@ def test_merge_unmerge_safe_merge_and_merge_and_unload(variant):
     torch.testing.assert_close(output(model, batch), adapted, rtol=1e-5, atol=1e-5)
     model.unmerge_adapter()
     unloaded = model.merge_and_unload(safe_merge=True)
-    assert not sparse_layers(unloaded)
+    assert not sparse_layers(unloaded) and type(unloaded) is type(base_model(kind))
     torch.testing.assert_close(output(unloaded, batch), adapted, rtol=1e-5, atol=1e-5)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import json
 import math
 
 import pytest
@@ -31,17 +30,6 @@ def build(family: str, model_seed: int = 0, **config_kwargs):
     config_kwargs.setdefault("target_modules", targets)
     config_kwargs.setdefault("density", 0.1)
     return get_peft_model(factory(model_seed), SparseConfig(**config_kwargs))
-
-
-def test_zero_delta_is_identity(family):
-    factory, _ = MODEL_FAMILIES[family]
-    batch = make_batch()
-    expected = logits(factory(), batch)
-    model = build(family)
-    assert len(sparse_layers(model)) > 0
-    for _, layer in sparse_layers(model):
-        assert torch.count_nonzero(layer.sparse_values["default"]) == 0
-    torch.testing.assert_close(logits(model, batch), expected, rtol=0, atol=1e-6)
 
 
 def test_layer_state_invariants(family):
@@ -225,30 +213,6 @@ def test_training_changes_outputs_and_lowers_loss(family):
             assert torch.equal(p, frozen[n]), f"frozen parameter {n} changed"
 
 
-def test_save_load_round_trip(family, tmp_path):
-    factory, _ = MODEL_FAMILIES[family]
-    model = build(family, density=0.05)
-    _train(model, steps=3)
-    batch = make_batch(seed=5)
-    expected = logits(model, batch)
-    model.save_pretrained(tmp_path)
-    assert (tmp_path / "adapter_config.json").is_file()
-    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "SPARSE"
-    state = load_file(tmp_path / "adapter_model.safetensors")
-    index_keys = [k for k in state if k.endswith("sparse_indices")]
-    value_keys = [k for k in state if k.endswith("sparse_values")]
-    assert len(index_keys) == len(value_keys) == len(sparse_layers(model))
-    assert all(state[k].dtype == torch.int32 for k in index_keys)
-    assert all(".default" not in k for k in state)
-    loaded = PeftModel.from_pretrained(factory(), tmp_path)
-    torch.testing.assert_close(logits(loaded, batch), expected, rtol=0, atol=0)
-    for (_, a), (_, b) in zip(sparse_layers(model), sparse_layers(loaded)):
-        assert torch.equal(a.sparse_indices["default"], b.sparse_indices["default"])
-    assert not any(p.requires_grad for p in loaded.parameters())
-    trainable = PeftModel.from_pretrained(factory(), tmp_path, is_trainable=True)
-    assert trainable.get_nb_trainable_parameters()[0] == model.get_nb_trainable_parameters()[0]
-
-
 def test_load_adopts_per_layer_sizes_of_the_checkpoint(tmp_path):
     """A checkpoint whose layers have other k than a fresh allocation (as after global salience) loads exactly."""
     model = build("llama", density=0.05)
@@ -343,26 +307,6 @@ def test_loading_onto_a_different_architecture_raises(tmp_path):
         PeftModel.from_pretrained(narrower, tmp_path)
 
 
-def test_merge_unmerge_and_merge_and_unload(family):
-    factory, _ = MODEL_FAMILIES[family]
-    model = build(family, density=0.2)
-    randomize_values(model)
-    batch = make_batch(seed=6)
-    adapted = logits(model, batch)
-    base_weights = {n: layer.get_base_layer().weight.clone() for n, layer in sparse_layers(model)}
-    model.merge_adapter()
-    assert all(layer.merged for _, layer in sparse_layers(model))
-    torch.testing.assert_close(logits(model, batch), adapted, rtol=1e-5, atol=1e-5)
-    model.unmerge_adapter()
-    for name, layer in sparse_layers(model):
-        torch.testing.assert_close(layer.get_base_layer().weight, base_weights[name], rtol=0, atol=1e-6)
-    torch.testing.assert_close(logits(model, batch), adapted, rtol=1e-5, atol=1e-5)
-    merged = model.merge_and_unload()
-    assert not sparse_layers(merged)
-    assert type(merged) is type(factory())
-    torch.testing.assert_close(logits(merged, batch), adapted, rtol=1e-5, atol=1e-5)
-
-
 def test_merged_weight_equals_base_plus_delta():
     model = build("gpt2", density=0.2)
     randomize_values(model)
@@ -374,41 +318,6 @@ def test_merged_weight_equals_base_plus_delta():
     expected = base + delta.view(layer.out_features, layer.in_features).t()
     torch.testing.assert_close(layer.get_base_layer().weight, expected, rtol=0, atol=1e-7)
     torch.testing.assert_close(layer.get_delta_weight("default"), delta.view(layer.out_features, layer.in_features))
-
-
-def test_safe_merge_refuses_non_finite_and_leaves_weight_untouched():
-    model = build("llama")
-    _, layer = sparse_layers(model)[0]
-    with torch.no_grad():
-        layer.sparse_values["default"][0] = float("nan")
-    before = layer.get_base_layer().weight.clone()
-    with pytest.raises(ValueError, match="NaN"):
-        layer.merge(safe_merge=True)
-    assert torch.equal(layer.get_base_layer().weight, before)
-    assert not layer.merged
-
-
-def test_unload_returns_the_base_model():
-    batch = make_batch()
-    expected = logits(tiny_llama(), batch)
-    model = build("llama")
-    randomize_values(model)
-    base = model.unload()
-    assert not sparse_layers(base)
-    torch.testing.assert_close(logits(base, batch), expected, rtol=0, atol=0)
-
-
-def test_disable_adapter_gives_the_base_model(family):
-    factory, _ = MODEL_FAMILIES[family]
-    batch = make_batch(seed=8)
-    expected = logits(factory(), batch)
-    model = build(family, density=0.2)
-    randomize_values(model)
-    adapted = logits(model, batch)
-    assert not torch.allclose(adapted, expected, atol=1e-4)
-    with model.disable_adapter():
-        torch.testing.assert_close(logits(model, batch), expected, rtol=0, atol=1e-6)
-    torch.testing.assert_close(logits(model, batch), adapted, rtol=0, atol=0)
 
 
 def test_multiple_adapters_set_delete_and_trainability():
