@@ -38,8 +38,7 @@ def table(records: list[dict]) -> str:
                 speed += f" ({r['step_time_vs_lora']:.2f}x LoRA)"
             memory += f" ({r['peak_memory_mb'] / lora['peak_memory_mb']:.2f}x LoRA)"
         rows.append(row + [speed, memory])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    return compare.markdown_table(header, rows)
 
 
 def plot(records: list[dict], path: Path) -> None:
