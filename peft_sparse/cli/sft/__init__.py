@@ -37,7 +37,7 @@ from .arguments import (
     parse,
     planned_methods,
 )
-from .data import HeldOutData, load_data
+from .data import HeldOutData, load_data, run_data
 from .evaluation import exact_match
 from .model import load_model, lora_config, resolve_model, sparse_config
 from .report import method_name, plot, report, table
@@ -110,13 +110,7 @@ def _usage_error(message: str) -> int:
 def _run(argv, script_args, training_args, model_args, sparse_args) -> int:
     start = time.perf_counter()
     # Fail fast, here, on what each run would otherwise fail on.
-    data = load_data(
-        script_args,
-        training_args.seed,
-        sparse_args.eval_fraction,
-        sparse_args.max_eval_examples,
-        training_args.dataset_text_field,
-    )
+    data = run_data(script_args, training_args, sparse_args)
     resolve_model(model_args)
     output_dir = Path(training_args.output_dir)
     try:

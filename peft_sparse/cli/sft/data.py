@@ -40,6 +40,18 @@ def load_data(
             datasets_logging.enable_progress_bar()
 
 
+def run_data(script_args, training_args, sparse_args) -> HeldOutData:
+    """:func:`load_data` with the run's seed, held-out share and size and text field, as every process of a run
+    (the parent, each worker, the timing) reads the data."""
+    return load_data(
+        script_args,
+        training_args.seed,
+        sparse_args.eval_fraction,
+        sparse_args.max_eval_examples,
+        training_args.dataset_text_field,
+    )
+
+
 def _load_data(script_args, seed: int, eval_fraction: float, max_eval_examples: int, text_field: str) -> HeldOutData:
     import datasets
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from ..._memory import reset_peak_memory
 from .. import compare, models
 from .arguments import SftError, _one_line, planned_methods
-from .data import HeldOutData, load_data
+from .data import HeldOutData, run_data
 from .evaluation import exact_match
 from .model import load_model, lora_config, quantization, resolve_model, sparse_config
 
@@ -66,13 +66,7 @@ def train_one(method: str, script_args, training_args, model_args, sparse_args, 
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if data is None:
-        data = load_data(
-            script_args,
-            training_args.seed,
-            sparse_args.eval_fraction,
-            sparse_args.max_eval_examples,
-            training_args.dataset_text_field,
-        )
+        data = run_data(script_args, training_args, sparse_args)
     trainer, source = build_trainer(method, training_args, model_args, sparse_args, data)
     timer = step_timer(device)
     trainer.add_callback(timer)
@@ -197,13 +191,7 @@ def time_steps(script_args, training_args, model_args, sparse_args) -> dict:
     from trl import SFTTrainer
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    data = load_data(
-        script_args,
-        training_args.seed,
-        sparse_args.eval_fraction,
-        sparse_args.max_eval_examples,
-        training_args.dataset_text_field,
-    )
+    data = run_data(script_args, training_args, sparse_args)
     source = resolve_model(model_args)
     tokenizer = models.load_tokenizer(models.as_folder(source))
     autocast = torch.bfloat16 if training_args.bf16 else torch.float16 if training_args.fp16 else None
