@@ -18,6 +18,13 @@ for that run only; a `/local` suffix (`relative_gradient/local:1e-2`) selects wi
 * `column_rms`: |G| divided by the RMS of its column's input activations;
 * `sqrt_row_col`: |G| divided by the square root of its row's and column's RMS of |G| (half of `relative_gradient`).
 
+`transfer TASK`: for a text task of `suite.py` (`quotes_de`, `quotes_it`, `memorise`), the dense gradient of the
+linear weights summed over two disjoint sets of 4 training batches (A: texts 0-31, B: 32-63) and over the validation
+texts; for each score, the per-layer (local) top-k at LoRA r=8's density from A and from B, and: the overlap of the
+two masks (random: the density), the share of A's squared gradient the A-mask holds, and the shares of the held-out
+gradient (squared and absolute) it holds (random: the density). A mask that holds little of the held-out gradient
+chose entries that matter only for the batches it was scored on.
+
 `benchmarks/capacity.py` is the full benchmark (SFTTrainer, the callback, 96 steps, rate grids, seeds); this script
 is the quick look that found what to put in it.
 """
@@ -226,9 +233,81 @@ def mask_stats(probe: Probe, mask: str) -> dict:
     }
 
 
+def _sqrt_row_col(grad, **_):
+    magnitude = grad.abs_()
+    rows = magnitude.square().mean(1, keepdim=True).sqrt()
+    cols = magnitude.square().mean(0, keepdim=True).sqrt()
+    return magnitude.div_((rows * cols).sqrt_().add_(1e-12))
+
+
+def transfer(task_name: str) -> dict:
+    """How much of the held-out gradient each mask holds, and how stable it is between two sets of salience batches
+    (see the module's docstring)."""
+    import suite
+    import transformers
+
+    from peft_sparse.cli import models
+    from peft_sparse.selection import salience
+
+    train, evaluation = suite.TASKS[task_name].build()
+    if "text" not in train.column_names or "validation" not in evaluation:
+        raise SystemExit(f"transfer: {task_name} is not a text task with a validation split")
+    source = models.as_folder(models.resolve("smollm2"))
+    tokenizer = models.load_tokenizer(source)
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    model = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
+    model.requires_grad_(False)
+    layers = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head"
+    }
+    for module in layers.values():
+        module.weight.requires_grad_(True)
+
+    def summed_gradient(texts: list[str]) -> dict[str, torch.Tensor]:
+        total = {name: torch.zeros_like(module.weight) for name, module in layers.items()}
+        for start in range(0, len(texts), 8):
+            encoded = tokenizer(
+                texts[start : start + 8], return_tensors="pt", padding=True, truncation=True, max_length=64
+            )
+            labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+            model(**encoded, labels=labels).loss.backward()
+            for name, module in layers.items():
+                total[name] += module.weight.grad
+                module.weight.grad = None
+        return total
+
+    texts = train["text"]
+    first, second = summed_gradient(texts[:32]), summed_gradient(texts[32:64])
+    held_out = summed_gradient(evaluation["validation"]["text"])
+    budget = sum(8 * sum(module.weight.shape) for module in layers.values())
+    density = budget / sum(module.weight.numel() for module in layers.values())
+    scores = {
+        "gradient": salience.METRICS["gradient"].score,
+        "relative_gradient": salience.METRICS["relative_gradient"].score,
+        "sqrt_row_col": _sqrt_row_col,
+    }
+    result = {"task": task_name, "density": density}
+    for score_name, score in scores.items():
+        sums = dict.fromkeys(("overlap", "train_square", "held_out_square", "held_out_abs"), 0.0)
+        for name, module in layers.items():
+            k = round(density * module.weight.numel())
+            mask = score(grad=first[name].clone()).flatten().topk(k).indices
+            other = score(grad=second[name].clone()).flatten().topk(k).indices
+            train_grad, held_grad = first[name].flatten(), held_out[name].flatten()
+            # entry-weighted means over layers of each layer's share
+            sums["overlap"] += torch.isin(mask, other).sum().item()
+            sums["train_square"] += k * (train_grad[mask].square().sum() / train_grad.square().sum()).item()
+            sums["held_out_square"] += k * (held_grad[mask].square().sum() / held_grad.square().sum()).item()
+            sums["held_out_abs"] += k * (held_grad[mask].abs().sum() / held_grad.abs().sum()).item()
+        result[score_name] = {key: value / budget for key, value in sums.items()}
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("what", choices=("stats", "probe"))
+    parser.add_argument("what", choices=("stats", "probe", "transfer"))
     parser.add_argument(
         "runs", nargs="*", help="probe: MASK:LR ...; stats: masks (default: gradient, relative, random)"
     )
@@ -237,6 +316,10 @@ def main() -> None:
 
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
+    if args.what == "transfer":
+        for task in args.runs or ["quotes_de"]:
+            print(json.dumps(transfer(task)), flush=True)
+        return
     probe = Probe()
     if args.what == "stats":
         for mask in args.runs or ["gradient", "relative_gradient", "random"]:

@@ -2,8 +2,8 @@
 may be chosen on them) and *held-out* tasks (reported, never tuned on), every method at LoRA r=8's trainable count
 and at its own best learning rate, three seeds.
 
-    python benchmarks/suite.py run --tasks wordnet quotes_de facts      # sweep + seeds; resumable
-    python benchmarks/suite.py table --write                           # the tables, into RESULTS.md
+    python benchmarks/suite.py run --tasks wordnet quotes_de facts   # sweep + seeds (resumable), then the tables
+    python benchmarks/suite.py table --write                        # the tables of what is recorded, into RESULTS.md
 
 Why a split: version 0.1.0 chose its mask (`relative_gradient`) on the two tasks it was then judged on, and lost
 0.20 nats to LoRA on a task nobody had tuned on. Each kind of task has one tuning and one held-out member, so a
@@ -16,7 +16,7 @@ wordnet        tuning    instruction following: WordNet definitions and dictiona
                          completion loss on words never trained on
 quotes_de      tuning    generalising in a language the model knows little: 240 German quotations (Debian
                          `fortunes-de`), one epoch; loss on unseen quotations
-facts          tuning    capacity: 256 word -> random 4-digit code facts, 4 epochs of 16; loss on the answers (and
+facts          tuning    capacity: 128 word -> random 4-digit code facts, 4 epochs of 16; loss on the answers (and
                          greedy recall) of the trained facts
 hypernyms      held-out  instruction following, another relation: "What is a 'harbor' a kind of?" -> "port"
                          (WordNet hypernyms), completion loss on words never trained on
@@ -166,7 +166,7 @@ def facts_task():
     from capacity import facts
     from datasets import Dataset
 
-    train = Dataset.from_list(facts(256))
+    train = Dataset.from_list(facts(128))
     return train, {"facts": train}
 
 
@@ -212,7 +212,16 @@ TASKS = {
             ("test_loss",),
             8,
         ),
-        Task("facts", "tuning", "capacity", facts_task, "facts_loss", ("facts_loss", "recall"), 16, epochs=4),
+        Task(
+            "facts",
+            "tuning",
+            "capacity: independent facts",
+            facts_task,
+            "facts_loss",
+            ("facts_loss", "recall"),
+            16,
+            epochs=4,
+        ),
         Task(
             "hypernyms",
             "held-out",
@@ -235,7 +244,7 @@ TASKS = {
         Task(
             "memorise",
             "held-out",
-            "memorisation and forgetting",
+            "capacity: memorisation and forgetting",
             memorise_task,
             "fit_loss",
             ("fit_loss", "english_loss"),
@@ -420,16 +429,16 @@ def score(record: dict | None, key: str) -> float:
     return value if value is not None and math.isfinite(value) else math.inf
 
 
-def sweep(store: Store, method: str, compute: bool = True) -> tuple[list[float], float | None]:
-    """(the grid, the best rate) of ``method`` on the store's task at seed 0; with ``compute`` False, only what is
-    recorded (the best is None until the sweep is complete)."""
-    start = METHODS[method][1]
+def sweep(start: tuple[float, ...], get: Callable[[float], dict | None], key: str) -> tuple[list[float], float | None]:
+    """(the grid, the best rate): ``get(lr)`` is seed 0's record at ``lr`` (None: not run yet, then the best is None
+    too), scored by ``key`` (lower is better). A best rate at an edge of the grid extends the grid that way on the
+    1-3-10 ladder, up to two rates beyond ``start``."""
     grid = list(start)
     while True:
-        records = {lr: store.get(method, lr, 0, compute) for lr in grid}
+        records = {lr: get(lr) for lr in grid}
         if any(record is None for record in records.values()):
-            return grid, None
-        best = min(grid, key=lambda lr: score(records[lr], store.task.select))
+            return sorted(grid), None
+        best = min(grid, key=lambda lr: score(records[lr], key))
         if best == max(grid) and len(grid) < len(start) + 2:
             grid.append(ladder(best, up=True))
         elif best == min(grid) and len(grid) < len(start) + 2:
@@ -438,12 +447,16 @@ def sweep(store: Store, method: str, compute: bool = True) -> tuple[list[float],
             return sorted(grid), best
 
 
+def method_sweep(store: Store, method: str, compute: bool = True) -> tuple[list[float], float | None]:
+    return sweep(METHODS[method][1], lambda lr: store.get(method, lr, 0, compute), store.task.select)
+
+
 def run_suite(tasks: list[str], methods: list[str], salience_batches: int) -> None:
     for name in tasks:
         store = Store(TASKS[name], salience_batches)
         store.get("none", 0.0, 0)
         for method in methods:
-            _, best = sweep(store, method)
+            _, best = method_sweep(store, method)
             for seed in SEEDS:
                 store.get(method, best, seed)
 
@@ -497,7 +510,7 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
                 + " | | |"
             )
         for method in methods:
-            grid, best = sweep(store, method, compute=False)
+            grid, best = method_sweep(store, method, compute=False)
             sweep_text = ", ".join(
                 f"{lr:g}: {score(store.find(method, lr, 0), task.select):.3f}"
                 for lr in grid
@@ -528,7 +541,7 @@ def main() -> None:
     )
     parser.add_argument("--salience-batches", type=int, default=4, help="batches of the salience pass")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
-    parser.add_argument("--write", action="store_true", help="table: write it into benchmarks/RESULTS.md")
+    parser.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -538,7 +551,6 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     if args.what == "run":
         run_suite(args.tasks, args.methods, args.salience_batches)
-        return
     text = table(args.tasks, args.methods, args.salience_batches)
     print(text)
     if args.write:

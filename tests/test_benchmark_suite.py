@@ -1,0 +1,91 @@
+"""`benchmarks/suite.py`, the task suite that chooses defaults: its rate rule, its tuning / held-out split and its
+data splits (on the Debian data packages CI installs: fortunes-de, -it, -br, -min and wordnet-base)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import suite
+
+
+def test_the_ladder_steps_one_three_ten_both_ways():
+    assert suite.ladder(3e-3, up=True) == 1e-2
+    assert suite.ladder(1e-2, up=True) == 3e-2
+    assert suite.ladder(3e-4, up=False) == 1e-4
+    assert suite.ladder(1e-4, up=False) == 3e-5
+
+
+def _records(losses: dict[float, float]):
+    calls = []
+
+    def get(lr):
+        calls.append(lr)
+        return None if lr not in losses else {"validation_loss": losses[lr]}
+
+    return get, calls
+
+
+def test_a_best_rate_inside_the_grid_ends_the_sweep():
+    get, calls = _records({1e-3: 2.0, 3e-3: 1.5, 1e-2: 1.8})
+    assert suite.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss") == ([1e-3, 3e-3, 1e-2], 3e-3)
+    assert sorted(set(calls)) == [1e-3, 3e-3, 1e-2]
+
+
+def test_a_best_rate_at_an_edge_extends_the_grid_that_way_at_most_twice():
+    get, _ = _records({1e-3: 2.0, 3e-3: 1.5, 1e-2: 1.2, 3e-2: 1.1, 1e-1: 1.0})
+    grid, best = suite.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss")
+    assert grid == [1e-3, 3e-3, 1e-2, 3e-2, 1e-1] and best == 1e-1  # still at the edge, but no third extension
+    get, _ = _records({1e-4: 1.3, 3e-4: 1.0, 1e-3: 1.2, 3e-3: 1.5, 1e-2: 1.8})
+    assert suite.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss") == ([1e-4, 3e-4, 1e-3, 3e-3, 1e-2], 3e-4)
+
+
+def test_a_diverged_run_never_wins_and_a_missing_run_leaves_no_best():
+    get, _ = _records({3e-4: 2.5, 1e-3: 2.0, 3e-3: float("nan"), 1e-2: float("inf")})
+    assert suite.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss") == ([3e-4, 1e-3, 3e-3, 1e-2], 1e-3)
+    get, _ = _records({1e-3: 2.0, 3e-3: 1.5})
+    assert suite.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss") == ([1e-3, 3e-3, 1e-2], None)
+
+
+def test_every_kind_of_task_has_a_tuning_and_a_held_out_member():
+    kinds: dict[str, set[str]] = {}
+    for task in suite.TASKS.values():
+        kinds.setdefault(task.kind.split(":")[0], set()).add(task.role)
+        assert task.role in ("tuning", "held-out")
+    roles = {task.role for task in suite.TASKS.values()}
+    assert roles == {"tuning", "held-out"}
+    assert sum(task.role == "tuning" for task in suite.TASKS.values()) == 3
+    assert all(found == {"tuning", "held-out"} for found in kinds.values()), kinds
+
+
+@pytest.mark.parametrize("name", ["quotes_de", "quotes_it"])
+def test_quotation_tasks_hold_out_texts_never_trained_on(name):
+    train, evaluation = suite.TASKS[name].build()
+    seen = set(train["text"])
+    assert len(seen) == 240 and set(evaluation) == {"validation", "test"}
+    for split in evaluation.values():
+        assert len(split) == 64 and not seen & set(split["text"])
+    assert not set(evaluation["validation"]["text"]) & set(evaluation["test"]["text"])
+
+
+@pytest.mark.parametrize("name", ["wordnet", "hypernyms"])
+def test_instruction_tasks_hold_out_words_never_trained_on(name):
+    train, evaluation = suite.TASKS[name].build()
+
+    def words(rows):
+        return {row["prompt"][0]["content"].split("'")[1] for row in rows}
+
+    trained = words(train)
+    for split in evaluation.values():
+        assert len(split) >= 100 and not trained & words(split)
+
+
+def test_hypernym_answers_name_another_thing():
+    examples = suite.hypernym_examples()
+    assert len(examples) > 2250
+    for word, example in examples[:500]:
+        assert example["answer"] and example["answer"].lower() != word
+        assert example["completion"][0]["content"] == example["answer"]
