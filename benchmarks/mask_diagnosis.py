@@ -21,9 +21,12 @@ for that run only; a `/local` suffix (`relative_gradient/local:1e-2`) selects wi
 `transfer TASK`: for a text task of `suite.py` (`quotes_de`, `quotes_it`, `memorise`), the dense gradient of the
 linear weights summed over two disjoint sets of 4 training batches (A: texts 0-31, B: 32-63) and over the validation
 texts; for each score, the per-layer (local) top-k at LoRA r=8's density from A and from B, and: the overlap of the
-two masks (random: the density), the share of A's squared gradient the A-mask holds, and the shares of the held-out
-gradient (squared and absolute) it holds (random: the density). A mask that holds little of the held-out gradient
-chose entries that matter only for the batches it was scored on.
+two masks (random: the density), the share of A's squared gradient the A-mask holds, the shares of the held-out
+gradient (squared and absolute) it holds (random: the density), the busiest row's count over the mean row's and the
+share of entries in the busiest 1 % of columns. A mask that holds little of the held-out gradient chose entries that
+matter only for the batches it was scored on. Scores: `gradient`, `relative_gradient`, `sqrt_row_col` (as above),
+`consistency` (|sum g| / sqrt(sum g^2) over the 4 batches), `adam_gain` (|sum g|^2 / sqrt(sum g^2)) and
+`row_balanced` (the gradient's top entries of each row, the same number per row).
 
 `benchmarks/capacity.py` is the full benchmark (SFTTrainer, the callback, 96 steps, rate grids, seeds); this script
 is the quick look that found what to put in it.
@@ -240,6 +243,15 @@ def _sqrt_row_col(grad, **_):
     return magnitude.div_((rows * cols).sqrt_().add_(1e-12))
 
 
+def _top(score, grad: torch.Tensor, square: torch.Tensor, k: int) -> torch.Tensor:
+    """A layer's top-k flat positions by ``score`` (``"row_balanced"``: the same number of entries in every row)."""
+    if score == "row_balanced":
+        rows, cols = grad.shape
+        per_row = grad.abs().topk(max(1, k // rows), dim=1).indices
+        return (per_row + torch.arange(rows)[:, None] * cols).flatten()
+    return score(grad.clone(), square).flatten().topk(k).indices
+
+
 def transfer(task_name: str) -> dict:
     """How much of the held-out gradient each mask holds, and how stable it is between two sets of salience batches
     (see the module's docstring)."""
@@ -265,8 +277,10 @@ def transfer(task_name: str) -> dict:
     for module in layers.values():
         module.weight.requires_grad_(True)
 
-    def summed_gradient(texts: list[str]) -> dict[str, torch.Tensor]:
+    def summed_gradient(texts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(sum over batches of the gradient, sum over batches of its square) per layer."""
         total = {name: torch.zeros_like(module.weight) for name, module in layers.items()}
+        square = {name: torch.zeros_like(module.weight) for name, module in layers.items()}
         for start in range(0, len(texts), 8):
             encoded = tokenizer(
                 texts[start : start + 8], return_tensors="pt", padding=True, truncation=True, max_length=64
@@ -275,33 +289,48 @@ def transfer(task_name: str) -> dict:
             model(**encoded, labels=labels).loss.backward()
             for name, module in layers.items():
                 total[name] += module.weight.grad
+                square[name].addcmul_(module.weight.grad, module.weight.grad)
                 module.weight.grad = None
-        return total
+        return total, square
 
     texts = train["text"]
-    first, second = summed_gradient(texts[:32]), summed_gradient(texts[32:64])
-    held_out = summed_gradient(evaluation["validation"]["text"])
+    (first, first_square), (second, second_square) = summed_gradient(texts[:32]), summed_gradient(texts[32:64])
+    held_out = summed_gradient(evaluation["validation"]["text"])[0]
     budget = sum(8 * sum(module.weight.shape) for module in layers.values())
     density = budget / sum(module.weight.numel() for module in layers.values())
     scores = {
-        "gradient": salience.METRICS["gradient"].score,
-        "relative_gradient": salience.METRICS["relative_gradient"].score,
-        "sqrt_row_col": _sqrt_row_col,
+        "gradient": lambda grad, square: salience.METRICS["gradient"].score(grad=grad),
+        "relative_gradient": lambda grad, square: salience.METRICS["relative_gradient"].score(grad=grad),
+        "sqrt_row_col": lambda grad, square: _sqrt_row_col(grad=grad),
+        # |sum g| / sqrt(sum g^2): how consistent the batches' gradients are (Adam's step direction is reliable)
+        "consistency": lambda grad, square: grad.abs_().div_(square.sqrt().add_(1e-30)),
+        # |sum g|^2 / sqrt(sum g^2): first-order loss decrease of one Adam-like step
+        "adam_gain": lambda grad, square: grad.square_().div_(square.sqrt().add_(1e-30)),
+        # the gradient's top entries of each row, the same number in every row (no row piles up)
+        "row_balanced": "row_balanced",
     }
     result = {"task": task_name, "density": density}
     for score_name, score in scores.items():
-        sums = dict.fromkeys(("overlap", "train_square", "held_out_square", "held_out_abs"), 0.0)
+        sums = dict.fromkeys(
+            ("overlap", "train_square", "held_out_square", "held_out_abs", "busiest_row", "top_columns"), 0.0
+        )
         for name, module in layers.items():
+            rows, cols = module.weight.shape
             k = round(density * module.weight.numel())
-            mask = score(grad=first[name].clone()).flatten().topk(k).indices
-            other = score(grad=second[name].clone()).flatten().topk(k).indices
+
+            mask = _top(score, first[name], first_square[name], k)
+            other = _top(score, second[name], second_square[name], k)
             train_grad, held_grad = first[name].flatten(), held_out[name].flatten()
             # entry-weighted means over layers of each layer's share
             sums["overlap"] += torch.isin(mask, other).sum().item()
             sums["train_square"] += k * (train_grad[mask].square().sum() / train_grad.square().sum()).item()
             sums["held_out_square"] += k * (held_grad[mask].square().sum() / held_grad.square().sum()).item()
             sums["held_out_abs"] += k * (held_grad[mask].abs().sum() / held_grad.abs().sum()).item()
-        result[score_name] = {key: value / budget for key, value in sums.items()}
+            per_row = torch.bincount(mask // cols, minlength=rows).float()
+            per_column = torch.bincount(mask % cols, minlength=cols).float().sort(descending=True).values
+            sums["busiest_row"] += k * (per_row.max() / per_row.mean()).item()
+            sums["top_columns"] += (per_column[: max(1, cols // 100)].sum()).item()
+        result[score_name] = {key: round(value / budget, 4) for key, value in sums.items()}
     return result
 
 
