@@ -47,7 +47,7 @@ import torch
 
 ITALIAN = Path("/usr/share/games/fortunes/it/italia")
 ENGLISH = Path("/usr/share/games/fortunes/wisdom")
-VARIANTS = ("column_rms", "sqrt_row_col")
+VARIANTS = ("column_rms", "sqrt_row_col", "row_balanced")
 
 
 def quotations(path: Path, count: int, max_chars: int = 200) -> list[str]:
@@ -119,10 +119,14 @@ class Probe:
 
 class score_variant:
     """Within the block, the gradient metric scores by a variant (and its probes keep each column's input sum of
-    squares, which ``column_rms`` needs)."""
+    squares, which ``column_rms`` needs). ``row_balanced`` needs the layers' ``density``: it divides ``|G|`` by each
+    row's ``round(density * in)``-th largest entry, so that a layer's top-k takes that many entries from every row
+    (the gradient's strongest of each row), then the next-best ratios."""
 
-    def __init__(self, variant: str | None) -> None:
-        self.variant = variant
+    def __init__(self, variant: str | None, density: float | None = None) -> None:
+        if variant == "row_balanced" and density is None:
+            raise ValueError("score_variant('row_balanced') needs the layers' density")
+        self.variant, self.density = variant, density
 
     def __enter__(self):
         from peft_sparse.selection import salience
@@ -147,6 +151,10 @@ class score_variant:
                 probe = probes[id(grad)]
                 rms = (probe.input_square / probe.rows).sqrt().float()
                 return magnitude.div_(rms + 1e-6 * rms.mean())
+            if self.variant == "row_balanced":
+                per_row = min(magnitude.shape[1], max(1, round(self.density * magnitude.shape[1])))
+                threshold = magnitude.topk(per_row, dim=1).values[:, -1:]
+                return magnitude.div_(threshold.clamp_min_(torch.finfo(magnitude.dtype).tiny))
             rows = magnitude.square().mean(1, keepdim=True).sqrt()
             cols = magnitude.square().mean(0, keepdim=True).sqrt()
             return magnitude.div_((rows * cols).sqrt_().add_(1e-12))

@@ -38,6 +38,7 @@ resumes where it stopped).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import fcntl
 import json
@@ -279,6 +280,11 @@ METHODS = {
         (1e-3, 3e-3, 1e-2),
         "sparse, |G| / sqrt(row RMS x column RMS) mask",
     ),
+    "row_balanced": (
+        {"selection": "gradient", "score_variant": "row_balanced"},
+        (1e-3, 3e-3, 1e-2),
+        "sparse, |G| mask with the same count in every row",
+    ),
     "random": ({"selection": "random"}, SPARSE_GRID, "sparse, random mask"),
     "spiel_ag": (
         {"selection": "random", "update": "spiel", "update_interval": 10, "accumulation_steps": 5},
@@ -291,10 +297,11 @@ METHODS = {
 
 
 def adapter(method: str, base, seed: int, salience_batches: int):
-    """(peft config or None, score variant or None) of ``method`` on ``base``."""
+    """(peft config or None, None or the ``mask_diagnosis.score_variant`` arguments) of ``method`` on ``base``."""
     from peft import LoraConfig
 
     import peft_sparse
+    from peft_sparse.tuner.budget import targeted_linear_shapes
 
     spec = METHODS[method][0]
     if spec == "full":
@@ -305,17 +312,21 @@ def adapter(method: str, base, seed: int, salience_batches: int):
         ), None
     spec = dict(spec)
     variant = spec.pop("score_variant", None)
+    budget = peft_sparse.lora_equivalent_budget(base, r=8, target_modules="all-linear")
     config = peft_sparse.SparseConfig(
         task_type="CAUSAL_LM",
         target_modules="all-linear",
-        num_tunable_weights=peft_sparse.lora_equivalent_budget(base, r=8, target_modules="all-linear"),
+        num_tunable_weights=budget,
         budget="local",
         seed=seed,
         salience_batches=salience_batches,
         selection_max_memory=1 << 34,  # one pass: the same mask, fewer passes
         **spec,
     )
-    return config, variant
+    if variant is None:
+        return config, None
+    total = sum(rows * cols for rows, cols in targeted_linear_shapes(base, "all-linear", task_type="CAUSAL_LM"))
+    return config, (variant, budget / total)
 
 
 # ---------------------------------------------------------------------------------------------------------- the runs
@@ -375,7 +386,7 @@ def run(task: Task, method: str, lr: float, seed: int, salience_batches: int) ->
     )
     start = time.perf_counter()
     if method != "none":
-        with score_variant(variant):
+        with score_variant(*variant) if variant else contextlib.nullcontext():
             trainer.train()
     seconds = time.perf_counter() - start
     metrics = trainer.evaluate()

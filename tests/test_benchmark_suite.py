@@ -89,3 +89,20 @@ def test_hypernym_answers_name_another_thing():
     for word, example in examples[:500]:
         assert example["answer"] and example["answer"].lower() != word
         assert example["completion"][0]["content"] == example["answer"]
+
+
+def test_the_row_balanced_score_gives_every_row_its_strongest_entries():
+    import torch
+    from mask_diagnosis import score_variant
+
+    from peft_sparse.selection import salience
+
+    grad = torch.randn(8, 12, generator=torch.Generator().manual_seed(0)) * torch.logspace(0, 3, 8)[:, None]
+    with score_variant("row_balanced", density=0.25):
+        score = salience.METRICS["gradient"].score(grad=grad.clone())
+    assert salience.METRICS["gradient"].score is salience._gradient  # restored on exit
+    chosen = score.flatten().topk(24).indices
+    rows = chosen // 12
+    assert torch.bincount(rows, minlength=8).tolist() == [3] * 8  # plain |G| would fill the loud rows first
+    expected = grad.abs().topk(3, dim=1).indices + torch.arange(8)[:, None] * 12
+    assert set(chosen.tolist()) == set(expected.flatten().tolist())
