@@ -124,9 +124,7 @@ class SparseTrainingCallback(TrainerCallback):
             model, self._batches(), loss_fn=self.loss_fn, adapter_name=adapter_name, keep_layer_sizes=world_size() > 1
         )
         _match_optimizer_to_entries(optimizer, layers, adapter_name)
-        self._record(
-            state, {"sparse/selected_entries": float(report.total), "sparse/selection_seconds": report.seconds}
-        )
+        self._record(state, {"sparse/selected_entries": float(report.total), **report.log_entries("selection")})
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
         if not self._gradients_checked and model is not None:
@@ -157,7 +155,7 @@ class SparseTrainingCallback(TrainerCallback):
             report = update_mask(
                 model, self._batches(), optimizer=optimizer, loss_fn=self.loss_fn, adapter_name=adapter_name
             )
-            self._record(state, {"sparse/moved": float(report.total), "sparse/update_seconds": report.seconds})
+            self._record(state, {"sparse/moved": float(report.total), **report.log_entries("update")})
         return control
 
     def on_save(self, args, state, control, **kwargs):

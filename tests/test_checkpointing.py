@@ -297,6 +297,8 @@ def trained_with_callback(tmp_path, **arguments):
     trainer.train()
     log = sparse_log(trainer)
     assert len(log) == 2 and "sparse/selected_entries" in log[0] and "sparse/moved" in log[1]
+    assert log[1]["sparse/update_forward_backward"] == log[1]["sparse/update_passes"] * log[1]["sparse/update_batches"]
+    assert log[1]["sparse/update_passes"] >= 1
     return sparse_state(model)
 
 

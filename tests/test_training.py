@@ -19,6 +19,13 @@ def test_callback_selects_the_mask_at_train_begin_and_the_optimizer_trains_it(tm
     trainer.train()
     log = sparse_log(trainer)
     assert len(log) == 1 and log[0]["step"] == 0 and log[0]["sparse/selected_entries"] > 0
+    # selection's cost is logged: passes x batches forward+backward passes, and its wall time
+    entry = log[0]
+    assert entry["sparse/selection_passes"] >= 1 and entry["sparse/selection_batches"] >= 1
+    assert entry["sparse/selection_forward_backward"] == (
+        entry["sparse/selection_passes"] * entry["sparse/selection_batches"]
+    )
+    assert entry["sparse/selection_seconds"] > 0
     final = sparse_state(model)
     assert any(not torch.equal(final[name][0], initial[name][0]) for name in final)  # a new mask
     # ... and the optimizer trained the new values parameters (a global budget may leave some layers at k = 0)

@@ -41,6 +41,22 @@ class SelectionReport:
     def total(self) -> int:
         return sum(self.per_layer.values())
 
+    @property
+    def forward_backward_passes(self) -> int:
+        """Forward and backward passes over a salience batch: ``passes x num_batches`` (selection's cost in
+        training-step equivalents, when the salience batches are the size of a training batch)."""
+        return self.passes * self.num_batches
+
+    def log_entries(self, prefix: str) -> dict[str, float]:
+        """What the training callback logs of this selection or update, under ``prefix`` (``"selection"`` or
+        ``"update"``): wall time, passes, batches and forward+backward passes."""
+        return {
+            f"sparse/{prefix}_seconds": self.seconds,
+            f"sparse/{prefix}_passes": float(self.passes),
+            f"sparse/{prefix}_batches": float(self.num_batches),
+            f"sparse/{prefix}_forward_backward": float(self.forward_backward_passes),
+        }
+
 
 def select_mask(
     model: nn.Module,
