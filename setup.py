@@ -6,7 +6,8 @@ torch (an isolated build environment would download its own, multi-GB torch). Wi
 build of the same sources at first use, then to the pure-PyTorch reference.
 
 The CUDA kernels are added (``CUDAExtension``) when torch was built with CUDA and ``nvcc`` is found; set
-``PEFT_SPARSE_BUILD_CUDA=0`` to skip them, and ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``) to choose GPUs.
+``PEFT_SPARSE_BUILD_CUDA=0`` to skip them, and ``TORCH_CUDA_ARCH_LIST`` (e.g. ``"8.0;9.0"``) to choose GPUs; where
+none is set and no GPU is visible (a Docker build), they are built for ``DEFAULT_CUDA_ARCH_LIST``.
 
 The sources stay in the top-level ``csrc/``; ``build_py`` copies them into the built package as
 ``peft_sparse/_csrc/`` (package data), so that an installed wheel can JIT-build them, and the CuPy path compile
@@ -26,6 +27,21 @@ ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 SOURCE_PATTERNS = ("*.h", "*.cpp", "*.cu")  # also in MANIFEST.in, which puts them in the sdist
 SHIPPED_SOURCES = Path("peft_sparse", "_csrc")  # the package-data copy, relative to the build directory
+
+
+# The GPUs the CUDA kernels are built for where none is visible at build time (a Docker build, a CI runner) and
+# TORCH_CUDA_ARCH_LIST is unset: Turing (T4), Ampere (A100, A10, RTX 30), Ada (L4, L40, RTX 40), Hopper (H100, H200),
+# and PTX of the last for newer GPUs to JIT. Without it torch's own default fails there (an IndexError in
+# cpp_extension, which looks for the visible GPUs' architectures).
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;8.6;8.9;9.0+PTX"
+
+
+def cuda_arch_list(environ, visible_gpus: int) -> str | None:
+    """The ``TORCH_CUDA_ARCH_LIST`` to set for the build: ``None`` where the user chose one or a GPU is visible
+    (torch then builds for the GPUs it sees), else :data:`DEFAULT_CUDA_ARCH_LIST`."""
+    if environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or visible_gpus > 0:
+        return None
+    return DEFAULT_CUDA_ARCH_LIST
 
 
 def _flag(name: str, default: str = "1") -> bool:
@@ -55,6 +71,14 @@ def _extensions():
         and (cpp_extension.CUDA_HOME is not None or shutil.which("nvcc") is not None)
     )
     if with_cuda:
+        arch_list = cuda_arch_list(os.environ, torch.cuda.device_count())
+        if arch_list is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
+            print(
+                f"peft-sparse: no GPU visible and TORCH_CUDA_ARCH_LIST unset: building the CUDA kernels for {arch_list} "
+                "(set TORCH_CUDA_ARCH_LIST to choose, PEFT_SPARSE_BUILD_CUDA=0 to skip them)",
+                file=sys.stderr,
+            )
         sources += [str(p.relative_to(ROOT)) for p in (CSRC / "cuda" / "ops_cuda.cpp", CSRC / "cuda" / "kernels.cu")]
         extension = cpp_extension.CUDAExtension(
             "peft_sparse._C",

@@ -136,3 +136,29 @@ def test_cpu_sources_build_for_aarch64(tmp_path):
     for source, process in zip(sources, compiles, strict=True):
         _, stderr = process.communicate(timeout=600)
         assert process.returncode == 0, f"{source}:\n{stderr[-4000:]}"
+
+
+def _setup_namespace() -> dict:
+    """setup.py's module-level constants and functions, without running ``setup()`` (its last statement)."""
+    import ast
+
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    keep = [node for node in tree.body if isinstance(node, (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.Assign))]
+    namespace: dict = {"__file__": str(ROOT / "setup.py")}
+    exec(compile(ast.Module(body=keep, type_ignores=[]), "setup.py", "exec"), namespace)  # noqa: S102
+    return namespace
+
+
+def test_a_cuda_build_without_a_visible_gpu_gets_a_documented_architecture_list():
+    setup = _setup_namespace()
+    default = setup["DEFAULT_CUDA_ARCH_LIST"]
+    # a Docker build or CI runner: CUDA torch and nvcc, no GPU, no TORCH_CUDA_ARCH_LIST (torch's own default raised
+    # IndexError there)
+    assert setup["cuda_arch_list"]({}, visible_gpus=0) == default
+    assert setup["cuda_arch_list"]({"TORCH_CUDA_ARCH_LIST": "  "}, visible_gpus=0) == default
+    # the user's choice, or the visible GPUs, decide otherwise
+    assert setup["cuda_arch_list"]({"TORCH_CUDA_ARCH_LIST": "9.0"}, visible_gpus=0) is None
+    assert setup["cuda_arch_list"]({}, visible_gpus=1) is None
+    archs = [arch.removesuffix("+PTX") for arch in default.split(";")]
+    assert all(float(arch) >= 7.5 for arch in archs) and default.endswith("+PTX")  # CUDA 13 dropped sm < 75
+    assert "DEFAULT_CUDA_ARCH_LIST" in (ROOT / "README.md").read_text()
