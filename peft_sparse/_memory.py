@@ -1,7 +1,10 @@
-"""Peak memory of this process, as the command line and the benchmarks measure it: peak allocated CUDA memory on a
-GPU; on a CPU the process's peak resident set (``VmHWM`` in ``/proc/self/status``, Linux), which counts the model,
-activations, gradients, optimizer state and the Python/torch runtime itself. ``getrusage``'s ``ru_maxrss`` is not
-used: it carries the parent's peak over ``fork`` + ``exec``."""
+"""Memory as the library, the command line and the benchmarks read it.
+
+Peak memory of this process: peak allocated CUDA memory on a GPU; on a CPU the process's peak resident set (``VmHWM``
+in ``/proc/self/status``, Linux), which counts the model, activations, gradients, optimizer state and the
+Python/torch runtime itself. ``getrusage``'s ``ru_maxrss`` is not used: it carries the parent's peak over ``fork`` +
+``exec``. Free memory (:func:`free_memory_bytes`): what a device can still give, which selection's default budget
+is taken from."""
 
 from __future__ import annotations
 
@@ -42,3 +45,23 @@ def peak_memory_bytes(device: str) -> int | None:
         return torch.cuda.max_memory_allocated()
     peak = process_status_kib("VmHWM")
     return None if peak is None else peak * 1024
+
+
+def free_memory_bytes(device) -> int | None:
+    """Bytes ``device`` can still give this process: on a GPU the driver's free memory plus what PyTorch's caching
+    allocator holds unused; on a CPU the kernel's ``MemAvailable`` (``/proc/meminfo``, Linux). None where unknown."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    if device.type != "cpu":
+        return None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:  # not Linux
+        pass
+    return None

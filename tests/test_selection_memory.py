@@ -20,7 +20,7 @@ from peft_sparse import SparseConfig, select_mask, update_mask
 from peft_sparse.selection import select_top_k
 from peft_sparse.selection.select import salience_scores, tie_generators
 from peft_sparse.selection.topk import RunningTopK
-from peft_sparse.tuner.lookup import sparse_layers
+from peft_sparse.tuner.lookup import resolve_adapter, sparse_layers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
 GROUPED_METRICS = [
@@ -53,10 +53,11 @@ def _model(**config):
 
 
 def _whole_model_choice(model, batches, budget: str):
-    """The mask by the whole-model path: every score at once, one exact top-k (global) or one per layer."""
-    adapter = "default"
-    layers = sparse_layers(model.base_model, adapter)
-    config = model.peft_config[adapter]
+    """The mask by the whole-model path: every score at once, one exact top-k (global) or one per layer. The layers
+    are named from the module select_mask names them from (the tie-breaks are seeded by the name: on CPUs where a
+    metric ties, a name from another root gave other tie-breaks and another mask)."""
+    root, adapter, config = resolve_adapter(model, None, "test")
+    layers = sparse_layers(root, adapter)
     scores = salience_scores(model, batches)
     ties = tie_generators(config, layers)
     counts = [layer.sparse_indices[adapter].numel() for _, layer in layers]
@@ -65,7 +66,8 @@ def _whole_model_choice(model, batches, budget: str):
         chosen = select_top_k(ordered, sum(counts), ties)
     else:
         chosen = [select_top_k([s], c, [g])[0] for s, c, g in zip(ordered, counts, ties)]
-    return {name: c for (name, _), c in zip(layers, chosen)}
+    names = [name for name, _ in sparse_layers(model.base_model, adapter)]  # the keys _selected uses, same order
+    return dict(zip(names, chosen, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,3 +271,56 @@ def test_dynamic_updates_under_a_budget_move_the_same_entries():
     assert roomy.passes == 1 and tight.passes == len(expected) and roomy.total > 0
     assert roomy.per_layer == tight.per_layer
     assert all(torch.equal(expected[n], got[n]) for n in expected)
+
+
+def _free_memory(monkeypatch, free: int | None) -> None:
+    from peft_sparse.selection import select
+
+    monkeypatch.setattr(select, "free_memory_bytes", lambda device: free)
+
+
+def test_the_default_budget_is_one_pass_wherever_the_free_memory_allows(monkeypatch, caplog):
+    from peft_sparse.selection import select
+
+    exact = _model(selection="gradient")
+    select_mask(exact, _batches(), max_memory=2**40)
+    _free_memory(monkeypatch, 2**40)
+    roomy_model = _model(selection="gradient")
+    with caplog.at_level("WARNING", logger="peft_sparse.selection.select"):
+        roomy = select_mask(roomy_model, _batches())
+    assert roomy.passes == 1 and not caplog.records
+    # it takes what one pass needs, not half of the free memory
+    assert roomy.max_memory < 2**30 and roomy.max_memory >= roomy.extra_memory_bytes
+    assert all(torch.equal(_selected(exact)[n], _selected(roomy_model)[n]) for n in _selected(exact))
+    # unknown free memory: the floor, as before
+    _free_memory(monkeypatch, None)
+    model = _model(selection="gradient")
+    counts = [layer.sparse_indices["default"].numel() for _, layer in sparse_layers(model.base_model, "default")]
+    floor = select.default_max_memory(
+        sparse_layers(model.base_model, "default"), select.METRICS["gradient"], torch.float32, counts, one_top_k=False
+    )
+    assert select_mask(model, _batches()).max_memory == floor
+
+
+def test_where_memory_is_tight_the_default_splits_and_says_what_it_costs(monkeypatch, caplog):
+    from peft_sparse.selection import select
+
+    _free_memory(monkeypatch, 1)  # nothing free: the floor, which splits this model's layers into groups
+    monkeypatch.setattr(select, "MIN_DEFAULT_ACCUMULATOR_BYTES", 1)
+    expected = _model(selection="gradient")
+    select_mask(expected, _batches(), max_memory=2**40)
+    model = _model(selection="gradient")
+    with caplog.at_level("WARNING", logger="peft_sparse.selection.select"):
+        report = select_mask(model, _batches())
+    assert report.passes > 1
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert (
+        f"{report.passes} passes over 2 batches ({2 * report.passes} forward+backward passes instead of 2)" in message
+    )
+    assert "SparseConfig.selection_max_memory=" in message and "one pass" in message
+    needed = int(message.split("selection_max_memory=")[1].split()[0])
+    caplog.clear()
+    assert select_mask(_model(selection="gradient", selection_max_memory=needed), _batches()).passes == 1
+    assert not caplog.records  # a budget the user chose is not second-guessed
+    assert all(torch.equal(_selected(expected)[n], _selected(model)[n]) for n in _selected(expected))

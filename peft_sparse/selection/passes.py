@@ -254,15 +254,23 @@ def plan_groups(
     return ScoringPlan(groups, budget, passes)
 
 
-def smallest_budget(layers, metric, accumulation_dtype: torch.dtype, candidate_bytes: int) -> int:
-    """The least ``max_memory`` that works: the candidates plus one layer's accumulators and scoring (GRaSP: all
-    layers' accumulators, which it needs at once)."""
+def one_pass_budget(layers, metric, accumulation_dtype: torch.dtype, candidate_bytes: int) -> int:
+    """The ``max_memory`` that scores every layer in one pass: the candidates, every layer's accumulators and the
+    largest layer's scoring."""
     held = accumulator_bytes_per_weight(metric, accumulation_dtype)
     scoring = scoring_bytes_per_weight(metric, accumulation_dtype)
     sizes = [layer.num_weight_entries for _, layer in layers]
+    return candidate_bytes + held * sum(sizes) + scoring * max(sizes)
+
+
+def smallest_budget(layers, metric, accumulation_dtype: torch.dtype, candidate_bytes: int) -> int:
+    """The least ``max_memory`` that works: the candidates plus one layer's accumulators and scoring (GRaSP: all
+    layers' accumulators, which it needs at once)."""
     if metric.needs_hessian:
-        return candidate_bytes + held * sum(sizes) + scoring * max(sizes)
-    return candidate_bytes + max(sizes) * (held + scoring)
+        return one_pass_budget(layers, metric, accumulation_dtype, candidate_bytes)
+    held = accumulator_bytes_per_weight(metric, accumulation_dtype)
+    scoring = scoring_bytes_per_weight(metric, accumulation_dtype)
+    return candidate_bytes + max(layer.num_weight_entries for _, layer in layers) * (held + scoring)
 
 
 def layer_scores(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -10,18 +11,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._distributed import is_sharded, whole
+from .._distributed import is_sharded, whole, world_size
+from .._memory import free_memory_bytes
 from ..tuner.budget import allocate_budget
 from ..tuner.config import SparseConfig
 from ..tuner.indices import index_dtype, layer_seed
 from ..tuner.layer import SparseLayer
 from ..tuner.lookup import resolve_adapter, sparse_layers
-from .passes import layer_scores, plan_groups, salience_batches, smallest_budget
+from .passes import layer_scores, one_pass_budget, plan_groups, salience_batches, smallest_budget
 from .reassign import move_entries, reassign_entries
 from .salience import METRICS
 from .topk import RunningTopK
 
 __all__ = ["SelectionReport", "salience_scores", "select_mask", "update_mask"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -172,22 +176,46 @@ def select_mask(
 # more than 0.25 k once the set is full). The report's extra_memory_bytes counts what it really held.
 CANDIDATE_BYTES_PER_ENTRY = 12
 # What a training step adds per entry over what exists at selection time (the values and indices already do): the
-# fp32 gradient and two AdamW moments. The default budget gives the accumulators that much.
+# fp32 gradient and two AdamW moments. The default budget gives the accumulators at least that much.
 TRAINING_STATE_BYTES_PER_ENTRY = 12
-# ... but never less than this for the accumulators: below it memory limits no one, while every extra group costs a
-# pass over the salience batches (a small model is then scored in one pass, as before budgets existed).
+# ... and never less than this: below it memory limits no one, while every extra group costs a pass over the salience
+# batches.
 MIN_DEFAULT_ACCUMULATOR_BYTES = 64 * 2**20
+# Of the memory the device has free when selection starts, the share the default budget may take for one pass: the
+# rest stays for the salience passes' own forward and backward (about a training step's activations), the allocator's
+# slack and whatever else runs.
+FREE_MEMORY_SHARE = 0.5
 
 
-def default_max_memory(layers, metric, accumulation_dtype: torch.dtype, counts: list[int], one_top_k: bool) -> int:
-    """The budget selection gets when none is given: the candidate set, plus room for the groups' accumulators as
+def default_max_memory(
+    layers, metric, accumulation_dtype: torch.dtype, counts: list[int], one_top_k: bool, free_bytes: int | None = None
+) -> int:
+    """The budget selection gets when none is given. One pass over the salience batches wherever
+    ``FREE_MEMORY_SHARE`` of ``free_bytes`` (what the device has free) holds every layer's accumulators; otherwise as
+    much of that share as there is, but never less than the floor: the candidate set plus room for accumulators as
     large as what training adds per entry (``TRAINING_STATE_BYTES_PER_ENTRY``: gradient and AdamW moments, at least
-    ``MIN_DEFAULT_ACCUMULATOR_BYTES``), so that selection holds about what a training step holds besides its
-    activations; never less than the smallest workable budget (the largest layer; GRaSP: every layer at once)."""
+    ``MIN_DEFAULT_ACCUMULATOR_BYTES``), and the smallest workable budget (the largest layer; GRaSP: every layer at
+    once). ``free_bytes=None`` (unknown) gives the floor."""
     candidates = _candidate_bytes(counts, one_top_k)
     smallest = smallest_budget(layers, metric, accumulation_dtype, candidates)
     room = max(TRAINING_STATE_BYTES_PER_ENTRY * sum(counts), MIN_DEFAULT_ACCUMULATOR_BYTES)
-    return max(smallest, candidates + room)
+    floor = max(smallest, candidates + room)
+    if free_bytes is None:
+        return floor
+    one_pass = one_pass_budget(layers, metric, accumulation_dtype, candidates)
+    return max(floor, min(one_pass, int(FREE_MEMORY_SHARE * free_bytes)))
+
+
+def _free_bytes(layers, adapter_name: str) -> int | None:
+    """What the layers' device has free, the least over ranks under torch.distributed (every rank must plan the same
+    layer groups: their accumulators are summed group by group); None where any rank cannot tell."""
+    device = layers[0][1].sparse_values[adapter_name].device
+    free = free_memory_bytes(device)
+    if world_size() > 1:
+        least = torch.tensor([-1 if free is None else free], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(least, op=torch.distributed.ReduceOp.MIN)
+        free = None if least.item() < 0 else int(least.item())
+    return free
 
 
 def _candidate_bytes(counts: list[int], one_top_k: bool) -> int:
@@ -219,12 +247,32 @@ def _choose(
     batches = salience_batches(passes.data, passes.num_batches, config, metric, caller)
     dtype = passes.accumulation_dtype
     max_memory = config.selection_max_memory if passes.max_memory is None else passes.max_memory
+    free = None
     if max_memory is None:
-        max_memory = default_max_memory(layers, metric, dtype, counts, one_top_k)
+        free = _free_bytes(layers, adapter_name) if metric.needs_data else None
+        max_memory = default_max_memory(layers, metric, dtype, counts, one_top_k, free)
     elif isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory <= 0:
         raise ValueError(f"{caller}: max_memory must be a positive int (bytes) or None, got {max_memory!r}")
     candidates = _candidate_bytes(counts, one_top_k)
     plan = plan_groups(layers, metric, dtype, candidates, max_memory, passes.layers_per_pass, caller)
+    num_batches = 0 if batches is None else len(batches)
+    if free is not None and len(plan.groups) > 1 and passes.layers_per_pass is None:
+        needed = one_pass_budget(layers, metric, dtype, candidates)
+        logger.warning(
+            "%s: memory is tight (%.2f GiB free): the %d layers are scored in %d groups, %d passes over %d batches "
+            "(%d forward+backward passes instead of %d); SparseConfig.selection_max_memory=%d (%.2f GiB) would "
+            "score them in one pass",
+            caller,
+            free / 2**30,
+            len(layers),
+            len(plan.groups),
+            plan.passes,
+            num_batches,
+            plan.passes * num_batches,
+            plan.passes // len(plan.groups) * num_batches,
+            needed,
+            needed / 2**30,
+        )
     if one_top_k:
         running = RunningTopK(sum(counts), ties)
         held = lambda: running.nbytes
@@ -243,7 +291,7 @@ def _choose(
         del score
     if one_top_k:
         chosen = running.result()
-    report.num_batches = 0 if batches is None else len(batches)
+    report.num_batches = num_batches
     report.passes = plan.passes
     report.max_memory = plan.budget
     report.extra_memory_bytes = plan.peak_bytes

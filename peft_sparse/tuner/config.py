@@ -96,12 +96,14 @@ class SparseConfig(PeftConfig):
         selection_max_memory (`Optional[int]`):
             Bytes that mask selection (``select_mask``, and ``update_mask`` for ``update="dynamic"``) may hold beyond
             the model and one batch's activations: its dense gradient accumulators (4 bytes per weight of the layers
-            scored in one pass), one layer's scoring temporaries and the running top-k's candidate set. Layers are
-            scored in groups that fit, one pass over the salience batches per group; the chosen mask does not depend
-            on it. ``None`` (default): next to the candidate set, room for accumulators as large as what training
-            adds per entry (12 bytes: the gradient and two AdamW moments), at least 64 MiB, and never less than the
-            largest layer needs (see :func:`peft_sparse.selection.select.default_max_memory`). A value too small
-            for the largest layer is refused at selection, naming the smallest workable one.
+            scored in one pass), one layer's scoring temporaries and the top-k's chosen entries. Layers are scored in
+            groups that fit, one pass over the salience batches per group; the chosen mask does not depend on it.
+            ``None`` (default): one pass wherever half of the memory the device has free (``MemAvailable`` on a CPU,
+            ``torch.cuda.mem_get_info`` on a GPU; the least over ranks) holds every layer's accumulators; where it
+            does not, as much as that half, but never less than the candidates plus 12 bytes per entry (what
+            training adds), at least 64 MiB, and the largest layer, and a warning says how many passes that costs and
+            which value gives one pass (see :func:`peft_sparse.selection.select.default_max_memory`). A value too
+            small for the largest layer is refused at selection, naming the smallest workable one.
         regrow (`str`):
             SpIEL regrowth criterion: ``"gradient"`` (accumulated gradients, SpIEL-AG) or ``"momentum"``
             (SM3-approximated momenta, SpIEL-MA).

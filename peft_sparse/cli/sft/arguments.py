@@ -78,8 +78,9 @@ class SparseArguments:
         default=None,
         metadata={
             "help": "Bytes mask selection may hold besides the model and one batch's activations; layers are "
-            "scored in groups that fit, one pass over the salience batches each (same mask). Default: the "
-            "candidates plus 12 bytes per entry (what training adds), at least 64 MiB, for the accumulators."
+            "scored in groups that fit, one pass over the salience batches each (same mask). Default: one pass "
+            "where half the free memory allows, else that half (at least the candidates plus 12 bytes per entry, "
+            "64 MiB), with a warning that names the cost."
         },
     )
     regrow: str = field(
