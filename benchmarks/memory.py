@@ -101,6 +101,7 @@ def predict(
     foreach: bool = True,
     selection_memory: int | None = None,
     salience_batches: int = 2,
+    device_bytes: int | None = None,
 ) -> dict:
     """Predicted bytes, per component, of ``method`` ("base", "qlora", "sparse") training a Llama of ``shape`` with
     its decoder linears in NF4 (double quantisation), the rest in fp32 (as ``prepare_model_for_kbit_training``
@@ -109,7 +110,8 @@ def predict(
     ``runtime``: the torch / Python process (CPU resident set; 0 for a GPU's allocated memory). ``foreach``: AdamW's
     multi-tensor step (the default on a GPU) allocates a temporary of 4 B per trainable entry. For sparse,
     ``selection_memory`` is the ``max_memory`` given to ``select_mask`` (``None``: its default), see
-    :func:`selection`.
+    :func:`selection`; ``device_bytes``: the GPU's memory, of which the loaded model and the adapter's values and
+    indices leave the rest free at selection (``None``: free memory unknown, the default's floor).
 
     Returns the components (bytes), ``loaded`` (runtime + base weights), ``step_extra`` / ``step_peak`` (the
     training step's peak above the loaded model / in all), ``peak_phase`` (when it peaks) and, for sparse,
@@ -179,7 +181,8 @@ def predict(
     }
     if method == "sparse":
         activations = checkpoints + stream + max(loss, block + dequant)
-        out.update(selection(shape, k, activations, selection_memory, salience_batches))
+        free = None if device_bytes is None else max(0, device_bytes - runtime - base - 8 * k)
+        out.update(selection(shape, k, activations, selection_memory, salience_batches, free))
         out["selection_peak"] = runtime + base + out["selection_extra"]
     return out
 
@@ -200,7 +203,18 @@ def _selection_constants() -> tuple[int, int, int, int]:
         return 12, 16, 0, 0
 
 
-def selection(shape: dict, k: int, pass_activations: int, budget: int | None, batches: int) -> dict:
+def _free_memory_share() -> float:
+    try:
+        from peft_sparse.selection import select
+
+        return select.FREE_MEMORY_SHARE
+    except (ImportError, AttributeError):  # a select_mask before budgets came from free memory
+        return 0.0
+
+
+def selection(
+    shape: dict, k: int, pass_activations: int, budget: int | None, batches: int, free: int | None = None
+) -> dict:
     """Salience selection as ``select_mask(max_memory=...)`` plans it: the linear layers, in module order, are split
     into groups whose fp32 gradient accumulators (4 B per weight) plus the scoring temporaries of the group's largest
     layer fit in ``budget`` next to the candidate set's reserve (about 12 B per entry); ``None``: select_mask's
@@ -212,12 +226,18 @@ def selection(shape: dict, k: int, pass_activations: int, budget: int | None, ba
     top-k's candidate set (its reserve), the largest group's accumulators, a forward + backward's activations
     (while a layer is scored, after the pass: its temporaries instead), and the values' gradients: under reentrant
     checkpointing the salience backward is a full ``loss.backward()`` (autograd.grad cannot reach values inside a
-    replayed block), which fills every trainable value's ``.grad`` (4 B per entry) before they are put back."""
+    replayed block), which fills every trainable value's ``.grad`` (4 B per entry) before they are put back.
+
+    ``free``: the bytes the device has free when selection starts; the default budget is then select_mask's: one
+    pass where ``FREE_MEMORY_SHARE`` of it holds every accumulator, else that share, never below the floor above."""
     reserve_per_entry, state_per_entry, least_room, scoring = _selection_constants()
     sizes = [out * inp for out, inp in linear_shapes(shape)] * shape["layers"]
     reserve = reserve_per_entry * k
     if budget is None:
         budget = max(reserve + (4 + scoring) * max(sizes), reserve + max(state_per_entry * k, least_room))
+        if free is not None:
+            one_pass = reserve + 4 * sum(sizes) + scoring * max(sizes)
+            budget = max(budget, min(one_pass, int(_free_memory_share() * free)))
     groups, start = [], 0
     while start < len(sizes):
         end = start + 1
@@ -543,6 +563,38 @@ def check_table(results: dict, shape: dict, args) -> list[str]:
     return lines + [""]
 
 
+# GPUs the default selection is predicted on: an 80 GB one, and the smallest common size where QLoRA fits.
+GPUS = {
+    "TinyLlama-1.1B": (("80 GB", 80 * 10**9), ("8 GB", 8 * 10**9)),
+    "Llama-3-8B": (("80 GB", 80 * 10**9), ("24 GB", 24 * 10**9)),
+    "Llama-3-70B": (("80 GB", 80 * 10**9), ("48 GB", 48 * 10**9)),
+}
+
+
+def selection_time_table(batch: int, seq: int, lora_r: int, batch_counts: tuple[int, ...]) -> list[str]:
+    """The default selection's passes on each GPU of ``GPUS``, and its cost in training-step equivalents
+    (passes x salience batches, each a forward + backward of a training batch) for each of ``batch_counts``."""
+    lines = [
+        "| model (NF4) | GPU | free at selection | default max_memory | accumulators for one pass | passes | "
+        + " | ".join(f"step-equivalents, {n} batches" for n in batch_counts)
+        + " |",
+        "|---|---|---|---|---|---|" + "---|" * len(batch_counts),
+    ]
+    for name, shape in SHAPES.items():
+        if predict(shape, "qlora", batch, seq, lora_r)["step_peak"] > max(size for _, size in GPUS[name]):
+            continue
+        sizes = [out * inp for out, inp in linear_shapes(shape)] * shape["layers"]
+        for label, device in GPUS[name]:
+            p = predict(shape, "sparse", batch, seq, lora_r, device_bytes=device)
+            free = max(0, device - p["loaded"] - 8 * p["trainable"])
+            steps = " | ".join(str(p["selection_passes"] * n) for n in batch_counts)
+            lines.append(
+                f"| {name} | {label} | {gb(free)} GiB | {gb(p['selection_budget'])} GiB | {gb(4 * sum(sizes))} GiB | "
+                f"{p['selection_passes']} | {steps} |"
+            )
+    return lines + [""]
+
+
 def prediction_table(batch: int, seq: int, lora_r: int, salience: int) -> list[str]:
     """The memory model for every shape in SHAPES: components, peaks and the goals, QLoRA and sparse side by side."""
     preds = {
@@ -694,6 +746,13 @@ def main() -> None:
         "",
     ]
     lines += prediction_table(args.batch, args.seq, args.lora_r, args.salience_batches)
+    lines += [
+        "The default selection on a GPU (select_mask's budget from the memory free once the NF4 model and the "
+        "adapter are loaded), in training-step equivalents (passes x salience batches, each a forward + backward of "
+        f"a {args.batch} x {args.seq} batch):",
+        "",
+    ]
+    lines += selection_time_table(args.batch, args.seq, args.lora_r, (4, 16, 64))
     text = "\n".join(lines)
     print(text)
     if args.write:
