@@ -347,6 +347,14 @@ def salience_batches(data, num_batches: int | None, config, metric, caller: str)
     batches = list(itertools.islice(iter(data), num_batches))
     if not batches:
         raise ValueError(f"{caller}: `data` yielded no batch")
+    for seen, batch in enumerate(batches):
+        if not isinstance(batch, (Mapping, torch.Tensor)):
+            raise ValueError(
+                f"{caller}: salience batch {seen} (0-based) is a {type(batch).__name__}; batches must be dicts of the "
+                "model's keyword arguments, as a Trainer's data collator gives them (e.g. {'input_ids': ids, "
+                "'labels': ids}), or input-id tensors with a loss_fn (a TensorDataset yields tuples: name them in a "
+                "collate_fn)"
+            )
     return batches
 
 
