@@ -262,9 +262,9 @@ def test_bad_input_raises():
     # a TensorDataset's tuples: named in one line, before any pass (they used to fail inside the embedding)
     ids = torch.randint(0, 50, (4, 6), generator=torch.Generator().manual_seed(0))
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(ids, ids), batch_size=2)
-    with pytest.raises(ValueError, match=r"salience batch 0 \(0-based\) is a list; batches must be dicts"):
+    with pytest.raises(TypeError, match=r"salience batch 0 \(0-based\) is a list; batches must be dicts"):
         select_mask(model, loader)
-    with pytest.raises(ValueError, match=r"salience batch 1 \(0-based\) is a tuple"):
+    with pytest.raises(TypeError, match=r"salience batch 1 \(0-based\) is a tuple"):
         select_mask(model, [_batches()[0], (ids, ids)])
     with pytest.raises(ValueError, match="num_batches must be a positive int"):
         select_mask(model, _batches(), num_batches=0)

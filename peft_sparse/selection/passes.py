@@ -349,7 +349,7 @@ def salience_batches(data, num_batches: int | None, config, metric, caller: str)
         raise ValueError(f"{caller}: `data` yielded no batch")
     for seen, batch in enumerate(batches):
         if not isinstance(batch, (Mapping, torch.Tensor)):
-            raise ValueError(
+            raise TypeError(
                 f"{caller}: salience batch {seen} (0-based) is a {type(batch).__name__}; batches must be dicts of the "
                 "model's keyword arguments, as a Trainer's data collator gives them (e.g. {'input_ids': ids, "
                 "'labels': ids}), or input-id tensors with a loss_fn (a TensorDataset yields tuples: name them in a "
