@@ -536,3 +536,18 @@ def test_4bit_disabled_adapter_equals_a_zero_delta_and_mixed_batches_work(model_
     torch.testing.assert_close(mixed[0], alone["other"][0])
     torch.testing.assert_close(mixed[1], disabled[1])
     torch.testing.assert_close(mixed[2], alone["default"][2])
+
+
+def test_4bit_safe_merge_with_a_nan_changes_no_layer(model_dirs):
+    peft_model = sparse(quantised(model_dirs, "in64", **four_bit("nf4", True, torch.float32)))
+    randomize(peft_model, scale=0.1)
+    named = layers(peft_model)
+    packed = {name: layer.get_base_layer().weight.data.clone() for name, layer in named}
+    with torch.no_grad():
+        named[-1][1].sparse_values["default"][0] = float("nan")
+    assert [layer.merged_weight_is_finite() for _, layer in named] == [True] * (len(named) - 1) + [False]
+    with pytest.raises(ValueError, match=r"NaNs or infs .* of 1 layer\(s\).*Nothing was merged"):
+        peft_model.merge_and_unload(safe_merge=True)
+    assert [name for name, _ in layers(peft_model)] == [name for name, _ in named]
+    for name, layer in layers(peft_model):
+        assert not layer.merged and torch.equal(layer.get_base_layer().weight.data, packed[name]), name

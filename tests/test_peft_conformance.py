@@ -229,6 +229,29 @@ def test_safe_merge_refuses_a_non_finite_adapter_and_leaves_the_weight(variant):
     torch.testing.assert_close(layer.get_base_layer().weight, before, rtol=0, atol=0)
 
 
+def test_a_refused_safe_merge_changes_no_layer(variant):
+    """One NaN in the last layer: merge_adapter and merge_and_unload with safe_merge raise before any layer is
+    merged or unloaded (layer by layer, all but one were merged and unloaded first)."""
+    _, kind, kwargs = variant
+    batch = model_inputs(kind)
+    model = make(kind, kwargs)
+    layers = sparse_layers(model)
+    before = {name: layer.get_base_layer().weight.clone() for name, layer in layers}
+    with torch.no_grad():
+        layers[-1][1].sparse_values["default"][-1] = float("nan")
+    for merge in (lambda: model.merge_adapter(safe_merge=True), lambda: model.merge_and_unload(safe_merge=True)):
+        with pytest.raises(ValueError, match=r"NaNs or infs .* of 1 layer\(s\).*Nothing was merged"):
+            merge()
+        assert [name for name, _ in sparse_layers(model)] == list(before)  # nothing unloaded
+        for name, layer in sparse_layers(model):
+            assert not layer.merged, name
+            torch.testing.assert_close(layer.get_base_layer().weight, before[name], rtol=0, atol=0)
+    with torch.no_grad():
+        layers[-1][1].sparse_values["default"][-1] = 0.0
+    adapted = output(model, batch)
+    torch.testing.assert_close(output(model.merge_and_unload(safe_merge=True), batch), adapted, rtol=1e-5, atol=1e-5)
+
+
 def test_disable_adapter_restores_the_state_it_found(variant):
     _, kind, kwargs = variant
     batch = model_inputs(kind)

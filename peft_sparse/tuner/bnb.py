@@ -143,6 +143,23 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
         )
         return self._add_low_rank_output(out, x, active).to(input_dtype)
 
+    def _merged_dense(self, names: list[str]) -> torch.Tensor:
+        """The fp32 dense weight with the ``names`` adapters' deltas added (what a merge re-quantises)."""
+        indices, values = _sorted_delta(*self._delta(names))
+        dense = self._dequantizer()(indices, values.detach(), torch.float32)
+        for name in names:
+            low_rank = self.low_rank_delta(name)
+            if low_rank is not None:
+                dense += low_rank.to(dense.device)
+        return dense
+
+    def merged_weight_is_finite(self, adapter_names: list[str] | None = None) -> bool:
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.sparse_values]
+        if not names:
+            return True
+        with torch.no_grad():
+            return bool(torch.isfinite(self._merged_dense(names)).all())
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Merge the given (default: active) adapters into the quantised weight: dequantise, add, re-quantise.
 
@@ -155,12 +172,7 @@ class _QuantisedSparseLayer(nn.Module, SparseLayer):
             return
         _warn_requantisation_once()
         with torch.no_grad():
-            indices, values = _sorted_delta(*self._delta(names))
-            dense = self._dequantizer()(indices, values.detach(), torch.float32)
-            for name in names:
-                low_rank = self.low_rank_delta(name)
-                if low_rank is not None:
-                    dense += low_rank.to(dense.device)
+            dense = self._merged_dense(names)
             if safe_merge and not torch.isfinite(dense).all():
                 raise ValueError(f"NaNs or infs detected in the merged weights; adapters {names!r} seem broken")
             snapshot = self._snapshot()

@@ -423,6 +423,18 @@ class SparseLayer(BaseTunerLayer):
             target += (sign * low_rank).to(device=target.device, dtype=target.dtype)
         return target
 
+    def merged_weight_is_finite(self, adapter_names: list[str] | None = None) -> bool:
+        """Whether merging the given (default: active) adapters would leave this layer's weight finite. Changes
+        nothing; holds one dense copy of the layer's weight while it checks."""
+        names = [name for name in check_adapters_to_merge(self, adapter_names) if name in self.sparse_values]
+        if not names:
+            return True
+        with torch.no_grad():
+            candidate = self._logical_base_weight().clone()
+            for name in names:
+                self._merged_delta_into(candidate, name)
+            return bool(torch.isfinite(candidate).all())
+
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Add the given (default: active) adapters' deltas into the base weight in place.
 

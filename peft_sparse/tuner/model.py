@@ -164,6 +164,38 @@ class SparseModel(BaseTuner):
         for layer in self._layers_with_adapter(self.model, adapter_name):
             layer.cast_values(adapter_name, torch.float32 if autocast_adapter_dtype else layer.base_dtype)
 
+    def _refuse_a_non_finite_merge(self, adapter_names: list[str] | None) -> None:
+        """A safe merge checks every layer before it changes any (peft's merges go layer by layer, so a NaN in the
+        last layer left the others merged, or merged and unloaded)."""
+        broken = [
+            name
+            for name, module in self.model.named_modules()
+            if isinstance(module, SparseLayer) and not module.merged_weight_is_finite(adapter_names)
+        ]
+        if broken:
+            raise ValueError(
+                f"NaNs or infs detected in the merged weights of {len(broken)} layer(s) (e.g. {broken[:3]}); the "
+                "adapter seems broken. Nothing was merged."
+            )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_merge_allowed()
+            self._refuse_a_non_finite_merge(adapter_names)
+        super().merge_adapter(adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ):
+        if merge and safe_merge:
+            self._check_merge_allowed()
+            self._refuse_a_non_finite_merge(adapter_names)
+        return super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter; refused while it is merged (its delta would stay in the base weights with nothing
         left to unmerge it), on every peft version."""
