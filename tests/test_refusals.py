@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -75,6 +76,28 @@ def test_file_missing_a_layers_tensors_names_the_keys(tmp_path, low_cpu_mem_usag
         # identity adapter.
         with pytest.warns(UserWarning, match=r"missing adapter keys.*layers\.1\.self_attn\.v_proj"):
             PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_a_config_targeting_fewer_modules_than_the_file_holds_says_what_was_not_loaded(tmp_path, low_cpu_mem_usage):
+    """peft loads adapters with strict=False: the file's tensors for untargeted modules were dropped silently."""
+    import json
+
+    model = get_peft_model(tiny_llama(), SparseConfig(target_modules=["q_proj", "v_proj"], init_weights=False))
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = ["q_proj"]
+    config_file.write_text(json.dumps(config))
+    with pytest.warns(
+        UserWarning, match=r"tensor\(s\) of 2 module\(s\) were not loaded.*layers\.0\.self_attn\.v_proj"
+    ):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+    config["target_modules"] = ["q_proj", "v_proj"]
+    config_file.write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*were not loaded")
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
 
 
 # --- salience ----------------------------------------------------------------------------------------------------

@@ -39,6 +39,22 @@ def _unsupported_reason(layer_name: str, base_layer: nn.Module) -> str | None:
     )
 
 
+def _warn_about_stray_adapter_tensors(module: nn.Module, incompatible_keys) -> None:
+    """After a load: sparse tensors the model has no place for (peft loads adapters with ``strict=False`` and drops
+    them without a word, for every tuner). They come from modules the config does not target, e.g. an
+    ``adapter_config.json`` whose ``target_modules`` lists fewer modules than the adapter file holds."""
+    stray = [key for key in incompatible_keys.unexpected_keys if f".{PREFIX}" in key]
+    if stray:
+        modules = sorted({key.split(f".{PREFIX}")[0] for key in stray})
+        warnings.warn(
+            f"{len(stray)} sparse adapter tensor(s) of {len(modules)} module(s) were not loaded, because the adapter's "
+            f"config does not target those modules (e.g. {modules[:3]}): the adapter file and its "
+            "adapter_config.json (target_modules, exclude_modules, layers_to_transform) disagree, and the model "
+            "computes without those deltas",
+            stacklevel=3,
+        )
+
+
 class SparseModel(BaseTuner):
     """Creates a sparse fine-tuning model from a pretrained transformers model.
 
@@ -81,6 +97,8 @@ class SparseModel(BaseTuner):
         except Exception:
             self._remove_adapter_layers(model, adapter_name)
             raise
+        if not hasattr(self, "_stray_tensors_hook"):
+            self._stray_tensors_hook = self.register_load_state_dict_post_hook(_warn_about_stray_adapter_tensors)
 
     # Set while add_weighted_adapter injects a layer set whose entries it writes itself.
     _entries_given = False
