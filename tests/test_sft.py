@@ -302,6 +302,26 @@ def test_each_data_format_trains_and_writes_an_adapter(data_format, tiny_dir, tm
     assert "| sparse, relative-gradient mask |" in stdout and (out / "loss_curves.png").is_file()
 
 
+def test_rows_whose_completion_is_truncated_away_are_counted_or_refused(tiny_dir, tmp_path, capsys):
+    """TRL drops rows whose completion lies beyond --max_length: say so in one line; with no row left, refuse in one
+    (it used to end in a KeyError: 'eval_loss' or a ValueError from RandomSampler)."""
+    long_prompt = " ".join([QUESTION.format(a) for a, _ in PAIRS] * 3)
+    rows = [
+        {"prompt": user(long_prompt if i % 2 else QUESTION.format(a)), "completion": assistant(b), "answer": b}
+        for i, (a, b) in enumerate(PAIRS * 2)
+    ]
+    data = write_jsonl(tmp_path / "half_long.jsonl", rows)
+    argv = ("sft", "--model_name_or_path", tiny_dir, *FAST, "--max_length", 24)
+    assert cli(*argv, "--dataset_name", data, "--output_dir", tmp_path / "a") == 0
+    err = capsys.readouterr().err
+    assert re.search(r"sft \(sparse\): \d+ of \d+ training row\(s\) were dropped: .*--max_length 24", err), err
+    every = write_jsonl(tmp_path / "all_long.jsonl", [dict(row, prompt=user(long_prompt)) for row in rows])
+    assert cli(*argv, "--dataset_name", every, "--output_dir", tmp_path / "b") == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and "row(s) were dropped" in err and "raise --max_length" in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
 # ------------------------------------------------------------------------------------------------ whole runs
 
 

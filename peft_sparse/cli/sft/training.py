@@ -7,12 +7,13 @@ from __future__ import annotations
 import copy
 import math
 import statistics
+import sys
 import time
 from pathlib import Path
 
 from ..._memory import reset_peak_memory
 from .. import compare, models
-from .arguments import SftError, _one_line, planned_methods
+from .arguments import PROG, SftError, _one_line, planned_methods
 from .data import HeldOutData, run_data
 from .evaluation import exact_match
 from .model import load_model, lora_config, quantization, resolve_model, sparse_config
@@ -56,7 +57,28 @@ def build_trainer(method: str, training_args, model_args, sparse_args, data: Hel
         )
     except ValueError as err:  # TRL's refusals of a configuration (e.g. assistant_only_loss on plain text)
         raise SftError(f"TRL: {_one_line(err)}") from None
+    _say_what_was_dropped(trainer, data, args.max_length, method)
     return trainer, source
+
+
+def _say_what_was_dropped(trainer, data: HeldOutData, max_length: int | None, method: str) -> None:
+    """TRL truncates every row to ``max_length`` tokens and drops the rows left with nothing to train on (their
+    whole completion cut away). Say how many, in one line, before training; where none is left, refuse (training or
+    evaluating on no rows fails deep inside torch or the Trainer)."""
+    for split, before, after in (
+        ("training", data.train, trainer.train_dataset),
+        ("held-out", data.held_out, trainer.eval_dataset),
+    ):
+        dropped = len(before) - len(after)
+        if dropped <= 0:
+            continue
+        why = (
+            f"{dropped} of {len(before)} {split} row(s) were dropped: nothing of their completion is left within "
+            f"--max_length {max_length} tokens (TRL truncates each row to it and drops rows with nothing to learn)"
+        )
+        if len(after) == 0:
+            raise SftError(f"{why}; raise --max_length or shorten the prompts")
+        print(f"{PROG} ({method}): {why}", file=sys.stderr, flush=True)
 
 
 def train_one(method: str, script_args, training_args, model_args, sparse_args, data: HeldOutData | None = None):
