@@ -277,17 +277,25 @@ TASKS = {
 # method: (SparseConfig overrides, or a peft tuner name; starting rate grid; label)
 SPARSE_GRID = (3e-3, 1e-2, 3e-2)
 METHODS = {
-    "relative": ({"selection": "relative_gradient"}, SPARSE_GRID, "sparse, `relative_gradient` mask (0.1.0 default)"),
-    "gradient": ({"selection": "gradient"}, (3e-4, 1e-3, 3e-3), "sparse, `gradient` mask (SPEFT)"),
+    "relative": (
+        {"selection": "relative_gradient"},
+        SPARSE_GRID,
+        "sparse, `relative_gradient` mask (the 0.1.0 default)",
+    ),
+    "gradient": (
+        {"selection": "gradient"},
+        (3e-4, 1e-3, 3e-3),
+        "sparse, `gradient` mask (SPEFT; the default since issue 36)",
+    ),
     "sqrt_relative": (
         {"selection": "gradient", "score_variant": "sqrt_row_col"},
         (1e-3, 3e-3, 1e-2),
-        "sparse, |G| / sqrt(row RMS x column RMS) mask",
+        "sparse, \\|G\\| / sqrt(row RMS x column RMS) mask",
     ),
     "row_balanced": (
         {"selection": "gradient", "score_variant": "row_balanced"},
         (1e-3, 3e-3, 1e-2),
-        "sparse, |G| mask with the same count in every row",
+        "sparse, \\|G\\| mask with the same count in every row",
     ),
     "random": ({"selection": "random"}, SPARSE_GRID, "sparse, random mask"),
     "spiel_ag": (

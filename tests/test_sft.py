@@ -299,7 +299,7 @@ def test_each_data_format_trains_and_writes_an_adapter(data_format, tiny_dir, tm
     assert record["num_held_out"] == 6  # the saved test split, or --eval_fraction 0.25 of 24 rows
     scored = data_format != "text"  # rows with an answer and a prompt to generate from
     assert (record["exact_match"] is not None) == scored and ("exact match" in stdout) == scored
-    assert "| sparse, relative-gradient mask |" in stdout and (out / "loss_curves.png").is_file()
+    assert "| sparse, gradient mask |" in stdout and (out / "loss_curves.png").is_file()
 
 
 def test_rows_whose_completion_is_truncated_away_are_counted_or_refused(tiny_dir, tmp_path, capsys):
@@ -370,7 +370,7 @@ def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_
         )
         assert f"{record['eval_loss_before']:.3f} -> {record['eval_loss_after']:.3f}" in result.stdout
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
-    assert len(table) == 4 and table[2].startswith("| sparse, relative-gradient mask | 8,192 |")
+    assert len(table) == 4 and table[2].startswith("| sparse, gradient mask | 8,192 |")
     assert table[3].startswith("| LoRA r=4 | 8,192 |") and "x LoRA)" in table[2]
     # step times taken side by side in one more process (sft.time_steps): LoRA against itself is exactly 1
     assert lora["step_time_vs_lora"] == 1.0 and sparse["timing_rounds"] == compare.TIMING_ROUNDS

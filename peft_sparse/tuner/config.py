@@ -78,14 +78,18 @@ class SparseConfig(PeftConfig):
         budget (`str`):
             ``"local"`` (default): the same density in every layer, as LoRA gives every layer the same rank;
             ``"global"``: one top-k over all targeted weights (layers get different ``k``; SPEFT's choice with
-            ``selection="gradient"``). The relative score is scale-free per layer, so a global top-k over it would
-            compare layers by the shape of their score distributions, not by their importance: with it, some layers
-            of SmolLM2 got no entry and others 58 % of their weights, and WordNet SFT lost 0.4 nats.
+            ``selection="gradient"``). Never global with ``relative_gradient``: that score is scale-free per layer,
+            so a global top-k over it compares layers by the shape of their score distributions, not by their
+            importance (some layers of SmolLM2 got no entry, others 58 % of their weights; WordNet SFT lost 0.4
+            nats).
         selection (`str`):
-            Salience metric that chooses the trainable entries: ``"relative_gradient"`` (default; ``|G|``
-            divided by its row and column RMS, which spreads the entries over rows and columns; see
-            :mod:`peft_sparse.selection.salience` and `benchmarks/RESULTS.md`), ``gradient`` (SPEFT's ``|G|``),
-            ``magnitude``, ``snip``, ``force``, ``taylor_fo``, ``synflow``, ``grasp``, ``fisher``, ``random``.
+            Salience metric that chooses the trainable entries: ``"gradient"`` (default; SPEFT's ``|G|``, the
+            magnitude of the gradient accumulated over ``salience_batches`` batches; with the local budget it had
+            the smallest worst gap to LoRA over the tuning tasks of ``benchmarks/suite.py``, best near a learning
+            rate of 1e-3), ``relative_gradient`` (``|G|`` over its row and column RMS: more capacity at high rates,
+            but it chooses entries no held-out text pulls on; see `benchmarks/RESULTS.md`), ``magnitude``,
+            ``snip``, ``force``, ``taylor_fo``, ``synflow``, ``grasp``, ``fisher``, ``random`` (no salience pass;
+            wants a rate near 1e-2).
         update (`str`):
             ``"static"`` (select once), ``"dynamic"`` (reselect by salience every ``update_interval`` steps) or
             ``"spiel"`` (SpIEL prune and regrow every ``update_interval`` steps).
@@ -193,7 +197,7 @@ class SparseConfig(PeftConfig):
         "fisher",
         "random",
     ] = field(
-        default="relative_gradient",
+        default="gradient",
         metadata={"help": f"Salience metric choosing the trainable entries: {SELECTION_METHODS}."},
     )
     update: Literal["static", "dynamic", "spiel"] = field(
