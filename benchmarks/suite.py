@@ -523,8 +523,9 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
         "## Task suite: tuning and held-out tasks (`benchmarks/suite.py`)",
         "",
         f"Command: `python benchmarks/suite.py run` then `python benchmarks/suite.py table --write`, tables made on "
-        f"{date.today()}; runs on {machine('cpu')} (per-run times in the raw records, "
-        "`benchmarks/records/suite/`).",
+        f"{date.today()} on {machine('cpu')}. The runs of 2026-12-07 ran as two processes of one thread each "
+        "(`--threads 1`) beside other work, so their times (in the raw records, `benchmarks/records/suite/`) are no "
+        "speed comparison.",
         "",
         "SmolLM2-135M-Instruct; every adapter at LoRA r=8's count (2,442,240), full fine-tuning all 134.5 M weights; "
         "TRL SFTTrainer with SparseTrainingCallback, AdamW, linear decay, no warm-up, 64 tokens. Rate: best of the "
@@ -538,6 +539,9 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
         store = Store(task, salience_batches)
         untrained = store.get("none", 0.0, 0, compute=False)
         columns = task.report
+        if not any(record["method"] in methods for record in store.records):
+            lines += [f"### `{name}` ({task.role}: {task.kind})", "", "Not run yet.", ""]
+            continue
         lines += [
             f"### `{name}` ({task.role}: {task.kind})",
             "",
