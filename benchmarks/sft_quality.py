@@ -124,31 +124,14 @@ def peft_config(method: str, base, lora_r: int, seed: int, salience_batches: int
     return peft_sparse.SparseConfig(num_tunable_weights=budget, selection=selection, budget=scope, **update, **common)
 
 
-def build_trainer(method: str, lr: float, seed: int, args, train, evaluation, **schedule):
-    """The SFTTrainer of one run: SmolLM2 with ``method``'s adapter (or none), the SparseTrainingCallback for sparse
-    adapters, AdamW with linear decay and no warm-up; ``schedule``: ``max_steps`` or ``num_train_epochs``, the batch
-    and the sequence length. Returns the trainer, the tokenizer and the trainable count."""
-    import transformers
-    from peft import get_peft_model
+def sft_trainer(model, tokenizer, train, evaluation, lr: float, seed: int, output_dir: str, callbacks, **schedule):
+    """TRL's SFTTrainer as every quality benchmark runs it: AdamW at ``lr`` with linear decay and no warm-up, fp32,
+    no checkpoints, evaluation batches of 32; ``schedule``: ``max_steps`` or ``num_train_epochs``, the batch and the
+    sequence length."""
     from trl import SFTConfig, SFTTrainer
 
-    import peft_sparse
-    from peft_sparse.cli import models
-
-    transformers.set_seed(seed)
-    source = models.as_folder(models.resolve("smollm2"))
-    tokenizer = models.load_tokenizer(source)
-    base = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
-    callbacks = None
-    if method in ("full", "none"):
-        model = base
-    else:
-        model = get_peft_model(base, peft_config(method, base, args.lora_r, seed, args.salience_batches))
-        if isinstance(model.peft_config["default"], peft_sparse.SparseConfig):
-            callbacks = [peft_sparse.SparseTrainingCallback()]
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     config = SFTConfig(
-        output_dir=str(Path(args.out).parent / "trainer"),
+        output_dir=output_dir,
         per_device_eval_batch_size=32,
         learning_rate=lr,
         lr_scheduler_type="linear",
@@ -165,7 +148,7 @@ def build_trainer(method: str, lr: float, seed: int, args, train, evaluation, **
         dataloader_num_workers=0,
         **schedule,
     )
-    trainer = SFTTrainer(
+    return SFTTrainer(
         model=model,
         args=config,
         train_dataset=train,
@@ -173,6 +156,32 @@ def build_trainer(method: str, lr: float, seed: int, args, train, evaluation, **
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+
+
+def build_trainer(method: str, lr: float, seed: int, args, train, evaluation, **schedule):
+    """The SFTTrainer of one run: SmolLM2 with ``method``'s adapter (or none), the SparseTrainingCallback for sparse
+    adapters, AdamW with linear decay and no warm-up; ``schedule``: ``max_steps`` or ``num_train_epochs``, the batch
+    and the sequence length. Returns the trainer, the tokenizer and the trainable count."""
+    import transformers
+    from peft import get_peft_model
+
+    import peft_sparse
+    from peft_sparse.cli import models
+
+    transformers.set_seed(seed)
+    source = models.as_folder(models.resolve("smollm2"))
+    tokenizer = models.load_tokenizer(source)
+    base = transformers.AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, local_files_only=True)
+    callbacks = None
+    if method in ("full", "none"):
+        model = base
+    else:
+        model = get_peft_model(base, peft_config(method, base, args.lora_r, seed, args.salience_batches))
+        if isinstance(model.peft_config["default"], peft_sparse.SparseConfig):
+            callbacks = [peft_sparse.SparseTrainingCallback()]
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    output_dir = str(Path(args.out).parent / "trainer")
+    trainer = sft_trainer(model, tokenizer, train, evaluation, lr, seed, output_dir, callbacks, **schedule)
     return trainer, tokenizer, trainable
 
 

@@ -348,7 +348,7 @@ def run(task: Task, method: str, lr: float, seed: int, salience_batches: int) ->
     import transformers
     from mask_diagnosis import score_variant
     from peft import get_peft_model
-    from trl import SFTConfig, SFTTrainer
+    from sft_quality import sft_trainer
 
     import peft_sparse
     from peft_sparse.cli import models
@@ -367,34 +367,19 @@ def run(task: Task, method: str, lr: float, seed: int, salience_batches: int) ->
             if isinstance(config, peft_sparse.SparseConfig):
                 callbacks = [peft_sparse.SparseTrainingCallback()]
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    arguments = SFTConfig(
-        output_dir=tempfile.mkdtemp(prefix="suite-"),  # nothing is saved there
+    trainer = sft_trainer(
+        model,
+        tokenizer,
+        train,
+        evaluation,
+        lr or 1e-3,  # "none" trains nothing
+        seed,
+        tempfile.mkdtemp(prefix="suite-"),  # nothing is saved there
+        callbacks,
         per_device_train_batch_size=task.batch,
-        per_device_eval_batch_size=32,
         num_train_epochs=task.epochs,
         max_steps=task.max_steps,
         max_length=LENGTH,
-        learning_rate=lr or 1e-3,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        seed=seed,
-        data_seed=seed,
-        bf16=False,
-        fp16=False,
-        gradient_checkpointing=False,
-        report_to="none",
-        save_strategy="no",
-        logging_steps=10,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-    )
-    trainer = SFTTrainer(
-        model=model,
-        args=arguments,
-        train_dataset=train,
-        eval_dataset=evaluation,
-        processing_class=tokenizer,
-        callbacks=callbacks,
     )
     start = time.perf_counter()
     if method != "none":
