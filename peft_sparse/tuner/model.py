@@ -200,7 +200,8 @@ class SparseModel(BaseTuner):
         if safe_merge:
             self._check_merge_allowed()
             self._refuse_a_non_finite_merge(adapter_names)
-        super().merge_adapter(adapter_names, safe_merge=safe_merge)
+        # Every layer was checked above: merging into a second copy per layer would only repeat that work.
+        super().merge_adapter(adapter_names, safe_merge=False)
 
     def _unload_and_optionally_merge(
         self,
@@ -212,7 +213,8 @@ class SparseModel(BaseTuner):
         if merge and safe_merge:
             self._check_merge_allowed()
             self._refuse_a_non_finite_merge(adapter_names)
-        return super()._unload_and_optionally_merge(merge, progressbar, safe_merge, adapter_names)
+        # As in merge_adapter: the check above covered every layer.
+        return super()._unload_and_optionally_merge(merge, progressbar, False, adapter_names)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter; refused while it is merged (its delta would stay in the base weights with nothing
