@@ -23,7 +23,9 @@ What it does, by the adapter's :class:`~peft_sparse.SparseConfig`:
 
 from __future__ import annotations
 
+import inspect
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -152,6 +154,8 @@ class SparseTrainingCallback(TrainerCallback):
             and state.global_step % config.update_interval == 0
             and state.global_step < state.max_steps
         ):
+            if self.data is None:
+                _align_epoch(self._batches(), state)
             report = update_mask(
                 model, self._batches(), optimizer=optimizer, loss_fn=self.loss_fn, adapter_name=adapter_name
             )
@@ -172,7 +176,7 @@ class SparseTrainingCallback(TrainerCallback):
         return control
 
     def _restore(self, args, state) -> None:
-        path = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}", STATE_FILE)
+        path = os.path.join(_checkpoint_resumed_from(args, state), STATE_FILE)
         if not os.path.isfile(path):
             logger.warning(
                 "peft-sparse: resuming at step %d without %s; SpIEL restarts its growth records (all entries count "
@@ -183,6 +187,38 @@ class SparseTrainingCallback(TrainerCallback):
             self.spiel.restart_growth_records()
             return
         self.spiel.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+
+def _align_epoch(loader, state) -> None:
+    """Give the Trainer's train dataloader the epoch in progress before a dynamic update draws its first batches.
+
+    The Trainer sets the epoch of the loader it iterates (its shuffled order is seeded by it); when it resumes
+    mid-epoch it iterates a copy that skips the batches already trained, and the loader the callbacks hold keeps the
+    epoch it was built with. An update drawing from it would then score another epoch's batches than the
+    uninterrupted run did (a different mask, silently). ``state.epoch`` is ``epoch + micro-batches done / micro-
+    batches per epoch`` at a step's end: the epoch in progress is its ceiling less one."""
+    epoch = max(math.ceil(state.epoch or 0) - 1, 0)
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)
+    # as the Trainer does: accelerate's DataLoaderShard does not forward set_epoch to a BatchSamplerShard's sampler
+    inner = getattr(getattr(loader, "batch_sampler", None), "batch_sampler", None)
+    if hasattr(inner, "set_epoch"):
+        inner.set_epoch(epoch)
+
+
+def _checkpoint_resumed_from(args, state) -> str:
+    """The checkpoint folder the Trainer is resuming from. Callbacks are not told it, and a checkpoint need not lie
+    under ``args.output_dir`` (a copied or downloaded one, resumed with a new output_dir): it is read from the
+    ``resume_from_checkpoint`` argument of the Trainer's training loop on the call stack, falling back to
+    ``output_dir/checkpoint-<step>``, where the Trainer saves."""
+    frame = inspect.currentframe()
+    while frame is not None:
+        if frame.f_code.co_name == "_inner_training_loop":
+            folder = frame.f_locals.get("resume_from_checkpoint")
+            if isinstance(folder, (str, os.PathLike)):
+                return os.fspath(folder)
+        frame = frame.f_back
+    return os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
 
 
 def _warn_about_layers_without_gradient(layers, adapter_name: str) -> None:
