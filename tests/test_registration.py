@@ -12,7 +12,7 @@ from peft import PeftConfig, PeftType, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from tiny_models import tiny_llama
 
-from peft_sparse import SparseConfig, SparseModel
+from peft_sparse import SparseConfig, SparseModel, tuner
 from peft_sparse.tuner import registration
 
 
@@ -33,10 +33,10 @@ def test_registered_with_peft_mappings():
 
 
 def test_register_and_reload_are_idempotent():
-    registration.register()
-    registration.register()
+    tuner.register()
+    tuner.register()
     importlib.reload(registration)
-    registration.register()
+    tuner.register()
     assert list(PeftType).count(PeftType.SPARSE) == 1
     assert PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.SPARSE] is SparseConfig
     model = get_peft_model(tiny_llama(), SparseConfig(target_modules=["q_proj"]))

@@ -18,29 +18,16 @@ from collections.abc import Sequence
 
 from _peft_sparse_cli import only_our_output, wants_verbose
 
-USAGE_ERROR = 2
-VERBOSE_HELP = (
-    "show what the packages underneath print besides errors (transformers', bitsandbytes', datasets' and "
-    "DeepSpeed's logs, deprecation notices, datasets' progress bars)"
-)
+from .common import USAGE_ERROR, VERBOSE_HELP, Parser, add_verbose_argument
 
-
-def add_verbose_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--verbose", action="store_true", help=VERBOSE_HELP)
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (``prog: error: message``) rather than the usage block too."""
-
-    def error(self, message: str):
-        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+__all__ = ["USAGE_ERROR", "VERBOSE_HELP", "add_verbose_argument", "build_parser", "main"]
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import bench, finetune
 
-    parser = _Parser(prog="peft-sparse", description="Sparse fine-tuning for Hugging Face peft (SPEFT, SpIEL).")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    parser = Parser(prog="peft-sparse", description="Sparse fine-tuning for Hugging Face peft (SPEFT, SpIEL).")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     finetune_parser = commands.add_parser(
         "finetune",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,

@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .._memory import peak_memory_bytes
-from . import USAGE_ERROR
+from .common import USAGE_ERROR
 
 RESULTS_FILE, PLOT_FILE = "results.json", "loss_curves.png"
 WORKER_FLAG = "--worker"  # internal: run one method (or the timing) and write its record to stdout as JSON

@@ -17,17 +17,14 @@ from pathlib import Path
 
 from .._memory import reset_peak_memory
 from ..tuner.config import SELECTION_METHODS, UPDATE_MODES
-from . import add_verbose_argument, compare, models
+from . import compare, models
 from . import data as data_module
+from .common import ACCUMULATION_STEPS, MAX_LR, add_verbose_argument
 
 CHOICE_METHODS = ("sparse", "lora", "both")
 MAX_TOKENS = 64  # the built-in quotations are at most 200 characters: well under 64 word pieces
 HELD_OUT_BATCH = 64
-ACCUMULATION_STEPS = 5  # SpIEL-AG: backward passes whose gradients choose the regrown entries (capped by the interval)
 MAX_SEED = 2**64 - 1  # torch.manual_seed's range
-# AdamW's first step is lr / (1 - beta1) = 10 x lr, and torch refuses (with a traceback) a step that float32, the
-# trainable parameters' dtype, cannot hold.
-MAX_LR = 3.4028234663852886e38 / 10
 
 
 class FinetuneError(Exception):

@@ -138,7 +138,7 @@ def _cuda_backend() -> str:
                 else:
                     from . import _cupy
 
-                    if _cupy.register():
+                    if _cupy.register(CSRC):
                         choice = "cupy"
             _state["cuda"] = choice
     return _state["cuda"]

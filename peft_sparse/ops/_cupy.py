@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import torch
-
-from ._backend import CSRC
 
 THREADS = 256
 SDDMM_ENTRIES_PER_BLOCK = THREADS // 32  # one warp per entry: PS_WARPS_PER_BLOCK in kernels.cu
 DEQUANT_TILE = 4096  # PS_DQ_TILE in kernels.cu
 _SUFFIX = {torch.float32: "f32", torch.float64: "f64", torch.float16: "f16", torch.bfloat16: "bf16"}
 _library = None
+_sources: Path | None = None  # csrc/, given by register (the backend module knows where it is)
 
 
 def _cupy():
@@ -36,7 +36,7 @@ def _cupy():
 @functools.cache
 def _module(device_index: int):
     cupy = _cupy()
-    source = (CSRC / "cuda" / "kernels.cu").read_text()
+    source = (_sources / "cuda" / "kernels.cu").read_text()
     with cupy.cuda.Device(device_index):
         return cupy.RawModule(code=source, options=("-std=c++17",))
 
@@ -199,11 +199,13 @@ def dequant_scatter_cuda(
     return out
 
 
-def register() -> bool:
-    """Register the CuPy implementations for the CUDA dispatch key; False if CuPy or a GPU is missing."""
-    global _library
+def register(sources: Path) -> bool:
+    """Register the CuPy implementations (compiled from ``sources/cuda/kernels.cu``) for the CUDA dispatch key;
+    False if CuPy or a GPU is missing."""
+    global _library, _sources
     if _library is not None:
         return True
+    _sources = sources
     try:
         cupy = _cupy()
         if cupy.cuda.runtime.getDeviceCount() == 0:

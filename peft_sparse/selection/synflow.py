@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .backward import effective_weight, probe_backward
 from .salience import GradientProbe
 
 __all__ = ["synflow_statistics"]
@@ -22,7 +23,6 @@ def synflow_statistics(model, group, adapter_name, accumulation_dtype, statistic
     the constant all-ones vector outputs its bias alone (the mean is subtracted), so for post-norm encoders the
     signal reaching deeper layers is weak: prefer another metric there.
     """
-    from .passes import effective_weight, probe_backward  # passes imports this module
 
     root = model.get_base_model() if hasattr(model, "get_base_model") else model
     embeddings = root.get_input_embeddings()

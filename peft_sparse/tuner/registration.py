@@ -7,8 +7,10 @@ offers no public way to add one. The single intervention this package makes in p
 registration API, so ``get_peft_model``, ``PeftConfig.from_pretrained`` and ``PeftModel.from_pretrained`` resolve
 the sparse classes exactly as they resolve built-in methods.
 
-Both steps are idempotent: importing this module twice, reloading it, or importing it after ``peft.mapping`` has
-been imported leaves one ``SPARSE`` member and one registration.
+The registration itself (:func:`peft_sparse.tuner.register`) lives in the package's ``__init__``, as peft's own tuners
+register theirs, so that this module imports nothing of the tuner. Both steps are idempotent: importing this module
+twice, reloading it, or importing it after ``peft.mapping`` has been imported leaves one ``SPARSE`` member and one
+registration.
 """
 
 from __future__ import annotations
@@ -47,22 +49,3 @@ def _add_enum_member(enum_cls: type[enum.Enum], name: str, value: str) -> enum.E
 
 
 SPARSE_PEFT_TYPE = _add_enum_member(PeftType, "SPARSE", "SPARSE")
-
-
-def register() -> None:
-    """Register :class:`SparseConfig` and :class:`SparseModel` with peft (a no-op when already registered)."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
-    from peft.utils import register_peft_method
-
-    from .config import SparseConfig
-    from .model import SparseModel
-
-    registered_config = PEFT_TYPE_TO_CONFIG_MAPPING.get(SPARSE_PEFT_TYPE)
-    registered_model = PEFT_TYPE_TO_TUNER_MAPPING.get(SPARSE_PEFT_TYPE)
-    if registered_config is not None or registered_model is not None:
-        # Re-registering after a module reload would point peft at stale classes from a previous import; keep the
-        # first registration, which is what objects already created refer to.
-        if registered_config.__qualname__ == SparseConfig.__qualname__:
-            return
-        raise RuntimeError(f"PeftType.SPARSE is already registered to {registered_config!r}")
-    register_peft_method(name=PEFT_METHOD_NAME, config_cls=SparseConfig, model_cls=SparseModel, prefix=PREFIX)

@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from .. import USAGE_ERROR, compare, models
+from .. import compare, models
+from ..common import USAGE_ERROR
 from .arguments import (
     COMPARE_METHODS,
     DEFAULT_LEARNING_RATE,

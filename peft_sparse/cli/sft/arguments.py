@@ -14,7 +14,8 @@ import warnings
 from dataclasses import dataclass, field
 
 from ...tuner.config import BUDGET_MODES, REGROW_METHODS, SELECTION_METHODS, UPDATE_MODES
-from .. import USAGE_ERROR, VERBOSE_HELP, compare, finetune, instructions, models
+from .. import compare, instructions, models
+from ..common import MAX_LR, USAGE_ERROR, VERBOSE_HELP
 
 PROG = "peft-sparse sft"
 # Each method's best rate on the task suite's tuning tasks (benchmarks/suite.py, RESULTS.md; grids extended at an
@@ -344,8 +345,8 @@ def check_arguments(script_args, training_args, model_args, sparse_args) -> str 
         ("--learning_rate", training_args.learning_rate),
         ("--compare_learning_rate", sparse_args.compare_learning_rate),
     ):
-        if value is not None and not 0.0 < value <= finetune.MAX_LR:  # inf or nan would train to nan silently
-            return f"{option} must be a finite number in (0, {finetune.MAX_LR:.3g}], got {value}"
+        if value is not None and not 0.0 < value <= MAX_LR:  # inf or nan would train to nan silently
+            return f"{option} must be a finite number in (0, {MAX_LR:.3g}], got {value}"
     positive = [
         ("--per_device_train_batch_size", training_args.per_device_train_batch_size),
         ("--per_device_eval_batch_size", training_args.per_device_eval_batch_size),

@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .. import finetune, models
+from .. import models
+from ..common import ACCUMULATION_STEPS
 from .arguments import SftError, _one_line, target_modules
 
 
@@ -104,7 +105,7 @@ def sparse_config(base, model_args, sparse_args, seed: int):
             selection_max_memory=sparse_args.selection_max_memory,
             regrow=sparse_args.regrow,
             seed=seed,
-            accumulation_steps=min(finetune.ACCUMULATION_STEPS, sparse_args.update_interval),
+            accumulation_steps=min(ACCUMULATION_STEPS, sparse_args.update_interval),
             r=sparse_args.sparse_r,
             lora_alpha=sparse_args.sparse_lora_alpha,
             **budget,
