@@ -494,3 +494,53 @@ def test_sparse_plus_low_rank_keeps_lora_rs_total(tiny_dir, tmp_path):
     low_rank = sum(p.numel() for n, p in trainer.model.named_parameters() if p.requires_grad and "sparse_lora_" in n)
     assert low_rank == peft_sparse.lora_equivalent_budget(base, r=2, target_modules="all-linear")
     assert trainer.model.peft_config["default"].r == 2
+
+
+def test_the_sparse_options_are_the_configs_fields():
+    """One source of truth: every --option that sets a SparseConfig field has that field's help, choices and default
+    (or a default the command declares in COMMAND_DEFAULTS), and reaches the config the command builds."""
+    import dataclasses
+    import typing
+
+    from peft_sparse import SparseConfig
+    from peft_sparse.cli.sft import arguments
+
+    config_fields = {f.name: f for f in dataclasses.fields(SparseConfig)}
+    option_fields = {f.name: f for f in dataclasses.fields(arguments.SparseArguments)}
+    for option, name in arguments.CONFIG_FIELDS.items():
+        source, mirrored = config_fields[name], option_fields[option]
+        assert mirrored.metadata["help"].startswith(source.metadata["help"]), option
+        expected = arguments.COMMAND_DEFAULTS.get(option, source.default)
+        assert mirrored.default == expected, option
+        literal = typing.get_args(typing.get_type_hints(SparseConfig)[name])
+        if "choices" in mirrored.metadata:
+            assert literal and set(mirrored.metadata["choices"]) == set(literal), option
+    # every option the mapping names exists, and no sparse option that is a config field is left out of it
+    assert set(arguments.CONFIG_FIELDS) <= set(option_fields)
+    assert not {name for name in option_fields if name in config_fields} - set(arguments.CONFIG_FIELDS)
+
+
+def test_each_sparse_option_reaches_the_config_the_command_builds():
+    from tiny_models import tiny_llama
+
+    from peft_sparse.cli.sft import model as sft_model
+
+    given = {
+        "budget": "global",
+        "selection": "fisher",
+        "update": "dynamic",
+        "update_interval": 7,
+        "salience_batches": 3,
+        "selection_max_memory": 123456789,
+        "regrow": "momentum",
+        "sparse_r": 2,
+        "sparse_lora_alpha": 5.0,
+        "num_tunable_weights": 100,
+    }
+    argv = [token for option, value in given.items() for token in (f"--{option}", str(value))]
+    _, _, model_args, sparse_args = sft.parse(argv)
+    config = sft_model.sparse_config(tiny_llama(), model_args, sparse_args, seed=3)
+    for option, name in sft.arguments.CONFIG_FIELDS.items():
+        if option in given:
+            assert getattr(config, name) == given[option], option
+    assert config.seed == 3 and config.accumulation_steps == 5  # min(ACCUMULATION_STEPS, update_interval)

@@ -214,7 +214,8 @@ class SparseConfig(PeftConfig):
             "help": (
                 "Bytes mask selection may hold besides the model and one batch's activations (gradient accumulators, "
                 "scores, top-k candidates); layers are scored in groups that fit, one pass over the salience batches "
-                "each. None: the candidates plus 12 bytes per entry (what training adds), at least 64 MiB."
+                "each (the same mask). None: one pass where half the device's free memory allows, else that half "
+                "(at least the candidates plus 12 bytes per entry, 64 MiB), with a warning that names the cost."
             )
         },
     )

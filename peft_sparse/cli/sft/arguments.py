@@ -13,7 +13,7 @@ import textwrap
 import warnings
 from dataclasses import dataclass, field
 
-from ...tuner.config import BUDGET_MODES, REGROW_METHODS, SELECTION_METHODS, UPDATE_MODES
+from ...tuner.config import BUDGET_MODES, REGROW_METHODS, SELECTION_METHODS, UPDATE_MODES, SparseConfig
 from .. import compare, instructions, models
 from ..common import MAX_LR, USAGE_ERROR, VERBOSE_HELP
 
@@ -32,65 +32,59 @@ class SftError(Exception):
     naming the option and the value, with exit code 2."""
 
 
+# SparseArguments' options that are SparseConfig fields (option -> field; the low-rank term's take a sparse_ prefix,
+# since TRL's ModelConfig already has --lora_r and --lora_alpha for the LoRA baseline). Their help, choices and
+# defaults come from the config; the command's own defaults are the ones in COMMAND_DEFAULTS.
+CONFIG_FIELDS = {
+    "density": "density",
+    "num_tunable_weights": "num_tunable_weights",
+    "budget": "budget",
+    "selection": "selection",
+    "update": "update",
+    "update_interval": "update_interval",
+    "salience_batches": "salience_batches",
+    "selection_max_memory": "selection_max_memory",
+    "regrow": "regrow",
+    "sparse_r": "r",
+    "sparse_lora_alpha": "lora_alpha",
+}
+_CHOICES = {"budget": BUDGET_MODES, "selection": SELECTION_METHODS, "update": UPDATE_MODES, "regrow": REGROW_METHODS}
+# Where the command's default differs from the config's, and why (the help says so too).
+COMMAND_DEFAULTS = {
+    "density": None,  # the trainable count follows --lora_r: the comparison with LoRA is at equal count
+}
+
+
+def _config_field(option: str, note: str = ""):
+    """A :class:`SparseArguments` field for the SparseConfig field ``CONFIG_FIELDS[option]``: its help (then
+    ``note``: what the command adds), its choices, and its default unless ``COMMAND_DEFAULTS`` names another."""
+    source = SparseConfig.__dataclass_fields__[CONFIG_FIELDS[option]]
+    metadata = {"help": source.metadata["help"] + (f" {note}" if note else "")}
+    if source.name in _CHOICES:
+        metadata["choices"] = list(_CHOICES[source.name])
+    return field(default=COMMAND_DEFAULTS.get(option, source.default), metadata=metadata)
+
+
 @dataclass
 class SparseArguments:
     """The sparse adapter's arguments, next to TRL's (``ModelConfig``'s ``--lora_*`` describe the LoRA baseline)."""
 
-    density: float | None = field(
-        default=None,
-        metadata={
-            "help": "Fraction of the targeted weights the sparse adapter trains, in (0, 1]. Default: as many "
-            "as a LoRA adapter of rank --lora_r on the same layers (see --num_tunable_weights)."
-        },
+    density: float | None = _config_field(
+        "density",
+        "Default: as many as a LoRA adapter of rank --lora_r on the same layers (see --num_tunable_weights).",
     )
-    num_tunable_weights: int | None = field(
-        default=None,
-        metadata={
-            "help": "Number of weights the sparse adapter trains. Default: LoRA rank --lora_r's parameter "
-            "count (lora_r * (in + out) per targeted layer), minus the low-rank term's with --sparse_r."
-        },
+    num_tunable_weights: int | None = _config_field(
+        "num_tunable_weights",
+        "Default: LoRA rank --lora_r's parameter count (lora_r * (in + out) per targeted layer), minus the low-rank "
+        "term's with --sparse_r.",
     )
-    budget: str = field(
-        default="local",
-        metadata={
-            "help": "'local': the same density in every layer; 'global': one top-k over all targeted weights.",
-            "choices": list(BUDGET_MODES),
-        },
-    )
-    selection: str = field(
-        default="gradient",
-        metadata={
-            "help": "Salience metric choosing the trained entries: gradient (SPEFT's |accumulated gradient|), "
-            "relative_gradient, random (no salience pass; wants a rate near 1e-2), ...",
-            "choices": list(SELECTION_METHODS),
-        },
-    )
-    update: str = field(
-        default="static",
-        metadata={
-            "help": "'static': one mask; 'dynamic': re-rank every --update_interval steps; "
-            "'spiel': SpIEL prune-and-regrow.",
-            "choices": list(UPDATE_MODES),
-        },
-    )
-    update_interval: int = field(default=20, metadata={"help": "Optimizer steps between mask updates."})
-    salience_batches: int = field(default=64, metadata={"help": "Training batches salience is measured on."})
-    selection_max_memory: int | None = field(
-        default=None,
-        metadata={
-            "help": "Bytes mask selection may hold besides the model and one batch's activations; layers are "
-            "scored in groups that fit, one pass over the salience batches each (same mask). Default: one pass "
-            "where half the free memory allows, else that half (at least the candidates plus 12 bytes per entry, "
-            "64 MiB), with a warning that names the cost."
-        },
-    )
-    regrow: str = field(
-        default="gradient",
-        metadata={
-            "help": "SpIEL regrowth criterion: accumulated gradients or SM3 momenta.",
-            "choices": list(REGROW_METHODS),
-        },
-    )
+    budget: str = _config_field("budget")
+    selection: str = _config_field("selection", "random needs no salience pass and wants a rate near 1e-2.")
+    update: str = _config_field("update")
+    update_interval: int = _config_field("update_interval")
+    salience_batches: int = _config_field("salience_batches", "Training batches of the train dataloader.")
+    selection_max_memory: int | None = _config_field("selection_max_memory")
+    regrow: str = _config_field("regrow")
     sparse_target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
         metadata={
@@ -98,14 +92,8 @@ class SparseArguments:
             "same unless --lora_target_modules is given."
         },
     )
-    sparse_r: int = field(
-        default=0,
-        metadata={
-            "help": "Rank of a low-rank term added to every sparse layer (sparse + low-rank "
-            "hybrid); 0: none. The total trainable count stays LoRA rank --lora_r's."
-        },
-    )
-    sparse_lora_alpha: float = field(default=16, metadata={"help": "Scale of that low-rank term (alpha / r)."})
+    sparse_r: int = _config_field("sparse_r", "The total trainable count stays LoRA rank --lora_r's.")
+    sparse_lora_alpha: float = _config_field("sparse_lora_alpha")
     compare: str | None = field(
         default=None,
         metadata={

@@ -8,7 +8,7 @@ from typing import Any
 
 from .. import models
 from ..common import ACCUMULATION_STEPS
-from .arguments import SftError, _one_line, target_modules
+from .arguments import CONFIG_FIELDS, SftError, _one_line, target_modules
 
 
 def resolve_model(model_args) -> models.ModelSource:
@@ -97,17 +97,13 @@ def sparse_config(base, model_args, sparse_args, seed: int):
         return peft_sparse.SparseConfig(
             task_type="CAUSAL_LM",
             target_modules=targets,
-            budget=sparse_args.budget,
-            selection=sparse_args.selection,
-            update=sparse_args.update,
-            update_interval=sparse_args.update_interval,
-            salience_batches=sparse_args.salience_batches,
-            selection_max_memory=sparse_args.selection_max_memory,
-            regrow=sparse_args.regrow,
             seed=seed,
             accumulation_steps=min(ACCUMULATION_STEPS, sparse_args.update_interval),
-            r=sparse_args.sparse_r,
-            lora_alpha=sparse_args.sparse_lora_alpha,
+            **{
+                name: getattr(sparse_args, option)
+                for option, name in CONFIG_FIELDS.items()
+                if option not in ("density", "num_tunable_weights")  # the budget, above
+            },
             **budget,
         )
     except (TypeError, ValueError) as err:
