@@ -39,24 +39,26 @@ DEFAULT_MODEL = "minilm"
 HEAD_NAMES = ("classifier", "score")  # sequence-classification heads of BERT-like and of decoder models
 
 
-def resolve(spec: str | None) -> ModelSource:
+def resolve(spec: str | None, option: str = "--model") -> ModelSource:
+    """Where model ``spec`` (None: ``DEFAULT_MODEL``) comes from: a built-in shipped model, a local folder or .gguf
+    file, or a Hub name. ``option``: the command's option naming the model, for the errors."""
     name = DEFAULT_MODEL if spec is None else spec
     if name in BUILTIN:
         try:
             folder, gguf_file = shipped.shipped_model_files(name)
         except shipped.ShippedModelMissing as err:
-            raise ModelNotFound(f"--model {name!r}: {err}") from None
+            raise ModelNotFound(f"{option} {name!r}: {err}") from None
         return ModelSource(name, str(folder), gguf_file, f"{BUILTIN[name].description} from {folder}")
     path = Path(name).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         return ModelSource(name, str(path.parent), path.name, f"GGUF model {path}")
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFound(f"--model {name!r} is a folder without config.json")
+            raise ModelNotFound(f"{option} {name!r} is a folder without config.json")
         return ModelSource(name, str(path), None, f"model from {path}")
     if path.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise ModelNotFound(f"--model {name!r}: expected a model folder, a .gguf file or one of {sorted(BUILTIN)}")
-    folder = from_hub(name)
+        raise ModelNotFound(f"{option} {name!r}: expected a model folder, a .gguf file or one of {sorted(BUILTIN)}")
+    folder = from_hub(name, option)
     return ModelSource(name, str(folder), None, f"{name} from the Hugging Face Hub ({folder})")
 
 
@@ -65,7 +67,7 @@ HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 HUB_FALLBACK_WEIGHTS = ["pytorch_model*.bin"]  # for repositories without safetensors weights
 
 
-def from_hub(name: str) -> Path:
+def from_hub(name: str, option: str = "--model") -> Path:
     """The local folder of hub model ``name``, downloaded as ``trl sft`` would unless ``HF_HUB_OFFLINE=1``, in
     which case it must already be in the local Hugging Face cache. Worker processes then load the folder offline."""
     from huggingface_hub import constants, snapshot_download
@@ -79,16 +81,16 @@ def from_hub(name: str) -> Path:
         reason = " ".join(str(err).split())[:300] or type(err).__name__
         if offline:
             raise ModelNotFound(
-                f"--model {name!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading "
+                f"{option} {name!r} is not in the local Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading "
                 f"it: unset HF_HUB_OFFLINE to download it, or run `hf download {name}` where there is network and "
                 f"copy the cache (~/.cache/huggingface/hub), or pass a local folder or one of {sorted(BUILTIN)}"
             ) from None
         raise ModelNotFound(
-            f"--model {name!r} is neither one of {sorted(BUILTIN)}, a local folder, nor a model that could be "
+            f"{option} {name!r} is neither one of {sorted(BUILTIN)}, a local folder, nor a model that could be "
             f"downloaded from the Hugging Face Hub ({reason})"
         ) from None
     if not (folder / "config.json").is_file():
-        raise ModelNotFound(f"--model {name!r}: the hub repository has no config.json (not a transformers model)")
+        raise ModelNotFound(f"{option} {name!r}: the hub repository has no config.json (not a transformers model)")
     return folder
 
 

@@ -13,9 +13,9 @@ from .arguments import CONFIG_FIELDS, SftError, _one_line, target_modules
 
 def resolve_model(model_args) -> models.ModelSource:
     try:
-        return models.resolve(model_args.model_name_or_path)
-    except models.ModelNotFound as err:  # models.py names finetune's option; this command's is TRL's
-        raise SftError(str(err).replace("--model ", "--model_name_or_path ", 1)) from None
+        return models.resolve(model_args.model_name_or_path, option="--model_name_or_path")
+    except models.ModelNotFound as err:
+        raise SftError(str(err)) from None
 
 
 def load_model(source: models.ModelSource, model_args):
