@@ -344,15 +344,15 @@ def adapter(method: str, base, seed: int, salience_batches: int):
 # ---------------------------------------------------------------------------------------------------------- the runs
 
 
-def run(task: Task, method: str, lr: float, seed: int, salience_batches: int) -> dict:
+def build_run(task: Task, method: str, lr: float, seed: int, salience_batches: int):
+    """(trainer, tokenizer, score variant or None, trainable count, training rows) of one run, before training:
+    SmolLM2 with ``method``'s adapter, the SparseTrainingCallback for sparse adapters, the task's schedule."""
     import transformers
-    from mask_diagnosis import score_variant
     from peft import get_peft_model
     from sft_quality import sft_trainer
 
     import peft_sparse
     from peft_sparse.cli import models
-    from peft_sparse.cli.sft.evaluation import exact_match
 
     train, evaluation = task.build()
     transformers.set_seed(seed)
@@ -381,6 +381,15 @@ def run(task: Task, method: str, lr: float, seed: int, salience_batches: int) ->
         max_steps=task.max_steps,
         max_length=LENGTH,
     )
+    return trainer, tokenizer, variant, trainable, train
+
+
+def run(task: Task, method: str, lr: float, seed: int, salience_batches: int) -> dict:
+    from mask_diagnosis import score_variant
+
+    from peft_sparse.cli.sft.evaluation import exact_match
+
+    trainer, tokenizer, variant, trainable, train = build_run(task, method, lr, seed, salience_batches)
     start = time.perf_counter()
     if method != "none":
         with score_variant(*variant) if variant else contextlib.nullcontext():
@@ -396,7 +405,7 @@ def run(task: Task, method: str, lr: float, seed: int, salience_batches: int) ->
         "steps": trainer.state.global_step,
         "seconds": round(seconds, 1),
         "salience_batches": salience_batches,
-        **{f"{name}_loss": metrics[f"eval_{name}_loss"] for name in evaluation},
+        **{f"{name}_loss": metrics[f"eval_{name}_loss"] for name in trainer.eval_dataset},
     }
     if task.name == "facts":
         recall = exact_match(trainer.model, tokenizer, train, max_rows=128, task="code", max_new_tokens=6)
@@ -481,12 +490,14 @@ def method_sweep(store: Store, method: str, compute: bool = True) -> tuple[list[
     return sweep(METHODS[method][1], lambda lr: store.get(method, lr, 0, compute), store.task.select)
 
 
-def run_suite(tasks: list[str], methods: list[str], salience_batches: int) -> None:
+def run_suite(tasks: list[str], methods: list[str], salience_batches: int, rate: float | None = None) -> None:
+    """Each method's rate sweep at seed 0, then the seeds at its best rate (``rate``: no sweep, the seeds at it: a
+    study of another setting, e.g. ``salience_batches``, at a rate the sweep found for the suite's own)."""
     for name in tasks:
         store = Store(TASKS[name], salience_batches)
         store.get("none", 0.0, 0)
         for method in methods:
-            _, best = method_sweep(store, method)
+            best = rate if rate is not None else method_sweep(store, method)[1]
             for seed in SEEDS:
                 store.get(method, best, seed)
 
@@ -617,6 +628,9 @@ def main() -> None:
         "--methods", nargs="+", default=["lora", "relative", "random", "gradient"], choices=tuple(METHODS)
     )
     parser.add_argument("--salience-batches", type=int, default=4, help="batches of the salience pass")
+    parser.add_argument(
+        "--rate", type=float, help="run: no rate sweep, the seeds at this rate (tables: the suite's own setting)"
+    )
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--write", action="store_true", help="write the tables into benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -627,7 +641,9 @@ def main() -> None:
     transformers.logging.set_verbosity_error()
     warnings.filterwarnings("ignore")
     if args.what == "run":
-        run_suite(args.tasks, args.methods, args.salience_batches)
+        run_suite(args.tasks, args.methods, args.salience_batches, args.rate)
+        if args.rate is not None:
+            return
     text = table(args.tasks, args.methods, args.salience_batches)
     print(text)
     if args.write:

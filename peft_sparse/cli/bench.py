@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from . import add_verbose_argument
+from .common import add_verbose_argument
 
 SCRIPTS = {
     "ops": "ops_bench.py",
@@ -25,8 +25,13 @@ SCRIPTS = {
     "spiel_vs_static": "spiel_vs_static.py",
     "mask_diagnosis": "mask_diagnosis.py",
     "suite": "suite.py",
+    "salience_batches": "salience_batches.py",
 }
-ARGUMENTS = {"mask_diagnosis": ["stats"], "suite": ["run"]}  # what a script needs besides --repeats / --write
+ARGUMENTS = {
+    "mask_diagnosis": ["stats"],
+    "suite": ["run"],
+    "salience_batches": ["run"],
+}  # what a script needs besides --repeats / --write
 TAKES_REPEATS = ("ops", "qlora")
 PRINT_ONLY = ("spiel_vs_static", "mask_diagnosis")  # measurements printed, not written to RESULTS.md (no --write)
 DEFAULT = ("ops", "qlora")
@@ -46,7 +51,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "(quality trains 5 methods x 3 seeds: about 25 minutes on 2 CPU cores; distributed "
         "runs FSDP2 and DDP on 2 processes: about 1.5 minutes; sft_quality and capacity sweep 9 methods' rates "
         "over 3 seeds: hours on 2 CPU cores, resumable; suite sweeps 4 methods on 6 tasks: about 9 hours on 2 CPU "
-        "cores, resumable from its committed records; model_steps is meant for a GPU; spiel_vs_static and "
+        "cores, resumable from its committed records; salience_batches compares the masks of 1-64 salience batches: "
+        "about 15 minutes; model_steps is meant for a GPU; spiel_vs_static and "
         "mask_diagnosis print their measurements and take no --write)",
     )
     add_verbose_argument(parser)
