@@ -232,3 +232,54 @@ def test_an_optimizer_that_does_not_hold_the_values_is_refused(tmp_path):
     trainer.optimizer = optimizer
     with pytest.raises(ValueError, match="build the optimizer afterwards"):
         trainer.train()
+
+
+def test_what_a_user_does_after_dynamic_training_keeps_the_moved_out_deltas(tmp_path):
+    """After dynamic updates some deltas live in the residual (moved out of the trained set): saving, loading (also as
+    a second adapter), a weighted adapter, a dtype change and merging must all carry them."""
+    import copy
+
+    from peft import PeftModel
+    from tiny_models import tiny_llama
+
+    model = sparse_model(selection="gradient", update="dynamic", update_interval=2)
+    make_trainer(model, tmp_path / "run", max_steps=5).train()
+    model.eval()
+    layers = [m for m in model.modules() if isinstance(m, SparseLayer)]
+    assert sum(layer.sparse_residual_indices["default"].numel() for layer in layers) > 0
+    ids = torch.randint(0, 97, (2, 10), generator=torch.Generator().manual_seed(1))
+    expected = model(ids).logits
+    with model.disable_adapter():
+        assert (model(ids).logits - expected).abs().max() > 1e-3  # the adapter does something
+
+    model.save_pretrained(tmp_path / "adapter")
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "adapter")
+    torch.testing.assert_close(loaded(ids).logits, expected, rtol=0, atol=1e-6)
+
+    second = sparse_model(selection="random")
+    second.load_adapter(tmp_path / "adapter", adapter_name="dynamic")
+    second.set_adapter("dynamic")
+    torch.testing.assert_close(second(ids).logits, expected, rtol=0, atol=1e-6)
+
+    def merged_weights(peft_model):
+        return {name: p.detach().clone() for name, p in peft_model.merge_and_unload().named_parameters()}
+
+    base = {name: p.detach().clone() for name, p in copy.deepcopy(model).unload().named_parameters()}
+    once = merged_weights(copy.deepcopy(model))
+    weighted = copy.deepcopy(model)
+    weighted.add_weighted_adapter(["default"], [2.0], "twice")
+    weighted.set_adapter("twice")
+    weighted.delete_adapter("default")
+    twice = merged_weights(weighted)
+    for name, weight in base.items():
+        torch.testing.assert_close(twice[name] - weight, 2 * (once[name] - weight), rtol=0, atol=1e-6)
+
+    merged = copy.deepcopy(model).merge_and_unload()
+    torch.testing.assert_close(merged(ids).logits, expected, rtol=0, atol=1e-5)
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert all(
+        layer.sparse_residual_values["default"].dtype == torch.bfloat16
+        for layer in half.modules()
+        if isinstance(layer, SparseLayer)
+    )
+    torch.testing.assert_close(half(ids).logits.float(), expected, rtol=0, atol=0.05)
