@@ -8,8 +8,9 @@ step-time ratios hold on a machine whose load changes. The parent prints the com
 ``results.json`` and ``loss_curves.png`` next to the adapters, and names in one line on stderr whatever could not be
 written (exit code 1).
 
-This module holds what both commands share: the worker protocol, the output-folder checks, peak memory, the timing,
-the writing of results and plots, and the end of the report.
+This module holds what both commands share: :func:`run` (the comparison from the output folder to the exit code, to
+which each command gives only what differs: its methods, its header, table and plot), the worker protocol, the
+output-folder checks, peak memory, the timing, the writing of results and plots.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from .._memory import peak_memory_bytes
@@ -108,6 +110,61 @@ def peak_memory_mb(device: str) -> float:
     """Peak allocated CUDA memory, or on CPU the process's peak resident set (:mod:`peft_sparse._memory`), in MiB."""
     peak = peak_memory_bytes(device)
     return float("nan") if peak is None else peak / 2**20
+
+
+@dataclass
+class Comparison:
+    """What a command gives :func:`run`: the parts of the comparison that differ between commands."""
+
+    command: str  # "finetune" or "sft": the workers are `peft-sparse COMMAND ARGV --worker METHOD`
+    argv: list[str]  # the command's own arguments, which the workers get again
+    methods: list[str]  # the runs, in order (workers' names)
+    output_dir: Path
+    output_option: str  # the option naming the output folder, for the error when it cannot be created
+    header: Callable[[list[dict]], str]  # the lines above the table (model, data, schedule)
+    table: Callable[[list[dict]], str]
+    plot: Callable[[list[dict], Path], None] | None  # None: no plot
+    error: type[Exception]  # what a problem found once under way is raised as (a usage error, exit code 2)
+    in_process: Callable[[], dict] | None = None  # one method trained in this process instead of a worker
+    note: Callable[[list[dict]], str | None] = lambda records: None  # printed after the table
+
+    @property
+    def prog(self) -> str:
+        return f"peft-sparse {self.command}"
+
+
+def run(comparison: Comparison) -> int:
+    """The comparison a command runs, after its arguments are checked: create the output folder, train each method
+    in its own worker process (or ``in_process``), time the steps side by side, write ``results.json``, print the
+    header, the table and the note, write the plot, and return the exit code (:func:`finish`)."""
+    start = time.perf_counter()
+    try:
+        comparison.output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # what the argument checks cannot see (a read-only file system, a race)
+        raise comparison.error(
+            f"{comparison.output_option} {str(comparison.output_dir)!r} cannot be created ({err.strerror or err})"
+        ) from None
+    timing_problem = None
+    if comparison.in_process is not None:
+        records = [comparison.in_process()]
+    else:  # each in its own process, so that each peak memory is its own
+        code, records = run_workers(comparison.command, comparison.argv, comparison.methods)
+        if code != 0:
+            return code
+        timing_problem = add_interleaved_step_times(records, comparison.command, comparison.argv, comparison.methods)
+    not_written = [r["adapter_error"] for r in records if r["adapter_error"]]
+    results_path, plot_path = comparison.output_dir / RESULTS_FILE, comparison.output_dir / PLOT_FILE
+    results_error = attempt_write(RESULTS_FILE, results_path, lambda: write_results(records, results_path))
+    print("\n" + comparison.header(records) + "\n")
+    print(comparison.table(records))
+    note = comparison.note(records)
+    if note:
+        print("\n" + note)
+    if timing_problem:
+        print(f"{comparison.prog}: {timing_problem}", file=sys.stderr)
+    plot_with = None if comparison.plot is None else (comparison.plot, plot_path)
+    wall = time.perf_counter() - start
+    return finish(records, results_path, results_error, plot_with, not_written, wall, comparison.prog)
 
 
 def run_workers(command: str, argv: list[str], methods: list[str]) -> tuple[int, list[dict]]:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -402,41 +400,30 @@ def run(args: argparse.Namespace, argv: list[str], worker: str | None = None) ->
     # Fail fast, in this process, on what the workers would otherwise each fail on.
     data_module.load(args.data, args.max_examples, args.seed)
     models.resolve(args.model)
-    output_dir = Path(args.output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # what check_arguments cannot see (a read-only file system, a race)
-        raise FinetuneError(f"--output-dir {args.output_dir!r} cannot be created ({err.strerror or err})") from None
-    start = time.perf_counter()
-    code, records = compare.run_workers("finetune", argv, labels)
-    if code != 0:
-        return code
-    timing_problem = compare.add_interleaved_step_times(records, "finetune", argv, labels)
-    not_written = [r["adapter_error"] for r in records if r["adapter_error"]]
-    results_path, plot_path = output_dir / compare.RESULTS_FILE, output_dir / compare.PLOT_FILE
-    results_error = compare.attempt_write(
-        compare.RESULTS_FILE, results_path, lambda: compare.write_results(records, results_path)
+    return compare.run(
+        compare.Comparison(
+            command="finetune",
+            argv=argv,
+            methods=labels,
+            output_dir=Path(args.output_dir),
+            output_option="--output-dir",
+            header=lambda records: header(args, records[0]),
+            table=table,
+            plot=None if args.no_plot else plot,
+            error=FinetuneError,
+        )
     )
-    first = records[0]
-    print(f"\nmodel: {first['model']}")
-    print(
-        f"data:  {first['data']}: {first['num_train']} train / {first['num_held_out']} held-out records, "
-        f"{len(first['labels'])} labels (chance {1 / len(first['labels']):.0%})"
-    )
-    print(
-        f"{args.steps} steps of {args.batch_size}, AdamW lr {args.lr:g}; device {first['device']}"
-        + (", 4-bit NF4 base" if args.load_in_4bit else "")
-        + "\n"
-    )
-    print(table(records))
-    if timing_problem:
-        print(f"peft-sparse finetune: {timing_problem}", file=sys.stderr)
-    return compare.finish(
-        records,
-        results_path,
-        results_error,
-        None if args.no_plot else (plot, plot_path),
-        not_written,
-        time.perf_counter() - start,
-        "peft-sparse finetune",
+
+
+def header(args: argparse.Namespace, first: dict) -> str:
+    """The lines above the comparison table: the model, the data, the schedule."""
+    labels = first["labels"]
+    return "\n".join(
+        [
+            f"model: {first['model']}",
+            f"data:  {first['data']}: {first['num_train']} train / {first['num_held_out']} held-out records, "
+            f"{len(labels)} labels (chance {1 / len(labels):.0%})",
+            f"{args.steps} steps of {args.batch_size}, AdamW lr {args.lr:g}; device {first['device']}"
+            + (", 4-bit NF4 base" if args.load_in_4bit else ""),
+        ]
     )

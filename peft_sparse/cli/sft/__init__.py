@@ -20,7 +20,6 @@ README.md, "Fine-tuning a causal LM".
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 from .. import compare, models
@@ -41,7 +40,7 @@ from .arguments import (
 from .data import HeldOutData, load_data, run_data
 from .evaluation import exact_match
 from .model import load_model, lora_config, resolve_model, sparse_config
-from .report import method_name, plot, report, table
+from .report import header, method_name, plot, table, timing_note
 from .training import build_trainer, time_steps, train_one
 
 __all__ = [
@@ -56,6 +55,7 @@ __all__ = [
     "build_trainer",
     "check_arguments",
     "exact_match",
+    "header",
     "load_data",
     "load_model",
     "lora_config",
@@ -64,12 +64,12 @@ __all__ = [
     "parse",
     "planned_methods",
     "plot",
-    "report",
     "resolve_model",
     "run",
     "sparse_config",
     "table",
     "time_steps",
+    "timing_note",
     "train_one",
 ]
 
@@ -109,23 +109,24 @@ def _usage_error(message: str) -> int:
 
 
 def _run(argv, script_args, training_args, model_args, sparse_args) -> int:
-    start = time.perf_counter()
     # Fail fast, here, on what each run would otherwise fail on.
     data = run_data(script_args, training_args, sparse_args)
     resolve_model(model_args)
-    output_dir = Path(training_args.output_dir)
-    try:
-        output_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:  # what check_arguments cannot see (a read-only file system, a race)
-        raise SftError(f"--output_dir {str(output_dir)!r} cannot be created ({err.strerror or err})") from None
+    in_process = None
     if not sparse_args.compare:  # one method: in this process
-        records = [train_one("sparse", script_args, training_args, model_args, sparse_args, data)[0]]
-    else:  # each in its own process, so that each peak memory is its own
-        methods = planned_methods(sparse_args)
-        code, records = compare.run_workers("sft", argv, methods)
-        if code != 0:
-            return code
-        timing_problem = compare.add_interleaved_step_times(records, "sft", argv, methods)
-        if timing_problem:
-            print(f"{PROG}: {timing_problem}", file=sys.stderr)
-    return report(records, training_args, output_dir, time.perf_counter() - start)
+        in_process = lambda: train_one("sparse", script_args, training_args, model_args, sparse_args, data)[0]
+    return compare.run(
+        compare.Comparison(
+            command="sft",
+            argv=argv,
+            methods=planned_methods(sparse_args),
+            output_dir=Path(training_args.output_dir),
+            output_option="--output_dir",
+            header=lambda records: header(records, training_args),
+            table=table,
+            plot=plot,
+            error=SftError,
+            in_process=in_process,
+            note=timing_note,
+        )
+    )

@@ -57,28 +57,28 @@ def plot(records: list[dict], path: Path) -> None:
                     axis.plot(*zip(*points), color=color, label=f"{method_name(r)}: {label}", **style)
 
 
-def report(records: list[dict], training_args, output_dir: Path, wall: float) -> int:
-    """Print the table; write results.json and loss_curves.png. 1 if something could not be written, else 0."""
-    not_written = [r["adapter_error"] for r in records if r["adapter_error"]]
-    results_path, plot_path = output_dir / compare.RESULTS_FILE, output_dir / compare.PLOT_FILE
-    results_error = compare.attempt_write(
-        compare.RESULTS_FILE, results_path, lambda: compare.write_results(records, results_path)
-    )
+def header(records: list[dict], training_args) -> str:
+    """The lines above the table: the model, the data, the schedule and each method's rate."""
     first = records[0]
     rates = ", ".join(f"{method_name(r)} lr {r['learning_rate']:g}" for r in records)
-    print(f"\nmodel: {first['model']}" + (f", {first['quantization']} base" if first["quantization"] else ""))
-    print(f"data:  {first['data']}")
-    print(
-        f"{first['steps']} steps of {training_args.per_device_train_batch_size} x "
-        f"{training_args.gradient_accumulation_steps}, max_length {training_args.max_length}; {rates}; device "
-        f"{first['device']}\n"
+    return "\n".join(
+        [
+            f"model: {first['model']}" + (f", {first['quantization']} base" if first["quantization"] else ""),
+            f"data:  {first['data']}",
+            f"{first['steps']} steps of {training_args.per_device_train_batch_size} x "
+            f"{training_args.gradient_accumulation_steps}, max_length {training_args.max_length}; {rates}; device "
+            f"{first['device']}",
+        ]
     )
-    print(table(records))
-    if any("timing_rounds" in r for r in records):
-        print(
-            f"\nStep time: the median optimizer step (forward, backward, AdamW) of each saved adapter, timed side by "
-            f"side in one process over {records[0]['timing_rounds']} rounds after a warm-up; the ratio is the median "
-            "of the per-round ratios, so a change in the machine's load cannot skew it. Mask updates, selection and "
-            "evaluation are not in it."
-        )
-    return compare.finish(records, results_path, results_error, (plot, plot_path), not_written, wall, PROG)
+
+
+def timing_note(records: list[dict]) -> str | None:
+    """How the step times were taken, where they were taken side by side."""
+    if not any("timing_rounds" in r for r in records):
+        return None
+    return (
+        f"Step time: the median optimizer step (forward, backward, AdamW) of each saved adapter, timed side by side "
+        f"in one process over {records[0]['timing_rounds']} rounds after a warm-up; the ratio is the median of the "
+        "per-round ratios, so a change in the machine's load cannot skew it. Mask updates, selection and evaluation "
+        "are not in it."
+    )
