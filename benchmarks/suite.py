@@ -297,6 +297,11 @@ METHODS = {
         (1e-3, 3e-3, 1e-2),
         "sparse, \\|G\\| mask with the same count in every row",
     ),
+    "hybrid": (
+        {"selection": "gradient", "low_rank": 4},
+        (1e-3, 3e-3, 1e-2),
+        "sparse `gradient` mask + rank-4 term (LoRA r=4's count in each)",
+    ),
     "random": ({"selection": "random"}, SPARSE_GRID, "sparse, random mask"),
     "spiel_ag": (
         {"selection": "random", "update": "spiel", "update_interval": 10, "accumulation_steps": 5},
@@ -325,6 +330,10 @@ def adapter(method: str, base, seed: int, salience_batches: int):
     spec = dict(spec)
     variant = spec.pop("score_variant", None)
     budget = peft_sparse.lora_equivalent_budget(base, r=8, target_modules="all-linear")
+    low_rank = spec.pop("low_rank", 0)
+    if low_rank:  # the sparse + low-rank hybrid: the low-rank term's count comes off the sparse budget
+        budget -= peft_sparse.lora_equivalent_budget(base, r=low_rank, target_modules="all-linear")
+        spec.update(r=low_rank, lora_alpha=2 * low_rank)  # LoRA's scale, alpha / r = 2
     config = peft_sparse.SparseConfig(
         task_type="CAUSAL_LM",
         target_modules="all-linear",
