@@ -1,5 +1,5 @@
 """Why a gradient-chosen sparse mask learns slower than LoRA: where its entries sit, and which changes of the score
-let it take a higher rate. The evidence behind `selection="relative_gradient"` (issue 28).
+let it take a higher rate. The evidence behind the `relative_gradient` score, and why it was dropped as the default.
 
     python benchmarks/mask_diagnosis.py stats                          # where each mask puts its entries
     python benchmarks/mask_diagnosis.py probe gradient:1e-2 relative_gradient:1e-2 lora:3e-3 ...

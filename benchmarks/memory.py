@@ -57,7 +57,7 @@ import torch
 from common import causal_lm_step, machine, seeded_llama, steps_peak_memory, sync, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
-HEADING = "## Memory: fits where QLoRA fits (issue 27)"
+HEADING = "## Memory: fits where QLoRA fits"
 
 SHAPES = {
     "TinyLlama-1.1B": {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, "kv_heads": 4,

@@ -19,7 +19,7 @@ r's trainable-parameter count on all seven projections:
 A method peft cannot build or run on a base (Super-Tuning on 4-bit layers) is reported as such. Each step is forward, backward and
 AdamW on one fixed batch of token ids. The methods of one base are timed in rounds that run one step of each back to
 back, after one warm-up step each; ratios are medians of the per-round ratios. Peak memory comes from a subprocess per method (peak allocated
-on the GPU, VmHWM on the CPU). The issue-19 goals are checked at the end: nf4 step <= 0.75x QLoRA, bf16 step
+on the GPU, VmHWM on the CPU). The speed goals are checked at the end: nf4 step <= 0.75x QLoRA, bf16 step
 <= 0.85x LoRA, nf4 peak memory <= QLoRA's + 18 bytes per trainable entry.
 """
 
@@ -197,7 +197,7 @@ def table(results: dict, device: str, base: str) -> list[str]:
 
 
 def goals(results: dict) -> list[str]:
-    """The issue-19 goals, checked on this run's figures."""
+    """The speed goals, checked on this run's figures."""
     lines = ["| goal | measured | met |", "|---|---|---|"]
     bf16, nf4 = results.get("bf16"), results.get("nf4")
     if bf16 is not None:

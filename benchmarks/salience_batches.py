@@ -1,4 +1,4 @@
-"""How many salience batches the gradient mask needs (issue 37): the mask chosen from the first n batches of the
+"""How many salience batches the gradient mask needs: the mask chosen from the first n batches of the
 training data loader, for n = 1, 2, 4, ..., 64, against the 64-batch mask.
 
     python benchmarks/salience_batches.py run --task wordnet        # records/salience_batches/wordnet.json

@@ -285,7 +285,7 @@ METHODS = {
     "gradient": (
         {"selection": "gradient"},
         (3e-4, 1e-3, 3e-3),
-        "sparse, `gradient` mask (SPEFT; the default since issue 36)",
+        "sparse, `gradient` mask (SPEFT; the default)",
     ),
     "sqrt_relative": (
         {"selection": "gradient", "score_variant": "sqrt_row_col"},
@@ -657,6 +657,25 @@ def main() -> None:
     print(text)
     if args.write:
         write_section(ROOT / "benchmarks" / "RESULTS.md", text)
+        write_readme_table(gap_table(args.tasks, args.methods, args.salience_batches)[2:])
+
+
+README_MARKERS = (
+    "<!-- suite gap table: written by benchmarks/suite.py table --write -->",
+    "<!-- end of suite table -->",
+)
+
+
+def write_readme_table(lines: list[str]) -> None:
+    """Put the gap-to-LoRA table between the README's markers (the README quotes the suite, never retypes it)."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md lacks the markers {start!r} ... {end!r}")
+    before, rest = text.split(start, 1)
+    after = rest.split(end, 1)[1]
+    readme.write_text(before + start + "\n" + "\n".join(line for line in lines if line) + "\n" + end + after)
 
 
 if __name__ == "__main__":

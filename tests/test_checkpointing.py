@@ -1,4 +1,4 @@
-"""Gradient checkpointing changes no mask decision (issue 27).
+"""Gradient checkpointing changes no mask decision.
 
 DESIGN.md: "Gradient checkpointing (reentrant or not, as TRL and peft's QLoRA recipe turn it on) must not change any
 result". Every mask decision is checked here in every way users turn checkpointing on (on the base before

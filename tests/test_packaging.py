@@ -161,4 +161,4 @@ def test_a_cuda_build_without_a_visible_gpu_gets_a_documented_architecture_list(
     assert setup["cuda_arch_list"]({}, visible_gpus=1) is None
     archs = [arch.removesuffix("+PTX") for arch in default.split(";")]
     assert all(float(arch) >= 7.5 for arch in archs) and default.endswith("+PTX")  # CUDA 13 dropped sm < 75
-    assert "DEFAULT_CUDA_ARCH_LIST" in (ROOT / "README.md").read_text()
+    assert "DEFAULT_CUDA_ARCH_LIST" in (ROOT / "docs" / "development.md").read_text()

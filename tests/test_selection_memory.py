@@ -1,4 +1,4 @@
-"""Selection in bounded memory (issue 27): layer groups under ``max_memory`` and the running top-k choose exactly the
+"""Selection in bounded memory: layer groups under ``max_memory`` and the running top-k choose exactly the
 mask that one pass over all layers and one top-k over every score choose, tie-breaks included.
 
 The judge is the whole-model path: :func:`salience_scores` (every layer's score at once) ranked by
