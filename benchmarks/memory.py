@@ -571,9 +571,19 @@ GPUS = {
 }
 
 
+def step_equivalents_per_batch(passes: int) -> float:
+    """Training-step equivalents one salience batch costs over ``passes`` passes (layer groups of equal size, in layer
+    order). A training step is a forward (1/3) and a backward (2/3); each pass runs the whole forward, but its backward
+    only reaches down to its group's lowest layer (nothing below needs a gradient: the base is frozen and only the
+    group's values require grad), so group g of G (g = 1 the lowest) costs 1/3 + 2/3 (G - g + 1) / G, and the G passes
+    (2G + 1) / 3: 1 for one pass, 13 for 19 (against 19 when every pass is counted as a whole step)."""
+    return (2 * passes + 1) / 3 if passes else 0.0
+
+
 def selection_time_table(batch: int, seq: int, lora_r: int, batch_counts: tuple[int, ...]) -> list[str]:
     """The default selection's passes on each GPU of ``GPUS``, and its cost in training-step equivalents
-    (passes x salience batches, each a forward + backward of a training batch) for each of ``batch_counts``."""
+    (:func:`step_equivalents_per_batch` x salience batches, each batch a training batch) for each of
+    ``batch_counts``."""
     lines = [
         "| model (NF4) | GPU | free at selection | default max_memory | accumulators for one pass | passes | "
         + " | ".join(f"step-equivalents, {n} batches" for n in batch_counts)
@@ -587,7 +597,7 @@ def selection_time_table(batch: int, seq: int, lora_r: int, batch_counts: tuple[
         for label, device in GPUS[name]:
             p = predict(shape, "sparse", batch, seq, lora_r, device_bytes=device)
             free = max(0, device - p["loaded"] - 8 * p["trainable"])
-            steps = " | ".join(str(p["selection_passes"] * n) for n in batch_counts)
+            steps = " | ".join(f"{step_equivalents_per_batch(p['selection_passes']) * n:.0f}" for n in batch_counts)
             lines.append(
                 f"| {name} | {label} | {gb(free)} GiB | {gb(p['selection_budget'])} GiB | {gb(4 * sum(sizes))} GiB | "
                 f"{p['selection_passes']} | {steps} |"
