@@ -102,6 +102,7 @@ def predict(
     selection_memory: int | None = None,
     salience_batches: int = 2,
     device_bytes: int | None = None,
+    accumulator_bytes: int = 4,
 ) -> dict:
     """Predicted bytes, per component, of ``method`` ("base", "qlora", "sparse") training a Llama of ``shape`` with
     its decoder linears in NF4 (double quantisation), the rest in fp32 (as ``prepare_model_for_kbit_training``
@@ -182,12 +183,12 @@ def predict(
     if method == "sparse":
         activations = checkpoints + stream + max(loss, block + dequant)
         free = None if device_bytes is None else max(0, device_bytes - runtime - base - 8 * k)
-        out.update(selection(shape, k, activations, selection_memory, salience_batches, free))
+        out.update(selection(shape, k, activations, selection_memory, salience_batches, free, accumulator_bytes))
         out["selection_peak"] = runtime + base + out["selection_extra"]
     return out
 
 
-def _selection_constants() -> tuple[int, int, int, int]:
+def _selection_constants(accumulation_dtype: torch.dtype = torch.float32) -> tuple[int, int, int, int]:
     """select_mask's planning constants where it has them (else those of its first version): bytes reserved per
     entry for the running top-k's candidates, the default budget's room per entry (the adapter's training state)
     and its least room in bytes, and the scoring temporaries per weight of a layer ranked by gradient salience from
@@ -196,7 +197,7 @@ def _selection_constants() -> tuple[int, int, int, int]:
         from peft_sparse.selection import passes, select
         from peft_sparse.selection.salience import METRICS
 
-        scoring = passes.scoring_bytes_per_weight(METRICS["gradient"], torch.float32)
+        scoring = passes.scoring_bytes_per_weight(METRICS["gradient"], accumulation_dtype)
         least = getattr(select, "MIN_DEFAULT_ACCUMULATOR_BYTES", 0)
         return select.CANDIDATE_BYTES_PER_ENTRY, select.TRAINING_STATE_BYTES_PER_ENTRY, least, scoring
     except (ImportError, AttributeError, TypeError):
@@ -213,7 +214,13 @@ def _free_memory_share() -> float:
 
 
 def selection(
-    shape: dict, k: int, pass_activations: int, budget: int | None, batches: int, free: int | None = None
+    shape: dict,
+    k: int,
+    pass_activations: int,
+    budget: int | None,
+    batches: int,
+    free: int | None = None,
+    accumulator_bytes: int = 4,
 ) -> dict:
     """Salience selection as ``select_mask(max_memory=...)`` plans it: the linear layers, in module order, are split
     into groups whose fp32 gradient accumulators (4 B per weight) plus the scoring temporaries of the group's largest
@@ -229,21 +236,25 @@ def selection(
     replayed block), which fills every trainable value's ``.grad`` (4 B per entry) before they are put back.
 
     ``free``: the bytes the device has free when selection starts; the default budget is then select_mask's: one
-    pass where ``FREE_MEMORY_SHARE`` of it holds every accumulator, else that share, never below the floor above."""
-    reserve_per_entry, state_per_entry, least_room, scoring = _selection_constants()
+    pass where ``FREE_MEMORY_SHARE`` of it holds every accumulator, else that share, never below the floor above.
+    ``accumulator_bytes``: 4 (float32) or 2 (``selection_accumulation_dtype="bfloat16"``, whose scoring converts one
+    layer's accumulator to float32)."""
+    dtype = torch.float32 if accumulator_bytes == 4 else torch.bfloat16
+    reserve_per_entry, state_per_entry, least_room, scoring = _selection_constants(dtype)
+    acc = accumulator_bytes
     sizes = [out * inp for out, inp in linear_shapes(shape)] * shape["layers"]
     reserve = reserve_per_entry * k
     if budget is None:
-        budget = max(reserve + (4 + scoring) * max(sizes), reserve + max(state_per_entry * k, least_room))
+        budget = max(reserve + (acc + scoring) * max(sizes), reserve + max(state_per_entry * k, least_room))
         if free is not None:
-            one_pass = reserve + 4 * sum(sizes) + scoring * max(sizes)
+            one_pass = reserve + acc * sum(sizes) + scoring * max(sizes)
             budget = max(budget, min(one_pass, int(_free_memory_share() * free)))
     groups, start = [], 0
     while start < len(sizes):
         end = start + 1
         while (
             end < len(sizes)
-            and reserve + 4 * sum(sizes[start : end + 1]) + scoring * max(sizes[start : end + 1]) <= budget
+            and reserve + acc * sum(sizes[start : end + 1]) + scoring * max(sizes[start : end + 1]) <= budget
         ):
             end += 1
         groups.append(sizes[start:end])
@@ -251,7 +262,7 @@ def selection(
     components = {
         "adapter values + indices (8 B/entry)": 8 * k,
         f"candidate set ({reserve_per_entry} B/entry)": reserve,
-        "largest group's accumulators (4 B/w)": max(4 * sum(group) for group in groups),
+        f"largest group's accumulators ({acc} B/w)": max(acc * sum(group) for group in groups),
         "forward + backward activations": max(pass_activations, scoring * max(sizes)),
         "values' gradients (4 B/entry)": 4 * k,
     }
@@ -587,8 +598,8 @@ def selection_time_table(batch: int, seq: int, lora_r: int, batch_counts: tuple[
     lines = [
         "| model (NF4) | GPU | free at selection | default max_memory | accumulators for one pass | passes | "
         + " | ".join(f"step-equivalents, {n} batches" for n in batch_counts)
-        + " |",
-        "|---|---|---|---|---|---|" + "---|" * len(batch_counts),
+        + f" | bf16 accumulators: passes, step-equivalents at {batch_counts[len(batch_counts) // 2]} batches |",
+        "|---|---|---|---|---|---|" + "---|" * (len(batch_counts) + 1),
     ]
     for name, shape in SHAPES.items():
         if predict(shape, "qlora", batch, seq, lora_r)["step_peak"] > max(size for _, size in GPUS[name]):
@@ -596,11 +607,13 @@ def selection_time_table(batch: int, seq: int, lora_r: int, batch_counts: tuple[
         sizes = [out * inp for out, inp in linear_shapes(shape)] * shape["layers"]
         for label, device in GPUS[name]:
             p = predict(shape, "sparse", batch, seq, lora_r, device_bytes=device)
+            half = predict(shape, "sparse", batch, seq, lora_r, device_bytes=device, accumulator_bytes=2)
             free = max(0, device - p["loaded"] - 8 * p["trainable"])
             steps = " | ".join(f"{step_equivalents_per_batch(p['selection_passes']) * n:.0f}" for n in batch_counts)
+            halved = step_equivalents_per_batch(half["selection_passes"]) * batch_counts[len(batch_counts) // 2]
             lines.append(
                 f"| {name} | {label} | {gb(free)} GiB | {gb(p['selection_budget'])} GiB | {gb(4 * sum(sizes))} GiB | "
-                f"{p['selection_passes']} | {steps} |"
+                f"{p['selection_passes']} | {steps} | {half['selection_passes']}, {halved:.0f} |"
             )
     return lines + [""]
 

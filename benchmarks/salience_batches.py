@@ -30,7 +30,9 @@ RECORDS = ROOT / "benchmarks" / "records" / "salience_batches"
 COUNTS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def study(task_name: str, counts: tuple[int, ...]) -> dict:
+def study(task_name: str, counts: tuple[int, ...], bfloat16: bool = False) -> dict:
+    """The masks of ``counts`` batches (fp32 accumulators; ``bfloat16``: also with bf16 accumulators, each against
+    the fp32 mask of the same batches)."""
     import suite
 
     import peft_sparse
@@ -54,28 +56,39 @@ def study(task_name: str, counts: tuple[int, ...]) -> dict:
     layers = sparse_layers(resolve_adapter(model, None, "study")[0], "default")  # named as salience_scores names
     total = sum(layer.num_weight_entries for _, layer in layers)
     masks, rows = {}, []
+
+    def overlap(mask, other) -> float:
+        chosen = sum(indices.numel() for indices in mask.values())
+        return sum(int(torch.isin(indices, other[name]).sum()) for name, indices in mask.items()) / chosen
+
+    dtypes = (torch.float32, torch.bfloat16) if bfloat16 else (torch.float32,)
     for count in sorted(counts, reverse=True):
-        start = time.perf_counter()
-        report = peft_sparse.select_mask(model, batches[:count], num_batches=count, reset_values=True)
-        seconds = time.perf_counter() - start
-        masks[count] = {name: layer.sparse_indices["default"].to(torch.int64).clone() for name, layer in layers}
-        held = 0.0
-        for name, indices in masks[count].items():
-            square = held_out[name].flatten().double().square()
-            held += indices.numel() * float(square[indices].sum() / square.sum())
-        chosen = sum(indices.numel() for indices in masks[count].values())
-        shared = sum(int(torch.isin(indices, masks[most][name]).sum()) for name, indices in masks[count].items())
-        rows.append(
-            {
-                "batches": count,
-                "passes": report.passes,
-                "forward_backward": report.forward_backward_passes,
-                "seconds": round(seconds, 1),
-                "overlap_with_most": round(shared / chosen, 4),
-                "held_out_square_share": round(held / chosen, 4),
-            }
-        )
-        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+        for dtype in dtypes:
+            start = time.perf_counter()
+            report = peft_sparse.select_mask(
+                model, batches[:count], num_batches=count, reset_values=True, accumulation_dtype=dtype
+            )
+            seconds = time.perf_counter() - start
+            mask = {name: layer.sparse_indices["default"].to(torch.int64).clone() for name, layer in layers}
+            held = 0.0
+            for name, indices in mask.items():
+                square = held_out[name].flatten().double().square()
+                held += indices.numel() * float(square[indices].sum() / square.sum())
+            held /= sum(indices.numel() for indices in mask.values())
+            row = {"batches": count, "accumulation": str(dtype).removeprefix("torch.")}
+            if dtype == torch.float32:
+                masks[count] = mask
+            else:
+                row["overlap_with_float32"] = round(overlap(mask, masks[count]), 4)
+            row.update(
+                passes=report.passes,
+                forward_backward=report.forward_backward_passes,
+                seconds=round(seconds, 1),
+                overlap_with_most=round(overlap(mask, masks[most]), 4),
+                held_out_square_share=round(held, 4),
+            )
+            rows.append(row)
+            print(json.dumps(row), file=sys.stderr, flush=True)
     return {
         "task": task_name,
         "entries": sum(indices.numel() for indices in masks[most].values()),
@@ -84,7 +97,7 @@ def study(task_name: str, counts: tuple[int, ...]) -> dict:
         "tokens": suite.LENGTH,
         "machine": machine("cpu"),
         "date": time.strftime("%Y-%m-%d"),
-        "rows": sorted(rows, key=lambda row: row["batches"]),
+        "rows": sorted(rows, key=lambda row: (row["batches"], row.get("accumulation", "float32"))),
     }
 
 
@@ -106,6 +119,9 @@ def table(tasks: list[str]) -> str:
         if not path.exists():
             continue
         record = json.loads(path.read_text())
+        extra = RECORDS / f"{name}-bfloat16.json"
+        if extra.exists():
+            record["rows"] += [r for r in json.loads(extra.read_text())["rows"] if r["accumulation"] == "bfloat16"]
         lines += [
             f"### `{name}` ({record['entries']:,} entries, density {record['density']:.2%}, batches of "
             f"{record['batch']} x {record['tokens']} tokens; {record['machine']}, {record['date']})",
@@ -115,11 +131,21 @@ def table(tasks: list[str]) -> str:
             "|---|---|---|---|",
         ]
         for row in record["rows"]:
+            if row.get("accumulation", "float32") != "float32":
+                continue
             lines.append(
                 f"| {row['batches']} | {row['overlap_with_most']:.1%} | {row['held_out_square_share']:.1%} | "
                 f"{row['seconds']:.0f} |"
             )
         lines.append("")
+        for row in record["rows"]:
+            if row.get("accumulation", "float32") == "bfloat16":
+                lines += [
+                    f"With bfloat16 accumulators (half the memory, so half the passes where memory is tight), "
+                    f"{row['batches']} batches: {row['overlap_with_float32']:.1%} of the float32 mask's entries, "
+                    f"{row['held_out_square_share']:.1%} of the held-out squared gradient.",
+                    "",
+                ]
     lines += quality_table(tasks)
     return "\n".join(lines)
 
@@ -170,6 +196,7 @@ def main() -> None:
     parser.add_argument("what", choices=("run", "table"))
     parser.add_argument("--task", action="append", help="a text task of suite.py (default: wordnet)")
     parser.add_argument("--counts", type=int, nargs="+", default=list(COUNTS))
+    parser.add_argument("--bfloat16", action="store_true", help="also select with bf16 accumulators")
     parser.add_argument("--threads", type=int)
     parser.add_argument("--write", action="store_true", help="write the table into benchmarks/RESULTS.md")
     args = parser.parse_args()
@@ -183,8 +210,9 @@ def main() -> None:
         warnings.filterwarnings("ignore")
         RECORDS.mkdir(parents=True, exist_ok=True)
         for name in tasks:
-            result = study(name, tuple(args.counts))
-            (RECORDS / f"{name}.json").write_text(json.dumps(result, indent=1) + "\n")
+            result = study(name, tuple(args.counts), args.bfloat16)
+            path = RECORDS / (f"{name}-bfloat16.json" if args.bfloat16 else f"{name}.json")
+            path.write_text(json.dumps(result, indent=1) + "\n")
     text = table(tasks)
     if args.write:
         write_section(RESULTS, text)

@@ -324,3 +324,33 @@ def test_where_memory_is_tight_the_default_splits_and_says_what_it_costs(monkeyp
     assert select_mask(_model(selection="gradient", selection_max_memory=needed), _batches()).passes == 1
     assert not caplog.records  # a budget the user chose is not second-guessed
     assert all(torch.equal(_selected(expected)[n], _selected(model)[n]) for n in _selected(expected))
+
+
+def test_bfloat16_accumulators_halve_the_memory_and_the_passes_and_keep_the_mask_close():
+    """``selection_accumulation_dtype="bfloat16"``: half the accumulator bytes, so a budget that splits the float32
+    accumulators into groups holds the bf16 ones in one pass, and a mask close to the float32 one (the sums round to
+    bf16: only near-ties may swap)."""
+    batches = _batches(count=4)
+    layers = sparse_layers(_model().base_model, "default")
+    total = sum(layer.num_weight_entries for _, layer in layers)
+    roomy = select_mask(_model(selection="gradient", density=0.05), batches, max_memory=2**40)
+    assert roomy.passes == 1 and roomy.extra_memory_bytes >= 4 * total
+    budget = int(0.7 * roomy.extra_memory_bytes)
+    full = _model(selection="gradient", density=0.05)
+    half = _model(selection="gradient", density=0.05, selection_accumulation_dtype="bfloat16")
+    full_report, half_report = (
+        select_mask(full, batches, max_memory=budget),
+        select_mask(half, batches, max_memory=budget),
+    )
+    assert full_report.passes >= 2 and half_report.passes == 1
+    assert 2 * total <= half_report.extra_memory_bytes <= budget
+    # the same mask up to near-ties
+    chosen, reference = _selected(half), _selected(full)
+    shared = sum(int(torch.isin(chosen[n], reference[n]).sum()) for n in reference)
+    assert shared >= 0.9 * sum(t.numel() for t in reference.values())
+    # select_mask's own argument wins over the config's
+    again = _model(selection="gradient", density=0.05, selection_accumulation_dtype="bfloat16")
+    select_mask(again, batches, accumulation_dtype=torch.float32)
+    assert all(torch.equal(_selected(again)[n], reference[n]) for n in reference)
+    with pytest.raises(ValueError, match="SparseConfig.selection_accumulation_dtype must be one of .*'float16'"):
+        SparseConfig(target_modules=TARGETS, selection_accumulation_dtype="float16")

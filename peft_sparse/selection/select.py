@@ -69,7 +69,7 @@ def select_mask(
     num_batches: int | None = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     adapter_name: str | None = None,
-    accumulation_dtype: torch.dtype = torch.float32,
+    accumulation_dtype: torch.dtype | None = None,
     layers_per_pass: int | None = None,
     keep_layer_sizes: bool = False,
     reset_values: bool = False,
@@ -90,9 +90,10 @@ def select_mask(
         num_batches: how many batches to use; defaults to ``config.salience_batches``.
         loss_fn: ``loss_fn(outputs, batch) -> loss``; defaults to ``outputs.loss``.
         adapter_name: the adapter to select for; defaults to the active one.
-        accumulation_dtype: dtype of the dense gradient accumulators. fp32 (default) costs 4 bytes per targeted
-            weight (12 for ``fisher``: the sum of squares and the batch buffer besides the sum); the model's compute dtype
-            halves that, at the cost of rounding in long sums.
+        accumulation_dtype: dtype of the dense gradient accumulators; ``None``: the config's
+            ``selection_accumulation_dtype`` (float32 by default). fp32 costs 4 bytes per targeted weight (12 for
+            ``fisher``: the sum of squares and the batch buffer besides the sum); bf16 halves that, at the cost of
+            rounding in the sums.
         layers_per_pass: at most this many layers share one pass over the data (``None``: as many as
             ``max_memory`` allows).
         keep_layer_sizes: keep every layer's current ``k`` and rewrite its indices in place (the values
@@ -233,7 +234,7 @@ class _Passes:
     data: Iterable | None
     num_batches: int | None
     loss_fn: Callable[[Any, Any], torch.Tensor] | None
-    accumulation_dtype: torch.dtype
+    accumulation_dtype: torch.dtype | None  # None: the config's selection_accumulation_dtype
     layers_per_pass: int | None
     max_memory: int | None
 
@@ -245,7 +246,7 @@ def _choose(
     int64): one top-k over all layers (``one_top_k``) or a top-``counts[i]`` per layer. Fills in the report's
     passes, batches, budget and peak memory. The model is not changed."""
     batches = salience_batches(passes.data, passes.num_batches, config, metric, caller)
-    dtype = passes.accumulation_dtype
+    dtype = passes.accumulation_dtype or config.torch_selection_accumulation_dtype
     max_memory = config.selection_max_memory if passes.max_memory is None else passes.max_memory
     free = None
     if max_memory is None:
@@ -261,7 +262,7 @@ def _choose(
         logger.warning(
             "%s: memory is tight (%.2f GiB free): the %d layers are scored in %d groups, %d passes over %d batches "
             "(%d forward+backward passes instead of %d); SparseConfig.selection_max_memory=%d (%.2f GiB) would "
-            "score them in one pass",
+            "score them in one pass, and selection_accumulation_dtype='bfloat16' halves the accumulators",
             caller,
             free / 2**30,
             len(layers),
@@ -329,7 +330,7 @@ def update_mask(
     num_batches: int | None = None,
     loss_fn: Callable[[Any, Any], torch.Tensor] | None = None,
     adapter_name: str | None = None,
-    accumulation_dtype: torch.dtype = torch.float32,
+    accumulation_dtype: torch.dtype | None = None,
     layers_per_pass: int | None = None,
     max_memory: int | None = None,
 ) -> SelectionReport:

@@ -28,6 +28,7 @@ BUDGET_MODES = ("global", "local")
 REGROW_METHODS = ("gradient", "momentum")
 RESELECTION_SCHEDULES = ("cosine", "linear", "constant")
 DELTA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SELECTION_ACCUMULATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _check_choice(field_name: str, value, choices) -> None:
@@ -108,6 +109,13 @@ class SparseConfig(PeftConfig):
             training adds), at least 64 MiB, and the largest layer, and a warning says how many passes that costs and
             which value gives one pass (see :func:`peft_sparse.selection.select.default_max_memory`). A value too
             small for the largest layer is refused at selection, naming the smallest workable one.
+        selection_accumulation_dtype (`str`):
+            Dtype of selection's dense gradient accumulators: ``"float32"`` (default, 4 bytes per weight scored in a
+            pass) or ``"bfloat16"`` (2 bytes: half the memory, so where memory is tight half the passes over the
+            salience batches). Each batch's gradient is rounded to bfloat16 and added in bfloat16: a sum of ``n``
+            batches is off by at most about ``n * 2**-8`` of the sum of their magnitudes, which reorders entries
+            whose scores lie that close (see ``benchmarks/salience_batches.py --bfloat16`` for the measured effect
+            on the mask).
         regrow (`str`):
             SpIEL regrowth criterion: ``"gradient"`` (accumulated gradients, SpIEL-AG) or ``"momentum"``
             (SM3-approximated momenta, SpIEL-MA).
@@ -219,6 +227,13 @@ class SparseConfig(PeftConfig):
             )
         },
     )
+    selection_accumulation_dtype: Literal["float32", "bfloat16"] = field(
+        default="float32",
+        metadata={
+            "help": "Dtype of selection's gradient accumulators: 'float32', or 'bfloat16' (half the memory, so half "
+            "the passes where memory is tight, at the cost of bf16 rounding in the sums)."
+        },
+    )
     regrow: Literal["gradient", "momentum"] = field(
         default="gradient",
         metadata={"help": "SpIEL regrowth: 'gradient' (accumulated gradients) or 'momentum' (SM3 momenta)."},
@@ -300,6 +315,7 @@ class SparseConfig(PeftConfig):
         _check_choice("selection", self.selection, SELECTION_METHODS)
         _check_choice("update", self.update, UPDATE_MODES)
         _check_choice("regrow", self.regrow, REGROW_METHODS)
+        _check_choice("selection_accumulation_dtype", self.selection_accumulation_dtype, SELECTION_ACCUMULATION_DTYPES)
         _check_choice("reselection_schedule", self.reselection_schedule, RESELECTION_SCHEDULES)
         if self.delta_dtype is not None:
             _check_choice("delta_dtype", self.delta_dtype, DELTA_DTYPES)
@@ -327,6 +343,11 @@ class SparseConfig(PeftConfig):
                 f"SparseConfig.accumulation_steps ({self.accumulation_steps}) must not exceed update_interval "
                 f"({self.update_interval}) for update='spiel' with regrow='gradient'"
             )
+
+    @property
+    def torch_selection_accumulation_dtype(self) -> torch.dtype:
+        """``selection_accumulation_dtype`` as a ``torch.dtype``."""
+        return SELECTION_ACCUMULATION_DTYPES[self.selection_accumulation_dtype]
 
     @property
     def torch_delta_dtype(self) -> torch.dtype | None:

@@ -13,7 +13,14 @@ import textwrap
 import warnings
 from dataclasses import dataclass, field
 
-from ...tuner.config import BUDGET_MODES, REGROW_METHODS, SELECTION_METHODS, UPDATE_MODES, SparseConfig
+from ...tuner.config import (
+    BUDGET_MODES,
+    REGROW_METHODS,
+    SELECTION_ACCUMULATION_DTYPES,
+    SELECTION_METHODS,
+    UPDATE_MODES,
+    SparseConfig,
+)
 from .. import compare, instructions, models
 from ..common import MAX_LR, USAGE_ERROR, VERBOSE_HELP
 
@@ -44,11 +51,18 @@ CONFIG_FIELDS = {
     "update_interval": "update_interval",
     "salience_batches": "salience_batches",
     "selection_max_memory": "selection_max_memory",
+    "selection_accumulation_dtype": "selection_accumulation_dtype",
     "regrow": "regrow",
     "sparse_r": "r",
     "sparse_lora_alpha": "lora_alpha",
 }
-_CHOICES = {"budget": BUDGET_MODES, "selection": SELECTION_METHODS, "update": UPDATE_MODES, "regrow": REGROW_METHODS}
+_CHOICES = {
+    "budget": BUDGET_MODES,
+    "selection": SELECTION_METHODS,
+    "update": UPDATE_MODES,
+    "regrow": REGROW_METHODS,
+    "selection_accumulation_dtype": SELECTION_ACCUMULATION_DTYPES,
+}
 # Where the command's default differs from the config's, and why (the help says so too).
 COMMAND_DEFAULTS = {
     "density": None,  # the trainable count follows --lora_r: the comparison with LoRA is at equal count
@@ -84,6 +98,7 @@ class SparseArguments:
     update_interval: int = _config_field("update_interval")
     salience_batches: int = _config_field("salience_batches", "Training batches of the train dataloader.")
     selection_max_memory: int | None = _config_field("selection_max_memory")
+    selection_accumulation_dtype: str = _config_field("selection_accumulation_dtype")
     regrow: str = _config_field("regrow")
     sparse_target_modules: list[str] = field(
         default_factory=lambda: ["all-linear"],
