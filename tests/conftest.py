@@ -24,7 +24,7 @@ def cli_here(capfd):
     """``cli_here(*argv)`` runs ``peft-sparse ARGV`` in the test's own process (a command's per-method workers are
     still processes of their own) and returns what ``subprocess.run`` would: the exit code and both streams, caught
     at the file descriptors so that the workers' output is in them too."""
-    from peft_sparse.cli import main
+    from _peft_sparse_cli import main  # the console script's entry point: quiet, as users run it
 
     def run(*argv) -> subprocess.CompletedProcess:
         capfd.readouterr()

@@ -551,7 +551,7 @@ def test_finetune_sparse_only_keeps_the_exact_density_and_runs_spiel_on_a_4bit_b
 
 @pytest.mark.slow
 def test_a_diverging_run_gives_one_line_and_exit_code_2_and_saves_nothing(tiny_model_dir, jsonl, tmp_path, cli_here):
-    # (the run itself is a worker, python -m peft_sparse.cli in a process of its own: its one line is in stderr)
+    # (the run itself is a worker, python -m _peft_sparse_cli in a process of its own: its one line is in stderr)
     out = tmp_path / "out"
     result = cli_here(
         "finetune",

@@ -11,8 +11,9 @@ import statistics
 import pytest
 import torch
 
+from _peft_sparse_cli import main  # the console script's entry point
 from peft_sparse import SparseLayer
-from peft_sparse.cli import compare, main, sft
+from peft_sparse.cli import compare, sft
 
 # (inflected form, dictionary form): the tiny model learns them; one-word answers, as the built-in base_form task.
 PAIRS = [

@@ -7,7 +7,8 @@ exit code 2 (argparse's convention); a failed run exits with 1, as does a run wh
 (its table is still printed, and one line names what is missing).
 
 A command prints its own output only: other packages' loggers show errors, their deprecation notices are hidden,
-unless ``--verbose`` (see ``_peft_sparse_cli``, the console script's entry point, which also quiets the imports).
+unless ``--verbose``. That is done by the one entry point, ``_peft_sparse_cli.main`` (the console script, and
+``python -m peft_sparse.cli``), which quiets the imports too; :func:`main` here only dispatches.
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-
-from _peft_sparse_cli import only_our_output, wants_verbose
 
 from .common import USAGE_ERROR, VERBOSE_HELP, Parser, add_verbose_argument
 
@@ -58,12 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``peft-sparse ARGV``: dispatch to the command and return its exit code (run it through
+    ``_peft_sparse_cli.main`` for the command's quiet output)."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    with only_our_output(wants_verbose(argv)):
-        return _run(argv)
-
-
-def _run(argv: list[str]) -> int:
     from . import compare
 
     # A worker process (see peft_sparse.cli.compare) is the command re-invoked with `--worker METHOD`, taken out
