@@ -112,3 +112,17 @@ def test_the_selection_choices_agree_everywhere_they_are_listed():
     assert set(typing.get_args(literal)) == set(SELECTION_METHODS) == set(METRICS)
     default = {f.name: f.default for f in dataclasses.fields(SparseConfig)}["selection"]
     assert default in METRICS
+
+
+def test_spiel_ag_window_defaults_to_at_most_five_steps_within_the_interval():
+    """One rule, in the config: ``accumulation_steps=None`` means ``min(5, update_interval)`` (the commands no longer
+    compute it), and an explicit value beyond the interval is still refused."""
+    assert SparseConfig(target_modules=["q_proj"]).effective_accumulation_steps == 5
+    short = SparseConfig(target_modules=["q_proj"], update="spiel", update_interval=3)
+    assert short.accumulation_steps is None and short.effective_accumulation_steps == 3
+    assert (
+        SparseConfig(target_modules=["q_proj"], update_interval=3, accumulation_steps=2).effective_accumulation_steps
+        == 2
+    )
+    with pytest.raises(ValueError, match=r"accumulation_steps \(4\).*update_interval \(3\)"):
+        SparseConfig(target_modules=["q_proj"], update="spiel", update_interval=3, accumulation_steps=4)

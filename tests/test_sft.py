@@ -544,4 +544,4 @@ def test_each_sparse_option_reaches_the_config_the_command_builds():
     for option, name in sft.arguments.CONFIG_FIELDS.items():
         if option in given:
             assert getattr(config, name) == given[option], option
-    assert config.seed == 3 and config.accumulation_steps == 5  # min(ACCUMULATION_STEPS, update_interval)
+    assert config.seed == 3 and config.effective_accumulation_steps == 5  # min(5, update_interval), the config's rule

@@ -10,8 +10,6 @@ VERBOSE_HELP = (
     "show what the packages underneath print besides errors (transformers', bitsandbytes', datasets' and "
     "DeepSpeed's logs, deprecation notices, datasets' progress bars)"
 )
-# SpIEL-AG: backward passes whose gradients choose the regrown entries (capped by the update interval)
-ACCUMULATION_STEPS = 5
 # AdamW's first step is lr / (1 - beta1) = 10 x lr, and torch refuses (with a traceback) a step that float32, the
 # trainable parameters' dtype, cannot hold.
 MAX_LR = 3.4028234663852886e38 / 10

@@ -17,7 +17,7 @@ from .._memory import reset_peak_memory
 from ..tuner.config import SELECTION_METHODS, UPDATE_MODES
 from . import compare, models
 from . import data as data_module
-from .common import ACCUMULATION_STEPS, MAX_LR, add_verbose_argument
+from .common import MAX_LR, add_verbose_argument
 
 CHOICE_METHODS = ("sparse", "lora", "both")
 MAX_TOKENS = 64  # the built-in quotations are at most 200 characters: well under 64 word pieces
@@ -234,7 +234,6 @@ def run_worker(args: argparse.Namespace, label: str) -> dict:
             update_interval=args.update_interval,
             salience_batches=args.salience_batches,
             seed=args.seed,
-            accumulation_steps=min(ACCUMULATION_STEPS, args.update_interval),
             **budget,
         )
         model = get_peft_model(base, config)

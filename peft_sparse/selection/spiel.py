@@ -213,7 +213,7 @@ class SpIEL:
     # --- schedule --------------------------------------------------------------------------------------------
     def _window_start(self) -> int:
         """Steps after an update at which SpIEL-AG starts recording gradients for the next one."""
-        return self.config.update_interval - min(self.config.accumulation_steps, self.config.update_interval)
+        return self.config.update_interval - min(self.config.effective_accumulation_steps, self.config.update_interval)
 
     def _maybe_start_window(self) -> None:
         if self.config.regrow != "gradient" or self._probing:

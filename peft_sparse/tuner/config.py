@@ -29,6 +29,7 @@ REGROW_METHODS = ("gradient", "momentum")
 RESELECTION_SCHEDULES = ("cosine", "linear", "constant")
 DELTA_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SELECTION_ACCUMULATION_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DEFAULT_ACCUMULATION_STEPS = 5  # SpIEL-AG's window when accumulation_steps is None (capped by update_interval)
 
 
 def _check_choice(field_name: str, value, choices) -> None:
@@ -125,8 +126,9 @@ class SparseConfig(PeftConfig):
         reselection_schedule (`str`):
             How the SpIEL prune fraction decays from ``reselection_rate`` over the run: ``"cosine"`` (default, to zero
             at the last step), ``"linear"`` (to zero, as the SpIEL reference code) or ``"constant"``.
-        accumulation_steps (`int`):
-            SpIEL-AG: number of steps before an update over which dense gradients are accumulated.
+        accumulation_steps (`Optional[int]`):
+            SpIEL-AG: number of steps before an update over which dense gradients are accumulated, at most
+            ``update_interval``. ``None`` (default): ``min(5, update_interval)`` (:attr:`effective_accumulation_steps`).
         delta_dtype (`Optional[str]`):
             Dtype of the trainable values. ``None`` (default) follows peft's rule for every tuner: float32 when the
             adapter is created or loaded with ``autocast_adapter_dtype=True`` (peft's default), else the base layer's
@@ -245,8 +247,12 @@ class SparseConfig(PeftConfig):
         default="cosine",
         metadata={"help": "Decay of the SpIEL prune fraction over the run: 'cosine', 'linear' or 'constant'."},
     )
-    accumulation_steps: int = field(
-        default=5, metadata={"help": "SpIEL-AG: steps before an update over which dense gradients are accumulated."}
+    accumulation_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "SpIEL-AG: steps before an update over which dense gradients are accumulated, at most "
+            f"update_interval; None: min({DEFAULT_ACCUMULATION_STEPS}, update_interval)."
+        },
     )
     delta_dtype: Literal["float32", "bfloat16", "float16"] | None = field(
         default=None,
@@ -325,7 +331,8 @@ class SparseConfig(PeftConfig):
         _check_int("salience_batches", self.salience_batches, 1)
         if self.selection_max_memory is not None:
             _check_int("selection_max_memory", self.selection_max_memory, 1)
-        _check_int("accumulation_steps", self.accumulation_steps, 1)
+        if self.accumulation_steps is not None:
+            _check_int("accumulation_steps", self.accumulation_steps, 1)
         _check_int("seed", self.seed, 0)
         _check_int("r", self.r, 0)
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
@@ -338,11 +345,23 @@ class SparseConfig(PeftConfig):
             raise TypeError(f"SparseConfig.reselection_rate must be a float, got {self.reselection_rate!r}")
         if not (math.isfinite(self.reselection_rate) and 0.0 <= self.reselection_rate <= 1.0):
             raise ValueError(f"SparseConfig.reselection_rate must be in [0, 1], got {self.reselection_rate!r}")
-        if self.update == "spiel" and self.accumulation_steps > self.update_interval and self.regrow == "gradient":
+        if (
+            self.update == "spiel"
+            and self.accumulation_steps is not None
+            and self.accumulation_steps > self.update_interval
+            and self.regrow == "gradient"
+        ):
             raise ValueError(
                 f"SparseConfig.accumulation_steps ({self.accumulation_steps}) must not exceed update_interval "
                 f"({self.update_interval}) for update='spiel' with regrow='gradient'"
             )
+
+    @property
+    def effective_accumulation_steps(self) -> int:
+        """``accumulation_steps``, or where it is ``None``, ``min(DEFAULT_ACCUMULATION_STEPS, update_interval)``."""
+        if self.accumulation_steps is not None:
+            return self.accumulation_steps
+        return min(DEFAULT_ACCUMULATION_STEPS, self.update_interval)
 
     @property
     def torch_selection_accumulation_dtype(self) -> torch.dtype:

@@ -7,7 +7,6 @@ import dataclasses
 from typing import Any
 
 from .. import models
-from ..common import ACCUMULATION_STEPS
 from .arguments import CONFIG_FIELDS, SftError, _one_line, target_modules
 
 
@@ -98,7 +97,6 @@ def sparse_config(base, model_args, sparse_args, seed: int):
             task_type="CAUSAL_LM",
             target_modules=targets,
             seed=seed,
-            accumulation_steps=min(ACCUMULATION_STEPS, sparse_args.update_interval),
             **{
                 name: getattr(sparse_args, option)
                 for option, name in CONFIG_FIELDS.items()
