@@ -126,7 +126,7 @@ def table(tasks: list[str]) -> str:
             f"### `{name}` ({record['entries']:,} entries, density {record['density']:.2%}, batches of "
             f"{record['batch']} x {record['tokens']} tokens; {record['machine']}, {record['date']})",
             "",
-            f"| salience batches | overlap with the {record['rows'][-1]['batches']}-batch mask | held-out squared "
+            f"| salience batches | overlap with the {max(r['batches'] for r in record['rows'])}-batch mask | held-out squared "
             "gradient held | seconds |",
             "|---|---|---|---|",
         ]
