@@ -51,24 +51,10 @@ def jsonl(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
     """A 2-layer BERT built from a config, with a word-piece vocabulary of the test sentences, saved to a folder."""
-    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+    from tiny_models import save_tiny_bert_classifier
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted({w for r in records() for w in r["text"].split()})
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    config.num_labels = len(LABELS)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    return folder
+    words = [w for r in records() for w in r["text"].split()]
+    return save_tiny_bert_classifier(tmp_path_factory.mktemp("tiny-bert"), words, len(LABELS))
 
 
 # ------------------------------------------------------------------------------------------------ arguments

@@ -8,8 +8,11 @@ import re
 
 import pytest
 import torch
+from peft import get_peft_model
+from tiny_models import tiny_llama
 
 from peft_sparse import SparseConfig
+from peft_sparse.tuner.lookup import sparse_layers
 
 
 def test_the_documented_defaults_are_the_fields_defaults():
@@ -126,3 +129,32 @@ def test_spiel_ag_window_defaults_to_at_most_five_steps_within_the_interval():
     )
     with pytest.raises(ValueError, match=r"accumulation_steps \(4\).*update_interval \(3\)"):
         SparseConfig(target_modules=["q_proj"], update="spiel", update_interval=3, accumulation_steps=4)
+
+
+# --- budgets and configs -------------------------------------------------------------------------------------------
+def test_num_tunable_weights_zero_is_refused():
+    with pytest.raises(ValueError, match=r"num_tunable_weights must be >= 1, got 0"):
+        SparseConfig(target_modules=["q_proj"], num_tunable_weights=0)
+
+
+@pytest.mark.parametrize("budget", ["global", "local"])
+def test_density_that_rounds_to_no_entry_is_refused_and_nothing_is_injected(budget):
+    base = tiny_llama()
+    with pytest.raises(ValueError, match=r"density=1e-07 gives 0 trainable entries over the \d+ weights"):
+        get_peft_model(base, SparseConfig(target_modules=["q_proj"], density=1e-7, budget=budget))
+    assert not sparse_layers(base)
+
+
+def test_a_config_mutated_after_construction_is_validated_at_injection():
+    config = SparseConfig(target_modules=["q_proj"], density=0.05)
+    config.density = 5.0
+    base = tiny_llama()
+    with pytest.raises(ValueError, match=r"density must be in \(0, 1\], got 5\.0"):
+        get_peft_model(base, config)
+    assert not sparse_layers(base)
+    model = get_peft_model(tiny_llama(), SparseConfig(target_modules=["q_proj"], density=0.05))
+    config.density, config.selection = 0.05, "gradients"
+    with pytest.raises(ValueError, match=r"selection must be one of .* got 'gradients'"):
+        model.add_adapter("other", config)
+    assert "other" not in model.peft_config
+    assert all("other" not in layer.sparse_values for _, layer in sparse_layers(model))

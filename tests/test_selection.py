@@ -11,10 +11,11 @@ import copy
 import pytest
 import torch
 from peft import get_peft_model
-from tiny_models import VOCAB, tiny_llama
+from tiny_models import VOCAB, make_batch, tiny_llama
 
 from peft_sparse import SparseConfig, select_mask
 from peft_sparse.selection import select_top_k
+from peft_sparse.tuner.lookup import sparse_layers
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -423,3 +424,69 @@ def test_relative_gradient_removes_the_row_and_column_scales_and_keeps_what_they
     out = score(grad=grad)
     assert out.data_ptr() == grad.data_ptr()
     assert torch.isfinite(out).all() and (out[1] == 0).all() and (out[:, 4] == 0).all() and (out > 0).sum() == 15
+
+
+def _refusal_batches(count: int = 2, labels: bool = True) -> list[dict[str, torch.Tensor]]:
+    result = []
+    for seed in range(count):
+        batch = make_batch(seed=seed)
+        if labels:
+            batch["labels"] = batch["input_ids"].clone()
+        result.append(batch)
+    return result
+
+
+# --- salience ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("selection", ["gradient", "fisher", "snip"])
+def test_non_finite_loss_in_salience_names_the_batch(bad, selection):
+    model = get_peft_model(tiny_llama(), SparseConfig(target_modules=["q_proj"], density=0.05, selection=selection))
+    before = [layer.sparse_indices["default"].clone() for _, layer in sparse_layers(model)]
+
+    def loss_fn(outputs, batch):
+        loss = outputs.loss
+        return loss * bad if batch["input_ids"][0, 0] == _refusal_batches()[1]["input_ids"][0, 0] else loss
+
+    with pytest.raises(ValueError, match=rf"salience batch 1 \(0-based\) is {bad}"):
+        select_mask(model, _refusal_batches(3), loss_fn=loss_fn)
+    after = [layer.sparse_indices["default"] for _, layer in sparse_layers(model)]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # nothing half-applied
+
+
+# --- hand-written training loops -----------------------------------------------------------------------------------
+def test_a_hand_built_optimizer_built_before_select_mask_trains_the_selected_entries():
+    model = get_peft_model(tiny_llama(), SparseConfig(target_modules=["q_proj", "v_proj"], density=0.05))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    select_mask(model, _refusal_batches())
+    values = [layer.sparse_values["default"] for _, layer in sparse_layers(model)]
+    assert all(id(v) in held for v in values)  # the same Parameter objects, resized
+    for batch in _refusal_batches(3):
+        optimizer.zero_grad()
+        model(**batch).loss.backward()
+        optimizer.step()
+    assert all(v.detach().abs().sum() > 0 for v in values if v.numel())
+
+
+def test_select_mask_after_training_refuses_to_zero_the_trained_values():
+    model = get_peft_model(tiny_llama(), SparseConfig(target_modules=["q_proj"], density=0.05))
+    select_mask(model, _refusal_batches())
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model(**_refusal_batches(1)[0]).loss.backward()
+    optimizer.step()
+    trained = [layer.sparse_values["default"].detach().clone() for _, layer in sparse_layers(model)]
+    with pytest.raises(ValueError, match=r"holds trained values in 2 layer\(s\).*reset_values=True"):
+        select_mask(model, _refusal_batches())
+    assert all(torch.equal(t, layer.sparse_values["default"]) for t, (_, layer) in zip(trained, sparse_layers(model)))
+    select_mask(model, _refusal_batches(), reset_values=True)  # deliberate
+    assert all(not layer.sparse_values["default"].any() for _, layer in sparse_layers(model))
+
+
+def test_select_mask_accepts_fresh_init_weights_false_values_but_not_edited_ones():
+    model = get_peft_model(tiny_llama(), SparseConfig(target_modules=["q_proj"], density=0.05, init_weights=False))
+    probe = copy.deepcopy(model)
+    select_mask(model, _refusal_batches())  # the seeded initial values are not training: nothing is lost
+    with torch.no_grad():
+        sparse_layers(probe)[0][1].sparse_values["default"][0] += 1.0
+    with pytest.raises(ValueError, match="holds trained values in 1 layer"):
+        select_mask(probe, _refusal_batches())

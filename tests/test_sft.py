@@ -77,38 +77,10 @@ ROWS = {  # the same examples in each format TRL's SFTTrainer takes
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A 2-layer Llama (64-wide: bitsandbytes' 4-bit block) and a word-level tokenizer with a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from tiny_models import save_tiny_chat_llama
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    words = sorted({w for a, b in PAIRS for w in (a, b)} | set(QUESTION.split()) | {"user", "assistant"})
-    vocab = {token: i for i, token in enumerate(SPECIALS + words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        unk_token="<unk>",
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-    )
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(folder)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        pad_token_id=vocab["<pad>"],
-        bos_token_id=vocab["<|im_start|>"],
-        eos_token_id=vocab["<|im_end|>"],
-    )
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
+    words = {w for a, b in PAIRS for w in (a, b)} | set(QUESTION.split()) | {"user", "assistant"}
+    return save_tiny_chat_llama(tmp_path_factory.mktemp("tiny-llama"), words, SPECIALS, CHAT_TEMPLATE)
 
 
 def write_jsonl(path, rows):

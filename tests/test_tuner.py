@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
+import warnings
 
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from tiny_models import MODEL_FAMILIES, VOCAB, logits, make_batch, tiny_bert, tiny_llama
+from tiny_models import MODEL_FAMILIES, VOCAB, llama_of_width, logits, make_batch, tiny_bert, tiny_llama
 from transformers.pytorch_utils import Conv1D
 
 from peft_sparse import SparseConfig, SparseLayer, lora_equivalent_budget
@@ -472,29 +474,83 @@ def test_sparse_linear_layer_repr_and_type():
     assert repr(layer).startswith("sparse.")
 
 
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing_gives_the_same_gradients(use_reentrant):
-    batch = make_batch(seed=12)
-
-    def value_grads(checkpointing: bool):
-        model = build("llama", density=0.2)
-        randomize_values(model)
-        model.train()
-        if checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-            model.enable_input_require_grads()
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-        return [layer.sparse_values["default"].grad.clone() for _, layer in sparse_layers(model)]
-
-    plain, checkpointed = value_grads(False), value_grads(True)
-    assert all(g.abs().sum() > 0 for g in plain)
-    for a, b in zip(plain, checkpointed):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-
-
 def test_lora_equivalent_budget_matches_lora_on_all_linear_with_a_task_head():
     from peft import LoraConfig
 
     budget = lora_equivalent_budget(tiny_bert(), 4, "all-linear", task_type="SEQ_CLS")
     lora = get_peft_model(tiny_bert(), LoraConfig(task_type="SEQ_CLS", target_modules="all-linear", r=4))
     assert budget == sum(p.numel() for n, p in lora.named_parameters() if "lora_" in n)
+
+
+ADAPTER_FILE = "adapter_model.safetensors"
+
+
+def llama(hidden: int):
+    return llama_of_width(hidden, 2 * hidden)
+
+
+# --- a saved adapter only loads onto layers of the shape it was saved from -----------------------------------------
+@pytest.mark.parametrize("other_hidden", [96, 128])
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_adapter_saved_on_another_shape_is_refused(tmp_path, other_hidden, low_cpu_mem_usage):
+    """Hidden 64 -> 96 / 128 kept every flat index in range, so the entries used to land on other (row, col)s."""
+    model = get_peft_model(llama(64), SparseConfig(target_modules="all-linear", density=0.01, init_weights=False))
+    model.save_pretrained(tmp_path)
+    message = r"saved on a layer of shape \(out, in\) = \(64, 64\), this layer is \((96|128), \1\)"
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj'.*" + message):
+        PeftModel.from_pretrained(llama(other_hidden), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+    same_shape = get_peft_model(llama(other_hidden), SparseConfig(target_modules="all-linear", density=0.01))
+    with pytest.raises(ValueError, match=message):
+        same_shape.load_adapter(tmp_path, adapter_name="other", low_cpu_mem_usage=low_cpu_mem_usage)
+
+
+def test_adapter_saved_without_shapes_loads_with_a_warning(tmp_path):
+    """Files from before the shape record: loaded where the index range check passes, with a warning."""
+    model = get_peft_model(llama(64), SparseConfig(target_modules=["q_proj"], density=0.05, init_weights=False))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / ADAPTER_FILE)
+    save_file({k: v for k, v in tensors.items() if ".sparse_shape" not in k}, tmp_path / ADAPTER_FILE)
+    batch = make_batch(seed=3)
+    with pytest.warns(UserWarning, match="saved without layer shapes"):
+        loaded = PeftModel.from_pretrained(llama(64), tmp_path)
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+    with pytest.warns(UserWarning, match="saved without layer shapes"):
+        loaded = PeftModel.from_pretrained(llama(64), tmp_path, low_cpu_mem_usage=True)
+    torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits)
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_file_missing_a_layers_tensors_names_the_keys(tmp_path, low_cpu_mem_usage):
+    model = get_peft_model(tiny_llama(), SparseConfig(target_modules=["q_proj", "v_proj"], density=0.05))
+    model.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / ADAPTER_FILE)
+    save_file({k: v for k, v in tensors.items() if "layers.1.self_attn.v_proj" not in k}, tmp_path / ADAPTER_FILE)
+    if low_cpu_mem_usage:
+        with pytest.raises(ValueError, match=r"no tensors for .*layers\.1\.self_attn\.v_proj\.sparse_indices"):
+            PeftModel.from_pretrained(tiny_llama(), tmp_path, low_cpu_mem_usage=True)
+    else:
+        # The regular load keeps peft's behaviour: it warns about the missing keys and the layer keeps its fresh
+        # identity adapter.
+        with pytest.warns(UserWarning, match=r"missing adapter keys.*layers\.1\.self_attn\.v_proj"):
+            PeftModel.from_pretrained(tiny_llama(), tmp_path)
+
+
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+def test_a_config_targeting_fewer_modules_than_the_file_holds_says_what_was_not_loaded(tmp_path, low_cpu_mem_usage):
+    """peft loads adapters with strict=False: the file's tensors for untargeted modules were dropped silently."""
+
+    model = get_peft_model(tiny_llama(), SparseConfig(target_modules=["q_proj", "v_proj"], init_weights=False))
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = ["q_proj"]
+    config_file.write_text(json.dumps(config))
+    with pytest.warns(
+        UserWarning, match=r"tensor\(s\) of 2 module\(s\) were not loaded.*layers\.0\.self_attn\.v_proj"
+    ):
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)
+    config["target_modules"] = ["q_proj", "v_proj"]
+    config_file.write_text(json.dumps(config))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*were not loaded")
+        PeftModel.from_pretrained(tiny_llama(), tmp_path, low_cpu_mem_usage=low_cpu_mem_usage)

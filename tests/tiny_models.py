@@ -269,3 +269,60 @@ def assert_within_one_quantisation_step(merged, target, quant_type, name):
     scale, decoded_scale = block_absmax(target, 64), block_absmax(merged, 64)
     bound = half_gap * scale + (decoded_scale - scale).abs() + 1e-6
     assert ((merged - target).abs() <= bound).all(), name
+
+
+def save_tiny_bert_classifier(folder, words, num_labels: int, seed: int = 0):
+    """A 2-layer BERT sequence classifier built from a config, with a word-piece vocabulary of ``words``, saved with
+    its tokenizer to ``folder`` (for the command-line tests, which load models from folders)."""
+    from transformers import BertTokenizerFast
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + sorted(set(words))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizerFast(vocab_file=str(folder / "vocab.txt")).save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = BertConfig(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    config.num_labels = num_labels
+    BertForSequenceClassification(config).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_chat_llama(folder, words, specials, chat_template: str, seed: int = 0):
+    """``llama_of_width(64, 128)``'s shape (bitsandbytes' 4-bit block) with a word-level tokenizer over ``specials``
+    (pad, unk, bos, eos first) and ``words``, and ``chat_template``, saved to ``folder``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(list(specials) + sorted(set(words)))}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        unk_token="<unk>",
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+    )
+    tokenizer.chat_template = chat_template
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        pad_token_id=vocab["<pad>"],
+        bos_token_id=vocab["<|im_start|>"],
+        eos_token_id=vocab["<|im_end|>"],
+    )
+    LlamaForCausalLM(config).save_pretrained(folder)
+    return folder
