@@ -33,8 +33,8 @@ import warnings
 from datetime import date
 from pathlib import Path
 
-from common import machine, write_section
-from sft_quality import GRIDS, LABELS, METHODS, _finite, _ladder, build_trainer
+from common import machine, mean_std, sweep, write_section
+from sft_quality import GRIDS, LABELS, METHODS, build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 ITALIAN = Path("/usr/share/games/fortunes/it/italia")  # apt-get install fortunes-it
@@ -143,15 +143,6 @@ def key(record: dict) -> tuple:
     return (task, record["method"], record["lr"], record["seed"], *sizes)
 
 
-def _stat(values: list[float], digits: int = 3, percent: bool = False) -> str:
-    if len(values) == 1:  # no spread to show
-        return (f"{values[0]:.1%}" if percent else f"{values[0]:.{digits}f}") + " (1 seed)"
-    spread = statistics.stdev(values)
-    if percent:
-        return f"{statistics.mean(values):.1%} ± {spread:.1%}"
-    return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--task", choices=tuple(TASKS), default="memorise")
@@ -203,17 +194,7 @@ def main() -> None:
         start[method] = tuple(sorted(float(rate) for rate in rates.split(",")))
     best, grids, results = {}, {}, {}
     for method in args.methods:
-        grid = list(start[method])
-        while True:
-            scored = sorted((_finite(get(method, lr, 0)[score_key]), lr) for lr in grid)
-            best[method] = scored[0][1]
-            if best[method] == max(grid) and len(grid) < len(start[method]) + 2:
-                grid.append(_ladder(max(grid), up=True))
-            elif best[method] == min(grid) and len(grid) < len(start[method]) + 2:
-                grid.insert(0, _ladder(min(grid), up=False))
-            else:
-                break
-        grids[method] = sorted(grid)
+        grids[method], best[method] = sweep(start[method], lambda lr, method=method: get(method, lr, 0), score_key)
         results[method] = [get(method, best[method], seed) for seed in args.seeds]
     untrained = get("none", 0.0, 0)
 
@@ -258,12 +239,12 @@ def main() -> None:
         f"| not fine-tuned | 0 | | | | {untrained[keys[0]]:.3f} | {untrained[keys[1]]:.3f} | |",
     ]
     for method, runs in results.items():
-        sweep = ", ".join(f"{done[(task, method, lr, 0, *sizes)][keys[0]]:.3f}" for lr in grids[method])
+        per_rate = ", ".join(f"{done[(task, method, lr, 0, *sizes)][keys[0]]:.3f}" for lr in grids[method])
         other = ", ".join(f"{done[(task, method, lr, 0, *sizes)][keys[1]]:.3f}" for lr in grids[method])
         lines.append(
             f"| {LABELS[method]} | {runs[0]['trainable']:,} | {best[method]:g} ({'/'.join(f'{lr:g}' for lr in grids[method])}) "
-            f"| {sweep} | {other} | {_stat([r[keys[0]] for r in runs])} | "
-            f"{_stat([r[keys[1]] for r in runs], percent=keys[1] == 'recall')} | "
+            f"| {per_rate} | {other} | {mean_std([r[keys[0]] for r in runs])} | "
+            f"{mean_std([r[keys[1]] for r in runs], percent=keys[1] == 'recall')} | "
             f"{statistics.median(r['seconds'] for r in runs):.0f} s |"
         )
     text = "\n".join(lines + [""])

@@ -1,5 +1,6 @@
 """What the benchmarks share: timing (``median_time``, paired ratios), peak memory, a seeded Llama built from a
-config and its training step, the machine's description, and the writing of a script's section of RESULTS.md.
+config and its training step, the machine's description, the writing of a script's section of RESULTS.md, and the
+rate sweep of the quality benchmarks (``ladder``, ``sweep``, ``mean_std``).
 
 Every script in this folder imports it as ``common`` (``python benchmarks/SCRIPT.py`` puts the folder on the path);
 ``peft-sparse bench`` runs them all.
@@ -7,9 +8,11 @@ Every script in this folder imports it as ``common`` (``python benchmarks/SCRIPT
 
 from __future__ import annotations
 
+import math
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -139,3 +142,48 @@ def write_section(path: Path, section: str) -> None:
     else:
         existing = existing.rstrip() + "\n\n" + section.rstrip() + "\n"
     path.write_text(existing)
+
+
+# --------------------------------------------------------------------------- rate sweeps (suite, sft_quality, capacity)
+
+
+def ladder(lr: float, up: bool) -> float:
+    """The next rate on the 1-3-10 ladder (3e-3 -> 1e-2 -> 3e-2 up; 3e-4 -> 1e-4 -> 3e-5 down)."""
+    mantissa, exponent = f"{lr:.0e}".split("e")
+    if up:
+        return float(f"3e{int(exponent)}") if mantissa == "1" else float(f"1e{int(exponent) + 1}")
+    return float(f"1e{int(exponent)}") if mantissa == "3" else float(f"3e{int(exponent) - 1}")
+
+
+def score(record: dict | None, key: str) -> float:
+    """``record[key]`` where it is a finite number, else infinity (a diverged or missing run is never the best)."""
+    value = None if record is None else record.get(key)
+    return value if value is not None and math.isfinite(value) else math.inf
+
+
+def sweep(start: tuple[float, ...], get: Callable[[float], dict | None], key: str) -> tuple[list[float], float | None]:
+    """(the grid, the best rate): ``get(lr)`` is seed 0's record at ``lr`` (None: not run yet, then the best is None
+    too), scored by ``key`` (lower is better; ties: the lower rate). A best rate at an edge of the grid extends the
+    grid that way on the 1-3-10 ladder, up to two rates beyond ``start``: no method's best is left at an edge."""
+    grid = sorted(start)
+    while True:
+        records = {lr: get(lr) for lr in grid}
+        if any(record is None for record in records.values()):
+            return grid, None
+        best = min(grid, key=lambda lr: score(records[lr], key))
+        if best == max(grid) and len(grid) < len(start) + 2:
+            grid.append(ladder(best, up=True))
+        elif best == min(grid) and len(grid) < len(start) + 2:
+            grid.insert(0, ladder(best, up=False))
+        else:
+            return grid, best
+
+
+def mean_std(values: list[float], digits: int = 3, percent: bool = False) -> str:
+    """``mean ± standard deviation`` over seeds ("VALUE (1 seed)" for one, "" for none)."""
+    if not values:
+        return ""
+    form = (lambda x: f"{x:.1%}") if percent else (lambda x: f"{x:.{digits}f}")
+    if len(values) == 1:
+        return f"{form(values[0])} (1 seed)"
+    return f"{form(statistics.mean(values))} ± {form(statistics.stdev(values))}"

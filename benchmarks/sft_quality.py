@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -43,7 +42,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from common import machine, write_section
+from common import machine, sweep, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -227,18 +226,6 @@ def run(method: str, lr: float, seed: int, split: str, args) -> dict:
     return record
 
 
-def _finite(loss: float) -> float:
-    return loss if math.isfinite(loss) else math.inf
-
-
-def _ladder(lr: float, up: bool) -> float:
-    """The next rate on the 1-3-10 ladder (3e-3 -> 1e-2 -> 3e-2 up; 3e-4 -> 1e-4 -> 3e-5 down)."""
-    mantissa, exponent = f"{lr:.0e}".split("e")
-    if up:
-        return float(f"3e{int(exponent)}") if mantissa == "1" else float(f"1e{int(exponent) + 1}")
-    return float(f"1e{int(exponent)}") if mantissa == "3" else float(f"3e{int(exponent) - 1}")
-
-
 def key(record: dict) -> tuple:
     return record["method"], record["lr"], record["seed"], record["split"]
 
@@ -281,20 +268,10 @@ def main() -> None:
         return done[(method, lr, seed, split)]
 
     best, grids, results = {}, {}, {}
-    for method in args.methods:  # (1) the sweep on the validation split
-        grid = list(GRIDS[method])
-        while True:
-            scored = sorted((_finite(get(method, lr, 0, "validation")["eval_loss"]), lr) for lr in grid)
-            best[method] = scored[0][1]
-            # A best rate at the edge of the grid is not known to be the best: extend the grid that way by one step
-            # of the 1-3-10 ladder, the same rule for every method, up to two steps beyond the initial grid.
-            if best[method] == max(grid) and len(grid) < len(GRIDS[method]) + 2:
-                grid.append(_ladder(max(grid), up=True))
-            elif best[method] == min(grid) and len(grid) < len(GRIDS[method]) + 2:
-                grid.insert(0, _ladder(min(grid), up=False))
-            else:
-                break
-        grids[method] = sorted(grid)
+    for method in args.methods:  # (1) the sweep on the validation split, edges extended (common.sweep)
+        grids[method], best[method] = sweep(
+            GRIDS[method], lambda lr, method=method: get(method, lr, 0, "validation"), "eval_loss"
+        )
         # (2) the seeds, method by method, so that an interrupted run leaves whole rows
         results[method] = [get(method, best[method], seed, "test") for seed in args.seeds]
     untrained = get("none", 0.0, 0, "test")
@@ -329,12 +306,12 @@ def main() -> None:
     for method, runs in results.items():
         losses = [r["eval_loss"] for r in runs]
         matches = [r["exact_match"] for r in runs]
-        sweep = ", ".join(f"{done[(method, lr, 0, 'validation')]['eval_loss']:.3f}" for lr in grids[method])
+        per_rate = ", ".join(f"{done[(method, lr, 0, 'validation')]['eval_loss']:.3f}" for lr in grids[method])
         grid = "/".join(f"{lr:g}" for lr in grids[method])
         spread = statistics.stdev(losses) if len(losses) > 1 else 0.0
         match_spread = statistics.stdev(matches) if len(matches) > 1 else 0.0
         lines.append(
-            f"| {LABELS[method]} | {runs[0]['trainable']:,} | {best[method]:g} ({grid}) | {sweep} | "
+            f"| {LABELS[method]} | {runs[0]['trainable']:,} | {best[method]:g} ({grid}) | {per_rate} | "
             f"{statistics.mean(losses):.3f} ± {spread:.3f} | {', '.join(f'{x:.3f}' for x in losses)} | "
             f"{statistics.mean(matches):.1%} ± {match_spread:.1%} | "
             f"{statistics.median(r['seconds'] for r in runs):.0f} s |"

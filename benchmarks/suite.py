@@ -46,7 +46,6 @@ import contextlib
 import dataclasses
 import fcntl
 import json
-import math
 import random
 import statistics
 import sys
@@ -58,7 +57,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from common import machine, write_section
+from common import ladder, machine, mean_std, score, sweep, write_section  # noqa: F401 (ladder, score: suite's API)
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "benchmarks" / "records" / "suite"
@@ -464,37 +463,6 @@ class Store:
         return record
 
 
-def ladder(lr: float, up: bool) -> float:
-    """The next rate on the 1-3-10 ladder (3e-3 -> 1e-2 -> 3e-2 up; 3e-4 -> 1e-4 -> 3e-5 down)."""
-    mantissa, exponent = f"{lr:.0e}".split("e")
-    if up:
-        return float(f"3e{int(exponent)}") if mantissa == "1" else float(f"1e{int(exponent) + 1}")
-    return float(f"1e{int(exponent)}") if mantissa == "3" else float(f"3e{int(exponent) - 1}")
-
-
-def score(record: dict | None, key: str) -> float:
-    value = None if record is None else record.get(key)
-    return value if value is not None and math.isfinite(value) else math.inf
-
-
-def sweep(start: tuple[float, ...], get: Callable[[float], dict | None], key: str) -> tuple[list[float], float | None]:
-    """(the grid, the best rate): ``get(lr)`` is seed 0's record at ``lr`` (None: not run yet, then the best is None
-    too), scored by ``key`` (lower is better). A best rate at an edge of the grid extends the grid that way on the
-    1-3-10 ladder, up to two rates beyond ``start``."""
-    grid = list(start)
-    while True:
-        records = {lr: get(lr) for lr in grid}
-        if any(record is None for record in records.values()):
-            return sorted(grid), None
-        best = min(grid, key=lambda lr: score(records[lr], key))
-        if best == max(grid) and len(grid) < len(start) + 2:
-            grid.append(ladder(best, up=True))
-        elif best == min(grid) and len(grid) < len(start) + 2:
-            grid.insert(0, ladder(best, up=False))
-        else:
-            return sorted(grid), best
-
-
 def method_sweep(store: Store, method: str, compute: bool = True) -> tuple[list[float], float | None]:
     return sweep(METHODS[method][1], lambda lr: store.get(method, lr, 0, compute), store.task.select)
 
@@ -512,15 +480,6 @@ def run_suite(tasks: list[str], methods: list[str], salience_batches: int, rate:
 
 
 # --------------------------------------------------------------------------------------------------------- the table
-
-
-def _stat(values: list[float], percent: bool = False) -> str:
-    if not values:
-        return ""
-    form = (lambda x: f"{x:.1%}") if percent else (lambda x: f"{x:.3f}")
-    if len(values) == 1:
-        return f"{form(values[0])} (1 seed)"
-    return f"{form(statistics.mean(values))} ± {form(statistics.stdev(values))}"
 
 
 def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
@@ -560,7 +519,7 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
         if untrained is not None:
             lines.append(
                 "| not fine-tuned | | "
-                + " | ".join(_stat([untrained[c]], c == "recall").replace(" (1 seed)", "") for c in columns)
+                + " | ".join(mean_std([untrained[c]], percent=c == "recall").replace(" (1 seed)", "") for c in columns)
                 + " | | |"
             )
         for method in methods:
@@ -573,7 +532,7 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
             if not sweep_text:
                 continue
             runs = [r for r in (store.find(method, best, s) for s in SEEDS) if r is not None] if best else []
-            cells = [_stat([r[c] for r in runs], c == "recall") for c in columns]
+            cells = [mean_std([r[c] for r in runs], percent=c == "recall") for c in columns]
             per_seed = ", ".join(f"{r[columns[0]]:.3f}" for r in runs)
             note = "" if best else " (sweep incomplete)"
             time_text = f"{statistics.median(r['seconds'] for r in runs):.0f} s" if runs else ""
