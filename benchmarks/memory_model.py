@@ -1,0 +1,244 @@
+"""The per-component memory model of 4-bit training (what ``benchmarks/memory.py`` checks against its measurement
+and uses to predict Llama-3-8B and -70B): for a Llama config in NF4 with reentrant gradient checkpointing at batch
+b x s, the base weights, the adapter state, the activations checkpointing keeps and the one block it recomputes, the
+fp32 logits and loss, the per-layer dequantised weight, and selection's accumulators, candidate set, passes and time
+(training-step equivalents) under ``select_mask``'s default budget on a given GPU."""
+
+from __future__ import annotations
+
+import torch
+
+SHAPES = {
+    "TinyLlama-1.1B": {"hidden": 2048, "intermediate": 5632, "layers": 22, "heads": 32, "kv_heads": 4,
+                       "vocab": 32000},
+    "Llama-3-8B": {"hidden": 4096, "intermediate": 14336, "layers": 32, "heads": 32, "kv_heads": 8, "vocab": 128256},
+    "Llama-3-70B": {"hidden": 8192, "intermediate": 28672, "layers": 80, "heads": 64, "kv_heads": 8,
+                    "vocab": 128256},
+}  # fmt: skip
+METHODS = ("base", "qlora", "sparse")
+NAMES = {"base": "frozen 4-bit base (limit)", "qlora": "QLoRA r=16", "sparse": "sparse, QLoRA's count"}
+MiB, GiB = 2**20, 2**30
+SLACK, BYTES_PER_ENTRY = 1.05, 18  # the goal: sparse peak <= SLACK x QLoRA's + BYTES_PER_ENTRY x trainable entries
+
+
+def linear_shapes(shape: dict) -> list[tuple[int, int]]:
+    """(out, in) of the seven projections of one decoder layer, in module order."""
+    h, i = shape["hidden"], shape["intermediate"]
+    kv = h // shape["heads"] * shape["kv_heads"]
+    return [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]
+
+
+def lora_count(shape: dict, r: int) -> int:
+    """LoRA r's trainable parameters on all seven projections of every layer (= the sparse budget)."""
+    return shape["layers"] * sum(r * (out + inp) for out, inp in linear_shapes(shape))
+
+
+def predict(
+    shape: dict,
+    method: str,
+    batch: int = 1,
+    seq: int = 512,
+    lora_r: int = 16,
+    runtime: int = 0,
+    compute_bytes: int = 2,
+    foreach: bool = True,
+    selection_memory: int | None = None,
+    salience_batches: int = 2,
+    device_bytes: int | None = None,
+    accumulator_bytes: int = 4,
+) -> dict:
+    """Predicted bytes, per component, of ``method`` ("base", "qlora", "sparse") training a Llama of ``shape`` with
+    its decoder linears in NF4 (double quantisation), the rest in fp32 (as ``prepare_model_for_kbit_training``
+    leaves it), reentrant gradient checkpointing, a batch of ``batch`` x ``seq`` tokens and AdamW.
+
+    ``runtime``: the torch / Python process (CPU resident set; 0 for a GPU's allocated memory). ``foreach``: AdamW's
+    multi-tensor step (the default on a GPU) allocates a temporary of 4 B per trainable entry. For sparse,
+    ``selection_memory`` is the ``max_memory`` given to ``select_mask`` (``None``: its default), see
+    :func:`selection`; ``device_bytes``: the GPU's memory, of which the loaded model and the adapter's values and
+    indices leave the rest free at selection (``None``: free memory unknown, the default's floor).
+
+    Returns the components (bytes), ``loaded`` (runtime + base weights), ``step_extra`` / ``step_peak`` (the
+    training step's peak above the loaded model / in all), ``peak_phase`` (when it peaks) and, for sparse,
+    selection's figures.
+    """
+    h, i, layers, vocab = shape["hidden"], shape["intermediate"], shape["layers"], shape["vocab"]
+    kv = h // shape["heads"] * shape["kv_heads"]
+    tokens = batch * seq
+    fp32 = 4
+    per_layer = [out * inp for out, inp in linear_shapes(shape)]
+    quantised = layers * sum(per_layer)
+    c = {}
+    # Base weights. NF4 packs two weights a byte; double quantisation keeps a uint8 absmax per 64-weight block and
+    # an fp32 absmax per 256 blocks. Embeddings, lm_head and norms stay unquantised: fp32 after prepare_model_...
+    c["NF4 packed weights (0.5 B/w)"] = quantised // 2
+    c["absmax + nested absmax"] = quantised // 64 + quantised // (64 * 256) * fp32
+    c["embeddings + lm_head + norms (fp32)"] = (2 * vocab * h + (2 * layers + 1) * h) * fp32
+    base = sum(c.values())
+    # Adapter state. QLoRA: r (in + out) fp32 parameters + two AdamW moments, and their gradients from the backward
+    # to the step. Sparse: k fp32 values + int32 indices + two moments, and the values' gradients.
+    k = lora_count(shape, lora_r) if method != "base" else 0
+    state = k * {"base": 0, "qlora": 3 * fp32, "sparse": 3 * fp32 + 4}[method]
+    grads = k * fp32
+    c["adapter state (16 B/param; sparse 16 B/entry with the index)"] = state
+    c["adapter gradients (4 B/entry)"] = grads
+    # Activations under checkpointing: every layer's input (fp32 residual stream), the residual gradient and its sum
+    # in the backward, and the loss: fp32 logits, log_softmax's output and its gradient (3 x tokens x vocab).
+    checkpoints = layers * tokens * h * fp32
+    stream = 2 * tokens * h * fp32
+    loss = 3 * tokens * vocab * fp32
+    # One block recomputed for its backward. What autograd keeps (frozen weights save no activation): q and k after
+    # RoPE, v, the attention output, the residual sum the second norm reads, the block output (4 h + 2 kv wide), and
+    # the MLP's gate, up and silu outputs (3 i); the backward then holds about two gradients of each width. LoRA
+    # saves its fp32 inputs (norm outputs, attention output, MLP product: 3 h + i); a sparse layer saves its input
+    # cast to the compute dtype, once per layer (q, k, v, o, gate, up: 6 h; down: i).
+    block = tokens * fp32 * (4 * h + 2 * kv + 3 * i) + tokens * fp32 * (2 * h + 2 * i)
+    if method == "qlora":
+        block += tokens * fp32 * (3 * h + i)
+    elif method == "sparse":
+        block += tokens * compute_bytes * (6 * h + i)
+    # The dense weight a 4-bit linear decodes for its forward and again for its backward, one layer at a time.
+    dequant = max(per_layer) * compute_bytes
+    c["checkpointed layer inputs"] = checkpoints
+    c["residual gradient"] = stream
+    c["logits + loss (fp32)"] = loss
+    c["one block's recompute + backward"] = block
+    c["dequantised weight (one layer)"] = dequant
+    # When each peaks: the loss at the start of the backward (every checkpoint alive, no gradient yet); the last
+    # layer's block (every checkpoint, one layer's gradients); the first layer's block (one checkpoint, all the
+    # gradients); the optimizer step (all gradients, the foreach temporaries).
+    phases = {
+        "loss": checkpoints + stream + loss,
+        "last block": checkpoints + stream + block + dequant + grads // layers,
+        "first block": tokens * h * fp32 + stream + block + dequant + grads,
+        "optimizer step": grads + (k * fp32 if foreach else 0),
+    }
+    phase = max(phases, key=phases.get)
+    out = {
+        "components": c,
+        "runtime": runtime,
+        "base": base,
+        "loaded": runtime + base,
+        "trainable": k,
+        "step_extra": state + phases[phase],
+        "step_peak": runtime + base + state + phases[phase],
+        "peak_phase": phase,
+    }
+    if method == "sparse":
+        activations = checkpoints + stream + max(loss, block + dequant)
+        free = None if device_bytes is None else max(0, device_bytes - runtime - base - 8 * k)
+        out.update(selection(shape, k, activations, selection_memory, salience_batches, free, accumulator_bytes))
+        out["selection_peak"] = runtime + base + out["selection_extra"]
+    return out
+
+
+def _selection_constants(accumulation_dtype: torch.dtype = torch.float32) -> tuple[int, int, int, int]:
+    """select_mask's planning constants where it has them (else those of its first version): bytes reserved per
+    entry for the running top-k's candidates, the default budget's room per entry (the adapter's training state)
+    and its least room in bytes, and the scoring temporaries per weight of a layer ranked by gradient salience from
+    fp32 accumulators."""
+    try:
+        from peft_sparse.selection import passes, select
+        from peft_sparse.selection.salience import METRICS
+
+        scoring = passes.scoring_bytes_per_weight(METRICS["gradient"], accumulation_dtype)
+        least = getattr(select, "MIN_DEFAULT_ACCUMULATOR_BYTES", 0)
+        return select.CANDIDATE_BYTES_PER_ENTRY, select.TRAINING_STATE_BYTES_PER_ENTRY, least, scoring
+    except (ImportError, AttributeError, TypeError):
+        return 12, 16, 0, 0
+
+
+def _free_memory_share() -> float:
+    try:
+        from peft_sparse.selection import select
+
+        return select.FREE_MEMORY_SHARE
+    except (ImportError, AttributeError):  # a select_mask before budgets came from free memory
+        return 0.0
+
+
+def selection(
+    shape: dict,
+    k: int,
+    pass_activations: int,
+    budget: int | None,
+    batches: int,
+    free: int | None = None,
+    accumulator_bytes: int = 4,
+) -> dict:
+    """Salience selection as ``select_mask(max_memory=...)`` plans it: the linear layers, in module order, are split
+    into groups whose fp32 gradient accumulators (4 B per weight) plus the scoring temporaries of the group's largest
+    layer fit in ``budget`` next to the candidate set's reserve (about 12 B per entry); ``None``: select_mask's
+    default budget, the reserve + the adapter's training state (16 B per entry, at least select_mask's floor for
+    the accumulators, where it has one). Each group is one pass over the
+    ``batches``, each batch a forward + backward (about one training step).
+
+    Held at a pass's peak: the adapter's values and indices (8 B per entry, allocated at injection), the running
+    top-k's candidate set (its reserve), the largest group's accumulators, a forward + backward's activations
+    (while a layer is scored, after the pass: its temporaries instead), and the values' gradients: under reentrant
+    checkpointing the salience backward is a full ``loss.backward()`` (autograd.grad cannot reach values inside a
+    replayed block), which fills every trainable value's ``.grad`` (4 B per entry) before they are put back.
+
+    ``free``: the bytes the device has free when selection starts; the default budget is then select_mask's: one
+    pass where ``FREE_MEMORY_SHARE`` of it holds every accumulator, else that share, never below the floor above.
+    ``accumulator_bytes``: 4 (float32) or 2 (``selection_accumulation_dtype="bfloat16"``, whose scoring converts one
+    layer's accumulator to float32)."""
+    dtype = torch.float32 if accumulator_bytes == 4 else torch.bfloat16
+    reserve_per_entry, state_per_entry, least_room, scoring = _selection_constants(dtype)
+    acc = accumulator_bytes
+    sizes = [out * inp for out, inp in linear_shapes(shape)] * shape["layers"]
+    reserve = reserve_per_entry * k
+    if budget is None:
+        budget = max(reserve + (acc + scoring) * max(sizes), reserve + max(state_per_entry * k, least_room))
+        if free is not None:
+            one_pass = reserve + acc * sum(sizes) + scoring * max(sizes)
+            budget = max(budget, min(one_pass, int(_free_memory_share() * free)))
+    groups, start = [], 0
+    while start < len(sizes):
+        end = start + 1
+        while (
+            end < len(sizes)
+            and reserve + acc * sum(sizes[start : end + 1]) + scoring * max(sizes[start : end + 1]) <= budget
+        ):
+            end += 1
+        groups.append(sizes[start:end])
+        start = end
+    components = {
+        "adapter values + indices (8 B/entry)": 8 * k,
+        f"candidate set ({reserve_per_entry} B/entry)": reserve,
+        f"largest group's accumulators ({acc} B/w)": max(acc * sum(group) for group in groups),
+        "forward + backward activations": max(pass_activations, scoring * max(sizes)),
+        "values' gradients (4 B/entry)": 4 * k,
+    }
+    return {
+        "selection_components": components,
+        "selection_budget": budget,
+        "selection_extra": sum(components.values()),
+        "selection_passes": len(groups),
+        "selection_steps": len(groups) * batches,
+    }
+
+
+def one_pass_selection(shape: dict, k: int, pass_activations: int) -> int:
+    """Extra bytes of ``select_mask`` before ``max_memory`` existed (``layers_per_pass=None``: one pass): fp32
+    accumulators for every targeted weight during the pass; then an fp32 score per weight, all kept for the top-k,
+    whose bisection builds an int64 key per weight while the scores are alive (12 B per weight), and the adapter's
+    values and indices."""
+    per_layer = [out * inp for out, inp in linear_shapes(shape)]
+    total = shape["layers"] * sum(per_layer)
+    return 8 * k + max(4 * total + pass_activations, 8 * total, 12 * total + 20 * max(per_layer))
+
+
+GPUS = {
+    "TinyLlama-1.1B": (("80 GB", 80 * 10**9), ("8 GB", 8 * 10**9)),
+    "Llama-3-8B": (("80 GB", 80 * 10**9), ("24 GB", 24 * 10**9)),
+    "Llama-3-70B": (("80 GB", 80 * 10**9), ("48 GB", 48 * 10**9)),
+}
+
+
+def step_equivalents_per_batch(passes: int) -> float:
+    """Training-step equivalents one salience batch costs over ``passes`` passes (layer groups of equal size, in layer
+    order). A training step is a forward (1/3) and a backward (2/3); each pass runs the whole forward, but its backward
+    only reaches down to its group's lowest layer (nothing below needs a gradient: the base is frozen and only the
+    group's values require grad), so group g of G (g = 1 the lowest) costs 1/3 + 2/3 (G - g + 1) / G, and the G passes
+    (2G + 1) / 3: 1 for one pass, 13 for 19 (against 19 when every pass is counted as a whole step)."""
+    return (2 * passes + 1) / 3 if passes else 0.0
