@@ -21,18 +21,22 @@ VOCAB = 97
 
 
 def llama_of_width(
-    hidden: int, intermediate: int, seed: int = 0, dtype: torch.dtype = torch.float32
+    hidden: int, intermediate: int, seed: int = 0, dtype: torch.dtype = torch.float32, **config
 ) -> LlamaForCausalLM:
-    """A 2-layer Llama with the given hidden and MLP widths (4 heads, 2 key/value heads), seeded, in eval mode."""
+    """A 2-layer Llama with the given hidden and MLP widths (4 heads, 2 key/value heads), seeded, in eval mode;
+    ``config``: other ``LlamaConfig`` fields (a vocabulary size, special token ids)."""
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        **{
+            "vocab_size": VOCAB,
+            "hidden_size": hidden,
+            "intermediate_size": intermediate,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            **config,
+        }
     )
     return LlamaForCausalLM(config).to(dtype).eval()
 
@@ -311,18 +315,14 @@ def save_tiny_chat_llama(folder, words, specials, chat_template: str, seed: int 
     )
     tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(folder)
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    model = llama_of_width(
+        64,
+        128,
+        seed,
         vocab_size=len(vocab),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
         pad_token_id=vocab["<pad>"],
         bos_token_id=vocab["<|im_start|>"],
         eos_token_id=vocab["<|im_end|>"],
     )
-    LlamaForCausalLM(config).save_pretrained(folder)
+    model.save_pretrained(folder)
     return folder
