@@ -23,7 +23,7 @@ import warnings
 from pathlib import Path
 
 import torch
-from common import RESULTS, machine, write_section
+from common import RESULTS, machine, mean_std, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "benchmarks" / "records" / "salience_batches"
@@ -153,8 +153,6 @@ def table(tasks: list[str]) -> str:
 def quality_table(tasks: list[str]) -> list[str]:
     """The trained result of the default mask at its suite rate with each number of salience batches the suite's
     records hold (`suite.py run --methods gradient --salience-batches N --rate R`), seeds 0-2."""
-    import statistics
-
     import suite
 
     lines = []
@@ -183,9 +181,7 @@ def quality_table(tasks: list[str]) -> list[str]:
         ]
         for batches, lr, scores in rows:
             lines.append(
-                f"| {batches} | {lr:g} | {statistics.mean(scores):.3f} ± {statistics.stdev(scores):.3f} | "
-                + ", ".join(f"{score:.3f}" for score in scores)
-                + " |"
+                f"| {batches} | {lr:g} | {mean_std(scores)} | " + ", ".join(f"{score:.3f}" for score in scores) + " |"
             )
         lines.append("")
     return lines
