@@ -57,7 +57,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from common import ladder, machine, mean_std, score, sweep, write_section  # noqa: F401 (ladder, score: suite's API)
+from common import machine, mean_std, score, sweep, write_section
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "benchmarks" / "records" / "suite"

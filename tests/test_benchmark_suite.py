@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import common
 import suite
 
 
 def test_the_ladder_steps_one_three_ten_both_ways():
-    assert suite.ladder(3e-3, up=True) == 1e-2
-    assert suite.ladder(1e-2, up=True) == 3e-2
-    assert suite.ladder(3e-4, up=False) == 1e-4
-    assert suite.ladder(1e-4, up=False) == 3e-5
+    assert common.ladder(3e-3, up=True) == 1e-2
+    assert common.ladder(1e-2, up=True) == 3e-2
+    assert common.ladder(3e-4, up=False) == 1e-4
+    assert common.ladder(1e-4, up=False) == 3e-5
 
 
 def _records(losses: dict[float, float]):
@@ -31,23 +32,23 @@ def _records(losses: dict[float, float]):
 
 def test_a_best_rate_inside_the_grid_ends_the_sweep():
     get, calls = _records({1e-3: 2.0, 3e-3: 1.5, 1e-2: 1.8})
-    assert suite.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss") == ([1e-3, 3e-3, 1e-2], 3e-3)
+    assert common.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss") == ([1e-3, 3e-3, 1e-2], 3e-3)
     assert sorted(set(calls)) == [1e-3, 3e-3, 1e-2]
 
 
 def test_a_best_rate_at_an_edge_extends_the_grid_that_way_at_most_twice():
     get, _ = _records({1e-3: 2.0, 3e-3: 1.5, 1e-2: 1.2, 3e-2: 1.1, 1e-1: 1.0})
-    grid, best = suite.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss")
+    grid, best = common.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss")
     assert grid == [1e-3, 3e-3, 1e-2, 3e-2, 1e-1] and best == 1e-1  # still at the edge, but no third extension
     get, _ = _records({1e-4: 1.3, 3e-4: 1.0, 1e-3: 1.2, 3e-3: 1.5, 1e-2: 1.8})
-    assert suite.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss") == ([1e-4, 3e-4, 1e-3, 3e-3, 1e-2], 3e-4)
+    assert common.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss") == ([1e-4, 3e-4, 1e-3, 3e-3, 1e-2], 3e-4)
 
 
 def test_a_diverged_run_never_wins_and_a_missing_run_leaves_no_best():
     get, _ = _records({3e-4: 2.5, 1e-3: 2.0, 3e-3: float("nan"), 1e-2: float("inf")})
-    assert suite.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss") == ([3e-4, 1e-3, 3e-3, 1e-2], 1e-3)
+    assert common.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss") == ([3e-4, 1e-3, 3e-3, 1e-2], 1e-3)
     get, _ = _records({1e-3: 2.0, 3e-3: 1.5})
-    assert suite.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss") == ([1e-3, 3e-3, 1e-2], None)
+    assert common.sweep((1e-3, 3e-3, 1e-2), get, "validation_loss") == ([1e-3, 3e-3, 1e-2], None)
 
 
 def test_every_kind_of_task_has_a_tuning_and_a_held_out_member():
