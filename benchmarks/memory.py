@@ -381,7 +381,7 @@ def selection_time_table(batch: int, seq: int, lora_r: int, batch_counts: tuple[
         sizes = [out * inp for out, inp in linear_shapes(shape)] * shape["layers"]
         for label, device in GPUS[name]:
             p = predict(shape, "sparse", batch, seq, lora_r, device_bytes=device)
-            half = predict(shape, "sparse", batch, seq, lora_r, device_bytes=device, accumulator_bytes=2)
+            half = predict(shape, "sparse", batch, seq, lora_r, device_bytes=device, accumulation_dtype=torch.bfloat16)
             free = max(0, device - p["loaded"] - 8 * p["trainable"])
             steps = " | ".join(f"{step_equivalents_per_batch(p['selection_passes']) * n:.0f}" for n in batch_counts)
             halved = step_equivalents_per_batch(half["selection_passes"]) * batch_counts[len(batch_counts) // 2]

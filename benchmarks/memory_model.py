@@ -45,7 +45,7 @@ def predict(
     selection_memory: int | None = None,
     salience_batches: int = 2,
     device_bytes: int | None = None,
-    accumulator_bytes: int = 4,
+    accumulation_dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Predicted bytes, per component, of ``method`` ("base", "qlora", "sparse") training a Llama of ``shape`` with
     its decoder linears in NF4 (double quantisation), the rest in fp32 (as ``prepare_model_for_kbit_training``
@@ -126,7 +126,7 @@ def predict(
     if method == "sparse":
         activations = checkpoints + stream + max(loss, block + dequant)
         free = None if device_bytes is None else max(0, device_bytes - runtime - base - 8 * k)
-        out.update(selection(shape, k, activations, selection_memory, salience_batches, free, accumulator_bytes))
+        out.update(selection(shape, k, activations, selection_memory, salience_batches, free, accumulation_dtype))
         out["selection_peak"] = runtime + base + out["selection_extra"]
     return out
 
@@ -163,7 +163,7 @@ def selection(
     budget: int | None,
     batches: int,
     free: int | None = None,
-    accumulator_bytes: int = 4,
+    accumulation_dtype: torch.dtype = torch.float32,
 ) -> dict:
     """Salience selection as ``select_mask(max_memory=...)`` plans it: the linear layers, in module order, are split
     into groups whose fp32 gradient accumulators (4 B per weight) plus the scoring temporaries of the group's largest
@@ -180,11 +180,10 @@ def selection(
 
     ``free``: the bytes the device has free when selection starts; the default budget is then select_mask's: one
     pass where ``FREE_MEMORY_SHARE`` of it holds every accumulator, else that share, never below the floor above.
-    ``accumulator_bytes``: 4 (float32) or 2 (``selection_accumulation_dtype="bfloat16"``, whose scoring converts one
-    layer's accumulator to float32)."""
-    dtype = torch.float32 if accumulator_bytes == 4 else torch.bfloat16
-    reserve_per_entry, state_per_entry, least_room, scoring = _selection_constants(dtype)
-    acc = accumulator_bytes
+    ``accumulation_dtype``: the accumulators' dtype, ``SparseConfig.selection_accumulation_dtype`` (bf16: 2 B per
+    weight, and scoring converts one layer's accumulator to float32)."""
+    reserve_per_entry, state_per_entry, least_room, scoring = _selection_constants(accumulation_dtype)
+    acc = accumulation_dtype.itemsize  # gradient salience: one accumulator per weight
     sizes = [out * inp for out, inp in linear_shapes(shape)] * shape["layers"]
     reserve = reserve_per_entry * k
     if budget is None:
