@@ -1,6 +1,6 @@
-"""What the benchmarks share: timing (``median_time``, paired ratios), peak memory, a seeded Llama built from a
-config and its training step, the machine's description, the writing of a script's section of RESULTS.md, and the
-rate sweep of the quality benchmarks (``ladder``, ``sweep``, ``mean_std``).
+"""What the benchmarks share: timing (``median_time``, paired ratios), peak memory, the interleaved step comparison
+(``compare_steps``), a seeded Llama built from a config and its training step, the machine's description, the
+writing of a script's section of RESULTS.md, and the rate sweep of the quality benchmarks (``ladder``, ``sweep``, ``mean_std``).
 
 Every script in this folder imports it as ``common`` (``python benchmarks/SCRIPT.py`` puts the folder on the path);
 ``peft-sparse bench`` runs them all.
@@ -9,8 +9,11 @@ Every script in this folder imports it as ``common`` (``python benchmarks/SCRIPT
 from __future__ import annotations
 
 import math
+import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,6 +75,63 @@ def steps_peak_memory(step, device: str, steps: int = 3) -> int:
     if peak is None:
         raise RuntimeError("VmHWM not found in /proc/self/status")
     return peak
+
+
+def compare_steps(
+    script: str,
+    build: Callable[[str], tuple[Callable[[], None], int]],
+    methods: tuple[str, ...],
+    device: str,
+    repeats: int,
+    *,
+    references: tuple[str, ...],
+    peak_memory_args: tuple[str, ...] = (),
+    warmup_rounds: int = 2,
+    unsupported: tuple[type[BaseException], ...] = (),
+) -> dict:
+    """Training-step time and peak memory of each of ``methods``, the loop every step benchmark shares.
+
+    ``build(method)`` gives (step, trainable count). Every method is built once in this process and their steps run
+    interleaved, round by round (``warmup_rounds`` untimed, then ``repeats`` timed), so that a slow phase of the
+    machine hits all alike; ``per_<reference>`` holds the median of the per-round ratios (``add_paired_ratios``),
+    ``step_ms`` the median step. Peak memory needs a process per method: ``script --peak-memory METHOD --device
+    DEVICE *peak_memory_args`` must print it on its last line (``steps_peak_memory``). A method whose build or first
+    step raises one of ``unsupported`` is recorded as ``{"unsupported": "<error>"}`` instead (a peft tuner that
+    cannot take the model); with no ``unsupported`` types, every error propagates.
+    """
+    steps, results = {}, {}
+    for method in methods:
+        try:
+            step, trainable = build(method)
+            if unsupported:  # some tuners build on a layer they then fail to run
+                step()
+        except unsupported as err:
+            results[method] = {"unsupported": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
+            continue
+        steps[method] = step
+        results[method] = {"trainable": trainable, "times": []}
+    for _ in range(warmup_rounds):
+        for step in steps.values():
+            step()
+    for _ in range(repeats):
+        for method, step in steps.items():
+            results[method]["times"].append(median_time(step, device, 1, warmup=0))
+    steps = step = None  # the models go before the peak-memory processes start
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    timed = {method: record for method, record in results.items() if "times" in record}
+    add_paired_ratios(timed, references)
+    for method, record in timed.items():
+        record["step_ms"] = statistics.median(record.pop("times")) * 1e3
+        out = subprocess.run(
+            [sys.executable, script, "--peak-memory", method, "--device", device, *peak_memory_args],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=dict(os.environ),
+        )
+        record["peak_bytes"] = int(out.stdout.strip().splitlines()[-1])
+    return results
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

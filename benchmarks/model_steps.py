@@ -26,19 +26,15 @@ on the GPU, VmHWM on the CPU). The speed goals are checked at the end: nf4 step 
 from __future__ import annotations
 
 import argparse
-import statistics
-import subprocess
-import sys
 from datetime import date
 from pathlib import Path
 
 import torch
 from common import (
     TARGETS,
-    add_paired_ratios,
     causal_lm_step,
+    compare_steps,
     machine,
-    median_time,
     seeded_llama,
     steps_peak_memory,
     write_section,
@@ -133,34 +129,18 @@ def peak_memory(method: str, device: str, base: str) -> int:
 
 
 def bench(device: str, base: str, repeats: int) -> dict:
-    steps, results = {}, {}
-    for method in METHODS:
-        try:  # built and run once (a warm-up): some peft tuners build on 4-bit layers but fail in the forward
-            step, trainable = build_step(method, device, base)
-            step()
-        except (ValueError, TypeError, NotImplementedError, RuntimeError) as err:
-            results[method] = {"unsupported": f"{type(err).__name__}: {str(err).splitlines()[0][:120]}"}
-            continue
-        steps[method] = step
-        results[method] = {"trainable": trainable, "times": []}
-    for _ in range(repeats):
-        for method, step in steps.items():
-            results[method]["times"].append(median_time(step, device, 1, warmup=0))
-    del steps
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    timed = {method: r for method, r in results.items() if "times" in r}
-    add_paired_ratios(timed, ("base", "lora"))
-    for method, r in timed.items():
-        r["step_ms"] = statistics.median(r.pop("times")) * 1e3
-        out = subprocess.run(
-            [sys.executable, __file__, "--peak-memory", method, "--device", device, "--base", base],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        r["peak_bytes"] = int(out.stdout.strip().splitlines()[-1])
-    return results
+    """Every method of ``METHODS`` on ``base``; one peft cannot build or run on it is recorded as unsupported."""
+    return compare_steps(
+        __file__,
+        lambda method: build_step(method, device, base),
+        tuple(METHODS),
+        device,
+        repeats,
+        references=("base", "lora"),
+        peak_memory_args=("--base", base),
+        warmup_rounds=0,  # the first step of each, run by compare_steps to find the unsupported, is the warm-up
+        unsupported=(ValueError, TypeError, NotImplementedError, RuntimeError),
+    )
 
 
 NAMES = {

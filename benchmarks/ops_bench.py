@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
@@ -32,8 +30,8 @@ from pathlib import Path
 import torch
 from common import (
     TARGETS,
-    add_paired_ratios,
     causal_lm_step,
+    compare_steps,
     machine,
     median_time,
     seeded_llama,
@@ -213,30 +211,19 @@ def peak_memory(method: str, device: str, dtype_str: str) -> int:
 
 
 def bench_steps(device: str, dtype_str: str, repeats: int) -> dict:
-    """Step times of the three configurations, interleaved round by round in this process so that a slow phase of
-    the machine hits all three alike; peak memory of each from a subprocess of its own."""
-    methods = ("base", "lora", "sparse")
-    steps, results = {}, {}
-    for method in methods:
-        steps[method], trainable = build_step(method, device, getattr(torch, dtype_str))
-        results[method] = {"trainable": trainable, "backend": ops.backend(device), "times": []}
-    for _ in range(3):
-        for method in methods:
-            steps[method]()
-    for _ in range(repeats):
-        for method in methods:
-            results[method]["times"].append(median_time(steps[method], device, 1, warmup=0))
-    add_paired_ratios(results, ("base", "lora"))
-    for method in methods:
-        results[method]["step_ms"] = statistics.median(results[method].pop("times")) * 1e3
-        out = subprocess.run(
-            [sys.executable, __file__, "--peak-memory", method, "--device", device, "--dtype", dtype_str],
-            capture_output=True,
-            text=True,
-            env=dict(os.environ),
-            check=True,
-        )
-        results[method]["peak_bytes"] = int(out.stdout.strip().splitlines()[-1])
+    """Step times of the three configurations, interleaved round by round; peak memory of each from a subprocess."""
+    results = compare_steps(
+        __file__,
+        lambda method: build_step(method, device, getattr(torch, dtype_str)),
+        ("base", "lora", "sparse"),
+        device,
+        repeats,
+        references=("base", "lora"),
+        peak_memory_args=("--dtype", dtype_str),
+        warmup_rounds=3,
+    )
+    for record in results.values():
+        record["backend"] = ops.backend(device)
     return results
 
 

@@ -20,15 +20,12 @@ memory comes from a subprocess per configuration (peak allocated on GPU, VmHWM o
 from __future__ import annotations
 
 import argparse
-import os
-import statistics
-import subprocess
 import sys
 from datetime import date
 from pathlib import Path
 
 import torch
-from common import add_paired_ratios, machine, median_time, steps_peak_memory, write_section
+from common import compare_steps, machine, steps_peak_memory, write_section
 from torch import nn
 
 from peft_sparse import ops
@@ -132,32 +129,15 @@ def peak_memory(method: str, device: str, tokens: int) -> int:
 
 
 def bench(device: str, tokens: int, repeats: int) -> dict:
-    methods = ("base", "qlora", "sparse")
-    steps, results = {}, {}
-    for method in methods:
-        steps[method], trainable = build_step(method, device, tokens)
-        results[method] = {"trainable": trainable, "times": []}
-    for _ in range(2):
-        for method in methods:
-            steps[method]()
-    for _ in range(repeats):
-        for method in methods:
-            results[method]["times"].append(median_time(steps[method], device, 1, warmup=0))
-    del steps
-    add_paired_ratios(results, ("base", "qlora"))
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    for method in methods:
-        results[method]["step_ms"] = statistics.median(results[method].pop("times")) * 1e3
-        out = subprocess.run(
-            [sys.executable, __file__, "--peak-memory", method, "--device", device, "--tokens", str(tokens)],
-            capture_output=True,
-            text=True,
-            check=True,
-            env=dict(os.environ),
-        )
-        results[method]["peak_bytes"] = int(out.stdout.strip().splitlines()[-1])
-    return results
+    return compare_steps(
+        __file__,
+        lambda method: build_step(method, device, tokens),
+        ("base", "qlora", "sparse"),
+        device,
+        repeats,
+        references=("base", "qlora"),
+        peak_memory_args=("--tokens", str(tokens)),
+    )
 
 
 def table(results: dict, tokens: int) -> list[str]:
