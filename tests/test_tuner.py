@@ -11,7 +11,7 @@ import pytest
 import torch
 from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from tiny_models import MODEL_FAMILIES, VOCAB, llama_of_width, logits, make_batch, tiny_bert, tiny_llama
+from tiny_models import MODEL_FAMILIES, llama_of_width, logits, make_batch, tiny_bert, tiny_llama
 from transformers.pytorch_utils import Conv1D
 
 from peft_sparse import SparseConfig, SparseLayer, lora_equivalent_budget
@@ -299,12 +299,7 @@ def test_corrupt_adapter_raises(tmp_path, mutate, message):
 def test_loading_onto_a_different_architecture_raises(tmp_path):
     model = build("llama", target_modules=["gate_proj"], density=0.05)
     model.save_pretrained(tmp_path)
-    torch.manual_seed(0)
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    narrower = LlamaForCausalLM(
-        LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=8, num_hidden_layers=2, num_attention_heads=4)
-    )
+    narrower = llama_of_width(32, 8)
     with pytest.raises(ValueError, match=r"gate_proj'.*saved on a layer of shape \(out, in\) = \(48, 32\).*\(8, 32\)"):
         PeftModel.from_pretrained(narrower, tmp_path)
 
