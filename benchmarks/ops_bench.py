@@ -10,7 +10,9 @@ device, in the same run) and against the naive PyTorch composition it replaces:
   taken in row blocks with each block's entries gathered (``PEFT_SPARSE_SDDMM=dense``), and vs the pure-PyTorch
   reference;
 * ``dequant_scatter`` vs ``bitsandbytes.functional.dequantize_4bit`` followed by ``index_add_`` (and the reference);
-* ``scatter_add`` (the merged weight of the forward: copy + scatter) vs the copy alone.
+* ``scatter_add`` (the merged weight of the forward: copy + scatter) vs the copy alone;
+* a layer's top-k with the seeded tie rule (``select_top_k``, what the per-layer budget and SpIEL's regrowth use) vs
+  ``torch.topk`` followed by sorting its indices, and vs the reference top-k.
 
 Then one training step (forward + backward + AdamW) of a 4-layer, 512-wide Llama: sparse adapter vs peft LoRA at
 the same trainable-parameter count vs the frozen base (backward to the input embeddings only: the limit both
@@ -42,6 +44,7 @@ from common import (
 from peft_sparse import ops
 from peft_sparse.ops import reference
 from peft_sparse.ops.dense_rows import sddmm_gather_dense_rows
+from peft_sparse.selection.topk import reference_top_k, select_top_k
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,6 +170,26 @@ def bench_scatter(device, dtype, out_features, in_features, density, bandwidth, 
     }
 
 
+def bench_top_k(device, out_features, in_features, density, bandwidth, repeats):
+    """A layer's top-k as the per-layer budget and SpIEL's regrowth take it (seeded tie rule, sorted int64 positions)
+    vs ``torch.topk`` + sorting its indices (no tie rule) and vs the reference (int64 keys, bisection)."""
+    gen = torch.Generator().manual_seed(3)
+    scores = torch.randn(out_features, in_features, generator=gen).square().to(device)
+    k = round(density * out_features * in_features)
+    ties = torch.Generator().manual_seed(0)
+    ours = median_time(lambda: select_top_k([scores], k, [ties]), device, repeats)
+    flat = scores.view(-1)
+    plain = median_time(lambda: torch.topk(flat, k, sorted=False).indices.sort(), device, repeats)
+    ref = median_time(lambda: reference_top_k([scores], k, [ties]), device, max(3, repeats // 3))
+    return {
+        "op": "layer top-k (select_top_k)",
+        "shape": f"{out_features}x{in_features}, float32, k={k}",
+        "ours_ms": ours * 1e3,
+        "baselines_ms": {"torch.topk + sort": plain * 1e3, "reference (bisection)": ref * 1e3},
+        "floor_ms": scores.numel() * 4 / bandwidth * 1e3,
+    }
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -288,9 +311,11 @@ def run_device(device: str, repeats: int) -> list[str]:
     if device == "cuda":
         dtype, shapes = torch.bfloat16, [(4096, 4096), (11008, 4096), (4096, 11008)]
         tokens, density = [2048, 8192], 0.005
+        top_k_shapes = [(14336, 4096, 8), (28672, 8192, 8)]  # Llama-3-8B's and -70B's MLP projections
     else:
         dtype, shapes = torch.float32, [(512, 512), (1024, 1024)]
         tokens, density = [1024], 0.01
+        top_k_shapes = [(1536, 576, 8), (5632, 2048, 8)]  # SmolLM2-135M's and TinyLlama-1.1B's MLP projections
     rows = []
     for out_features, in_features in shapes:
         for num_tokens in tokens:
@@ -299,6 +324,9 @@ def run_device(device: str, repeats: int) -> list[str]:
         for out_dtype in (torch.bfloat16,) + ((torch.float32,) if device == "cpu" else ()):
             rows.append(bench_dequant(device, out_dtype, out_features, in_features, density, bandwidth, repeats))
         rows.append(bench_scatter(device, dtype, out_features, in_features, density, bandwidth, repeats))
+    for out_features, in_features, r in top_k_shapes:  # real layers at LoRA r's count
+        top_k_density = r * (out_features + in_features) / (out_features * in_features)
+        rows.append(bench_top_k(device, out_features, in_features, top_k_density, bandwidth, repeats))
     lines += op_table(rows) + [""]
     c = STEP_CONFIG
     lines += [

@@ -15,6 +15,7 @@ from tiny_models import VOCAB, make_batch, tiny_llama
 
 from peft_sparse import SparseConfig, select_mask
 from peft_sparse.selection import select_top_k
+from peft_sparse.selection.topk import reference_top_k
 from peft_sparse.tuner.lookup import sparse_layers
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -284,16 +285,18 @@ def _gens(n, seed=0):
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
+@pytest.mark.parametrize("top_k", [select_top_k, reference_top_k])
 @pytest.mark.parametrize("k", [0, 1, 37, 500, 611])
-def test_top_k_without_ties_equals_sorting_the_concatenation(k):
+def test_top_k_without_ties_equals_sorting_the_concatenation(k, top_k):
     gen = torch.Generator().manual_seed(k)
     scores = [torch.randn(shape, generator=gen) for shape in [(7, 13), (1, 20), (50, 10)]]
-    chosen = select_top_k(scores, k, _gens(3))
+    chosen = top_k(scores, k, _gens(3))
     flat = torch.cat([s.reshape(-1) for s in scores])
     expected = set(flat.topk(k).indices.tolist())
     offsets = [0, 91, 111]
     got = {offset + int(i) for offset, c in zip(offsets, chosen) for i in c}
     assert got == expected and sum(c.numel() for c in chosen) == k
+    assert all(torch.equal(c, c.sort().values) and c.dtype == torch.int64 for c in chosen)
 
 
 def test_top_k_ties_are_exact_and_seeded():
@@ -312,6 +315,8 @@ def test_top_k_ties_are_exact_and_seeded():
     assert [c.tolist() for c in everything] == [list(range(5)), list(range(6))]
     with pytest.raises(ValueError, match="k=12"):
         select_top_k(scores, 12, _gens(2))
+    with pytest.raises(ValueError, match="2 score tensors but 1 generators"):
+        select_top_k(scores, 3, _gens(1))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -2,8 +2,8 @@
 mask that one pass over all layers and one top-k over every score choose, tie-breaks included.
 
 The judge is the whole-model path: :func:`salience_scores` (every layer's score at once) ranked by
-:func:`select_top_k` (one top-k over all of them) with :func:`tie_generators`, which is how ``select_mask`` chose
-before it learned to bound its memory.
+:func:`reference_top_k` (the plain definition of one top-k over all of them) with :func:`tie_generators`, which is
+how ``select_mask`` chose before it learned to bound its memory.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from peft import get_peft_model
 from tiny_models import VOCAB, tiny_llama
 
 from peft_sparse import SparseConfig, select_mask, update_mask
-from peft_sparse.selection import select_top_k
 from peft_sparse.selection.select import salience_scores, tie_generators
-from peft_sparse.selection.topk import RunningTopK
+from peft_sparse.selection.topk import RunningTopK, reference_top_k, select_top_k
 from peft_sparse.tuner.lookup import resolve_adapter, sparse_layers
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj"]
@@ -63,15 +62,15 @@ def _whole_model_choice(model, batches, budget: str):
     counts = [layer.sparse_indices[adapter].numel() for _, layer in layers]
     ordered = list(scores.values())  # in layer order
     if budget == "global":
-        chosen = select_top_k(ordered, sum(counts), ties)
+        chosen = reference_top_k(ordered, sum(counts), ties)
     else:
-        chosen = [select_top_k([s], c, [g])[0] for s, c, g in zip(ordered, counts, ties)]
+        chosen = [reference_top_k([s], c, [g])[0] for s, c, g in zip(ordered, counts, ties)]
     names = [name for name, _ in sparse_layers(model.base_model, adapter)]  # the keys _selected uses, same order
     return dict(zip(names, chosen, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# RunningTopK against select_top_k
+# RunningTopK and select_top_k against the reference top-k
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -106,13 +105,21 @@ def test_running_top_k_equals_one_top_k_over_everything(seed):
         layers = _random_layers(rng, 100 * seed + trial)
         total = sum(s.numel() for s in layers)
         for k in sorted({0, min(1, total), total, max(total - 1, 0), rng.randint(0, total), rng.randint(0, total)}):
-            expected = select_top_k(layers, k, _generators(len(layers), trial))
+            expected = reference_top_k(layers, k, _generators(len(layers), trial))
             running = RunningTopK(k, _generators(len(layers), trial))
             for scores in layers:
                 running.add(scores.clone(), in_place=rng.random() < 0.5)
             got = running.result()
-            assert all(torch.equal(a, b) for a, b in zip(expected, got)), (seed, trial, k)
+            assert all(torch.equal(a, b) for a, b in zip(expected, got, strict=True)), (seed, trial, k)
             assert sum(c.numel() for c in got) == k
+            # select_top_k (one layer at a time, as the per-layer budget and SpIEL use it, or all at once)
+            copies = [scores.clone() for scores in layers]
+            together = select_top_k(copies, k, _generators(len(layers), trial), in_place=True)
+            assert all(torch.equal(a, b) for a, b in zip(expected, together, strict=True)), (seed, trial, k)
+            for scores, generator in zip(layers, _generators(len(layers), trial)):
+                own = min(k, scores.numel())
+                alone = select_top_k([scores], own, [generator])[0]
+                assert torch.equal(alone, reference_top_k([scores], own, [generator])[0]), (seed, trial, own)
 
 
 def test_running_top_k_holds_about_k_entries_and_trims_ties_exactly():
@@ -124,7 +131,9 @@ def test_running_top_k_holds_about_k_entries_and_trims_ties_exactly():
     for scores in layers:
         running.add(scores)
         assert running.held <= k + k // 4 + 2000
-    assert [c.tolist() for c in running.result()] == [c.tolist() for c in select_top_k(layers, k, _generators(40, 1))]
+    assert [c.tolist() for c in running.result()] == [
+        c.tolist() for c in reference_top_k(layers, k, _generators(40, 1))
+    ]
     # never a key per score seen (80,000 of them): at most 1.25 k candidates, one arriving layer, and the priorities
     # of the ties kept at the boundary (8 bytes each, at most k)
     assert running.peak_bytes <= 8 * (k + k // 4 + 2000) + 8 * k

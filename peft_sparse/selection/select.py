@@ -21,7 +21,7 @@ from ..tuner.lookup import resolve_adapter, sparse_layers
 from .passes import layer_scores, one_pass_budget, plan_groups, salience_batches, smallest_budget
 from .reassign import move_entries, reassign_entries
 from .salience import METRICS
-from .topk import RunningTopK
+from .topk import RunningTopK, select_top_k
 
 __all__ = ["SelectionReport", "salience_scores", "select_mask", "update_mask"]
 
@@ -286,9 +286,8 @@ def _choose(
         if one_top_k:
             running.add(score, in_place=True)
         else:
-            layer_top_k = RunningTopK(counts[position], [ties[position]])
-            layer_top_k.add(score, in_place=True)
-            chosen.append(layer_top_k.result()[0].to(index_dtype(layers[position][1].num_weight_entries)))
+            top = select_top_k([score], counts[position], [ties[position]], in_place=True)[0]
+            chosen.append(top.to(index_dtype(layers[position][1].num_weight_entries)))
         del score
     if one_top_k:
         chosen = running.result()

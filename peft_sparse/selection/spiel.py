@@ -133,7 +133,7 @@ class _CandidateGradients:
                 self.sums = dense.new_empty(0)
                 return
             generator = torch.Generator().manual_seed(layer_seed(self.seed, self.layer.layer_name))
-            chosen = select_top_k([magnitude], count, [generator])[0].to(torch.int64)
+            chosen = select_top_k([magnitude], count, [generator], in_place=True)[0]
             self.candidates = chosen
             self.sums = dense[chosen].clone()
             return

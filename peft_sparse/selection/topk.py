@@ -1,13 +1,14 @@
 """Exact top-k over many layers' scores without concatenating them.
 
-The k-th largest score is found by bisection on an order-preserving integer image of the fp32 scores (32 counting
-passes over the layers, no concatenated copy, no sort of everything). Entries above it are taken; the remaining
-slots among entries *equal* to it are filled deterministically: by seeded random priorities (another bisection),
-then by layer order and position. The result is exactly k entries, identical for a given seed on every machine.
+Scores are ranked by an order-preserving int32 image of their fp32 values (NaN lowest). The k-th largest is found
+by a two-digit radix select (two histogram passes); entries above it are taken, and the remaining slots among
+entries *equal* to it are filled deterministically: by seeded random priorities, then by layer order and position.
+The result is exactly k entries, identical for a given seed on every machine.
 
-:func:`select_top_k` needs every layer's scores at once. :class:`RunningTopK` gives the same answer from layers
-scored one after another, holding a candidate set of at most about ``1.25 k`` entries (8 bytes each) between them
-instead of a score per weight of the whole model: that is what lets salience selection run in bounded memory.
+:class:`RunningTopK` takes the layers one after another, holding a candidate set of at most about ``1.25 k``
+entries (8 bytes each) between them instead of a score per weight of the whole model: that is what lets salience
+selection run in bounded memory. :func:`select_top_k` is the same over a list of layers (one layer: the per-layer
+budget, SpIEL's regrowth). :func:`reference_top_k` is the plain definition both are tested against.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["RunningTopK", "select_top_k"]
+__all__ = ["RunningTopK", "reference_top_k", "select_top_k"]
 
 
 def _ordered_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -92,13 +93,40 @@ def _digit_of_kth_largest(counts: torch.Tensor, k: int) -> tuple[int, int]:
     return 65535 - j, k - (int(at_or_above[j - 1]) if j else 0)
 
 
-def select_top_k(scores: Sequence[torch.Tensor], k: int, generators: Sequence[torch.Generator]) -> list[torch.Tensor]:
+def select_top_k(
+    scores: Sequence[torch.Tensor], k: int, generators: Sequence[torch.Generator], *, in_place: bool = False
+) -> list[torch.Tensor]:
     """Indices of the ``k`` highest scores over all layers, as one sorted int64 tensor of flat positions per layer.
+
+    Ties at the k-th largest score are broken by seeded random priorities (layer ``l``'s j-th tied entry, in position
+    order, gets the j-th draw of ``generators[l]``), then by layer and position: the result is the same on every
+    machine. Computed by :class:`RunningTopK` (a radix select on int32 images of the scores, 4 bytes per entry of the
+    largest layer plus about ``1.25 k`` candidates of 8 bytes); on one layer it costs about what ``torch.topk``
+    does, or less (``benchmarks/ops_bench.py``).
 
     Args:
         scores: one score tensor per layer (any shape; flattened row-major).
         k: how many entries to select in total, ``0 <= k <= sum of numels``.
-        generators: one seeded generator per layer, drawn from only to break ties.
+        generators: one seeded generator per layer, drawn from only to break ties (not advanced).
+        in_place: let the selection overwrite each contiguous fp32 score tensor with its keys instead of copying it.
+    """
+    total = sum(s.numel() for s in scores)
+    if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= total:
+        raise ValueError(f"select_top_k: k={k!r} must be an int in [0, {total}]")
+    if len(generators) != len(scores):
+        raise ValueError(f"select_top_k: {len(scores)} score tensors but {len(generators)} generators")
+    running = RunningTopK(k, generators)
+    for layer in scores:
+        running.add(layer, in_place=in_place)
+    return running.result()
+
+
+def reference_top_k(
+    scores: Sequence[torch.Tensor], k: int, generators: Sequence[torch.Generator]
+) -> list[torch.Tensor]:
+    """The plain definition of :func:`select_top_k`, which the fast paths are tested against: every layer's int64
+    keys at once (8 bytes per entry), the threshold by 32 counting passes. Same arguments and result.
+
     """
     total = sum(s.numel() for s in scores)
     if not 0 <= k <= total:
