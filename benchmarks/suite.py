@@ -307,6 +307,11 @@ METHODS = {
         SPARSE_GRID,
         "SpIEL-AG (from random)",
     ),
+    "spiel_gradient": (
+        {"selection": "gradient", "update": "spiel", "update_interval": 10, "accumulation_steps": 5},
+        (3e-4, 1e-3, 3e-3),
+        "SpIEL-AG from the `gradient` mask",
+    ),
     "lora": ("lora", (1e-3, 3e-3, 1e-2), "LoRA r=8, alpha 16"),
     "full": ("full", (3e-5, 1e-4, 3e-4), "full fine-tuning"),
 }
