@@ -47,7 +47,7 @@ import torch
 
 ITALIAN = Path("/usr/share/games/fortunes/it/italia")
 ENGLISH = Path("/usr/share/games/fortunes/wisdom")
-VARIANTS = ("column_rms", "sqrt_row_col", "row_balanced")
+VARIANTS = ("column_rms", "sqrt_row_col", "row_balanced", "adam_gain")
 
 
 def quotations(path: Path, count: int, max_chars: int = 200) -> list[str]:
@@ -121,7 +121,10 @@ class score_variant:
     """Within the block, the gradient metric scores by a variant (and its probes keep each column's input sum of
     squares, which ``column_rms`` needs). ``row_balanced`` needs the layers' ``density``: it divides ``|G|`` by each
     row's ``round(density * in)``-th largest entry, so that a layer's top-k takes that many entries from every row
-    (the gradient's strongest of each row), then the next-best ratios."""
+    (the gradient's strongest of each row), then the next-best ratios. ``adam_gain`` scores ``G**2 / sqrt(sum_b
+    g_b**2)`` (its probes keep Fisher's sum of squared batch gradients): the first-order loss decrease of an Adam
+    step on the entry, which moves it by ``lr * mean(g) / rms(g)``, so an entry whose gradient changes sign from
+    batch to batch counts for less than ``|G|`` says."""
 
     def __init__(self, variant: str | None, density: float | None = None) -> None:
         if variant == "row_balanced" and density is None:
@@ -145,7 +148,9 @@ class score_variant:
             probe.rows += input_2d.shape[0]
             probes[id(probe.grad)] = probe
 
-        def score(grad, **_):
+        def score(grad, grad_square=None, **_):
+            if self.variant == "adam_gain":
+                return grad.square_().div_(grad_square.sqrt_().add_(torch.finfo(grad.dtype).tiny))
             magnitude = grad.abs_()
             if self.variant == "column_rms":
                 probe = probes[id(grad)]
@@ -161,7 +166,9 @@ class score_variant:
 
         self.accumulate = accumulate
         salience.GradientProbe.accumulate = keep_inputs
-        salience.METRICS["gradient"] = dataclasses.replace(self.metric, score=score)
+        salience.METRICS["gradient"] = dataclasses.replace(
+            self.metric, score=score, needs_grad_square=self.variant == "adam_gain"
+        )
         return self
 
     def __exit__(self, *exc):

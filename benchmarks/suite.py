@@ -296,6 +296,11 @@ METHODS = {
         (1e-3, 3e-3, 1e-2),
         "sparse, \\|G\\| mask with the same count in every row",
     ),
+    "adam_gain": (
+        {"selection": "gradient", "score_variant": "adam_gain"},
+        (3e-4, 1e-3, 3e-3),
+        "sparse, G² / sqrt(Σ g_b²) mask (an Adam step's gain)",
+    ),
     "hybrid": (
         {"selection": "gradient", "low_rank": 4},
         (1e-3, 3e-3, 1e-2),

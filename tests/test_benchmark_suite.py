@@ -107,3 +107,19 @@ def test_the_row_balanced_score_gives_every_row_its_strongest_entries():
     assert torch.bincount(rows, minlength=8).tolist() == [3] * 8  # plain |G| would fill the loud rows first
     expected = grad.abs().topk(3, dim=1).indices + torch.arange(8)[:, None] * 12
     assert set(chosen.tolist()) == set(expected.flatten().tolist())
+
+
+def test_the_adam_gain_score_discounts_gradients_that_change_sign():
+    import torch
+    from mask_diagnosis import score_variant
+
+    from peft_sparse.selection import salience
+
+    grad = torch.tensor([[2.0, 2.0, 0.5]])  # summed over batches
+    square = torch.tensor([[4.0, 16.0, 0.25]])  # the first entry's batches agree, the second's cancel
+    with score_variant("adam_gain"):
+        assert salience.METRICS["gradient"].needs_grad_square
+        score = salience.METRICS["gradient"].score(grad=grad.clone(), grad_square=square.clone())
+    assert not salience.METRICS["gradient"].needs_grad_square  # restored on exit
+    assert torch.allclose(score, torch.tensor([[2.0, 1.0, 0.5]]))  # G^2 / sqrt(sum g_b^2)
+    assert score[0, 1] < score[0, 0]  # |G| ties them
