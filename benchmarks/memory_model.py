@@ -239,5 +239,11 @@ def step_equivalents_per_batch(passes: int) -> float:
     order). A training step is a forward (1/3) and a backward (2/3); each pass runs the whole forward, but its backward
     only reaches down to its group's lowest layer (nothing below needs a gradient: the base is frozen and only the
     group's values require grad), so group g of G (g = 1 the lowest) costs 1/3 + 2/3 (G - g + 1) / G, and the G passes
-    (2G + 1) / 3: 1 for one pass, 13 for 19 (against 19 when every pass is counted as a whole step)."""
+    (2G + 1) / 3: 1 for one pass, 13 for 19 (against 19 when every pass is counted as a whole step).
+
+    Under reentrant checkpointing (the QLoRA recipe) a step is a forward, a replay and a backward (4 forwards' worth);
+    a pass is cut at its group's lowest decoder block (``selection.backward.backward_stops_below``), so it costs a
+    forward plus the replay and backward of the blocks above: ``(5G + 3) / 8`` steps per batch, at most the figure
+    above. (Before that cut the reentrant backward went down to the embeddings in every pass: ``G``. It still does
+    under DDP and FSDP, where the cut is not made.)"""
     return (2 * passes + 1) / 3 if passes else 0.0

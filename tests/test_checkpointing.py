@@ -134,6 +134,30 @@ def test_select_mask_chooses_what_it_chooses_without_checkpointing(unchecked_mas
     assert all(parameter.grad is None for parameter in model.parameters())  # selection leaves no gradient behind
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_layer_groups_choose_the_same_mask_and_replay_no_block_below_their_own(unchecked_masks, mode):
+    """Two layer groups (one per decoder block): the same entries as one pass without checkpointing, and the pass of
+    the upper block's layers does not back-propagate through the lower block. Under reentrant checkpointing the
+    salience backward is a full loss.backward(), which used to replay and back-propagate every block for every group:
+    G groups cost G training steps per batch, not the (2 G + 1) / 3 the memory model states."""
+    model = sparse_llama(mode, selection="gradient", budget="local")
+    blocks = model.get_base_model().model.layers
+    calls = [0] * len(blocks)
+    for index, block in enumerate(blocks):
+        block.mlp.register_forward_pre_hook(
+            lambda module, args, index=index: calls.__setitem__(index, calls[index] + 1)
+        )
+    data = batches()
+    report = select_mask(model, data, layers_per_pass=7)
+    assert report.passes == 2
+    assert_same_masks(masks(model), unchecked_masks["local"])
+    assert all(parameter.grad is None for parameter in model.parameters())
+    forwards = report.passes * len(data)
+    # block 0: a forward in both passes, replayed (checkpointing) only in the backward of its own pass; block 1: in both
+    replays = [len(data), 2 * len(data)] if mode != "none" else [0, 0]
+    assert calls == [forwards + replays[0], forwards + replays[1]], (mode, calls)
+
+
 def dynamic_update(mode: str):
     """One ``update_mask`` on an adapter holding (seeded) non-zero values; returns the entries moved per layer and
     every layer's entries, values and residual afterwards."""

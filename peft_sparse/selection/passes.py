@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from .._distributed import world_size
 from ..tuner.indices import layer_seed
-from .backward import effective_weight, probe_backward
+from .backward import backward_stops_below, effective_weight, probe_backward
 from .salience import GradientProbe
 from .synflow import synflow_statistics
 
@@ -40,9 +40,29 @@ GRASP_RELATIVE_STEP = 1e-3
 def run_passes(model, layers, adapter_name, batches, loss_fn, description) -> None:
     """Forward + backward over ``batches``; the layers' probes collect the dense gradients."""
     values = [layer.sparse_values[adapter_name] for _, layer in layers]
-    device = values[0].device
     probes = [layer.salience_probe for _, layer in layers]
     calls_before = [(probe.forward_calls, probe.backward_calls) for probe in probes]
+    with backward_stops_below(model, layers):
+        _forward_backward(model, layers, values, probes, batches, loss_fn, description)
+    # A layer with entries is in the graph whenever its input or its values are (the values require grad here); a
+    # layer without entries detaches its empty values (see SparseLayer.adapter_delta), so it is only there when its
+    # input requires grad, and is left out. A layer that ran in the forward but that no backward reached holds zeros:
+    # its entries would be ranked by the seeded tie-breaks alone, a mask that claims to be salient.
+    unreached = [
+        name
+        for (name, layer), probe, (forwards, backwards), layer_values in zip(layers, probes, calls_before, values)
+        if layer_values.numel() and probe.forward_calls > forwards and probe.backward_calls == backwards
+    ]
+    if unreached:
+        raise ValueError(
+            f"select_mask: {len(unreached)} sparse layer(s) (e.g. {unreached[:3]}) computed the loss "
+            f"of {len(batches)} salience batch(es), but no gradient reached them in the backward. {CUT_FROM_GRAPH}"
+        )
+    _all_reduce_probes(layers)
+
+
+def _forward_backward(model, layers, values, probes, batches, loss_fn, description) -> None:
+    device = values[0].device
     for seen, batch in enumerate(tqdm(batches, desc=description, leave=False)):
         batch = send_to_device(batch, device)
         replays_before = sum(probe.forward_calls_without_grad for probe in probes)
@@ -66,21 +86,6 @@ def run_passes(model, layers, adapter_name, batches, loss_fn, description) -> No
         probe_backward(model, loss, values, replays_forward=replays)
         for _, layer in layers:
             layer.salience_probe.end_batch()
-    # A layer with entries is in the graph whenever its input or its values are (the values require grad here); a
-    # layer without entries detaches its empty values (see SparseLayer.adapter_delta), so it is only there when its
-    # input requires grad, and is left out. A layer that ran in the forward but that no backward reached holds zeros:
-    # its entries would be ranked by the seeded tie-breaks alone, a mask that claims to be salient.
-    unreached = [
-        name
-        for (name, layer), probe, (forwards, backwards), layer_values in zip(layers, probes, calls_before, values)
-        if layer_values.numel() and probe.forward_calls > forwards and probe.backward_calls == backwards
-    ]
-    if unreached:
-        raise ValueError(
-            f"select_mask: {len(unreached)} sparse layer(s) (e.g. {unreached[:3]}) computed the loss "
-            f"of {len(batches)} salience batch(es), but no gradient reached them in the backward. {CUT_FROM_GRAPH}"
-        )
-    _all_reduce_probes(layers)
 
 
 # How a layer that computes the loss can be missing from its autograd graph, and what to do about it (selection's
