@@ -426,9 +426,9 @@ def prediction_table(batch: int, seq: int, lora_r: int, salience: int) -> list[s
     lines += [
         row("selection: default max_memory", lambda p, _: gb(p["selection_budget"]), True),
         row(
-            "**selection peak**, passes (x batches = step-equivalents)",
+            "**selection peak**, layer groups (step-equivalents)",
             lambda p, _: (
-                f"**{gb(p['selection_peak'])}**, {p['selection_passes']} (x {salience} = {p['selection_steps']})"
+                f"**{gb(p['selection_peak'])}**, {p['selection_passes']} ({salience} batches: {p['selection_steps']})"
             ),
             True,
         ),

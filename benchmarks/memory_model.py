@@ -169,8 +169,10 @@ def selection(
     into groups whose fp32 gradient accumulators (4 B per weight) plus the scoring temporaries of the group's largest
     layer fit in ``budget`` next to the candidate set's reserve (about 12 B per entry); ``None``: select_mask's
     default budget, the reserve + the adapter's training state (16 B per entry, at least select_mask's floor for
-    the accumulators, where it has one). Each group is one pass over the
-    ``batches``, each batch a forward + backward (about one training step).
+    the accumulators, where it has one). One group is one pass over the ``batches``, each batch a forward +
+    backward (about one training step); several groups are scored by block replay, about two steps per batch
+    (:func:`step_equivalents_per_batch`), and keep in host memory each group boundary's input and output gradient
+    (``2 x groups x batches x tokens x hidden x 4`` bytes, not counted here: it is not the GPU's).
 
     Held at a pass's peak: the adapter's values and indices (8 B per entry, allocated at injection), the running
     top-k's candidate set (its reserve), the largest group's accumulators, a forward + backward's activations
@@ -213,7 +215,7 @@ def selection(
         "selection_budget": budget,
         "selection_extra": sum(components.values()),
         "selection_passes": len(groups),
-        "selection_steps": len(groups) * batches,
+        "selection_steps": round(step_equivalents_per_batch(len(groups)) * batches),
     }
 
 
@@ -235,15 +237,13 @@ GPUS = {
 
 
 def step_equivalents_per_batch(passes: int) -> float:
-    """Training-step equivalents one salience batch costs over ``passes`` passes (layer groups of equal size, in layer
-    order). A training step is a forward (1/3) and a backward (2/3); each pass runs the whole forward, but its backward
-    only reaches down to its group's lowest layer (nothing below needs a gradient: the base is frozen and only the
-    group's values require grad), so group g of G (g = 1 the lowest) costs 1/3 + 2/3 (G - g + 1) / G, and the G passes
-    (2G + 1) / 3: 1 for one pass, 13 for 19 (against 19 when every pass is counted as a whole step).
-
-    Under reentrant checkpointing (the QLoRA recipe) a step is a forward, a replay and a backward (4 forwards' worth);
-    a pass is cut at its group's lowest decoder block (``selection.backward.backward_stops_below``), so it costs a
-    forward plus the replay and backward of the blocks above: ``(5G + 3) / 8`` steps per batch, at most the figure
-    above. (Before that cut the reentrant backward went down to the embeddings in every pass: ``G``. It still does
-    under DDP and FSDP, where the cut is not made.)"""
-    return (2 * passes + 1) / 3 if passes else 0.0
+    """Training-step equivalents one salience batch costs when the layers are scored in ``passes`` groups: one group
+    is one forward and backward, a training step. Several groups are scored by decoder-block replay
+    (``peft_sparse.selection.replay``): a recording pass (a forward and a backward, a step) keeps each group's
+    boundary input and output gradient, then each group runs only its own blocks, which between them run every block
+    once (another step), so 2 whatever the number of groups. Two groups are scored by whole passes instead, as any
+    group is where replay does not apply: a forward and a backward down to the group's lowest block each, ``(2G +
+    1) / 3`` steps per batch over ``G`` groups (5/3 for two)."""
+    if passes <= 0:
+        return 0.0
+    return min((2 * passes + 1) / 3, 2.0)  # two groups take whole passes (5/3 < 2); from three, replay

@@ -36,7 +36,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ._distributed import rank, world_size
-from .selection.passes import CUT_FROM_GRAPH
+from .selection.backward import CUT_FROM_GRAPH
 from .selection.reassign import unwrap_optimizer
 from .selection.select import select_mask, update_mask
 from .selection.spiel import SpIEL

@@ -23,7 +23,7 @@ import warnings
 import pytest
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
-from tiny_models import make_batch, quantised_tiny_llama, tiny_llama
+from tiny_models import llama_of_width, make_batch, quantised_tiny_llama, tiny_llama
 from trainer_helpers import make_trainer, sparse_log, sparse_model, sparse_state
 
 from peft_sparse import SparseConfig, SpIEL, select_mask, update_mask
@@ -134,13 +134,33 @@ def test_select_mask_chooses_what_it_chooses_without_checkpointing(unchecked_mas
     assert all(parameter.grad is None for parameter in model.parameters())  # selection leaves no gradient behind
 
 
+def four_block_llama(mode: str) -> torch.nn.Module:
+    """A 4-block Llama with a sparse adapter on every linear layer of its blocks, checkpointed as ``mode`` says."""
+    base = llama_of_width(32, 48, num_hidden_layers=4).train()
+    if mode in ("non-reentrant", "reentrant"):
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": mode == "reentrant"})
+    model = get_peft_model(base, SparseConfig(target_modules=TARGETS, density=0.05, selection="gradient"))
+    if mode == "reentrant-after-wrapping":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        model.enable_input_require_grads()
+    return model.train()
+
+
+@pytest.fixture(scope="module")
+def four_block_mask():
+    model = four_block_llama("none")
+    select_mask(model, batches())
+    return masks(model)
+
+
 @pytest.mark.parametrize("mode", MODES)
-def test_layer_groups_choose_the_same_mask_and_replay_no_block_below_their_own(unchecked_masks, mode):
-    """Two layer groups (one per decoder block): the same entries as one pass without checkpointing, and the pass of
-    the upper block's layers does not back-propagate through the lower block. Under reentrant checkpointing the
-    salience backward is a full loss.backward(), which used to replay and back-propagate every block for every group:
-    G groups cost G training steps per batch, not the (2 G + 1) / 3 the memory model states."""
-    model = sparse_llama(mode, selection="gradient", budget="local")
+def test_layer_groups_choose_the_same_mask_for_about_two_passes(four_block_mask, mode):
+    """Four layer groups (one per decoder block): the same entries as one pass without checkpointing, at the cost of
+    about two passes. Under checkpointing the groups are scored by block replay: a recording pass, then each group
+    runs only its own block from the recorded input and back-propagates the recorded gradient, so every block runs
+    twice per batch (and is replayed twice by the checkpoint). Before, each group took a whole pass: every block ran
+    four forwards per batch here, and under reentrant checkpointing four checkpoint replays too."""
+    model = four_block_llama(mode)
     blocks = model.get_base_model().model.layers
     calls = [0] * len(blocks)
     for index, block in enumerate(blocks):
@@ -149,13 +169,27 @@ def test_layer_groups_choose_the_same_mask_and_replay_no_block_below_their_own(u
         )
     data = batches()
     report = select_mask(model, data, layers_per_pass=7)
-    assert report.passes == 2
-    assert_same_masks(masks(model), unchecked_masks["local"])
+    assert_same_masks(masks(model), four_block_mask)
     assert all(parameter.grad is None for parameter in model.parameters())
-    forwards = report.passes * len(data)
-    # block 0: a forward in both passes, replayed (checkpointing) only in the backward of its own pass; block 1: in both
-    replays = [len(data), 2 * len(data)] if mode != "none" else [0, 0]
-    assert calls == [forwards + replays[0], forwards + replays[1]], (mode, calls)
+    b = len(data)
+    assert report.replayed and report.passes == 5  # the recording pass, then one (of its own blocks) per group
+    assert report.forward_backward_passes == 2 * b
+    # every block: a forward in the recording and in its own group's replay (and a checkpoint replay of each)
+    assert calls == [(2 if mode == "none" else 4) * b] * 4, calls
+
+
+def test_a_replay_that_differs_from_its_recording_falls_back_to_whole_passes(caplog):
+    """Dropout inside the blocks: a replay cannot reproduce the recorded output, so each group is checked before
+    anything is accumulated and scored by a whole pass instead (and the report does not claim a replay)."""
+    base = llama_of_width(32, 48, num_hidden_layers=4, attention_dropout=0.5).train()
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    model = get_peft_model(base, SparseConfig(target_modules=TARGETS, density=0.05, selection="gradient")).train()
+    with caplog.at_level("INFO", logger="peft_sparse.selection.passes"):
+        report = select_mask(model, batches(), layers_per_pass=7)
+    assert not report.replayed and report.passes == 5  # the recording, then four whole passes
+    assert report.forward_backward_passes == 5 * 2
+    assert sum("differs from its recording" in record.getMessage() for record in caplog.records) == 4
+    assert all(layer.sparse_indices["default"].numel() for _, layer in sparse_layers(model))
 
 
 def dynamic_update(mode: str):

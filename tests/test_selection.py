@@ -232,7 +232,13 @@ def test_layer_groups_bound_the_accumulator_memory():
     one_by_one, selected_one = run(layers_per_pass=1)
     assert all(torch.equal(selected_all[n], selected_one[n]) for n in selected_all)
     assert one_by_one.extra_memory_bytes < all_at_once.extra_memory_bytes
-    assert (all_at_once.passes, one_by_one.passes) == (1, len(selected_all))
+    # the groups are replayed from recorded block boundaries (a recording pass, then one per layer): host memory that
+    # the report counts apart. Per block (2 here): its input and its output's gradient for every batch's tokens, and
+    # the first batch's output (hidden 32, fp32)
+    batches = _batches()
+    tokens, first = sum(b["input_ids"].numel() for b in batches), batches[0]["input_ids"].numel()
+    assert one_by_one.replayed and one_by_one.replay_bytes == 2 * (2 * tokens + first) * 32 * 4
+    assert (all_at_once.passes, one_by_one.passes) == (1, len(selected_all) + 1)
 
 
 def test_random_selection_depends_on_the_seed_only():

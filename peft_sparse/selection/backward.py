@@ -1,8 +1,12 @@
-"""The backward that feeds the salience probes, and the weight a layer computes with: shared by the salience passes
-(:mod:`peft_sparse.selection.passes`) and SynFlow's data-free pass (:mod:`peft_sparse.selection.synflow`)."""
+"""The forward and backward that feed the salience probes (the model's outputs without a cache, the loss's checks,
+the backward that leaves ``.grad`` as it was, where it may stop, which decoder blocks hold the layers) and the weight
+a layer computes with: shared by the salience passes (:mod:`peft_sparse.selection.passes`), block replay
+(:mod:`peft_sparse.selection.replay`) and SynFlow's data-free pass (:mod:`peft_sparse.selection.synflow`)."""
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Mapping
 from contextlib import contextmanager
 
 import torch
@@ -11,7 +15,62 @@ from torch import nn
 from .._distributed import is_sharded, world_size
 from ..ops import scatter_add
 
-__all__ = ["backward_stops_below", "effective_weight", "probe_backward"]
+__all__ = [
+    "CUT_FROM_GRAPH",
+    "backward_stops_below",
+    "check_loss",
+    "decoder_blocks",
+    "effective_weight",
+    "model_outputs",
+    "probe_backward",
+    "restore_gradients",
+]
+
+
+# How a layer that computes the loss can be missing from its autograd graph, and what to do about it (selection's
+# refusal and the training callback's first-step warning both say it).
+CUT_FROM_GRAPH = (
+    "With reentrant gradient checkpointing (use_reentrant=True, as peft's prepare_model_for_kbit_training turns it "
+    "on), a checkpointed block whose inputs do not require grad is cut from the graph, and training would not reach "
+    "its values either: call model.enable_input_require_grads() and pass input_ids rather than inputs_embeds, or "
+    "enable checkpointing with gradient_checkpointing_kwargs={'use_reentrant': False}"
+)
+
+
+def model_outputs(model, batch):
+    """The model's outputs on a salience batch, told not to build a key/value cache where its forward takes
+    ``use_cache`` and the batch does not set it: salience never generates, a cache is memory, and a decoder block
+    given one cannot be replayed (:mod:`.replay`)."""
+    if not isinstance(batch, Mapping):
+        return model(batch)
+    if "use_cache" not in batch:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        try:
+            takes = "use_cache" in inspect.signature(base.forward).parameters
+        except (TypeError, ValueError):
+            takes = False
+        if takes:
+            batch = {**batch, "use_cache": False}
+    return model(**batch)
+
+
+def check_loss(loss, seen: int) -> None:
+    """Refuse a salience batch's loss that is missing, not finite, or cut from autograd (``seen``: its 0-based
+    number)."""
+    if loss is None:
+        raise ValueError("select_mask: the model returned no loss; pass labels in the batches or a loss_fn")
+    if not bool(torch.isfinite(loss.detach()).all()):
+        # Non-finite gradients would rank entries by NaN/inf, i.e. by tie-breaking: a mask chosen at random that
+        # claims to be salient.
+        raise ValueError(
+            f"select_mask: the loss of salience batch {seen} (0-based) is {loss.detach().float().tolist()}; "
+            "salience needs finite losses (check the batch's inputs and labels, or the model's dtype)"
+        )
+    if not loss.requires_grad:
+        raise ValueError(
+            f"select_mask: the loss of salience batch {seen} (0-based) does not require grad, so no gradient can "
+            f"reach the sparse layers (selection under torch.no_grad()?). {CUT_FROM_GRAPH}"
+        )
 
 
 def probe_backward(model, loss: torch.Tensor, values: list[torch.Tensor], replays_forward: bool = False) -> None:
@@ -33,12 +92,20 @@ def probe_backward(model, loss: torch.Tensor, values: list[torch.Tensor], replay
     if not replays_forward and not any(is_sharded(v) for v in values):
         torch.autograd.grad(loss, values, allow_unused=True)
         return
+    with restore_gradients(model):
+        loss.backward()
+
+
+@contextmanager
+def restore_gradients(model):
+    """Within the block a backward may fill ``.grad``; afterwards every trainable parameter's ``.grad`` is what it
+    was before (the same tensor object, or ``None``)."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     saved = [p.grad for p in parameters]
     for p in parameters:
         p.grad = None
     try:
-        loss.backward()
+        yield
     finally:
         for p, grad in zip(parameters, saved):
             p.grad = grad
@@ -101,30 +168,43 @@ def backward_stops_below(model: nn.Module, layers) -> None:
         cut.remove()
 
 
-def _lowest_block(model: nn.Module, layers) -> nn.Module | None:
-    """The lowest checkpointed block holding one of ``layers`` (see :func:`backward_stops_below`), or ``None`` where
-    the graph is left whole: no such blocks, a layer outside them, blocks in several lists, or the lowest block
-    the first of its list (nothing below it but the embeddings)."""
+def decoder_blocks(model: nn.Module, layers) -> tuple[nn.ModuleList, list[tuple[int, int]]] | None:
+    """The ``nn.ModuleList`` of transformers' checkpointed decoder blocks (``GradientCheckpointingLayer``) that
+    holds every one of ``layers``, and for each layer the first and last index of the blocks holding it (the same
+    block, unless blocks share modules); ``None`` where there are no such blocks, a layer lies outside them, or they
+    are spread over several lists."""
     kinds = _checkpointed_blocks()
     if not kinds:
         return None
-    lists = [module for module in model.modules() if isinstance(module, nn.ModuleList)]
-    positions = {}  # id(block) -> (id(list), index)
-    for blocks in lists:
-        for index, block in enumerate(blocks):
-            if isinstance(block, kinds):
-                positions.setdefault(id(block), (id(blocks), index, block))
+    spans: dict[int, tuple[int, int]] = {}  # id(layer) -> (first, last) block index
+    holder = None
     wanted = {id(layer) for _, layer in layers}
-    found, lowest = set(), {}
-    for list_id, index, block in positions.values():
-        inside = {id(module) for module in block.modules()} & wanted
-        if inside:
-            found |= inside
-            lowest[list_id] = min(lowest.get(list_id, (index, block)), (index, block), key=lambda pair: pair[0])
-    if found != wanted or len(lowest) != 1:
+    for blocks in (module for module in model.modules() if isinstance(module, nn.ModuleList)):
+        for index, block in enumerate(blocks):
+            if not isinstance(block, kinds):
+                continue
+            for module in block.modules():
+                if id(module) in wanted:
+                    if holder is not None and holder is not blocks:
+                        return None
+                    holder = blocks
+                    first, last = spans.get(id(module), (index, index))
+                    spans[id(module)] = (min(first, index), max(last, index))
+    if holder is None or len(spans) != len(wanted):
         return None
-    index, block = next(iter(lowest.values()))
-    return block if index > 0 else None
+    return holder, [spans[id(layer)] for _, layer in layers]
+
+
+def _lowest_block(model: nn.Module, layers) -> nn.Module | None:
+    """The lowest checkpointed block holding one of ``layers`` (see :func:`backward_stops_below`), or ``None`` where
+    the graph is left whole: no such blocks (:func:`decoder_blocks`), or the lowest block the first of its list
+    (nothing below it but the embeddings)."""
+    found = decoder_blocks(model, layers)
+    if found is None:
+        return None
+    blocks, spans = found
+    lowest = min(first for first, _ in spans)
+    return blocks[lowest] if lowest > 0 else None
 
 
 def effective_weight(layer, adapter_name: str) -> torch.Tensor:

@@ -6,6 +6,7 @@ SynFlow's data-free pass lives in :mod:`peft_sparse.selection.synflow`."""
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -16,12 +17,14 @@ from tqdm.auto import tqdm
 
 from .._distributed import world_size
 from ..tuner.indices import layer_seed
-from .backward import backward_stops_below, effective_weight, probe_backward
+from .backward import CUT_FROM_GRAPH, backward_stops_below, check_loss, effective_weight, model_outputs, probe_backward
+from .replay import NotReplayable, record_boundaries, replay_group
 from .salience import GradientProbe
 from .synflow import synflow_statistics
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
-    "CUT_FROM_GRAPH",
     "ScoringPlan",
     "effective_weight",
     "layer_scores",
@@ -31,6 +34,10 @@ __all__ = [
     "salience_batches",
     "smallest_budget",
 ]
+
+# Layer groups scored by block replay from this many on: replay costs about two training steps per batch, whole passes
+# (2G + 1) / 3, which is less for two groups.
+MIN_REPLAYED_GROUPS = 3
 
 # GRaSP's Hessian-vector product is (grad(W + eps G) - grad(W)) / eps with eps = this * ||W|| / ||G||: small enough
 # for the first-order difference to be accurate, large enough to stay clear of fp32 cancellation.
@@ -44,21 +51,30 @@ def run_passes(model, layers, adapter_name, batches, loss_fn, description) -> No
     calls_before = [(probe.forward_calls, probe.backward_calls) for probe in probes]
     with backward_stops_below(model, layers):
         _forward_backward(model, layers, values, probes, batches, loss_fn, description)
-    # A layer with entries is in the graph whenever its input or its values are (the values require grad here); a
-    # layer without entries detaches its empty values (see SparseLayer.adapter_delta), so it is only there when its
-    # input requires grad, and is left out. A layer that ran in the forward but that no backward reached holds zeros:
-    # its entries would be ranked by the seeded tie-breaks alone, a mask that claims to be salient.
+    check_reached(layers, adapter_name, calls_before, len(batches))
+    _all_reduce_probes(layers)
+
+
+def check_reached(layers, adapter_name, calls_before, num_batches: int) -> None:
+    """Refuse where a layer ran in the forward but no backward reached it (``calls_before``: each probe's forward
+    and backward calls before the pass).
+
+    A layer with entries is in the graph whenever its input or its values are (the values require grad here); a
+    layer without entries detaches its empty values (see SparseLayer.adapter_delta), so it is only there when its
+    input requires grad, and is left out. A layer that ran in the forward but that no backward reached holds zeros:
+    its entries would be ranked by the seeded tie-breaks alone, a mask that claims to be salient."""
     unreached = [
         name
-        for (name, layer), probe, (forwards, backwards), layer_values in zip(layers, probes, calls_before, values)
-        if layer_values.numel() and probe.forward_calls > forwards and probe.backward_calls == backwards
+        for (name, layer), (forwards, backwards) in zip(layers, calls_before)
+        if layer.sparse_values[adapter_name].numel()
+        and layer.salience_probe.forward_calls > forwards
+        and layer.salience_probe.backward_calls == backwards
     ]
     if unreached:
         raise ValueError(
             f"select_mask: {len(unreached)} sparse layer(s) (e.g. {unreached[:3]}) computed the loss "
-            f"of {len(batches)} salience batch(es), but no gradient reached them in the backward. {CUT_FROM_GRAPH}"
+            f"of {num_batches} salience batch(es), but no gradient reached them in the backward. {CUT_FROM_GRAPH}"
         )
-    _all_reduce_probes(layers)
 
 
 def _forward_backward(model, layers, values, probes, batches, loss_fn, description) -> None:
@@ -66,36 +82,13 @@ def _forward_backward(model, layers, values, probes, batches, loss_fn, descripti
     for seen, batch in enumerate(tqdm(batches, desc=description, leave=False)):
         batch = send_to_device(batch, device)
         replays_before = sum(probe.forward_calls_without_grad for probe in probes)
-        outputs = model(**batch) if isinstance(batch, Mapping) else model(batch)
+        outputs = model_outputs(model, batch)
         loss = loss_fn(outputs, batch) if loss_fn is not None else outputs.loss
-        if loss is None:
-            raise ValueError("select_mask: the model returned no loss; pass labels in the batches or a loss_fn")
-        if not bool(torch.isfinite(loss.detach()).all()):
-            # Non-finite gradients would rank entries by NaN/inf, i.e. by tie-breaking: a mask chosen at random
-            # that claims to be salient.
-            raise ValueError(
-                f"select_mask: the loss of salience batch {seen} (0-based) is {loss.detach().float().tolist()}; "
-                "salience needs finite losses (check the batch's inputs and labels, or the model's dtype)"
-            )
-        if not loss.requires_grad:
-            raise ValueError(
-                f"select_mask: the loss of salience batch {seen} (0-based) does not require grad, so no gradient can "
-                f"reach the sparse layers (selection under torch.no_grad()?). {CUT_FROM_GRAPH}"
-            )
+        check_loss(loss, seen)
         replays = sum(probe.forward_calls_without_grad for probe in probes) > replays_before
         probe_backward(model, loss, values, replays_forward=replays)
         for _, layer in layers:
             layer.salience_probe.end_batch()
-
-
-# How a layer that computes the loss can be missing from its autograd graph, and what to do about it (selection's
-# refusal and the training callback's first-step warning both say it).
-CUT_FROM_GRAPH = (
-    "With reentrant gradient checkpointing (use_reentrant=True, as peft's prepare_model_for_kbit_training turns it "
-    "on), a checkpointed block whose inputs do not require grad is cut from the graph, and training would not reach "
-    "its values either: call model.enable_input_require_grads() and pass input_ids rather than inputs_embeds, or "
-    "enable checkpointing with gradient_checkpointing_kwargs={'use_reentrant': False}"
-)
 
 
 def _record_forward(layer, args, output) -> None:
@@ -151,6 +144,8 @@ class ScoringPlan:
     budget: int | None  # None: no budget (layers_per_pass alone decides)
     passes: int  # passes over the data (GRaSP: two per group); 0 for data-free metrics without a pass
     peak_bytes: int = 0  # filled in by layer_scores: the most this selection held at once
+    replayed: bool = False  # filled in by layer_scores: groups scored by block replay (see .replay)
+    replay_bytes: int = 0  # filled in by layer_scores: the recorded block boundaries (host memory, not in the budget)
 
 
 def plan_groups(
@@ -265,7 +260,14 @@ def layer_scores(
     generators = [torch.Generator().manual_seed(layer_seed(config.seed, name)) for name, _ in layers]
     scoring = scoring_bytes_per_weight(metric, accumulation_dtype)
     plan.peak_bytes = 0
-    for positions in plan.groups:
+    boundaries = None
+    if len(plan.groups) >= MIN_REPLAYED_GROUPS and metric.needs_data and not metric.needs_hessian:
+        with _values_require_grad(layers, adapter_name):
+            values = [layer.sparse_values[adapter_name] for _, layer in layers]
+            boundaries = record_boundaries(model, layers, plan.groups, batches, loss_fn, values)
+        if boundaries is not None:
+            plan.replayed, plan.passes, plan.replay_bytes = True, len(plan.groups) + 1, boundaries.nbytes
+    for group_index, positions in enumerate(plan.groups):
         group = [layers[i] for i in positions]
         statistics = [{} for _ in group]
         probe_bytes = 0
@@ -274,7 +276,9 @@ def layer_scores(
         elif metric.needs_data:
             with _probes(group, adapter_name, accumulation_dtype, keep_square=metric.needs_grad_square):
                 description = f"salience ({config.selection}) layers {positions.start + 1}-{positions.stop}"
-                run_passes(model, group, adapter_name, batches, loss_fn, description)
+                if boundaries is None or not _replayed(model, group, adapter_name, boundaries, group_index, batches):
+                    plan.replayed = False  # this group took a whole pass: passes x batches is the cost's bound
+                    run_passes(model, group, adapter_name, batches, loss_fn, description)
                 if metric.needs_hessian:
                     hessian_grad_pass(model, group, adapter_name, batches, loss_fn, statistics)
                 probe_bytes = sum(layer.salience_probe.nbytes for _, layer in group)
@@ -300,6 +304,35 @@ def layer_scores(
             yield position, score
             del score
         plan.peak_bytes = max(plan.peak_bytes, held_elsewhere())
+
+
+def _replayed(model, group, adapter_name, boundaries, group_index: int, batches) -> bool:
+    """Score ``group`` by replaying its decoder blocks (:func:`~.replay.replay_group`); ``False`` where the replay
+    does not reproduce the recording (nothing accumulated: the caller runs a whole pass instead)."""
+    probes = [layer.salience_probe for _, layer in group]
+    calls_before = [(probe.forward_calls, probe.backward_calls) for probe in probes]
+    try:
+        replay_group(boundaries, group_index, probes, model, group[0][1].sparse_values[adapter_name].device)
+    except NotReplayable as why:
+        logger.info("select_mask: %s; this layer group is scored by a whole pass instead", why)
+        return False
+    check_reached(group, adapter_name, calls_before, len(batches))
+    return True
+
+
+@contextmanager
+def _values_require_grad(layers, adapter_name):
+    """Every layer's values require grad within the block (the recording pass needs the blocks in the graph, as a
+    group's pass does); restored afterwards."""
+    values = [layer.sparse_values[adapter_name] for _, layer in layers]
+    was = [v.requires_grad for v in values]
+    try:
+        for v in values:
+            v.requires_grad_(True)
+        yield
+    finally:
+        for v, flag in zip(values, was):
+            v.requires_grad_(flag)
 
 
 def salience_batches(data, num_batches: int | None, config, metric, caller: str) -> list | None:

@@ -18,7 +18,7 @@ from ..tuner.config import SparseConfig
 from ..tuner.indices import index_dtype, layer_seed
 from ..tuner.layer import SparseLayer
 from ..tuner.lookup import resolve_adapter, sparse_layers
-from .passes import layer_scores, one_pass_budget, plan_groups, salience_batches, smallest_budget
+from .passes import MIN_REPLAYED_GROUPS, layer_scores, one_pass_budget, plan_groups, salience_batches, smallest_budget
 from .reassign import move_entries, reassign_entries
 from .salience import METRICS
 from .topk import RunningTopK, select_top_k
@@ -38,8 +38,12 @@ class SelectionReport:
     per_layer: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     extra_memory_bytes: int = 0  # peak bytes held at once: accumulators, one layer's scoring, the candidate set
-    passes: int = 0  # passes over the data (one per layer group; GRaSP two); 0 for magnitude and random
+    passes: int = 0  # passes over the data (one per layer group, plus a recording one where replayed; GRaSP two)
     max_memory: int | None = None  # the budget the layer groups were planned under (None: layers_per_pass alone)
+    replayed: bool = False  # the layer groups were scored by decoder-block replay (see selection.replay)
+    replay_bytes: int = (
+        0  # the block boundaries replay recorded: host memory, outside max_memory and extra_memory_bytes
+    )
 
     @property
     def total(self) -> int:
@@ -47,9 +51,11 @@ class SelectionReport:
 
     @property
     def forward_backward_passes(self) -> int:
-        """Forward and backward passes over a salience batch: ``passes x num_batches`` (selection's cost in
-        training-step equivalents, when the salience batches are the size of a training batch)."""
-        return self.passes * self.num_batches
+        """Whole-model forward and backward passes over a salience batch: ``passes x num_batches``, or where the
+        groups were replayed ``2 x num_batches`` (the recording pass, and the groups' replays, which run every block
+        once between them): selection's cost in training-step equivalents, when the salience batches are the size
+        of a training batch."""
+        return (2 if self.replayed else self.passes) * self.num_batches
 
     def log_entries(self, prefix: str) -> dict[str, float]:
         """What the training callback logs of this selection or update, under ``prefix`` (``"selection"`` or
@@ -227,6 +233,16 @@ def _candidate_bytes(counts: list[int], one_top_k: bool) -> int:
     return 4 * sum(counts) + CANDIDATE_BYTES_PER_ENTRY * max(counts, default=0)
 
 
+def _cost_of_groups(groups: int, passes: int, num_batches: int) -> str:
+    """What scoring in ``groups`` layer groups (``passes`` whole passes) costs, in words for the tight-memory line."""
+    if groups >= MIN_REPLAYED_GROUPS and passes == groups:
+        return (
+            f"about {2 * num_batches} where their decoder blocks can be replayed, up to {passes * num_batches} where "
+            "not"
+        )
+    return f"up to {passes * num_batches}"
+
+
 @dataclass
 class _Passes:
     """How the salience passes run: the caller's data and options (see :func:`select_mask`)."""
@@ -260,16 +276,15 @@ def _choose(
     if free is not None and len(plan.groups) > 1 and passes.layers_per_pass is None:
         needed = one_pass_budget(layers, metric, dtype, candidates)
         logger.warning(
-            "%s: memory is tight (%.2f GiB free): the %d layers are scored in %d groups, %d passes over %d batches "
-            "(%d forward+backward passes instead of %d); SparseConfig.selection_max_memory=%d (%.2f GiB) would "
-            "score them in one pass, and selection_accumulation_dtype='bfloat16' halves the accumulators",
+            "%s: memory is tight (%.2f GiB free): the %d layers are scored in %d groups over %d batches (%s "
+            "forward+backward passes instead of %d); SparseConfig.selection_max_memory=%d (%.2f GiB) would score "
+            "them in one pass, and selection_accumulation_dtype='bfloat16' halves the accumulators",
             caller,
             free / 2**30,
             len(layers),
             len(plan.groups),
-            plan.passes,
             num_batches,
-            plan.passes * num_batches,
+            _cost_of_groups(len(plan.groups), plan.passes, num_batches),
             plan.passes // len(plan.groups) * num_batches,
             needed,
             needed / 2**30,
@@ -293,6 +308,8 @@ def _choose(
         chosen = running.result()
     report.num_batches = num_batches
     report.passes = plan.passes
+    report.replayed = plan.replayed
+    report.replay_bytes = plan.replay_bytes
     report.max_memory = plan.budget
     report.extra_memory_bytes = plan.peak_bytes
     return chosen
