@@ -319,7 +319,7 @@ def model_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("tiny_llama_4bit")
 
 
-def kbit_select(model_dir, mode: str) -> dict[str, torch.Tensor]:
+def kbit_select(model_dir, mode: str, layers_per_pass: int | None = None) -> dict[str, torch.Tensor]:
     base = quantised_tiny_llama(
         model_dir,
         load_in_4bit=True,
@@ -331,7 +331,9 @@ def kbit_select(model_dir, mode: str) -> dict[str, torch.Tensor]:
     assert base.is_gradient_checkpointing == (mode != "none")
     model = get_peft_model(base, SparseConfig(target_modules=TARGETS, density=0.05, selection="gradient")).train()
     assert all(type(layer.get_base_layer().weight).__name__ == "Params4bit" for _, layer in sparse_layers(model))
-    select_mask(model, batches())
+    report = select_mask(model, batches(), layers_per_pass=layers_per_pass)
+    if layers_per_pass is not None:
+        assert report.replayed, report
     return masks(model)
 
 
@@ -340,9 +342,13 @@ def unchecked_kbit_masks(model_dir):
     return kbit_select(model_dir, "none")
 
 
+@pytest.mark.parametrize("layers_per_pass", [None, 3], ids=["one-pass", "replayed-groups"])
 @pytest.mark.parametrize("mode", ["reentrant", "non-reentrant"])
-def test_select_mask_on_a_4bit_model_prepared_for_kbit_training(model_dir, unchecked_kbit_masks, mode):
-    assert_same_masks(kbit_select(model_dir, mode), unchecked_kbit_masks)
+def test_select_mask_on_a_4bit_model_prepared_for_kbit_training(
+    model_dir, unchecked_kbit_masks, mode, layers_per_pass
+):
+    """The QLoRA recipe; in groups of 3 of the 14 layers (5 groups, one spanning both blocks), by block replay."""
+    assert_same_masks(kbit_select(model_dir, mode, layers_per_pass), unchecked_kbit_masks)
 
 
 # --- transformers Trainer: TrainingArguments(gradient_checkpointing=True) + SparseTrainingCallback ---------------
