@@ -26,6 +26,7 @@ SCRIPTS = {
     "mask_diagnosis": "mask_diagnosis.py",
     "suite": "suite.py",
     "salience_batches": "salience_batches.py",
+    "selection_replay": "selection_replay.py",
 }
 ARGUMENTS = {
     "mask_diagnosis": ["stats"],
