@@ -237,13 +237,17 @@ GPUS = {
 
 
 def step_equivalents_per_batch(passes: int) -> float:
-    """Training-step equivalents one salience batch costs when the layers are scored in ``passes`` groups: one group
-    is one forward and backward, a training step. Several groups are scored by decoder-block replay
-    (``peft_sparse.selection.replay``): a recording pass (a forward and a backward, a step) keeps each group's
-    boundary input and output gradient, then each group runs only its own blocks, which between them run every block
-    once (another step), so 2 whatever the number of groups. Two groups are scored by whole passes instead, as any
-    group is where replay does not apply: a forward and a backward down to the group's lowest block each, ``(2G +
-    1) / 3`` steps per batch over ``G`` groups (5/3 for two)."""
+    """Training-step equivalents one salience batch costs when the layers are scored in ``passes`` groups, under
+    reentrant checkpointing (the QLoRA recipe). In forwards' worth F: an adapter's training step on a frozen base is
+    a forward, the checkpoint's recompute and the backward's input gradients, 3F (the base's weight gradients are
+    never formed). A salience pass also forms the dense weight gradient of every probed layer, F more: one group
+    costs 4/3 of a step. Several groups: whole passes each run the forward and back-propagate down to their group's
+    lowest block, ``G F + (G + 1) F + F``, so ``(2G + 2) / 3`` (2 for two groups); from three groups on, block replay
+    (``peft_sparse.selection.replay``): a recording pass without probes (3F) and each group's own blocks (4F between
+    them), 7/3 whatever the number of groups. Measured on the CPU (``benchmarks/selection_replay.py``, 8 layers, 8
+    groups): 1.30, 2.23 and 5.94 steps per batch for one pass, replay and whole passes, against 1.33, 2.33 and 6."""
     if passes <= 0:
         return 0.0
-    return min((2 * passes + 1) / 3, 2.0)  # two groups take whole passes (5/3 < 2); from three, replay
+    if passes == 1:
+        return 4 / 3
+    return min((2 * passes + 2) / 3, 7 / 3)
