@@ -343,8 +343,10 @@ def check_table(results: dict, shape: dict, args) -> list[str]:
     foreach = args.device == "cuda"
     for method in METHODS:
         r = results[method]
+        # the budget the measured selection ran under (its default follows the memory free on the machine)
+        budget = args.selection_memory if args.selection_memory is not None else r.get("selection_report_budget")
         p = predict(shape, method, args.batch, args.seq, args.lora_r, r["runtime"], foreach=foreach,
-                    selection_memory=args.selection_memory, salience_batches=args.salience_batches)  # fmt: skip
+                    selection_memory=budget, salience_batches=args.salience_batches)  # fmt: skip
         model = (p["base"], r["loaded"] - r["runtime"])
         rows.append((f"{NAMES[method]}: training steps (peak at: {p['peak_phase']})", *model, p["step_peak"],
                      r["step_peak"]))  # fmt: skip
@@ -545,8 +547,9 @@ def main() -> None:
     lines += prediction_table(args.batch, args.seq, args.lora_r, args.salience_batches)
     lines += [
         "The default selection on a GPU (select_mask's budget from the memory free once the NF4 model and the "
-        "adapter are loaded), in training-step equivalents (passes x salience batches, each a forward + backward of "
-        f"a {args.batch} x {args.seq} batch):",
+        "adapter are loaded), in training-step equivalents of a frozen-base step on a "
+        f"{args.batch} x {args.seq} batch (`memory_model.step_equivalents_per_batch` x salience batches: one group "
+        "4/3 per batch, two groups 2, three or more 7/3 by block replay):",
         "",
     ]
     lines += selection_time_table(args.batch, args.seq, args.lora_r, (4, 16, 64))
