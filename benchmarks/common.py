@@ -191,6 +191,14 @@ def machine(device: str) -> str:
     return f"{model}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
+def publish(lines: list[str], write: bool) -> None:
+    """Print a script's RESULTS.md section and, with ``write`` (its ``--write``), put it in RESULTS.md."""
+    text = "\n".join(lines)
+    print(text)
+    if write:
+        write_section(RESULTS, text)
+
+
 def write_section(path: Path, section: str) -> None:
     """Replace this script's section of RESULTS.md (from its heading to the next '## '), keeping the others."""
     heading = section.splitlines()[0]

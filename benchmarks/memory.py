@@ -54,7 +54,7 @@ from datetime import date
 from pathlib import Path
 
 import torch
-from common import causal_lm_step, machine, seeded_llama, steps_peak_memory, sync, write_section
+from common import causal_lm_step, machine, publish, seeded_llama, steps_peak_memory, sync
 from memory_model import (
     BYTES_PER_ENTRY,
     GPUS,
@@ -72,7 +72,6 @@ from memory_model import (
 
 from peft_sparse._memory import process_status_kib, reset_peak_memory
 
-ROOT = Path(__file__).resolve().parents[1]
 HEADING = "## Memory: fits where QLoRA fits"
 
 MMAP_THRESHOLD = "65536"
@@ -553,10 +552,7 @@ def main() -> None:
         "",
     ]
     lines += selection_time_table(args.batch, args.seq, args.lora_r, (4, 16, 64))
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section(ROOT / "benchmarks" / "RESULTS.md", text)
+    publish(lines, args.write)
 
 
 if __name__ == "__main__":

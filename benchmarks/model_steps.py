@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 from datetime import date
-from pathlib import Path
 
 import torch
 from common import (
@@ -35,12 +34,10 @@ from common import (
     causal_lm_step,
     compare_steps,
     machine,
+    publish,
     seeded_llama,
     steps_peak_memory,
-    write_section,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     # TinyLlama-1.1B's shape: 22 layers, hidden 2048, intermediate 5632, 32 heads, 4 key/value heads
@@ -225,10 +222,7 @@ def main() -> None:
     for base, result in results.items():
         lines += table(result, args.device, base)
     lines += goals(results)
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section(ROOT / "benchmarks" / "RESULTS.md", text)
+    publish(lines, args.write)
 
 
 if __name__ == "__main__":

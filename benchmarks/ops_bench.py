@@ -27,7 +27,6 @@ import argparse
 import os
 import sys
 from datetime import date
-from pathlib import Path
 
 import torch
 from common import (
@@ -36,18 +35,15 @@ from common import (
     compare_steps,
     machine,
     median_time,
+    publish,
     seeded_llama,
     steps_peak_memory,
-    write_section,
 )
 
 from peft_sparse import ops
 from peft_sparse.ops import reference
 from peft_sparse.ops.dense_rows import sddmm_gather_dense_rows
 from peft_sparse.selection.topk import reference_top_k, select_top_k
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # timing
@@ -376,10 +372,7 @@ def main() -> None:
             "in the GPU section of this file.",
             "",
         ]
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section(ROOT / "benchmarks" / "RESULTS.md", text)
+    publish(lines, args.write)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,12 @@ from __future__ import annotations
 import argparse
 import sys
 from datetime import date
-from pathlib import Path
 
 import torch
-from common import compare_steps, machine, steps_peak_memory, write_section
+from common import compare_steps, machine, publish, steps_peak_memory
 from torch import nn
 
 from peft_sparse import ops
-
-ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     "cuda": {"hidden": 4096, "intermediate": 11008, "blocks": 2, "tokens": [2048, 8192], "lora_r": 10},
@@ -193,10 +190,7 @@ def main() -> None:
         for tokens in shape["tokens"]:
             print(f"benchmarking {device}, {tokens} tokens ...", file=sys.stderr)
             lines += table(bench(device, tokens, args.repeats), tokens)
-    text = "\n".join(lines)
-    print(text)
-    if args.write:
-        write_section(ROOT / "benchmarks" / "RESULTS.md", text)
+    publish(lines, args.write)
 
 
 if __name__ == "__main__":
