@@ -14,15 +14,18 @@ backward) plus one forward and backward of every block over all groups, about tw
 It applies where it can be checked: one process; every probed layer inside transformers' checkpointed decoder
 blocks (``GradientCheckpointingLayer``) of one ``nn.ModuleList``, each block called once per forward with the hidden
 state as its first positional argument, which is the previous block's output, and keyword arguments that are tensors
-or plain values (no cache object, which a replay would write to again). Each group's replay of the first batch must
-reproduce the recorded output of its top block before anything is accumulated (dropout or any other randomness
-inside the blocks fails that check); where anything does not hold, the group is scored by a whole pass instead, the
+or plain values (no cache object, which a replay would write to again). Under gradient checkpointing that takes
+transformers 5, whose blocks checkpoint ``forward`` and keep module hooks outside the checkpoint (before it, the
+checkpoint's replay in the backward ran the blocks' hooks again, and the groups take whole passes). Each group's
+replay of the first batch must reproduce the recorded output of its top block before anything is accumulated
+(dropout or any other randomness inside the blocks fails that check); where anything does not hold, the group is scored by a whole pass instead, the
 same result at the old cost. Memory: ``2 x batches x tokens x hidden x 4`` bytes per group boundary, in host memory
 (the device's memory when the model is on the CPU), plus the blocks' keyword tensors (position embeddings, masks).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +37,8 @@ from .._distributed import is_sharded, world_size
 from .backward import check_loss, decoder_blocks, model_outputs, restore_gradients
 
 __all__ = ["Boundaries", "NotReplayable", "record_boundaries", "replay_group"]
+
+logger = logging.getLogger(__name__)
 
 # The replayed output of a group's top block on the first batch must match the recorded one to this relative
 # tolerance (of its largest magnitude): recomputation on a GPU may differ in the last bits; dropout, a wrong argument
@@ -172,7 +177,8 @@ def record_boundaries(model, layers, groups: list[range], batches, loss_fn, valu
                 loss.backward()
             del loss
             recorder.end_batch()
-    except NotReplayable:
+    except NotReplayable as why:
+        logger.info("select_mask: the layer groups take whole passes: %s", why)
         return None
     finally:
         for hook in hooks:
