@@ -245,7 +245,8 @@ def step_equivalents_per_batch(passes: int) -> float:
     lowest block, ``G F + (G + 1) F + F``, so ``(2G + 2) / 3`` (2 for two groups); from three groups on, block replay
     (``peft_sparse.selection.replay``): a recording pass without probes (3F) and each group's own blocks (4F between
     them), 7/3 whatever the number of groups. Measured on the CPU (``benchmarks/selection_replay.py``, 8 layers, 8
-    groups): 1.30, 2.23 and 5.94 steps per batch for one pass, replay and whole passes, against 1.33, 2.33 and 6."""
+    groups; SmolLM2-135M, 6 groups): 1.19 / 1.12, 1.95 / 2.29 and 6.20 / 4.80 steps per batch for one pass, replay
+    and whole passes, against 1.33, 2.33 and 6 / 4.67."""
     if passes <= 0:
         return 0.0
     if passes == 1:
