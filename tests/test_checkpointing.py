@@ -156,7 +156,7 @@ def four_block_mask():
 @pytest.mark.parametrize("mode", MODES)
 def test_layer_groups_choose_the_same_mask_for_about_two_passes(four_block_mask, mode):
     """Four layer groups (one per decoder block): the same entries as one pass without checkpointing, at the cost of
-    about two passes. Under checkpointing the groups are scored by block replay: a recording pass, then each group
+    about two passes (7/3 training steps per batch). Under checkpointing the groups are scored by block replay: a recording pass, then each group
     runs only its own block from the recorded input and back-propagates the recorded gradient, so every block runs
     twice per batch (and is replayed twice by the checkpoint). Before, each group took a whole pass: every block ran
     four forwards per batch here, and under reentrant checkpointing four checkpoint replays too."""

@@ -12,12 +12,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import send_to_device
 from tqdm.auto import tqdm
 
 from .._distributed import world_size
 from ..tuner.indices import layer_seed
-from .backward import CUT_FROM_GRAPH, backward_stops_below, check_loss, effective_weight, model_outputs, probe_backward
+from .backward import CUT_FROM_GRAPH, backward_stops_below, effective_weight, probe_backward, salience_loss
 from .replay import NotReplayable, record_boundaries, replay_group
 from .salience import GradientProbe
 from .synflow import synflow_statistics
@@ -35,8 +34,8 @@ __all__ = [
     "smallest_budget",
 ]
 
-# Layer groups scored by block replay from this many on: replay costs about two training steps per batch, whole passes
-# (2G + 1) / 3, which is less for two groups.
+# Layer groups scored by block replay from this many on: replay costs about 7/3 training steps per batch, whole passes
+# (2G + 2) / 3, which is less for two groups.
 MIN_REPLAYED_GROUPS = 3
 
 # GRaSP's Hessian-vector product is (grad(W + eps G) - grad(W)) / eps with eps = this * ||W|| / ||G||: small enough
@@ -80,11 +79,8 @@ def check_reached(layers, adapter_name, calls_before, num_batches: int) -> None:
 def _forward_backward(model, layers, values, probes, batches, loss_fn, description) -> None:
     device = values[0].device
     for seen, batch in enumerate(tqdm(batches, desc=description, leave=False)):
-        batch = send_to_device(batch, device)
         replays_before = sum(probe.forward_calls_without_grad for probe in probes)
-        outputs = model_outputs(model, batch)
-        loss = loss_fn(outputs, batch) if loss_fn is not None else outputs.loss
-        check_loss(loss, seen)
+        loss = salience_loss(model, batch, device, loss_fn, seen)
         replays = sum(probe.forward_calls_without_grad for probe in probes) > replays_before
         probe_backward(model, loss, values, replays_forward=replays)
         for _, layer in layers:

@@ -3,13 +3,15 @@ passes, whatever the number of groups.
 
 When memory holds the accumulators of only some layers at a time, the layers are scored in groups, and every group
 used to need a pass of its own over the salience batches: a whole forward and a backward down to the group, about
-``(2G + 1) / 3`` training steps per batch for ``G`` groups (19 groups for Llama-3-70B in NF4 on an 80 GB GPU). But
+``(2G + 2) / 3`` frozen-base training steps per batch for ``G`` groups (a salience pass also forms the dense weight
+gradients; 19 groups for Llama-3-70B in NF4 on an 80 GB GPU). But
 with the base frozen and the adapter's values fixed, the hidden state entering a decoder block and the gradient of
 the loss at a block's output are the same whichever layers are being probed. So one recording pass keeps, per batch,
 the input of each group's lowest block and the gradient at the output of its top block (on the host), and each group
 is then scored by running only its own blocks from that input and back-propagating that gradient: the group's layers
 see exactly the output gradients and inputs a whole pass would give them. Cost: the recording pass (a forward and a
-backward) plus one forward and backward of every block over all groups, about two training steps per batch.
+backward, no probes: a training step) plus one forward and backward of every block, with the weight gradients, over
+all groups (4/3 of a step): about 7/3 training steps per batch, whatever the number of groups.
 
 It applies where it can be checked: one process; every probed layer inside transformers' checkpointed decoder
 blocks (``GradientCheckpointingLayer``) of one ``nn.ModuleList``, each block called once per forward with the hidden
@@ -18,8 +20,8 @@ or plain values (no cache object, which a replay would write to again). Under gr
 transformers 5, whose blocks checkpoint ``forward`` and keep module hooks outside the checkpoint (before it, the
 checkpoint's replay in the backward ran the blocks' hooks again, and the groups take whole passes). Each group's
 replay of the first batch must reproduce the recorded output of its top block before anything is accumulated
-(dropout or any other randomness inside the blocks fails that check); where anything does not hold, the group is scored by a whole pass instead, the
-same result at the old cost. Memory: ``2 x batches x tokens x hidden x 4`` bytes per group boundary, in host memory
+(dropout or any other randomness inside the blocks fails that check); where anything does not hold, the group is
+scored by a whole pass instead, the same result at the old cost. Memory: ``2 x batches x tokens x hidden x 4`` bytes per group boundary, in host memory
 (the device's memory when the model is on the CPU), plus the blocks' keyword tensors (position embeddings, masks).
 """
 
@@ -29,12 +31,11 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from accelerate.utils import send_to_device
 from torch import nn
 from tqdm.auto import tqdm
 
 from .._distributed import is_sharded, world_size
-from .backward import check_loss, decoder_blocks, model_outputs, restore_gradients
+from .backward import decoder_blocks, restore_gradients, salience_loss
 
 __all__ = ["Boundaries", "NotReplayable", "record_boundaries", "replay_group"]
 
@@ -85,6 +86,11 @@ def _host(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach().to("cpu", copy=True)
 
 
+def _hidden_state(output):
+    """A decoder block's hidden-state output (transformers' blocks return it alone or first in a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 class _Recorder:
     """Forward hooks on every decoder block that keep, for the batch being recorded, what :class:`Boundaries`
     holds, and check the structure block replay relies on (raising :class:`NotReplayable` where it fails)."""
@@ -116,7 +122,7 @@ class _Recorder:
             self.boundaries.inputs[index].append(_host(args[0]))
 
     def after(self, index: int, output) -> None:
-        hidden = output[0] if isinstance(output, tuple) else output
+        hidden = _hidden_state(output)
         if not isinstance(hidden, torch.Tensor):
             raise NotReplayable(f"decoder block {index} returned no hidden-state tensor")
         self.outputs[index] = hidden
@@ -168,11 +174,7 @@ def record_boundaries(model, layers, groups: list[range], batches, loss_fn, valu
     try:
         for seen, batch in enumerate(tqdm(batches, desc="salience: recording block boundaries", leave=False)):
             recorder.start_batch(seen)
-            batch = send_to_device(batch, device)
-            outputs = model_outputs(model, batch)
-            loss = loss_fn(outputs, batch) if loss_fn is not None else outputs.loss
-            check_loss(loss, seen)
-            del outputs
+            loss = salience_loss(model, batch, device, loss_fn, seen)
             with restore_gradients(model):
                 loss.backward()
             del loss
@@ -196,8 +198,7 @@ def replay_group(boundaries: Boundaries, group: int, probes, model, device: torc
         hidden = boundaries.inputs[span.start][seen].to(device).detach().requires_grad_(True)
         for index in span:
             rest, kwargs = calls[index]
-            output = blocks[index](hidden, *rest, **kwargs)
-            hidden = output[0] if isinstance(output, tuple) else output
+            hidden = _hidden_state(blocks[index](hidden, *rest, **kwargs))
         if seen == 0:
             recorded = boundaries.first_outputs[span.stop - 1]
             replayed = hidden.detach().to(recorded.device, recorded.dtype)

@@ -41,9 +41,8 @@ class SelectionReport:
     passes: int = 0  # passes over the data (one per layer group, plus a recording one where replayed; GRaSP two)
     max_memory: int | None = None  # the budget the layer groups were planned under (None: layers_per_pass alone)
     replayed: bool = False  # the layer groups were scored by decoder-block replay (see selection.replay)
-    replay_bytes: int = (
-        0  # the block boundaries replay recorded: host memory, outside max_memory and extra_memory_bytes
-    )
+    # the block boundaries replay recorded: host memory, outside max_memory and extra_memory_bytes
+    replay_bytes: int = 0
 
     @property
     def total(self) -> int:

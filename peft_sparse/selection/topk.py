@@ -125,9 +125,7 @@ def reference_top_k(
     scores: Sequence[torch.Tensor], k: int, generators: Sequence[torch.Generator]
 ) -> list[torch.Tensor]:
     """The plain definition of :func:`select_top_k`, which the fast paths are tested against: every layer's int64
-    keys at once (8 bytes per entry), the threshold by 32 counting passes. Same arguments and result.
-
-    """
+    keys at once (8 bytes per entry), the threshold by 32 counting passes. Same arguments and result."""
     total = sum(s.numel() for s in scores)
     if not 0 <= k <= total:
         raise ValueError(f"select_top_k: k={k} must lie in [0, {total}]")
