@@ -178,6 +178,58 @@ def test_layer_groups_choose_the_same_mask_for_about_two_passes(four_block_mask,
     assert calls == [(2 if mode == "none" else 4) * b] * 4, calls
 
 
+@pytest.mark.parametrize("mode", ["none", "reentrant"])
+def test_groups_are_recorded_in_rounds_where_host_memory_is_short(four_block_mask, mode, monkeypatch):
+    """Host memory for the boundaries of two of the four groups at a time: two recording rounds of two groups each,
+    the same mask, and never more than two groups' boundaries kept; not even one group's: whole passes."""
+    from peft_sparse.selection import passes
+
+    roomy = select_mask(four_block_llama(mode), batches(), layers_per_pass=7)
+    per_group = roomy.replay_bytes // 4  # one block each: its input, its output's gradient, the first batch's output
+    monkeypatch.setattr(passes, "_replay_host_limit", lambda *args: 2 * per_group + per_group // 2)
+    model = four_block_llama(mode)
+    blocks = model.get_base_model().model.layers
+    calls = [0] * len(blocks)
+    for index, block in enumerate(blocks):
+        block.mlp.register_forward_pre_hook(
+            lambda module, args, index=index: calls.__setitem__(index, calls[index] + 1)
+        )
+    data = batches()
+    report = select_mask(model, data, layers_per_pass=7)
+    assert_same_masks(masks(model), four_block_mask)
+    b = len(data)
+    assert report.replayed and report.replay_recordings == 2 and report.passes == 4 + 2
+    assert report.replay_bytes == 2 * per_group and report.forward_backward_passes == 3 * b
+    # every block runs in both recordings and in its own group's replay (and a checkpoint replay of each)
+    assert calls == [(3 if mode == "none" else 6) * b] * 4, calls
+
+    monkeypatch.setattr(passes, "_replay_host_limit", lambda *args: per_group // 2)
+    model = four_block_llama(mode)
+    report = select_mask(model, data, layers_per_pass=7)
+    assert_same_masks(masks(model), four_block_mask)
+    assert not report.replayed and report.replay_recordings == 0 and report.passes == 4
+
+
+def test_the_replay_host_limit_leaves_room_for_a_cpu_models_accumulators(monkeypatch):
+    """On a CPU the boundaries share memory with the accumulators the groups allocate after the recording: the
+    limit is half of what is free less the largest group's accumulators and scoring."""
+    from peft_sparse.selection import passes
+    from peft_sparse.selection.salience import METRICS
+
+    model = four_block_llama("none")
+    layers = sparse_layers(model)
+    plan = passes.plan_groups(layers, METRICS["gradient"], torch.float32, 0, None, 7, "test")
+    per_weight = passes.accumulator_bytes_per_weight(METRICS["gradient"], torch.float32)
+    scoring = passes.scoring_bytes_per_weight(METRICS["gradient"], torch.float32)
+    sizes = [layer.num_weight_entries for _, layer in layers[:7]]
+    largest = per_weight * sum(sizes) + scoring * max(sizes)
+    monkeypatch.setattr(passes, "free_memory_bytes", lambda device: 10 * largest)
+    limit = passes._replay_host_limit(layers, "default", METRICS["gradient"], torch.float32, plan)
+    assert limit == int(passes.REPLAY_HOST_SHARE * 9 * largest)
+    monkeypatch.setattr(passes, "free_memory_bytes", lambda device: None)
+    assert passes._replay_host_limit(layers, "default", METRICS["gradient"], torch.float32, plan) is None
+
+
 def test_a_replay_that_differs_from_its_recording_falls_back_to_whole_passes(caplog):
     """Dropout inside the blocks: a replay cannot reproduce the recorded output, so each group is checked before
     anything is accumulated and scored by a whole pass instead (and the report does not claim a replay)."""

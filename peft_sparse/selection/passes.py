@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .._distributed import world_size
+from .._memory import free_memory_bytes
 from ..tuner.indices import layer_seed
 from .backward import CUT_FROM_GRAPH, backward_stops_below, effective_weight, probe_backward, salience_loss
 from .replay import NotReplayable, record_boundaries, replay_group
@@ -37,6 +38,9 @@ __all__ = [
 # Layer groups scored by block replay from this many on: replay costs about 7/3 training steps per batch, whole passes
 # (2G + 2) / 3, which is less for two groups.
 MIN_REPLAYED_GROUPS = 3
+# Of the host memory free when the groups are recorded (less, on a CPU, the largest group's accumulators, which come
+# after), the share block replay's boundaries may take; beyond it they are recorded in rounds.
+REPLAY_HOST_SHARE = 0.5
 
 # GRaSP's Hessian-vector product is (grad(W + eps G) - grad(W)) / eps with eps = this * ||W|| / ||G||: small enough
 # for the first-order difference to be accurate, large enough to stay clear of fp32 cancellation.
@@ -142,6 +146,8 @@ class ScoringPlan:
     peak_bytes: int = 0  # filled in by layer_scores: the most this selection held at once
     replayed: bool = False  # filled in by layer_scores: groups scored by block replay (see .replay)
     replay_bytes: int = 0  # filled in by layer_scores: the recorded block boundaries (host memory, not in the budget)
+    recordings: int = 0  # filled in by layer_scores: the recording passes of block replay (rounds, where host memory
+    # holds the boundaries of only some groups at a time)
 
 
 def plan_groups(
@@ -256,14 +262,25 @@ def layer_scores(
     generators = [torch.Generator().manual_seed(layer_seed(config.seed, name)) for name, _ in layers]
     scoring = scoring_bytes_per_weight(metric, accumulation_dtype)
     plan.peak_bytes = 0
-    boundaries = None
-    if len(plan.groups) >= MIN_REPLAYED_GROUPS and metric.needs_data and not metric.needs_hessian:
-        with _values_require_grad(layers, adapter_name):
-            values = [layer.sparse_values[adapter_name] for _, layer in layers]
-            boundaries = record_boundaries(model, layers, plan.groups, batches, loss_fn, values)
-        if boundaries is not None:
-            plan.replayed, plan.passes, plan.replay_bytes = True, len(plan.groups) + 1, boundaries.nbytes
+    boundaries, first = None, 0  # the current recording and the first group it covers
+    replay = len(plan.groups) >= MIN_REPLAYED_GROUPS and metric.needs_data and not metric.needs_hessian
+    host_limit = _replay_host_limit(layers, adapter_name, metric, accumulation_dtype, plan) if replay else None
     for group_index, positions in enumerate(plan.groups):
+        if replay and (boundaries is None or group_index >= first + len(boundaries.ranges)):
+            boundaries = None  # the previous round's boundaries go before the next round is recorded
+            with _values_require_grad(layers, adapter_name):
+                values = [layer.sparse_values[adapter_name] for _, layer in layers]
+                boundaries = record_boundaries(
+                    model, layers, plan.groups[group_index:], batches, loss_fn, values, host_limit
+                )
+            if boundaries is None:
+                replay = False  # this group and the rest take whole passes
+            else:
+                first = group_index
+                plan.replayed = group_index == 0 or plan.replayed
+                plan.recordings += 1
+                plan.passes += 1
+                plan.replay_bytes = max(plan.replay_bytes, boundaries.nbytes)
         group = [layers[i] for i in positions]
         statistics = [{} for _ in group]
         probe_bytes = 0
@@ -272,7 +289,7 @@ def layer_scores(
         elif metric.needs_data:
             with _probes(group, adapter_name, accumulation_dtype, keep_square=metric.needs_grad_square):
                 description = f"salience ({config.selection}) layers {positions.start + 1}-{positions.stop}"
-                if boundaries is None or not _replayed(model, group, adapter_name, boundaries, group_index, batches):
+                if not replay or not _replayed(model, group, adapter_name, boundaries, group_index - first, batches):
                     plan.replayed = False  # this group took a whole pass: passes x batches is the cost's bound
                     run_passes(model, group, adapter_name, batches, loss_fn, description)
                 if metric.needs_hessian:
@@ -300,6 +317,21 @@ def layer_scores(
             yield position, score
             del score
         plan.peak_bytes = max(plan.peak_bytes, held_elsewhere())
+
+
+def _replay_host_limit(layers, adapter_name, metric, accumulation_dtype, plan: ScoringPlan) -> int | None:
+    """The bytes block replay's boundaries may take: ``REPLAY_HOST_SHARE`` of the host's free memory, less on a CPU
+    device the largest group's accumulators and scoring, which share that memory and come after the recording; None
+    where the host's free memory is unknown."""
+    free = free_memory_bytes("cpu")
+    if free is None:
+        return None
+    if layers[0][1].sparse_values[adapter_name].device.type == "cpu":
+        held = accumulator_bytes_per_weight(metric, accumulation_dtype)
+        scoring = scoring_bytes_per_weight(metric, accumulation_dtype)
+        sizes = [[layers[i][1].num_weight_entries for i in group] for group in plan.groups]
+        free -= max(held * sum(group) + scoring * max(group) for group in sizes)
+    return max(0, int(REPLAY_HOST_SHARE * free))
 
 
 def _replayed(model, group, adapter_name, boundaries, group_index: int, batches) -> bool:

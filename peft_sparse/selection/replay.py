@@ -21,8 +21,12 @@ transformers 5, whose blocks checkpoint ``forward`` and keep module hooks outsid
 checkpoint's replay in the backward ran the blocks' hooks again, and the groups take whole passes). Each group's
 replay of the first batch must reproduce the recorded output of its top block before anything is accumulated
 (dropout or any other randomness inside the blocks fails that check); where anything does not hold, the group is
-scored by a whole pass instead, the same result at the old cost. Memory: ``2 x batches x tokens x hidden x 4`` bytes per group boundary, in host memory
-(the device's memory when the model is on the CPU), plus the blocks' keyword tensors (position embeddings, masks).
+scored by a whole pass instead, the same result at the old cost. Memory: ``batches x tokens x hidden x 4`` bytes
+per group boundary (a lowest block's input, a top block's output gradient), in host memory (the device's memory when
+the model is on the CPU), plus the blocks' keyword tensors (position embeddings, masks). Where that exceeds the host
+memory selection may use (``host_limit``), the groups are recorded in rounds: each recording keeps the boundaries of
+as many leading groups as fit (projected from its first batch), those groups are replayed, and the next round
+records the rest: a training step per batch more for each round.
 """
 
 from __future__ import annotations
@@ -58,7 +62,7 @@ class Boundaries:
     (to check each replay against)."""
 
     blocks: nn.ModuleList
-    ranges: list[range]  # per layer group: the blocks its replay runs
+    ranges: list[range]  # per layer group this recording covers (the first ones asked for): the blocks it replays
     inputs: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     grads: dict[int, list[torch.Tensor]] = field(default_factory=dict)
     calls: list[dict[int, tuple]] = field(default_factory=list)
@@ -95,15 +99,48 @@ class _Recorder:
     """Forward hooks on every decoder block that keep, for the batch being recorded, what :class:`Boundaries`
     holds, and check the structure block replay relies on (raising :class:`NotReplayable` where it fails)."""
 
-    def __init__(self, boundaries: Boundaries) -> None:
-        self.boundaries = boundaries
-        self.starts = {span.start for span in boundaries.ranges}
-        self.tops = {span.stop - 1 for span in boundaries.ranges}
+    def __init__(self, boundaries: Boundaries, host_limit: int | None = None, batch_scale: float = 1.0) -> None:
+        self.boundaries, self.host_limit, self.batch_scale = boundaries, host_limit, batch_scale
+        self._keep(len(boundaries.ranges))
         for index in self.starts:
             boundaries.inputs[index] = []
         for index in self.tops:
             boundaries.grads[index] = []
         self.seen, self.calls, self.outputs = 0, {}, {}
+
+    def _keep(self, groups: int) -> None:
+        """Record the boundaries of the first ``groups`` groups only (dropping what was kept of the others)."""
+        boundaries = self.boundaries
+        del boundaries.ranges[groups:]
+        self.starts = {span.start for span in boundaries.ranges}
+        self.tops = {span.stop - 1 for span in boundaries.ranges}
+        for store, kept in ((boundaries.inputs, self.starts), (boundaries.grads, self.tops)):
+            for index in set(store) - kept:
+                del store[index]
+        for index in set(boundaries.first_outputs) - self.tops:
+            del boundaries.first_outputs[index]
+
+    def _fit_host_limit(self) -> None:
+        """After the first batch: keep the leading groups whose boundaries, projected over every batch, fit the host
+        limit (at least one, else :class:`NotReplayable`); the caller records the others in a later round."""
+        boundaries, limit, scale = self.boundaries, self.host_limit, self.batch_scale
+        counted, projected = set(), 0.0
+        for kept, span in enumerate(boundaries.ranges):
+            for key in (("in", span.start), ("grad", span.stop - 1)):
+                if key not in counted:
+                    counted.add(key)
+                    store = boundaries.inputs if key[0] == "in" else boundaries.grads
+                    projected += store[key[1]][0].nbytes * scale
+                    if key[0] == "grad":
+                        projected += boundaries.first_outputs[key[1]].nbytes
+            if projected > limit:
+                if kept == 0:
+                    raise NotReplayable(
+                        f"one layer group's block boundaries would take {projected / 2**30:.2f} GiB of host memory, "
+                        f"more than the {limit / 2**30:.2f} GiB selection may use there"
+                    )
+                self._keep(kept)
+                return
 
     def start_batch(self, seen: int) -> None:
         self.seen, self.calls, self.outputs = seen, {}, {}
@@ -141,6 +178,8 @@ class _Recorder:
             raise NotReplayable("a decoder block did not run, or its output got no gradient, in the recording")
         self.boundaries.calls.append(self.calls)
         self.outputs = {}
+        if self.seen == 0 and self.host_limit is not None:
+            self._fit_host_limit()
 
     def install(self) -> list:
         hooks = []
@@ -156,10 +195,24 @@ class _Recorder:
         return hooks
 
 
-def record_boundaries(model, layers, groups: list[range], batches, loss_fn, values) -> Boundaries | None:
+def _batch_scale(batches) -> float:
+    """Every batch's size over the first's (in tokens where the batches are dicts with ``input_ids``, else one
+    each): what the first batch's boundaries are multiplied by to project the whole recording."""
+    sizes = [b["input_ids"].numel() if isinstance(b, dict) and "input_ids" in b else None for b in batches]
+    if not sizes or None in sizes or sizes[0] == 0:
+        return float(len(sizes))
+    return sum(sizes) / sizes[0]
+
+
+def record_boundaries(
+    model, layers, groups: list[range], batches, loss_fn, values, host_limit: int | None = None
+) -> Boundaries | None:
     """The recording pass over ``batches`` (see the module docstring), or ``None`` where block replay does not
     apply (the caller then scores each group by a whole pass). ``groups``: the layer groups, as ranges of positions
-    in ``layers``; ``values``: the layers' values (their device is the batches')."""
+    in ``layers``; ``values``: the layers' values (their device is the batches'). ``host_limit``: the bytes the
+    recording may keep; after the first batch it keeps only the leading groups whose boundaries fit, projected over
+    every batch (``len(result.ranges)`` of them: the caller records the rest in another round), and gives ``None``
+    where not even one group's fit."""
     if world_size() != 1 or any(is_sharded(v) for v in values):
         return None
     found = decoder_blocks(model, layers)
@@ -168,7 +221,7 @@ def record_boundaries(model, layers, groups: list[range], batches, loss_fn, valu
     blocks, spans = found
     ranges = [range(min(spans[i][0] for i in group), max(spans[i][1] for i in group) + 1) for group in groups]
     boundaries = Boundaries(blocks, ranges)
-    recorder = _Recorder(boundaries)
+    recorder = _Recorder(boundaries, host_limit, _batch_scale(batches))
     device = values[0].device
     hooks = recorder.install()
     try:

@@ -41,8 +41,11 @@ class SelectionReport:
     passes: int = 0  # passes over the data (one per layer group, plus a recording one where replayed; GRaSP two)
     max_memory: int | None = None  # the budget the layer groups were planned under (None: layers_per_pass alone)
     replayed: bool = False  # the layer groups were scored by decoder-block replay (see selection.replay)
-    # the block boundaries replay recorded: host memory, outside max_memory and extra_memory_bytes
+    # the block boundaries replay recorded (the largest round): host memory, outside max_memory and
+    # extra_memory_bytes
     replay_bytes: int = 0
+    # replay's recording passes: one, or a round each where host memory held only some groups' boundaries at a time
+    replay_recordings: int = 0
 
     @property
     def total(self) -> int:
@@ -51,10 +54,10 @@ class SelectionReport:
     @property
     def forward_backward_passes(self) -> int:
         """Whole-model forward and backward passes over a salience batch: ``passes x num_batches``, or where the
-        groups were replayed ``2 x num_batches`` (the recording pass, and the groups' replays, which run every block
-        once between them): selection's cost in training-step equivalents, when the salience batches are the size
-        of a training batch."""
-        return (2 if self.replayed else self.passes) * self.num_batches
+        groups were replayed ``(recordings + 1) x num_batches`` (the recording passes, and the groups' replays,
+        which run every block once between them where no block is split between groups): selection's cost in
+        training-step equivalents, when the salience batches are the size of a training batch."""
+        return (self.replay_recordings + 1 if self.replayed else self.passes) * self.num_batches
 
     def log_entries(self, prefix: str) -> dict[str, float]:
         """What the training callback logs of this selection or update, under ``prefix`` (``"selection"`` or
@@ -309,6 +312,7 @@ def _choose(
     report.passes = plan.passes
     report.replayed = plan.replayed
     report.replay_bytes = plan.replay_bytes
+    report.replay_recordings = plan.recordings
     report.max_memory = plan.budget
     report.extra_memory_bytes = plan.peak_bytes
     return chosen
