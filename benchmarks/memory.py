@@ -67,7 +67,6 @@ from memory_model import (
     linear_shapes,
     one_pass_selection,
     predict,
-    step_equivalents_per_batch,
 )
 
 from peft_sparse._memory import process_status_kib, reset_peak_memory
@@ -373,22 +372,33 @@ def selection_time_table(batch: int, seq: int, lora_r: int, batch_counts: tuple[
     lines = [
         "| model (NF4) | GPU | free at selection | default max_memory | accumulators for one pass | passes | "
         + " | ".join(f"step-equivalents, {n} batches" for n in batch_counts)
+        + f" | replay's host store at {batch_counts[len(batch_counts) // 2]} batches"
         + f" | bf16 accumulators: passes, step-equivalents at {batch_counts[len(batch_counts) // 2]} batches |",
-        "|---|---|---|---|---|---|" + "---|" * (len(batch_counts) + 1),
+        "|---|---|---|---|---|---|" + "---|" * (len(batch_counts) + 2),
     ]
     for name, shape in SHAPES.items():
         if predict(shape, "qlora", batch, seq, lora_r)["step_peak"] > max(size for _, size in GPUS[name]):
             continue
         sizes = [out * inp for out, inp in linear_shapes(shape)] * shape["layers"]
         for label, device in GPUS[name]:
-            p = predict(shape, "sparse", batch, seq, lora_r, device_bytes=device)
-            half = predict(shape, "sparse", batch, seq, lora_r, device_bytes=device, accumulation_dtype=torch.bfloat16)
+            middle = batch_counts[len(batch_counts) // 2]
+            p = predict(shape, "sparse", batch, seq, lora_r, device_bytes=device, salience_batches=middle)
+            half = predict(
+                shape,
+                "sparse",
+                batch,
+                seq,
+                lora_r,
+                device_bytes=device,
+                accumulation_dtype=torch.bfloat16,
+                salience_batches=middle,
+            )
             free = max(0, device - p["loaded"] - 8 * p["trainable"])
-            steps = " | ".join(f"{step_equivalents_per_batch(p['selection_passes']) * n:.0f}" for n in batch_counts)
-            halved = step_equivalents_per_batch(half["selection_passes"]) * batch_counts[len(batch_counts) // 2]
+            steps = " | ".join(f"{p['selection_steps_per_batch'] * n:.0f}" for n in batch_counts)
             lines.append(
                 f"| {name} | {label} | {gb(free)} GiB | {gb(p['selection_budget'])} GiB | {gb(4 * sum(sizes))} GiB | "
-                f"{p['selection_passes']} | {steps} | {half['selection_passes']}, {halved:.0f} |"
+                f"{p['selection_passes']} | {steps} | {gb(p['selection_replay_host_bytes'])} GiB | "
+                f"{half['selection_passes']}, {half['selection_steps']} |"
             )
     return lines + [""]
 
@@ -548,7 +558,8 @@ def main() -> None:
         "The default selection on a GPU (select_mask's budget from the memory free once the NF4 model and the "
         "adapter are loaded), in training-step equivalents of a frozen-base step on a "
         f"{args.batch} x {args.seq} batch (`memory_model.step_equivalents_per_batch` x salience batches: one group "
-        "4/3 per batch, two groups 2, three or more 7/3 by block replay):",
+        "4/3 per batch, two groups 2, three or more by block replay 1 + 4/3 x the blocks replayed over the blocks: "
+        "7/3 where no block is split between groups; the boundaries replay keeps are host memory, not the GPU's):",
         "",
     ]
     lines += selection_time_table(args.batch, args.seq, args.lora_r, (4, 16, 64))

@@ -126,7 +126,11 @@ def predict(
     if method == "sparse":
         activations = checkpoints + stream + max(loss, block + dequant)
         free = None if device_bytes is None else max(0, device_bytes - runtime - base - 8 * k)
-        out.update(selection(shape, k, activations, selection_memory, salience_batches, free, accumulation_dtype))
+        out.update(
+            selection(
+                shape, k, activations, selection_memory, salience_batches, free, accumulation_dtype, tokens=tokens
+            )
+        )
         out["selection_peak"] = runtime + base + out["selection_extra"]
     return out
 
@@ -164,10 +168,14 @@ def selection(
     batches: int,
     free: int | None = None,
     accumulation_dtype: torch.dtype = torch.float32,
+    one_top_k: bool = False,
+    tokens: int = 512,
 ) -> dict:
     """Salience selection as ``select_mask(max_memory=...)`` plans it: the linear layers, in module order, are split
     into groups whose fp32 gradient accumulators (4 B per weight) plus the scoring temporaries of the group's largest
-    layer fit in ``budget`` next to the candidate set's reserve (about 12 B per entry); ``None``: select_mask's
+    layer fit in ``budget`` next to the chosen entries' reserve: under the default per-layer budget each scored
+    layer's chosen positions (4 B per entry) and one layer's candidates (12 B per entry of the largest layer's k);
+    under ``one_top_k`` (``budget="global"``) the running top-k's candidate set (12 B per entry). ``None``: select_mask's
     default budget, the reserve + the adapter's training state (16 B per entry, at least select_mask's floor for
     the accumulators, where it has one). One group is one pass over the ``batches``, each batch a forward +
     backward (about one training step); several groups are scored by block replay, about two steps per batch
@@ -186,8 +194,12 @@ def selection(
     weight, and scoring converts one layer's accumulator to float32)."""
     reserve_per_entry, state_per_entry, least_room, scoring = _selection_constants(accumulation_dtype)
     acc = accumulation_dtype.itemsize  # gradient salience: one accumulator per weight
+    per_block = len(linear_shapes(shape))
     sizes = [out * inp for out, inp in linear_shapes(shape)] * shape["layers"]
-    reserve = reserve_per_entry * k
+    if one_top_k:
+        reserve = reserve_per_entry * k
+    else:  # the same density in every layer: the largest layer's share of k
+        reserve = 4 * k + reserve_per_entry * (k * max(sizes) // sum(sizes))
     if budget is None:
         budget = max(reserve + (acc + scoring) * max(sizes), reserve + max(state_per_entry * k, least_room))
         if free is not None:
@@ -203,9 +215,20 @@ def selection(
             end += 1
         groups.append(sizes[start:end])
         start = end
+    # Block replay (three groups or more) runs, per batch, the recording pass and each group's decoder blocks: a block
+    # shared by several groups runs once for each. It keeps, per batch, the input of each group's lowest block and
+    # the gradient at its top block's output (fp32 residual stream) in host memory.
+    spans, start = [], 0
+    for group in groups:
+        spans.append((start // per_block, (start + len(group) - 1) // per_block))
+        start += len(group)
+    replayed_blocks = sum(top - low + 1 for low, top in spans)
+    boundaries = len({low for low, _ in spans}) + len({top for _, top in spans})
+    host_store = boundaries * batches * tokens * shape["hidden"] * 4 if len(groups) >= 3 else 0
     components = {
         "adapter values + indices (8 B/entry)": 8 * k,
-        f"candidate set ({reserve_per_entry} B/entry)": reserve,
+        "chosen entries / candidates"
+        + (f" ({reserve_per_entry} B/entry)" if one_top_k else " (4 B/entry + one layer's)"): reserve,
         f"largest group's accumulators ({acc} B/w)": max(acc * sum(group) for group in groups),
         "forward + backward activations": max(pass_activations, scoring * max(sizes)),
         "values' gradients (4 B/entry)": 4 * k,
@@ -215,7 +238,11 @@ def selection(
         "selection_budget": budget,
         "selection_extra": sum(components.values()),
         "selection_passes": len(groups),
-        "selection_steps": round(step_equivalents_per_batch(len(groups)) * batches),
+        "selection_steps_per_batch": (
+            per_batch := step_equivalents_per_batch(len(groups), replayed_blocks, shape["layers"])
+        ),
+        "selection_steps": round(per_batch * batches),
+        "selection_replay_host_bytes": host_store,
     }
 
 
@@ -236,19 +263,25 @@ GPUS = {
 }
 
 
-def step_equivalents_per_batch(passes: int) -> float:
+def step_equivalents_per_batch(passes: int, replayed_blocks: int | None = None, blocks: int | None = None) -> float:
     """Training-step equivalents one salience batch costs when the layers are scored in ``passes`` groups, under
     reentrant checkpointing (the QLoRA recipe). In forwards' worth F: an adapter's training step on a frozen base is
     a forward, the checkpoint's recompute and the backward's input gradients, 3F (the base's weight gradients are
     never formed). A salience pass also forms the dense weight gradient of every probed layer, F more: one group
     costs 4/3 of a step. Several groups: whole passes each run the forward and back-propagate down to their group's
     lowest block, ``G F + (G + 1) F + F``, so ``(2G + 2) / 3`` (2 for two groups); from three groups on, block replay
-    (``peft_sparse.selection.replay``): a recording pass without probes (3F) and each group's own blocks (4F between
-    them), 7/3 whatever the number of groups. Measured on the CPU (``benchmarks/selection_replay.py``, 8 layers, 8
+    (``peft_sparse.selection.replay``): a recording pass without probes (3F) and each group's own blocks, 4F where
+    every block belongs to one group: 7/3 whatever the number of groups. Groups smaller than a decoder block replay
+    that block once each: ``replayed_blocks`` (the blocks the groups' replays run, summed over groups) of ``blocks``
+    cost ``1 + 4/3 x replayed_blocks / blocks`` (default: every block once). Measured on the CPU (``benchmarks/selection_replay.py``, 8 layers, 8
     groups; SmolLM2-135M, 6 groups): 1.19 / 1.12, 1.95 / 2.29 and 6.20 / 4.80 steps per batch for one pass, replay
     and whole passes, against 1.33, 2.33 and 6 / 4.67."""
     if passes <= 0:
         return 0.0
     if passes == 1:
         return 4 / 3
-    return min((2 * passes + 2) / 3, 7 / 3)
+    if passes == 2:
+        return 2.0
+    if replayed_blocks is None or not blocks:
+        return 7 / 3
+    return 1 + 4 / 3 * replayed_blocks / blocks
