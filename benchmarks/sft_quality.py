@@ -126,7 +126,7 @@ def peft_config(method: str, base, lora_r: int, seed: int, salience_batches: int
 def sft_trainer(model, tokenizer, train, evaluation, lr: float, seed: int, output_dir: str, callbacks, **schedule):
     """TRL's SFTTrainer as every quality benchmark runs it: AdamW at ``lr`` with linear decay and no warm-up, fp32,
     no checkpoints, evaluation batches of 32; ``schedule``: ``max_steps`` or ``num_train_epochs``, the batch and the
-    sequence length."""
+    sequence length (and ``warmup_steps``, a count or a fraction of the run, to study a warm-up)."""
     from trl import SFTConfig, SFTTrainer
 
     config = SFTConfig(
@@ -134,7 +134,6 @@ def sft_trainer(model, tokenizer, train, evaluation, lr: float, seed: int, outpu
         per_device_eval_batch_size=32,
         learning_rate=lr,
         lr_scheduler_type="linear",
-        warmup_steps=0,
         seed=seed,
         data_seed=seed,
         bf16=False,
@@ -145,7 +144,7 @@ def sft_trainer(model, tokenizer, train, evaluation, lr: float, seed: int, outpu
         logging_steps=10,
         disable_tqdm=True,
         dataloader_num_workers=0,
-        **schedule,
+        **{"warmup_steps": 0, **schedule},
     )
     return SFTTrainer(
         model=model,

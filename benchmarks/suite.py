@@ -317,9 +317,20 @@ METHODS = {
         (3e-4, 1e-3, 3e-3),
         "SpIEL-AG from the `gradient` mask",
     ),
+    "gradient_warmup": (
+        {"selection": "gradient"},
+        (1e-3, 3e-3, 1e-2),
+        "sparse, `gradient` mask, 10% warm-up",
+    ),
     "lora": ("lora", (1e-3, 3e-3, 1e-2), "LoRA r=8, alpha 16"),
+    "lora_warmup": ("lora", (1e-3, 3e-3, 1e-2), "LoRA r=8, alpha 16, 10% warm-up"),
     "full": ("full", (3e-5, 1e-4, 3e-4), "full fine-tuning"),
 }
+
+
+# the methods whose schedule is not the suite's (linear decay from the first step): LoRA's product B A starts at zero
+# and grows, a warm-up of its own that a sparse delta, moved by Adam's full step from step one, lacks
+SCHEDULES = {"gradient_warmup": {"warmup_steps": 0.1}, "lora_warmup": {"warmup_steps": 0.1}}
 
 
 def adapter(method: str, base, seed: int, salience_batches: int):
@@ -398,6 +409,7 @@ def build_run(task: Task, method: str, lr: float, seed: int, salience_batches: i
         num_train_epochs=task.epochs,
         max_steps=task.max_steps,
         max_length=LENGTH,
+        **SCHEDULES.get(method, {}),
     )
     return trainer, tokenizer, variant, trainable, train
 
