@@ -166,6 +166,21 @@ def untracked_tensors(model) -> list[str]:
     return found
 
 
+def cap_free_memory(cap: int, device: str) -> None:
+    """Make selection see a device (and, on a CPU, a host) of ``cap`` bytes in all: what it reads as free is ``cap``
+    less what the process holds now. A machine where only the bound is free, simulated on a roomy one."""
+    from peft_sparse.selection import passes, select
+
+    real = select.free_memory_bytes
+
+    def free(target) -> int | None:
+        seen = real(target)
+        capped = max(0, cap - current_memory(device))
+        return capped if seen is None else min(seen, capped)
+
+    select.free_memory_bytes = passes.free_memory_bytes = free
+
+
 def measure(args) -> dict:
     """One method alone: runtime, loaded model, (selection,) training steps. Printed as one JSON line."""
     import bitsandbytes  # noqa: F401
@@ -196,6 +211,8 @@ def measure(args) -> dict:
                 target_modules="all-linear", num_tunable_weights=budget, selection="gradient", task_type="CAUSAL_LM"
             )
         model = get_peft_model(model, config)
+    if method == "sparse" and args.free_cap is not None:
+        cap_free_memory(args.free_cap, device)
     if method == "sparse":
         batches = salience_batches(vocab, args.batch, args.seq, args.salience_batches, device)
         reset_peak(device)
@@ -216,6 +233,11 @@ def measure(args) -> dict:
             count = len(report.per_layer)
             record["selection_passes"] = math.ceil(count / (args.layers_per_pass or count))
         record["selection_batches"] = report.num_batches
+        record["selection_replay"] = {
+            "replayed": getattr(report, "replayed", False),
+            "bytes": getattr(report, "replay_bytes", 0),
+            "recordings": getattr(report, "replay_recordings", 0),
+        }
         record["selected"] = report.total
         del batches, done, report
         reset_peak(device)
@@ -248,6 +270,8 @@ def run_method(method: str, args, model_dir: str) -> dict:
         command += ["--selection-memory", str(args.selection_memory)]
     if args.layers_per_pass is not None:
         command += ["--layers-per-pass", str(args.layers_per_pass)]
+    if getattr(args, "free_cap", None) is not None and method == "sparse":
+        command += ["--free-cap", str(args.free_cap)]
     env = dict(os.environ)
     if not args.default_malloc:
         env["MALLOC_MMAP_THRESHOLD_"] = MMAP_THRESHOLD
@@ -296,7 +320,20 @@ def measured_table(results: dict) -> list[str]:
         f"{s['selection_seconds']:.0f} = {s['selection_seconds'] / step:.1f} sparse steps "
         f"({s['selection_passes']} passes x {s['selection_batches']} batches) |",
         "",
-        f"Selection: {s['selection_passes']} pass(es) over {s['selection_batches']} batches; "
+        (
+            f"Selection saw a machine of {mb(s['free_cap'])} MiB in all (`--cap-at-bound`: what it read as free was "
+            "that less what the process held). "
+            if s.get("free_cap")
+            else ""
+        )
+        + f"Selection: {s['selection_passes']} pass(es) over {s['selection_batches']} batches"
+        + (
+            f" (block replay: {s['selection_replay']['recordings']} recording round(s), boundaries "
+            f"{mb(s['selection_replay']['bytes'])} MiB at most)"
+            if s.get("selection_replay", {}).get("replayed")
+            else ""
+        )
+        + "; "
         f"`SelectionReport.extra_memory_bytes` = {mb(s['selection_report_extra'])} MiB"
         + (
             f" (budget `max_memory` = {mb(s['selection_report_budget'])} MiB)"
@@ -489,6 +526,12 @@ def main() -> None:
         action="store_true",
         help=f"CPU: leave glibc's dynamic mmap threshold (default: MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD})",
     )
+    parser.add_argument(
+        "--cap-at-bound",
+        action="store_true",
+        help="sparse: selection sees only the bound (1.05 x QLoRA's peak + 18 B per entry) as the machine's memory",
+    )
+    parser.add_argument("--free-cap", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--predict-only", action="store_true", help="print the memory model's predictions only")
     parser.add_argument("--save-records", metavar="PATH", help="also save the raw measurements as JSON")
     parser.add_argument("--records", metavar="PATH", help="report the measurements saved in PATH instead of measuring")
@@ -504,7 +547,8 @@ def main() -> None:
     flags = "".join(
         f" --{name.replace('_', '-')}" + ("" if value is True else f" {value}")
         for name, value in vars(args).items()
-        if name not in ("measure", "model_dir", "save_records", "records") and value != parser.get_default(name)
+        if name not in ("measure", "model_dir", "save_records", "records", "free_cap")
+        and value != parser.get_default(name)
     )
     lines = [HEADING, "", f"Command: `python benchmarks/memory.py{flags}`, run on {date.today().isoformat()}."]
     if not args.predict_only:
@@ -517,7 +561,12 @@ def main() -> None:
                 print(f"saving the seeded {args.layers}-layer model to {folder} ...", file=sys.stderr, flush=True)
                 seeded_llama(dict(shape, seq=args.seq), torch.bfloat16).save_pretrained(folder)
                 for method in METHODS:
+                    if method == "sparse" and args.cap_at_bound:  # the bound: QLoRA's peak and its count
+                        qlora = results["qlora"]
+                        args.free_cap = int(SLACK * qlora["step_peak"] + BYTES_PER_ENTRY * qlora["trainable"])
                     results[method] = run_method(method, args, folder)
+                    if method == "sparse" and args.free_cap is not None:
+                        results[method]["free_cap"] = args.free_cap
         if args.save_records:
             Path(args.save_records).write_text(json.dumps(results, indent=1))
         lines += [

@@ -218,10 +218,7 @@ def selection(
     # Block replay (three groups or more) runs, per batch, the recording pass and each group's decoder blocks: a block
     # shared by several groups runs once for each. It keeps, per batch, the input of each group's lowest block and
     # the gradient at its top block's output (fp32 residual stream) in host memory.
-    spans, start = [], 0
-    for group in groups:
-        spans.append((start // per_block, (start + len(group) - 1) // per_block))
-        start += len(group)
+    spans = block_spans([len(group) for group in groups], per_block)
     replayed_blocks = sum(top - low + 1 for low, top in spans)
     boundaries = len({low for low, _ in spans}) + len({top for _, top in spans})
     host_store = boundaries * batches * tokens * shape["hidden"] * 4 if len(groups) >= 3 else 0
@@ -244,6 +241,16 @@ def selection(
         "selection_steps": round(per_batch * batches),
         "selection_replay_host_bytes": host_store,
     }
+
+
+def block_spans(group_lengths: list[int], per_block: int) -> list[tuple[int, int]]:
+    """(lowest, top) decoder block of each layer group, the groups taking ``group_lengths`` layers in module order
+    and every block ``per_block`` of them: the blocks block replay runs for each group."""
+    spans, start = [], 0
+    for length in group_lengths:
+        spans.append((start // per_block, (start + length - 1) // per_block))
+        start += length
+    return spans
 
 
 def one_pass_selection(shape: dict, k: int, pass_activations: int) -> int:
