@@ -284,7 +284,7 @@ METHODS = {
     "gradient": (
         {"selection": "gradient"},
         (3e-4, 1e-3, 3e-3),
-        "sparse, `gradient` mask (SPEFT; the default)",
+        "sparse, `gradient` mask (SPEFT)",
     ),
     "sqrt_relative": (
         {"selection": "gradient", "score_variant": "sqrt_row_col"},
@@ -489,13 +489,32 @@ def method_sweep(store: Store, method: str, compute: bool = True) -> tuple[list[
     return sweep(METHODS[method][1], lambda lr: store.get(method, lr, 0, compute), store.task.select)
 
 
+def parse_method(token: str) -> tuple[str, int | None]:
+    """``"gradient@16"``: the method and the salience batches its masks are scored over (None: the suite's own)."""
+    name, _, batches = token.partition("@")
+    if name not in METHODS or (batches and not batches.isdigit()):
+        raise argparse.ArgumentTypeError(f"{token!r}: a method of {sorted(METHODS)}, optionally @<salience batches>")
+    return name, int(batches) if batches else None
+
+
+def method_store(name: str, token: str, salience_batches: int) -> tuple[Store, str, str]:
+    """(the task's records for ``token``, its method, its label): ``token`` is a method, or ``method@batches``."""
+    from peft_sparse import SparseConfig
+
+    method, batches = parse_method(token)
+    label = METHODS[method][2] + (f", {batches} salience batches" if batches else "")
+    if method == "gradient" and (batches or salience_batches) == SparseConfig.salience_batches:
+        label += " (the default)"
+    return Store(TASKS[name], batches or salience_batches), method, label
+
+
 def run_suite(tasks: list[str], methods: list[str], salience_batches: int, rate: float | None = None) -> None:
     """Each method's rate sweep at seed 0, then the seeds at its best rate (``rate``: no sweep, the seeds at it: a
     study of another setting, e.g. ``salience_batches``, at a rate the sweep found for the suite's own)."""
     for name in tasks:
-        store = Store(TASKS[name], salience_batches)
-        store.get("none", 0.0, 0)
-        for method in methods:
+        Store(TASKS[name], salience_batches).get("none", 0.0, 0)
+        for token in methods:
+            store, method, _ = method_store(name, token, salience_batches)
             best = rate if rate is not None else method_sweep(store, method)[1]
             for seed in SEEDS:
                 store.get(method, best, seed)
@@ -517,7 +536,7 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
         "TRL SFTTrainer with SparseTrainingCallback, AdamW, linear decay, no warm-up, 64 tokens. Rate: best of the "
         "grid at seed 0 on the selection score (validation loss; for `facts` and `memorise` the fit), then seeds 0-2 "
         f"at it; mean ± standard deviation over seeds. Sparse masks: per-layer (local) budget, salience over "
-        f"{salience_batches} batches.",
+        f"{salience_batches} batches unless the row names another count.",
         "",
     ]
     for name in tasks:
@@ -525,7 +544,7 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
         store = Store(task, salience_batches)
         untrained = store.get("none", 0.0, 0, compute=False)
         columns = task.report
-        if not any(record["method"] in methods for record in store.records):
+        if not any(record["method"] in {parse_method(t)[0] for t in methods} for record in store.records):
             lines += [f"### `{name}` ({task.role}: {task.kind})", "", "Not run yet.", ""]
             continue
         lines += [
@@ -544,7 +563,8 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
                 + " | ".join(mean_std([untrained[c]], percent=c == "recall").replace(" (1 seed)", "") for c in columns)
                 + " | | |"
             )
-        for method in methods:
+        for token in methods:
+            store, method, label = method_store(name, token, salience_batches)
             grid, best = method_sweep(store, method, compute=False)
             sweep_text = ", ".join(
                 f"{lr:g}: {score(store.find(method, lr, 0), task.select):.3f}"
@@ -559,7 +579,7 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
             note = "" if best else " (sweep incomplete)"
             time_text = f"{statistics.median(r['seconds'] for r in runs):.0f} s" if runs else ""
             lines.append(
-                f"| {METHODS[method][2]}{note} | {best or ''} ({sweep_text}) | "
+                f"| {label}{note} | {best or ''} ({sweep_text}) | "
                 + " | ".join(cells)
                 + f" | {per_seed} | {time_text} |"
             )
@@ -586,15 +606,15 @@ def gap_table(tasks: list[str], methods: list[str], salience_batches: int) -> li
         "| method | " + " | ".join(f"`{name}` ({TASKS[name].role})" for name in columns) + " | worst tuning gap |",
         "|---|" + "---|" * (len(columns) + 1),
     ]
-    for method in methods:
-        if method == "lora":
+    for token in methods:
+        if token == "lora":
             continue
         cells, tuning = [], []
         for name in columns:
             task = TASKS[name]
-            store = Store(task, salience_batches)
+            store, method, _ = method_store(name, token, salience_batches)
             key = task.report[0]
-            ours, lora = seed_results(store, method), seed_results(store, "lora")
+            ours, lora = seed_results(store, method), seed_results(Store(task, salience_batches), "lora")
             if len(ours) < len(SEEDS) or len(lora) < len(SEEDS):
                 cells.append("")
                 continue
@@ -606,7 +626,9 @@ def gap_table(tasks: list[str], methods: list[str], salience_batches: int) -> li
                 tuning.append(gap)
         complete = len(tuning) == sum(TASKS[name].role == "tuning" for name in columns)
         worst = f"{max(tuning):+.3f}" if tuning and complete else ""
-        lines.append(f"| {METHODS[method][2]} | " + " | ".join(cells) + f" | {worst} |")
+        lines.append(
+            f"| {method_store(columns[0], token, salience_batches)[2]} | " + " | ".join(cells) + f" | {worst} |"
+        )
     return lines + [""]
 
 
@@ -615,7 +637,11 @@ def main() -> None:
     parser.add_argument("what", choices=("run", "table"))
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=tuple(TASKS))
     parser.add_argument(
-        "--methods", nargs="+", default=["lora", "relative", "random", "gradient"], choices=tuple(METHODS)
+        "--methods",
+        nargs="+",
+        default=["lora", "relative", "random", "gradient"],
+        type=lambda token: parse_method(token) and token,
+        help=f"of {', '.join(METHODS)}; METHOD@N: its masks scored over N salience batches",
     )
     parser.add_argument("--salience-batches", type=int, default=4, help="batches of the salience pass")
     parser.add_argument(

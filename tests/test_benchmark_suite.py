@@ -3,6 +3,7 @@ data splits (on the Debian data packages CI installs: fortunes-de, -it, -br, -mi
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -123,3 +124,14 @@ def test_the_adam_gain_score_discounts_gradients_that_change_sign():
     assert not salience.METRICS["gradient"].needs_grad_square  # restored on exit
     assert torch.allclose(score, torch.tensor([[2.0, 1.0, 0.5]]))  # G^2 / sqrt(sum g_b^2)
     assert score[0, 1] < score[0, 0]  # |G| ties them
+
+
+def test_a_method_may_name_its_salience_batches_and_bad_names_are_refused():
+    assert suite.parse_method("gradient") == ("gradient", None)
+    assert suite.parse_method("gradient@16") == ("gradient", 16)
+    for bad in ("gradiant", "gradient@x", "gradient@-1", "@16"):
+        with pytest.raises(argparse.ArgumentTypeError, match="a method of"):
+            suite.parse_method(bad)
+    store, method, label = suite.method_store("quotes_de", "gradient@16", 4)
+    assert (store.salience_batches, method) == (16, "gradient") and label.endswith("16 salience batches (the default)")
+    assert suite.method_store("quotes_de", "gradient", 4)[0].salience_batches == 4
