@@ -151,13 +151,14 @@ def _selection_constants(accumulation_dtype: torch.dtype = torch.float32) -> tup
         return 12, 16, 0, 0
 
 
-def _free_memory_share() -> float:
+def _free_memory_share() -> tuple[float, float | None]:
+    """select_mask's share of the free memory for one pass, and its margin where memory is tight (None: a
+    select_mask that took the share there too)."""
     try:
         from peft_sparse.selection import select
-
-        return select.FREE_MEMORY_SHARE
-    except (ImportError, AttributeError):  # a select_mask before budgets came from free memory
-        return 0.0
+    except ImportError:
+        return 0.0, None
+    return getattr(select, "FREE_MEMORY_SHARE", 0.0), getattr(select, "TIGHT_MEMORY_MARGIN", None)
 
 
 def selection(
@@ -189,7 +190,9 @@ def selection(
     replayed block), which fills every trainable value's ``.grad`` (4 B per entry) before they are put back.
 
     ``free``: the bytes the device has free when selection starts; the default budget is then select_mask's: one
-    pass where ``FREE_MEMORY_SHARE`` of it holds every accumulator, else that share, never below the floor above.
+    pass where ``FREE_MEMORY_SHARE`` of it holds every accumulator, else what is free less ``TIGHT_MEMORY_MARGIN`` of
+    it and a salience batch's forward and backward (which select_mask measures: here ``pass_activations`` and the
+    values' gradients), never below the floor above.
     ``accumulation_dtype``: the accumulators' dtype, ``SparseConfig.selection_accumulation_dtype`` (bf16: 2 B per
     weight, and scoring converts one layer's accumulator to float32)."""
     reserve_per_entry, state_per_entry, least_room, scoring = _selection_constants(accumulation_dtype)
@@ -204,7 +207,11 @@ def selection(
         budget = max(reserve + (acc + scoring) * max(sizes), reserve + max(state_per_entry * k, least_room))
         if free is not None:
             one_pass = reserve + acc * sum(sizes) + scoring * max(sizes)
-            budget = max(budget, min(one_pass, int(_free_memory_share() * free)))
+            share, margin = _free_memory_share()
+            if one_pass <= share * free or margin is None:
+                budget = max(budget, min(one_pass, int(share * free)))
+            else:  # tight: what is free less a salience batch's forward and backward (and the values' gradients)
+                budget = max(budget, min(one_pass, int((1 - margin) * free) - pass_activations - 4 * k))
     groups, start = [], 0
     while start < len(sizes):
         end = start + 1

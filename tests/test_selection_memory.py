@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
@@ -339,6 +340,50 @@ def test_where_memory_is_tight_the_default_splits_and_says_what_it_costs(monkeyp
     assert select_mask(_model(selection="gradient", selection_max_memory=needed), _batches()).passes == 1
     assert not caplog.records  # a budget the user chose is not second-guessed
     assert all(torch.equal(_selected(expected)[n], _selected(model)[n]) for n in _selected(expected))
+
+
+def test_where_memory_is_tight_the_budget_is_what_is_free_less_a_measured_pass(monkeypatch):
+    """One pass does not fit half of what is free: a salience batch's forward and backward are measured first (one
+    batch more), and the budget is what is free less that and a margin (not half of it), the same mask."""
+    from peft_sparse.selection import select
+
+    monkeypatch.setattr(select, "MIN_DEFAULT_ACCUMULATOR_BYTES", 1)  # a floor below one pass of this tiny model
+    exact = _model(selection="gradient")
+    _free_memory(monkeypatch, 2**40)
+    one_pass = select_mask(exact, _batches()).max_memory  # roomy: what one pass needs
+    _free_memory(monkeypatch, one_pass)
+    measured = []
+    monkeypatch.setattr(select, "pass_memory_bytes", lambda *args: measured.append(args) or one_pass // 5)
+    model = _model(selection="gradient")
+    report = select_mask(model, _batches())
+    assert len(measured) == 1 and report.pass_memory_bytes == one_pass // 5
+    assert report.max_memory == int((1 - select.TIGHT_MEMORY_MARGIN) * one_pass) - one_pass // 5
+    rounds = report.replay_recordings + 1 if report.replayed else report.passes
+    assert report.passes > 1 and report.forward_backward_passes == rounds * 2 + 1  # two batches, and the measured one
+    assert all(torch.equal(_selected(exact)[n], _selected(model)[n]) for n in _selected(exact))
+    # where one pass fits half of what is free nothing is measured
+    _free_memory(monkeypatch, 4 * one_pass)
+    assert select_mask(_model(selection="gradient"), _batches()).pass_memory_bytes is None and len(measured) == 1
+
+
+def test_a_pass_measures_what_its_forward_and_backward_hold_and_leaves_the_gradients():
+    """``pass_memory_bytes`` on a CPU: a loss that holds 64 MiB at once is measured at about that much; every
+    parameter's ``.grad`` is as it was."""
+    from peft_sparse.selection.passes import pass_memory_bytes
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("the resident set is read from /proc (Linux)")
+
+    def heavy_loss(outputs, batch):
+        held = torch.ones(16 * 2**20)  # 64 MiB, above any malloc threshold: fresh pages
+        return outputs.logits.float().mean() + 0 * held[0]
+
+    model = _model(selection="gradient")
+    layers = sparse_layers(model.base_model, "default")
+    before = {name: p.grad for name, p in model.named_parameters()}
+    measured = pass_memory_bytes(model, layers, "default", _batches()[0], heavy_loss)
+    assert measured is not None and measured >= 60 * 2**20  # the resident set moves by a page here and there
+    assert all(p.grad is before[name] for name, p in model.named_parameters())
 
 
 def test_bfloat16_accumulators_halve_the_memory_and_the_passes_and_keep_the_mask_close():

@@ -15,9 +15,16 @@ import torch
 from tqdm.auto import tqdm
 
 from .._distributed import world_size
-from .._memory import free_memory_bytes
+from .._memory import free_memory_bytes, peak_memory_bytes, process_status_kib, reset_peak_memory
 from ..tuner.indices import layer_seed
-from .backward import CUT_FROM_GRAPH, backward_stops_below, effective_weight, probe_backward, salience_loss
+from .backward import (
+    CUT_FROM_GRAPH,
+    backward_stops_below,
+    effective_weight,
+    probe_backward,
+    restore_gradients,
+    salience_loss,
+)
 from .replay import NotReplayable, record_boundaries, replay_group
 from .salience import GradientProbe
 from .synflow import synflow_statistics
@@ -317,6 +324,29 @@ def layer_scores(
             yield position, score
             del score
         plan.peak_bytes = max(plan.peak_bytes, held_elsewhere())
+
+
+def pass_memory_bytes(model, layers, adapter_name, batch, loss_fn) -> int | None:
+    """The memory one salience batch's forward and backward add on the layers' device, without probes: activations,
+    the loss and the values' gradients, as measured on ``batch``. On a GPU the allocator's peak since its last reset
+    less what was allocated before (not reset here: an earlier, higher peak makes this an over-estimate, the safe
+    side); on a CPU the resident set's peak, restarted first (:func:`~peft_sparse._memory.reset_peak_memory`).
+    None on other devices."""
+    device = layers[0][1].sparse_values[adapter_name].device
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+    elif device.type == "cpu" and process_status_kib("VmRSS") is not None:
+        before = process_status_kib("VmRSS") * 1024
+        reset_peak_memory("cpu")
+    else:
+        return None
+    with _values_require_grad(layers, adapter_name):
+        loss = salience_loss(model, batch, device, loss_fn, 0)
+        with restore_gradients(model):
+            loss.backward()
+        del loss
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else peak_memory_bytes("cpu")
+    return None if peak is None else max(0, peak - before)
 
 
 def _replay_host_limit(layers, adapter_name, metric, accumulation_dtype, plan: ScoringPlan) -> int | None:

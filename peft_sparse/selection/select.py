@@ -18,7 +18,15 @@ from ..tuner.config import SparseConfig
 from ..tuner.indices import index_dtype, layer_seed
 from ..tuner.layer import SparseLayer
 from ..tuner.lookup import resolve_adapter, sparse_layers
-from .passes import MIN_REPLAYED_GROUPS, layer_scores, one_pass_budget, plan_groups, salience_batches, smallest_budget
+from .passes import (
+    MIN_REPLAYED_GROUPS,
+    layer_scores,
+    one_pass_budget,
+    pass_memory_bytes,
+    plan_groups,
+    salience_batches,
+    smallest_budget,
+)
 from .reassign import move_entries, reassign_entries
 from .salience import METRICS
 from .topk import RunningTopK, select_top_k
@@ -46,6 +54,9 @@ class SelectionReport:
     replay_bytes: int = 0
     # replay's recording passes: one, or a round each where host memory held only some groups' boundaries at a time
     replay_recordings: int = 0
+    # where memory was tight and the budget came from it: a salience batch's forward and backward, measured on one
+    # more batch before the passes (None: not measured)
+    pass_memory_bytes: int | None = None
 
     @property
     def total(self) -> int:
@@ -55,9 +66,11 @@ class SelectionReport:
     def forward_backward_passes(self) -> int:
         """Whole-model forward and backward passes over a salience batch: ``passes x num_batches``, or where the
         groups were replayed ``(recordings + 1) x num_batches`` (the recording passes, and the groups' replays,
-        which run every block once between them where no block is split between groups): selection's cost in
-        training-step equivalents, when the salience batches are the size of a training batch."""
-        return (self.replay_recordings + 1 if self.replayed else self.passes) * self.num_batches
+        which run every block once between them where no block is split between groups), and one more where memory
+        was tight and a batch's forward and backward were measured first: selection's cost in training-step
+        equivalents, when the salience batches are the size of a training batch."""
+        probed = self.pass_memory_bytes is not None
+        return (self.replay_recordings + 1 if self.replayed else self.passes) * self.num_batches + probed
 
     def log_entries(self, prefix: str) -> dict[str, float]:
         """What the training callback logs of this selection or update, under ``prefix`` (``"selection"`` or
@@ -194,17 +207,28 @@ MIN_DEFAULT_ACCUMULATOR_BYTES = 64 * 2**20
 # rest stays for the salience passes' own forward and backward (about a training step's activations), the allocator's
 # slack and whatever else runs.
 FREE_MEMORY_SHARE = 0.5
+# Where one pass does not fit that share, the budget is what is free less a salience batch's measured forward and
+# backward (:func:`~.passes.pass_memory_bytes`) and this share of the free memory, kept for the allocator's slack.
+TIGHT_MEMORY_MARGIN = 0.1
 
 
 def default_max_memory(
-    layers, metric, accumulation_dtype: torch.dtype, counts: list[int], one_top_k: bool, free_bytes: int | None = None
+    layers,
+    metric,
+    accumulation_dtype: torch.dtype,
+    counts: list[int],
+    one_top_k: bool,
+    free_bytes: int | None = None,
+    pass_bytes: int | None = None,
 ) -> int:
     """The budget selection gets when none is given. One pass over the salience batches wherever
-    ``FREE_MEMORY_SHARE`` of ``free_bytes`` (what the device has free) holds every layer's accumulators; otherwise as
-    much of that share as there is, but never less than the floor: the candidate set plus room for accumulators as
-    large as what training adds per entry (``TRAINING_STATE_BYTES_PER_ENTRY``: gradient and AdamW moments, at least
-    ``MIN_DEFAULT_ACCUMULATOR_BYTES``), and the smallest workable budget (the largest layer; GRaSP: every layer at
-    once). ``free_bytes=None`` (unknown) gives the floor."""
+    ``FREE_MEMORY_SHARE`` of ``free_bytes`` (what the device has free) holds every layer's accumulators. Otherwise
+    (memory is tight) what is free less ``pass_bytes`` (a salience batch's forward and backward, measured) and
+    ``TIGHT_MEMORY_MARGIN`` of it, or where that was not measured ``FREE_MEMORY_SHARE`` of it; never less than the
+    floor: the candidate set plus room for accumulators as large as what training adds per entry
+    (``TRAINING_STATE_BYTES_PER_ENTRY``: gradient and AdamW moments, at least ``MIN_DEFAULT_ACCUMULATOR_BYTES``), and
+    the smallest workable budget (the largest layer; GRaSP: every layer at once). ``free_bytes=None`` (unknown)
+    gives the floor."""
     candidates = _candidate_bytes(counts, one_top_k)
     smallest = smallest_budget(layers, metric, accumulation_dtype, candidates)
     room = max(TRAINING_STATE_BYTES_PER_ENTRY * sum(counts), MIN_DEFAULT_ACCUMULATOR_BYTES)
@@ -212,7 +236,23 @@ def default_max_memory(
     if free_bytes is None:
         return floor
     one_pass = one_pass_budget(layers, metric, accumulation_dtype, candidates)
-    return max(floor, min(one_pass, int(FREE_MEMORY_SHARE * free_bytes)))
+    if one_pass <= FREE_MEMORY_SHARE * free_bytes or pass_bytes is None:
+        return max(floor, min(one_pass, int(FREE_MEMORY_SHARE * free_bytes)))
+    return max(floor, min(one_pass, int((1 - TIGHT_MEMORY_MARGIN) * free_bytes) - pass_bytes))
+
+
+def _pass_bytes(model, layers, adapter_name, batches, loss_fn) -> int | None:
+    """A salience batch's measured forward and backward (:func:`~.passes.pass_memory_bytes`), the most over ranks
+    under torch.distributed (every rank must plan the same groups); None where any rank cannot tell."""
+    measured = pass_memory_bytes(model, layers, adapter_name, batches[0], loss_fn)
+    if world_size() > 1:
+        device = layers[0][1].sparse_values[adapter_name].device
+        most = torch.tensor([-1 if measured is None else measured], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        flags = torch.tensor([int(measured is None)], dtype=torch.int64, device=device)
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        measured = None if flags.item() else int(most.item())
+    return measured
 
 
 def _free_bytes(layers, adapter_name: str) -> int | None:
@@ -269,7 +309,15 @@ def _choose(
     free = None
     if max_memory is None:
         free = _free_bytes(layers, adapter_name) if metric.needs_data else None
-        max_memory = default_max_memory(layers, metric, dtype, counts, one_top_k, free)
+        candidates = _candidate_bytes(counts, one_top_k)
+        if (
+            free is not None
+            and batches
+            and one_pass_budget(layers, metric, dtype, candidates) > FREE_MEMORY_SHARE * free
+        ):
+            # memory is tight: measure what a salience batch's forward and backward take (one batch more)
+            report.pass_memory_bytes = _pass_bytes(model, layers, adapter_name, batches, passes.loss_fn)
+        max_memory = default_max_memory(layers, metric, dtype, counts, one_top_k, free, report.pass_memory_bytes)
     elif isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory <= 0:
         raise ValueError(f"{caller}: max_memory must be a positive int (bytes) or None, got {max_memory!r}")
     candidates = _candidate_bytes(counts, one_top_k)

@@ -109,8 +109,9 @@ class SparseConfig(PeftConfig):
             groups that fit, one pass over the salience batches per group; the chosen mask does not depend on it.
             ``None`` (default): one pass wherever half of the memory the device has free (``MemAvailable`` on a CPU,
             ``torch.cuda.mem_get_info`` on a GPU; the least over ranks) holds every layer's accumulators; where it
-            does not, as much as that half, but never less than the candidates plus 12 bytes per entry (what
-            training adds), at least 64 MiB, and the largest layer, and a warning says how many passes that costs and
+            does not, what is free less a salience batch's forward and backward (measured on one batch) and a tenth,
+            but never less than the candidates plus 12 bytes per entry (what training adds), at least 64 MiB, and
+            the largest layer, and a warning says how many passes that costs and
             which value gives one pass (see :func:`peft_sparse.selection.select.default_max_memory`). A value too
             small for the largest layer is refused at selection, naming the smallest workable one.
         selection_accumulation_dtype (`str`):
