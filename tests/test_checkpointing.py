@@ -23,7 +23,7 @@ import warnings
 import pytest
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
-from tiny_models import llama_of_width, make_batch, quantised_tiny_llama, tiny_llama
+from tiny_models import count_block_forwards, llama_of_width, make_batch, quantised_tiny_llama, tiny_llama
 from trainer_helpers import make_trainer, sparse_log, sparse_model, sparse_state
 
 from peft_sparse import SparseConfig, SpIEL, select_mask, update_mask
@@ -161,12 +161,7 @@ def test_layer_groups_choose_the_same_mask_for_about_two_passes(four_block_mask,
     twice per batch (and is replayed twice by the checkpoint). Before, each group took a whole pass: every block ran
     four forwards per batch here, and under reentrant checkpointing four checkpoint replays too."""
     model = four_block_llama(mode)
-    blocks = model.get_base_model().model.layers
-    calls = [0] * len(blocks)
-    for index, block in enumerate(blocks):
-        block.mlp.register_forward_pre_hook(
-            lambda module, args, index=index: calls.__setitem__(index, calls[index] + 1)
-        )
+    calls = count_block_forwards(model)
     data = batches()
     report = select_mask(model, data, layers_per_pass=7)
     assert_same_masks(masks(model), four_block_mask)
@@ -188,12 +183,7 @@ def test_groups_are_recorded_in_rounds_where_host_memory_is_short(four_block_mas
     per_group = roomy.replay_bytes // 4  # one block each: its input, its output's gradient, the first batch's output
     monkeypatch.setattr(passes, "_replay_host_limit", lambda *args: 2 * per_group + per_group // 2)
     model = four_block_llama(mode)
-    blocks = model.get_base_model().model.layers
-    calls = [0] * len(blocks)
-    for index, block in enumerate(blocks):
-        block.mlp.register_forward_pre_hook(
-            lambda module, args, index=index: calls.__setitem__(index, calls[index] + 1)
-        )
+    calls = count_block_forwards(model)
     data = batches()
     report = select_mask(model, data, layers_per_pass=7)
     assert_same_masks(masks(model), four_block_mask)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import get_peft_model
-from tiny_models import llama_of_width
+from tiny_models import count_block_forwards, llama_of_width
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import memory_model
@@ -35,9 +35,7 @@ def test_the_model_counts_the_blocks_replay_runs(layers_per_pass):
         llama_of_width(32, 48, num_hidden_layers=4).train(),
         SparseConfig(target_modules="all-linear", density=0.05, selection="gradient"),
     )
-    calls = [0] * 4
-    for index, block in enumerate(model.get_base_model().model.layers):
-        block.mlp.register_forward_pre_hook(lambda module, args, i=index: calls.__setitem__(i, calls[i] + 1))
+    calls = count_block_forwards(model)
     torch.manual_seed(0)
     batches = [{"input_ids": (ids := torch.randint(0, 64, (2, 8))), "labels": ids} for _ in range(2)]
     report = select_mask(model, batches, layers_per_pass=layers_per_pass)

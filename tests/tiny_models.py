@@ -107,6 +107,16 @@ MODEL_FAMILIES = {
 }
 
 
+def count_block_forwards(model) -> list[int]:
+    """A counter per decoder block of a (peft-wrapped) Llama, bumped at every forward of the block's MLP: how often
+    selection ran each block (checkpoint replays included)."""
+    blocks = model.get_base_model().model.layers
+    calls = [0] * len(blocks)
+    for index, block in enumerate(blocks):
+        block.mlp.register_forward_pre_hook(lambda module, args, i=index: calls.__setitem__(i, calls[i] + 1))
+    return calls
+
+
 def make_batch(seed: int = 0, batch: int = 2, length: int = 9) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, VOCAB, (batch, length), generator=generator)
