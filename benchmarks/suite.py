@@ -573,10 +573,12 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
             )
             if not sweep_text:
                 continue
+            note = "" if best else " (sweep incomplete)"
+            if best is None and (studied := study_rate(store, method)) is not None:
+                best, note = studied, f" (not swept: every seed at {studied:g})"
             runs = [r for r in (store.find(method, best, s) for s in SEEDS) if r is not None] if best else []
             cells = [mean_std([r[c] for r in runs], percent=c == "recall") for c in columns]
             per_seed = ", ".join(f"{r[columns[0]]:.3f}" for r in runs)
-            note = "" if best else " (sweep incomplete)"
             time_text = f"{statistics.median(r['seconds'] for r in runs):.0f} s" if runs else ""
             lines.append(
                 f"| {label}{note} | {best or ''} ({sweep_text}) | "
@@ -587,9 +589,19 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
     return "\n".join(lines + gap_table(tasks, methods, salience_batches))
 
 
+def study_rate(store: Store, method: str) -> float | None:
+    """Where ``method``'s sweep is incomplete, the rate at which all seeds ran (a ``run --rate`` study), if any."""
+    rates = {r["lr"] for r in store.records if r["method"] == method}
+    studied = [lr for lr in sorted(rates) if all(store.find(method, lr, seed) for seed in SEEDS)]
+    return studied[0] if len(studied) == 1 else None
+
+
 def seed_results(store: Store, method: str) -> list[dict]:
-    """The runs of ``method`` at its best rate, seeds 0-2 as far as they are recorded ([] before the sweep ends)."""
+    """The runs of ``method`` at its best rate, seeds 0-2 as far as they are recorded; where the sweep is incomplete,
+    the seeds of a ``run --rate`` study ([] where there is neither)."""
     _, best = method_sweep(store, method, compute=False)
+    if best is None:
+        best = study_rate(store, method)
     if best is None:
         return []
     return [r for r in (store.find(method, best, seed) for seed in SEEDS) if r is not None]
@@ -609,12 +621,13 @@ def gap_table(tasks: list[str], methods: list[str], salience_batches: int) -> li
     for token in methods:
         if token == "lora":
             continue
-        cells, tuning = [], []
+        cells, tuning, studied = [], [], False
         for name in columns:
             task = TASKS[name]
             store, method, _ = method_store(name, token, salience_batches)
             key = task.report[0]
             ours, lora = seed_results(store, method), seed_results(Store(task, salience_batches), "lora")
+            studied |= bool(ours) and method_sweep(store, method, compute=False)[1] is None
             if len(ours) < len(SEEDS) or len(lora) < len(SEEDS):
                 cells.append("")
                 continue
@@ -626,9 +639,8 @@ def gap_table(tasks: list[str], methods: list[str], salience_batches: int) -> li
                 tuning.append(gap)
         complete = len(tuning) == sum(TASKS[name].role == "tuning" for name in columns)
         worst = f"{max(tuning):+.3f}" if tuning and complete else ""
-        lines.append(
-            f"| {method_store(columns[0], token, salience_batches)[2]} | " + " | ".join(cells) + f" | {worst} |"
-        )
+        label = method_store(columns[0], token, salience_batches)[2] + (" (rate not swept)" if studied else "")
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {worst} |")
     return lines + [""]
 
 

@@ -135,3 +135,18 @@ def test_a_method_may_name_its_salience_batches_and_bad_names_are_refused():
     store, method, label = suite.method_store("quotes_de", "gradient@16", 4)
     assert (store.salience_batches, method) == (16, "gradient") and label.endswith("16 salience batches (the default)")
     assert suite.method_store("quotes_de", "gradient", 4)[0].salience_batches == 4
+
+
+def test_a_rate_study_is_reported_at_its_rate_and_an_unfinished_one_not_at_all():
+    class Records(suite.Store):
+        def __init__(self, records):
+            self.task, self.salience_batches, self.records = suite.TASKS["quotes_de"], 16, records
+
+    study = [
+        {"method": "gradient", "lr": 1e-3, "seed": s, "salience_batches": 16, "validation_loss": 3.0}
+        for s in (0, 1, 2)
+    ]
+    assert suite.study_rate(Records(study), "gradient") == 1e-3
+    assert [r["seed"] for r in suite.seed_results(Records(study), "gradient")] == [0, 1, 2]
+    assert suite.study_rate(Records(study[:2]), "gradient") is None
+    assert suite.seed_results(Records(study[:2]), "gradient") == []
