@@ -270,7 +270,7 @@ def run_method(method: str, args, model_dir: str) -> dict:
         command += ["--selection-memory", str(args.selection_memory)]
     if args.layers_per_pass is not None:
         command += ["--layers-per-pass", str(args.layers_per_pass)]
-    if getattr(args, "free_cap", None) is not None and method == "sparse":
+    if args.free_cap is not None and method == "sparse":
         command += ["--free-cap", str(args.free_cap)]
     env = dict(os.environ)
     if not args.default_malloc:

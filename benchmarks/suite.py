@@ -565,7 +565,7 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
             )
         for token in methods:
             store, method, label = method_store(name, token, salience_batches)
-            grid, best = method_sweep(store, method, compute=False)
+            grid, _ = method_sweep(store, method, compute=False)
             sweep_text = ", ".join(
                 f"{lr:g}: {score(store.find(method, lr, 0), task.select):.3f}"
                 for lr in grid
@@ -573,10 +573,9 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
             )
             if not sweep_text:
                 continue
-            note = "" if best else " (sweep incomplete)"
-            if best is None and (studied := study_rate(store, method)) is not None:
-                best, note = studied, f" (not swept: every seed at {studied:g})"
-            runs = [r for r in (store.find(method, best, s) for s in SEEDS) if r is not None] if best else []
+            best, studied = seed_rate(store, method)
+            note = f" (not swept: every seed at {best:g})" if studied else "" if best else " (sweep incomplete)"
+            runs = seed_results(store, method)
             cells = [mean_std([r[c] for r in runs], percent=c == "recall") for c in columns]
             per_seed = ", ".join(f"{r[columns[0]]:.3f}" for r in runs)
             time_text = f"{statistics.median(r['seconds'] for r in runs):.0f} s" if runs else ""
@@ -596,12 +595,19 @@ def study_rate(store: Store, method: str) -> float | None:
     return studied[0] if len(studied) == 1 else None
 
 
-def seed_results(store: Store, method: str) -> list[dict]:
-    """The runs of ``method`` at its best rate, seeds 0-2 as far as they are recorded; where the sweep is incomplete,
-    the seeds of a ``run --rate`` study ([] where there is neither)."""
+def seed_rate(store: Store, method: str) -> tuple[float | None, bool]:
+    """(the rate ``method``'s seeds ran at, whether it was a study's): the sweep's best, or where the sweep is
+    incomplete the rate of a ``run --rate`` study (None where there is neither)."""
     _, best = method_sweep(store, method, compute=False)
-    if best is None:
-        best = study_rate(store, method)
+    if best is not None:
+        return best, False
+    studied = study_rate(store, method)
+    return studied, studied is not None
+
+
+def seed_results(store: Store, method: str) -> list[dict]:
+    """The runs of ``method`` at :func:`seed_rate`, seeds 0-2 as far as they are recorded ([] where it has none)."""
+    best, _ = seed_rate(store, method)
     if best is None:
         return []
     return [r for r in (store.find(method, best, seed) for seed in SEEDS) if r is not None]
@@ -624,10 +630,10 @@ def gap_table(tasks: list[str], methods: list[str], salience_batches: int) -> li
         cells, tuning, studied = [], [], False
         for name in columns:
             task = TASKS[name]
-            store, method, _ = method_store(name, token, salience_batches)
+            store, method, label = method_store(name, token, salience_batches)
             key = task.report[0]
             ours, lora = seed_results(store, method), seed_results(Store(task, salience_batches), "lora")
-            studied |= bool(ours) and method_sweep(store, method, compute=False)[1] is None
+            studied |= bool(ours) and seed_rate(store, method)[1]
             if len(ours) < len(SEEDS) or len(lora) < len(SEEDS):
                 cells.append("")
                 continue
@@ -639,8 +645,7 @@ def gap_table(tasks: list[str], methods: list[str], salience_batches: int) -> li
                 tuning.append(gap)
         complete = len(tuning) == sum(TASKS[name].role == "tuning" for name in columns)
         worst = f"{max(tuning):+.3f}" if tuning and complete else ""
-        label = method_store(columns[0], token, salience_batches)[2] + (" (rate not swept)" if studied else "")
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {worst} |")
+        lines.append(f"| {label}{' (rate not swept)' if studied else ''} | " + " | ".join(cells) + f" | {worst} |")
     return lines + [""]
 
 

@@ -333,10 +333,11 @@ def pass_memory_bytes(model, layers, adapter_name, batch, loss_fn) -> int | None
     side); on a CPU the resident set's peak, restarted first (:func:`~peft_sparse._memory.reset_peak_memory`).
     None on other devices."""
     device = layers[0][1].sparse_values[adapter_name].device
+    resident = process_status_kib("VmRSS") if device.type == "cpu" else None
     if device.type == "cuda":
         before = torch.cuda.memory_allocated(device)
-    elif device.type == "cpu" and process_status_kib("VmRSS") is not None:
-        before = process_status_kib("VmRSS") * 1024
+    elif resident is not None:
+        before = resident * 1024
         reset_peak_memory("cpu")
     else:
         return None

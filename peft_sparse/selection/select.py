@@ -236,9 +236,14 @@ def default_max_memory(
     if free_bytes is None:
         return floor
     one_pass = one_pass_budget(layers, metric, accumulation_dtype, candidates)
-    if one_pass <= FREE_MEMORY_SHARE * free_bytes or pass_bytes is None:
+    if not _memory_is_tight(one_pass, free_bytes) or pass_bytes is None:
         return max(floor, min(one_pass, int(FREE_MEMORY_SHARE * free_bytes)))
     return max(floor, min(one_pass, int((1 - TIGHT_MEMORY_MARGIN) * free_bytes) - pass_bytes))
+
+
+def _memory_is_tight(one_pass: int, free_bytes: int) -> bool:
+    """One pass's budget does not fit ``FREE_MEMORY_SHARE`` of what is free."""
+    return one_pass > FREE_MEMORY_SHARE * free_bytes
 
 
 def _pass_bytes(model, layers, adapter_name, batches, loss_fn) -> int | None:
@@ -247,11 +252,10 @@ def _pass_bytes(model, layers, adapter_name, batches, loss_fn) -> int | None:
     measured = pass_memory_bytes(model, layers, adapter_name, batches[0], loss_fn)
     if world_size() > 1:
         device = layers[0][1].sparse_values[adapter_name].device
-        most = torch.tensor([-1 if measured is None else measured], dtype=torch.int64, device=device)
+        # one reduction: the most measured, and whether any rank could not measure
+        most = torch.tensor([-1 if measured is None else measured, measured is None], dtype=torch.int64, device=device)
         torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
-        flags = torch.tensor([int(measured is None)], dtype=torch.int64, device=device)
-        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        measured = None if flags.item() else int(most.item())
+        measured = None if most[1].item() else int(most[0].item())
     return measured
 
 
@@ -306,25 +310,20 @@ def _choose(
     batches = salience_batches(passes.data, passes.num_batches, config, metric, caller)
     dtype = passes.accumulation_dtype or config.torch_selection_accumulation_dtype
     max_memory = config.selection_max_memory if passes.max_memory is None else passes.max_memory
+    candidates = _candidate_bytes(counts, one_top_k)
+    needed = one_pass_budget(layers, metric, dtype, candidates)
     free = None
     if max_memory is None:
         free = _free_bytes(layers, adapter_name) if metric.needs_data else None
-        candidates = _candidate_bytes(counts, one_top_k)
-        if (
-            free is not None
-            and batches
-            and one_pass_budget(layers, metric, dtype, candidates) > FREE_MEMORY_SHARE * free
-        ):
-            # memory is tight: measure what a salience batch's forward and backward take (one batch more)
+        if free is not None and batches and _memory_is_tight(needed, free):
+            # measure what a salience batch's forward and backward take (one batch more)
             report.pass_memory_bytes = _pass_bytes(model, layers, adapter_name, batches, passes.loss_fn)
         max_memory = default_max_memory(layers, metric, dtype, counts, one_top_k, free, report.pass_memory_bytes)
     elif isinstance(max_memory, bool) or not isinstance(max_memory, int) or max_memory <= 0:
         raise ValueError(f"{caller}: max_memory must be a positive int (bytes) or None, got {max_memory!r}")
-    candidates = _candidate_bytes(counts, one_top_k)
     plan = plan_groups(layers, metric, dtype, candidates, max_memory, passes.layers_per_pass, caller)
     num_batches = 0 if batches is None else len(batches)
     if free is not None and len(plan.groups) > 1 and passes.layers_per_pass is None:
-        needed = one_pass_budget(layers, metric, dtype, candidates)
         logger.warning(
             "%s: memory is tight (%.2f GiB free): the %d layers are scored in %d groups over %d batches (%s "
             "forward+backward passes instead of %d); SparseConfig.selection_max_memory=%d (%.2f GiB) would score "
