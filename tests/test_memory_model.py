@@ -45,6 +45,9 @@ def test_the_model_counts_the_blocks_replay_runs(layers_per_pass):
     replayed = sum(top - low + 1 for low, top in spans)
     assert sum(calls) == (4 + replayed) * len(batches), (calls, spans)
     assert replayed == {7: 4, 4: 10, 3: 12}[layers_per_pass]
+    # the report counts the same work in whole-model passes: the recording's, and the replays' blocks over 4
+    assert (report.replayed_blocks, report.decoder_blocks) == (replayed, 4)
+    assert report.forward_backward_passes == -(-sum(calls) // 4)
 
 
 def test_the_chosen_entries_of_a_per_layer_budget_are_what_select_mask_reserves():

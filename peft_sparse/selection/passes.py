@@ -155,6 +155,10 @@ class ScoringPlan:
     replay_bytes: int = 0  # filled in by layer_scores: the recorded block boundaries (host memory, not in the budget)
     recordings: int = 0  # filled in by layer_scores: the recording passes of block replay (rounds, where host memory
     # holds the boundaries of only some groups at a time)
+    # filled in by layer_scores: the decoder blocks the groups' replays ran per batch (a block split between groups
+    # once for each), and the blocks a whole pass runs
+    replayed_blocks: int = 0
+    blocks: int = 0
 
 
 def plan_groups(
@@ -296,7 +300,10 @@ def layer_scores(
         elif metric.needs_data:
             with _probes(group, adapter_name, accumulation_dtype, keep_square=metric.needs_grad_square):
                 description = f"salience ({config.selection}) layers {positions.start + 1}-{positions.stop}"
-                if not replay or not _replayed(model, group, adapter_name, boundaries, group_index - first, batches):
+                if replay and _replayed(model, group, adapter_name, boundaries, group_index - first, batches):
+                    plan.replayed_blocks += len(boundaries.ranges[group_index - first])
+                    plan.blocks = len(boundaries.blocks)
+                else:
                     plan.replayed = False  # this group took a whole pass: passes x batches is the cost's bound
                     run_passes(model, group, adapter_name, batches, loss_fn, description)
                 if metric.needs_hessian:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .._distributed import is_sharded, world_size
 from .backward import decoder_blocks, restore_gradients, salience_loss
 
-__all__ = ["Boundaries", "NotReplayable", "record_boundaries", "replay_group"]
+__all__ = ["Boundaries", "NotReplayable", "group_blocks", "record_boundaries", "replay_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +204,18 @@ def _batch_scale(batches) -> float:
     return sum(sizes) / sizes[0]
 
 
+def group_blocks(model, layers, groups: list[range]) -> tuple[nn.ModuleList, list[range]] | None:
+    """The decoder blocks holding ``layers`` and, per layer group (ranges of positions in ``layers``), the blocks
+    its replay runs: from the lowest block holding one of its layers to the highest. ``None`` where the layers are
+    not all in one list of checkpointed blocks (:func:`~.backward.decoder_blocks`). A block split between groups is
+    in the range of each."""
+    found = decoder_blocks(model, layers)
+    if found is None:
+        return None
+    blocks, spans = found
+    return blocks, [range(min(spans[i][0] for i in group), max(spans[i][1] for i in group) + 1) for group in groups]
+
+
 def record_boundaries(
     model, layers, groups: list[range], batches, loss_fn, values, host_limit: int | None = None
 ) -> Boundaries | None:
@@ -215,12 +227,10 @@ def record_boundaries(
     where not even one group's fit."""
     if world_size() != 1 or any(is_sharded(v) for v in values):
         return None
-    found = decoder_blocks(model, layers)
+    found = group_blocks(model, layers, groups)
     if found is None:
         return None
-    blocks, spans = found
-    ranges = [range(min(spans[i][0] for i in group), max(spans[i][1] for i in group) + 1) for group in groups]
-    boundaries = Boundaries(blocks, ranges)
+    boundaries = Boundaries(*found)
     recorder = _Recorder(boundaries, host_limit, _batch_scale(batches))
     device = values[0].device
     hooks = recorder.install()

@@ -28,6 +28,7 @@ from .passes import (
     smallest_budget,
 )
 from .reassign import move_entries, reassign_entries
+from .replay import group_blocks
 from .salience import METRICS
 from .topk import RunningTopK, select_top_k
 
@@ -57,6 +58,10 @@ class SelectionReport:
     # where memory was tight and the budget came from it: a salience batch's forward and backward, measured on one
     # more batch before the passes (None: not measured)
     pass_memory_bytes: int | None = None
+    # where replayed: the decoder blocks the groups' replays ran per batch (a block split between groups once for
+    # each group) and the blocks of the model; their ratio is the replays' cost in whole passes
+    replayed_blocks: int = 0
+    decoder_blocks: int = 0
 
     @property
     def total(self) -> int:
@@ -65,12 +70,16 @@ class SelectionReport:
     @property
     def forward_backward_passes(self) -> int:
         """Whole-model forward and backward passes over a salience batch: ``passes x num_batches``, or where the
-        groups were replayed ``(recordings + 1) x num_batches`` (the recording passes, and the groups' replays,
-        which run every block once between them where no block is split between groups), and one more where memory
-        was tight and a batch's forward and backward were measured first: selection's cost in training-step
-        equivalents, when the salience batches are the size of a training batch."""
+        groups were replayed ``recordings x num_batches`` plus the replays' blocks in whole passes (``replayed_blocks
+        / decoder_blocks`` per batch, rounded up: one pass where no block is split between groups, more where
+        groups split blocks and each replays the shared ones), and one more where memory was tight and a batch's
+        forward and backward were measured first: selection's cost in training-step equivalents, when the salience
+        batches are the size of a training batch."""
         probed = self.pass_memory_bytes is not None
-        return (self.replay_recordings + 1 if self.replayed else self.passes) * self.num_batches + probed
+        if not self.replayed:
+            return self.passes * self.num_batches + probed
+        replays = -(-self.replayed_blocks * self.num_batches // max(self.decoder_blocks, 1))
+        return self.replay_recordings * self.num_batches + replays + probed
 
     def log_entries(self, prefix: str) -> dict[str, float]:
         """What the training callback logs of this selection or update, under ``prefix`` (``"selection"`` or
@@ -279,14 +288,17 @@ def _candidate_bytes(counts: list[int], one_top_k: bool) -> int:
     return 4 * sum(counts) + CANDIDATE_BYTES_PER_ENTRY * max(counts, default=0)
 
 
-def _cost_of_groups(groups: int, passes: int, num_batches: int) -> str:
-    """What scoring in ``groups`` layer groups (``passes`` whole passes) costs, in words for the tight-memory line."""
-    if groups >= MIN_REPLAYED_GROUPS and passes == groups:
-        return (
-            f"about {2 * num_batches} where their decoder blocks can be replayed, up to {passes * num_batches} where "
-            "not"
-        )
-    return f"up to {passes * num_batches}"
+def _cost_of_groups(model, layers, plan, num_batches: int) -> str:
+    """What scoring in ``plan``'s layer groups costs in forward+backward passes, in words for the tight-memory line:
+    where their decoder blocks can be replayed, the recording pass and the blocks each group's replay runs (a block
+    split between groups once per group), at most a whole pass per group."""
+    whole = plan.passes * num_batches
+    found = group_blocks(model, layers, plan.groups) if len(plan.groups) >= MIN_REPLAYED_GROUPS else None
+    if found is None or plan.passes != len(plan.groups):
+        return f"up to {whole}"
+    blocks, ranges = found
+    replayed = num_batches + -(-sum(map(len, ranges)) * num_batches // len(blocks))
+    return f"about {replayed} where their decoder blocks can be replayed, up to {whole} where not"
 
 
 @dataclass
@@ -333,7 +345,7 @@ def _choose(
             len(layers),
             len(plan.groups),
             num_batches,
-            _cost_of_groups(len(plan.groups), plan.passes, num_batches),
+            _cost_of_groups(model, layers, plan, num_batches),
             plan.passes // len(plan.groups) * num_batches,
             needed,
             needed / 2**30,
@@ -360,6 +372,7 @@ def _choose(
     report.replayed = plan.replayed
     report.replay_bytes = plan.replay_bytes
     report.replay_recordings = plan.recordings
+    report.replayed_blocks, report.decoder_blocks = plan.replayed_blocks, plan.blocks
     report.max_memory = plan.budget
     report.extra_memory_bytes = plan.peak_bytes
     return chosen
