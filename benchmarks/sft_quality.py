@@ -123,10 +123,13 @@ def peft_config(method: str, base, lora_r: int, seed: int, salience_batches: int
     return peft_sparse.SparseConfig(num_tunable_weights=budget, selection=selection, budget=scope, **update, **common)
 
 
-def sft_trainer(model, tokenizer, train, evaluation, lr: float, seed: int, output_dir: str, callbacks, **schedule):
+def sft_trainer(
+    model, tokenizer, train, evaluation, lr: float, seed: int, output_dir: str, callbacks, optimizer=None, **schedule
+):
     """TRL's SFTTrainer as every quality benchmark runs it: AdamW at ``lr`` with linear decay and no warm-up, fp32,
-    no checkpoints, evaluation batches of 32; ``schedule``: ``max_steps`` or ``num_train_epochs``, the batch and the
-    sequence length (and ``warmup_steps``, a count or a fraction of the run, to study a warm-up)."""
+    no checkpoints, evaluation batches of 32; ``optimizer``: another optimizer of the model (built at ``lr``),
+    under the same schedule; ``schedule``: ``max_steps`` or ``num_train_epochs``, the batch and the sequence length
+    (and ``warmup_steps``, a count or a fraction of the run, to study a warm-up)."""
     from trl import SFTConfig, SFTTrainer
 
     config = SFTConfig(
@@ -153,6 +156,7 @@ def sft_trainer(model, tokenizer, train, evaluation, lr: float, seed: int, outpu
         eval_dataset=evaluation,
         processing_class=tokenizer,
         callbacks=callbacks,
+        optimizers=(optimizer, None),
     )
 
 

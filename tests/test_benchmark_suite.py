@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import common
@@ -150,3 +151,47 @@ def test_a_rate_study_is_reported_at_its_rate_and_an_unfinished_one_not_at_all()
     assert [r["seed"] for r in suite.seed_results(Records(study), "gradient")] == [0, 1, 2]
     assert suite.study_rate(Records(study[:2]), "gradient") is None
     assert suite.seed_results(Records(study[:2]), "gradient") == []
+
+
+def test_a_run_recorded_without_its_training_loss_gets_it_from_a_run_that_reproduces_it(tmp_path, monkeypatch):
+    """``fit`` runs an old record again, writes the training loss into it only where the rerun reproduces the
+    recorded headline score, and refuses one that does not."""
+    task = suite.TASKS["quotes_de"]
+    monkeypatch.setattr(suite, "RECORDS", tmp_path)
+    old = [
+        {"method": "lora", "lr": 3e-3, "seed": s, "salience_batches": 4, "validation_loss": 3.7, "test_loss": 3.6 + s}
+        for s in (0, 1, 2)
+    ]
+    (tmp_path / "quotes_de.json").write_text(suite.json.dumps(old))
+    reruns = []
+
+    def rerun(task_, method, lr, seed, batches):
+        reruns.append(seed)
+        return {**old[seed], "test_loss": old[seed]["test_loss"] + (0.1 if seed == 2 else 0.0), "train_loss": 1.0}
+
+    monkeypatch.setattr(suite, "run", rerun)
+    store = suite.Store(task, 4)
+    assert store.add_train_loss(old[0])["train_loss"] == 1.0
+    assert suite.Store(task, 4).find("lora", 3e-3, 0)["train_loss"] == 1.0  # written back in place
+    assert "train_loss" not in suite.Store(task, 4).find("lora", 3e-3, 1)
+    with pytest.raises(RuntimeError, match="not reproducible"):
+        store.add_train_loss(old[2])
+    assert "train_loss" not in suite.Store(task, 4).find("lora", 3e-3, 2)
+    done = suite.Store(task, 4).find("lora", 3e-3, 0)
+    assert store.add_train_loss(done) == done and reruns == [0, 2]  # a record with its training loss is not rerun
+
+
+def test_layer_adam_steps_in_proportion_to_the_gradient_at_adams_rms():
+    """One second moment per tensor: the first step is ``-lr * g / rms(g)`` (Adam's would be ``-lr * sign(g)``), and
+    tensors are normalised apart."""
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = suite.LayerAdam([a, b], lr=0.1)
+    a.grad, b.grad = torch.tensor([1.0, 2.0, -3.0, 0.0]), torch.tensor([1e-4, -1e-4])
+    optimizer.step()
+    expected = -0.1 * a.grad / a.grad.pow(2).mean().sqrt()
+    assert torch.allclose(a.detach(), expected, rtol=1e-5) and torch.allclose(
+        b.detach(), torch.tensor([-0.1, 0.1]), rtol=1e-3
+    )
+    a.grad = torch.tensor([1.0, 2.0, -3.0, 0.0])
+    optimizer.step()  # a constant gradient: the same step again (bias-corrected moments)
+    assert torch.allclose(a.detach(), 2 * expected, rtol=1e-5)
