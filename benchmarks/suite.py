@@ -332,6 +332,11 @@ METHODS = {
         (1e-3, 3e-3, 1e-2),
         "sparse, `gradient` mask, SM3-II (row and column sums of squares, momentum 0.9)",
     ),
+    "row_adam": (
+        {"selection": "gradient"},
+        (1e-3, 3e-3, 1e-2),
+        "sparse, `gradient` mask, Adam steps scaled by sqrt(mean row count / the entry's row count)",
+    ),
     "lora": ("lora", (1e-3, 3e-3, 1e-2), "LoRA r=8, alpha 16"),
     "lora_warmup": ("lora", (1e-3, 3e-3, 1e-2), "LoRA r=8, alpha 16, 10% warm-up"),
     "full": ("full", (3e-5, 1e-4, 3e-4), "full fine-tuning"),
@@ -372,6 +377,35 @@ class LayerAdam(torch.optim.Optimizer):
                 )
 
 
+class RowScaledAdam(torch.optim.Adam):
+    """Adam whose step for a sparse entry is scaled by ``sqrt(mean entries per row / entries in its row)`` (rows of
+    its layer that hold entries): an Adam step moves every entry by about the rate with its gradient's sign, so the
+    entries a gradient mask piles into one row add up in that row's output; this keeps a crowded row's output change
+    near a typical row's and lets lone entries move further. A mask with the same count in every row (a random one,
+    nearly) trains as with Adam."""
+
+    def __init__(self, model, lr: float) -> None:
+        from peft_sparse.tuner.lookup import sparse_layers
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        self._layers = [layer for _, layer in sparse_layers(model, "default")]
+        super().__init__(params, lr=lr)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        before = {p: p.detach().clone() for group in self.param_groups for p in group["params"] if p.grad is not None}
+        super().step(closure)
+        for layer in self._layers:
+            values = layer.sparse_values["default"]
+            if values in before and values.numel():
+                state = self.state[values]
+                if "row_scale" not in state:  # the mask is static: its rows are counted once, after selection
+                    rows = layer.sparse_indices["default"].long() // layer.logical_shape[1]
+                    counts = torch.bincount(rows, minlength=layer.logical_shape[0]).float()
+                    state["row_scale"] = (counts[counts > 0].mean() / counts[rows]).sqrt()
+                values.copy_(before[values] + (values - before[values]) * state["row_scale"])
+
+
 def _sm3(model, lr: float):
     from peft_sparse.optim import SM3
 
@@ -383,6 +417,7 @@ def _sm3(model, lr: float):
 OPTIMIZERS = {
     "layer_adam": lambda model, lr: LayerAdam([p for p in model.parameters() if p.requires_grad], lr),
     "sm3": lambda model, lr: _sm3(model, lr),
+    "row_adam": RowScaledAdam,
 }
 
 

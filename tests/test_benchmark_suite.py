@@ -195,3 +195,26 @@ def test_layer_adam_steps_in_proportion_to_the_gradient_at_adams_rms():
     a.grad = torch.tensor([1.0, 2.0, -3.0, 0.0])
     optimizer.step()  # a constant gradient: the same step again (bias-corrected moments)
     assert torch.allclose(a.detach(), 2 * expected, rtol=1e-5)
+
+
+def test_row_scaled_adam_slows_crowded_rows_and_leaves_an_even_mask_as_adam():
+    from peft import get_peft_model
+    from tiny_models import llama_of_width
+
+    from peft_sparse import SparseConfig
+    from peft_sparse.tuner.lookup import sparse_layers
+
+    model = get_peft_model(
+        llama_of_width(32, 48, num_hidden_layers=1),
+        SparseConfig(target_modules=["q_proj"], density=0.1, selection="random"),
+    )
+    ((_, layer),) = sparse_layers(model, "default")
+    values = layer.sparse_values["default"]
+    optimizer = suite.RowScaledAdam(model, lr=0.1)
+    values.grad = torch.randn(values.shape, generator=torch.Generator().manual_seed(0))
+    optimizer.step()  # Adam's first step is lr * sign(g); each entry's is scaled by its row's crowding
+    rows = layer.sparse_indices["default"].long() // layer.logical_shape[1]
+    counts = torch.bincount(rows, minlength=layer.logical_shape[0]).float()
+    scale = (counts[counts > 0].mean() / counts[rows]).sqrt()
+    assert counts.max() > counts[counts > 0].min()  # the random mask's rows are uneven enough to tell
+    assert torch.allclose(values.detach(), -0.1 * values.grad.sign() * scale, atol=1e-6)
