@@ -58,6 +58,7 @@ from pathlib import Path
 
 import torch
 from common import machine, mean_std, score, sweep, write_section
+from datasets import Dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORDS = ROOT / "benchmarks" / "records" / "suite"
@@ -503,6 +504,32 @@ def build_run(task: Task, method: str, lr: float, seed: int, salience_batches: i
     return trainer, tokenizer, variant, trainable, train
 
 
+def _record_trained_rows(trainer) -> list[dict]:
+    """The rows ``trainer`` trains on, as its collator gets them between the beginning of training (after the sparse
+    callback's salience batches, which come from the same loader) and its end (before any evaluation), the first
+    epoch's: filled in during training."""
+    from transformers import TrainerCallback
+
+    trained, collate = [], trainer.data_collator
+    training = []
+
+    class Training(TrainerCallback):  # added last: its train begin follows the selection's
+        def on_train_begin(self, *args, **kwargs):
+            training.append(True)
+
+        def on_train_end(self, *args, **kwargs):
+            training.clear()
+
+    def collator(rows):
+        if training:
+            trained.extend(rows[: len(trainer.train_dataset) - len(trained)])
+        return collate(rows)
+
+    trainer.add_callback(Training())
+    trainer.data_collator = collator
+    return trained
+
+
 def run(task: Task, method: str, lr: float, seed: int, salience_batches: int) -> dict:
     from mask_diagnosis import score_variant
 
@@ -510,6 +537,7 @@ def run(task: Task, method: str, lr: float, seed: int, salience_batches: int) ->
 
     trainer, tokenizer, variant, trainable, train = build_run(task, method, lr, seed, salience_batches)
     start = time.perf_counter()
+    trained = _record_trained_rows(trainer)
     if method != "none":
         with score_variant(*variant) if variant else contextlib.nullcontext():
             trainer.train()
@@ -525,10 +553,10 @@ def run(task: Task, method: str, lr: float, seed: int, salience_batches: int) ->
         "seconds": round(seconds, 1),
         "salience_batches": salience_batches,
         **{f"{name}_loss": metrics[f"eval_{name}_loss"] for name in trainer.eval_dataset},
-        # the loss on the training rows after training, in evaluation mode: the fit, against which the held-out
-        # losses measure generalisation
-        "train_loss": trainer.evaluate(trainer.train_dataset, metric_key_prefix="train")["train_loss"],
     }
+    if trained:  # the loss on the rows trained on, after training, in evaluation mode: the fit, against which the
+        # held-out losses measure generalisation (a task of max_steps trains on a part of its training rows)
+        record["train_loss"] = trainer.evaluate(Dataset.from_list(trained), metric_key_prefix="train")["train_loss"]
     if task.name == "facts":
         recall = exact_match(trainer.model, tokenizer, train, max_rows=128, task="code", max_new_tokens=6)
         record["recall"] = recall[0]
@@ -735,7 +763,9 @@ def table(tasks: list[str], methods: list[str], salience_batches: int) -> str:
                 + f" | {per_seed} | {time_text} |"
             )
         lines.append("")
-    return "\n".join(lines + gap_table(tasks, methods, salience_batches))
+    return "\n".join(
+        lines + gap_table(tasks, methods, salience_batches) + fit_gap(tasks, methods, salience_batches, compute=False)
+    )
 
 
 def study_rate(store: Store, method: str) -> float | None:

@@ -218,3 +218,29 @@ def test_row_scaled_adam_slows_crowded_rows_and_leaves_an_even_mask_as_adam():
     scale = (counts[counts > 0].mean() / counts[rows]).sqrt()
     assert counts.max() > counts[counts > 0].min()  # the random mask's rows are uneven enough to tell
     assert torch.allclose(values.detach(), -0.1 * values.grad.sign() * scale, atol=1e-6)
+
+
+def test_the_trained_rows_are_those_collated_between_train_begin_and_end():
+    """Salience batches (before train begin) and evaluation batches (after train end) go through the same collator;
+    only the training's rows count, and only the first epoch's."""
+
+    class Trainer:
+        train_dataset = list(range(4))
+        callbacks = []
+
+        def data_collator(self, rows):
+            return len(rows)
+
+        def add_callback(self, callback):
+            self.callbacks.append(callback)
+
+    trainer = Trainer()
+    trained = suite._record_trained_rows(trainer)
+    (callback,) = trainer.callbacks
+    assert trainer.data_collator([10, 11]) == 2  # a salience batch
+    callback.on_train_begin()
+    trainer.data_collator([0, 1, 2])
+    trainer.data_collator([3, 0, 1])  # the second epoch begins
+    callback.on_train_end()
+    trainer.data_collator([20, 21])  # evaluation
+    assert trained == [0, 1, 2, 3]
