@@ -338,6 +338,11 @@ METHODS = {
         (1e-3, 3e-3, 1e-2),
         "sparse, `gradient` mask, Adam steps scaled by sqrt(mean row count / the entry's row count)",
     ),
+    "column_adam": (
+        {"selection": "gradient"},
+        (1e-3, 3e-3, 1e-2),
+        "sparse, `gradient` mask, Adam steps capped at a typical input channel's effect",
+    ),
     "lora": ("lora", (1e-3, 3e-3, 1e-2), "LoRA r=8, alpha 16"),
     "lora_warmup": ("lora", (1e-3, 3e-3, 1e-2), "LoRA r=8, alpha 16, 10% warm-up"),
     "full": ("full", (3e-5, 1e-4, 3e-4), "full fine-tuning"),
@@ -378,12 +383,9 @@ class LayerAdam(torch.optim.Optimizer):
                 )
 
 
-class RowScaledAdam(torch.optim.Adam):
-    """Adam whose step for a sparse entry is scaled by ``sqrt(mean entries per row / entries in its row)`` (rows of
-    its layer that hold entries): an Adam step moves every entry by about the rate with its gradient's sign, so the
-    entries a gradient mask piles into one row add up in that row's output; this keeps a crowded row's output change
-    near a typical row's and lets lone entries move further. A mask with the same count in every row (a random one,
-    nearly) trains as with Adam."""
+class _ScaledAdam(torch.optim.Adam):
+    """Adam whose step for each sparse entry is multiplied by a fixed per-entry scale (:meth:`entry_scale`, computed
+    at the first step, after selection: the mask is static)."""
 
     def __init__(self, model, lr: float) -> None:
         from peft_sparse.tuner.lookup import sparse_layers
@@ -391,6 +393,9 @@ class RowScaledAdam(torch.optim.Adam):
         params = [p for p in model.parameters() if p.requires_grad]
         self._layers = [layer for _, layer in sparse_layers(model, "default")]
         super().__init__(params, lr=lr)
+
+    def entry_scale(self, layer) -> torch.Tensor:
+        raise NotImplementedError
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -400,11 +405,48 @@ class RowScaledAdam(torch.optim.Adam):
             values = layer.sparse_values["default"]
             if values in before and values.numel():
                 state = self.state[values]
-                if "row_scale" not in state:  # the mask is static: its rows are counted once, after selection
-                    rows = layer.sparse_indices["default"].long() // layer.logical_shape[1]
-                    counts = torch.bincount(rows, minlength=layer.logical_shape[0]).float()
-                    state["row_scale"] = (counts[counts > 0].mean() / counts[rows]).sqrt()
-                values.copy_(before[values] + (values - before[values]) * state["row_scale"])
+                if "entry_scale" not in state:
+                    state["entry_scale"] = self.entry_scale(layer)
+                values.copy_(before[values] + (values - before[values]) * state["entry_scale"])
+
+
+class RowScaledAdam(_ScaledAdam):
+    """Adam whose step for a sparse entry is scaled by ``sqrt(mean entries per row / entries in its row)`` (rows of
+    its layer that hold entries): an Adam step moves every entry by about the rate with its gradient's sign, so the
+    entries a gradient mask piles into one row add up in that row's output; this keeps a crowded row's output change
+    near a typical row's and lets lone entries move further. A mask with the same count in every row (a random one,
+    nearly) trains as with Adam."""
+
+    def entry_scale(self, layer) -> torch.Tensor:
+        rows = layer.sparse_indices["default"].long() // layer.logical_shape[1]
+        counts = torch.bincount(rows, minlength=layer.logical_shape[0]).float()
+        return (counts[counts > 0].mean() / counts[rows]).sqrt()
+
+
+class ColumnScaledAdam(_ScaledAdam):
+    """Adam whose step for a sparse entry in input column ``j`` is scaled by ``min(1, median column RMS / RMS of
+    x_j)`` (the layer's inputs, over the forwards before the first step: the salience batches and the first
+    training batch): an entry's effect on the output is its change times ``x_j``, so where a few input channels
+    carry activations far above the rest (an LLM's outlier features, where a gradient mask piles its entries)
+    Adam's equal steps move the output mostly through them; this caps their steps at a typical channel's effect."""
+
+    def __init__(self, model, lr: float) -> None:
+        super().__init__(model, lr)
+        self._squares = {}
+        self._hooks = [layer.register_forward_pre_hook(self._record) for layer in self._layers]
+
+    def _record(self, layer, args) -> None:
+        x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+        total, count = self._squares.get(layer, (0.0, 0))
+        self._squares[layer] = (total + x.pow(2).sum(0), count + x.shape[0])
+
+    def entry_scale(self, layer) -> torch.Tensor:
+        for hook in self._hooks:
+            hook.remove()
+        total, count = self._squares[layer]
+        rms = (total / count).sqrt()
+        cols = layer.sparse_indices["default"].long() % layer.logical_shape[1]
+        return (rms.median() / rms[cols]).clamp(max=1.0)
 
 
 def _sm3(model, lr: float):
@@ -419,6 +461,7 @@ OPTIMIZERS = {
     "layer_adam": lambda model, lr: LayerAdam([p for p in model.parameters() if p.requires_grad], lr),
     "sm3": lambda model, lr: _sm3(model, lr),
     "row_adam": RowScaledAdam,
+    "column_adam": ColumnScaledAdam,
 }
 
 
@@ -825,6 +868,8 @@ def gap_table(tasks: list[str], methods: list[str], salience_batches: int) -> li
                 tuning.append(gap)
         complete = len(tuning) == sum(TASKS[name].role == "tuning" for name in columns)
         worst = f"{max(tuning):+.3f}" if tuning and complete else ""
+        if not any(cells):  # no task has all its seeds: the per-task tables show its sweep
+            continue
         lines.append(f"| {label}{' (rate not swept)' if studied else ''} | " + " | ".join(cells) + f" | {worst} |")
     return lines + [""]
 

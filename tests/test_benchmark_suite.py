@@ -244,3 +244,30 @@ def test_the_trained_rows_are_those_collated_between_train_begin_and_end():
     callback.on_train_end()
     trainer.data_collator([20, 21])  # evaluation
     assert trained == [0, 1, 2, 3]
+
+
+def test_column_scaled_adam_caps_the_steps_of_entries_on_loud_input_channels():
+    from peft import get_peft_model
+    from tiny_models import llama_of_width
+
+    from peft_sparse import SparseConfig
+    from peft_sparse.tuner.lookup import sparse_layers
+
+    model = get_peft_model(
+        llama_of_width(32, 48, num_hidden_layers=1),
+        SparseConfig(target_modules=["q_proj"], density=0.2, selection="random"),
+    )
+    ((_, layer),) = sparse_layers(model, "default")
+    values = layer.sparse_values["default"]
+    optimizer = suite.ColumnScaledAdam(model, lr=0.1)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    x[:, 3] *= 100  # one loud channel
+    layer(x).sum().backward()
+    optimizer.step()
+    cols = layer.sparse_indices["default"].long() % 32
+    rms = x.pow(2).mean(0).sqrt()
+    expected = -0.1 * values.grad.sign() * (rms.median() / rms[cols]).clamp(max=1)
+    assert (cols == 3).any() and torch.allclose(values.detach(), expected, atol=1e-6)
+    assert values.detach()[cols == 3].abs().max() < 0.01  # the loud channel's entries barely move
+    layer(x)  # the statistics are taken once: the hooks are gone
+    assert optimizer._squares[layer][1] == 64
