@@ -197,7 +197,8 @@ def test_layer_adam_steps_in_proportion_to_the_gradient_at_adams_rms():
     assert torch.allclose(a.detach(), 2 * expected, rtol=1e-5)
 
 
-def test_row_scaled_adam_slows_crowded_rows_and_leaves_an_even_mask_as_adam():
+def _one_sparse_projection(density: float):
+    """(peft model, its one sparse layer, that layer's values): a random mask on a 32-wide Llama's ``q_proj``."""
     from peft import get_peft_model
     from tiny_models import llama_of_width
 
@@ -206,10 +207,14 @@ def test_row_scaled_adam_slows_crowded_rows_and_leaves_an_even_mask_as_adam():
 
     model = get_peft_model(
         llama_of_width(32, 48, num_hidden_layers=1),
-        SparseConfig(target_modules=["q_proj"], density=0.1, selection="random"),
+        SparseConfig(target_modules=["q_proj"], density=density, selection="random"),
     )
     ((_, layer),) = sparse_layers(model, "default")
-    values = layer.sparse_values["default"]
+    return model, layer, layer.sparse_values["default"]
+
+
+def test_row_scaled_adam_slows_crowded_rows_and_leaves_an_even_mask_as_adam():
+    model, layer, values = _one_sparse_projection(density=0.1)
     optimizer = suite.RowScaledAdam(model, lr=0.1)
     values.grad = torch.randn(values.shape, generator=torch.Generator().manual_seed(0))
     optimizer.step()  # Adam's first step is lr * sign(g); each entry's is scaled by its row's crowding
@@ -225,8 +230,8 @@ def test_the_trained_rows_are_those_collated_between_train_begin_and_end():
     only the training's rows count, and only the first epoch's."""
 
     class Trainer:
-        train_dataset = list(range(4))
-        callbacks = []
+        def __init__(self):
+            self.train_dataset, self.callbacks = list(range(4)), []
 
         def data_collator(self, rows):
             return len(rows)
@@ -247,18 +252,7 @@ def test_the_trained_rows_are_those_collated_between_train_begin_and_end():
 
 
 def test_column_scaled_adam_caps_the_steps_of_entries_on_loud_input_channels():
-    from peft import get_peft_model
-    from tiny_models import llama_of_width
-
-    from peft_sparse import SparseConfig
-    from peft_sparse.tuner.lookup import sparse_layers
-
-    model = get_peft_model(
-        llama_of_width(32, 48, num_hidden_layers=1),
-        SparseConfig(target_modules=["q_proj"], density=0.2, selection="random"),
-    )
-    ((_, layer),) = sparse_layers(model, "default")
-    values = layer.sparse_values["default"]
+    model, layer, values = _one_sparse_projection(density=0.2)
     optimizer = suite.ColumnScaledAdam(model, lr=0.1)
     x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
     x[:, 3] *= 100  # one loud channel
