@@ -579,8 +579,8 @@ def run(task: Task, method: str, lr: float, seed: int, salience_batches: int) ->
     from peft_sparse.cli.sft.evaluation import exact_match
 
     trainer, tokenizer, variant, trainable, train = build_run(task, method, lr, seed, salience_batches)
-    start = time.perf_counter()
     trained = _record_trained_rows(trainer)
+    start = time.perf_counter()
     if method != "none":
         with score_variant(*variant) if variant else contextlib.nullcontext():
             trainer.train()
@@ -634,11 +634,7 @@ class Store:
             record = self.find(method, lr, seed)
         if record is None and compute:
             record = run(self.task, method, lr, seed, self.salience_batches)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.path.with_suffix(".lock"), "w") as lock:
-                fcntl.flock(lock, fcntl.LOCK_EX)
-                self.records = [*self._read(), record]
-                self.path.write_text(json.dumps(self.records, indent=1) + "\n")
+            self._update(lambda records: records.append(record))
             scores = ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.endswith("_loss") or k == "recall")
             print(
                 f"{self.task.name} {method} lr {lr:g} seed {seed}: {scores} ({record['seconds']:.0f} s)",
@@ -646,6 +642,16 @@ class Store:
                 flush=True,
             )
         return record
+
+    def _update(self, change: Callable[[list[dict]], None]) -> None:
+        """Apply ``change`` to the records as they are on disk now (under the lock: another process may have added
+        some) and write them back."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self.records = self._read()
+            change(self.records)
+            self.path.write_text(json.dumps(self.records, indent=1) + "\n")
 
     def add_train_loss(self, record: dict) -> dict:
         """``record`` (a run recorded before runs kept their training loss) with ``train_loss``: the run again (the
@@ -659,13 +665,13 @@ class Store:
                 f"{self.task.name} {record['method']} lr {record['lr']:g} seed {record['seed']}: the run again gives "
                 f"{headline} {again[headline]:.4f}, recorded {record[headline]:.4f}: not reproducible here"
             )
-        with open(self.path.with_suffix(".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            self.records = self._read()
-            for stored in self.records:
+
+        def fill_in(records):
+            for stored in records:
                 if all(stored.get(k) == record.get(k) for k in ("method", "lr", "seed", "salience_batches")):
                     stored["train_loss"] = again["train_loss"]
-            self.path.write_text(json.dumps(self.records, indent=1) + "\n")
+
+        self._update(fill_in)
         print(
             f"{self.task.name} {record['method']} lr {record['lr']:g} seed {record['seed']}: train loss "
             f"{again['train_loss']:.4f}, {headline} {again[headline]:.4f} (recorded {record[headline]:.4f})",
