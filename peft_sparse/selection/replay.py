@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from .._distributed import is_sharded, world_size
 from .backward import decoder_blocks, restore_gradients, salience_loss
 
-__all__ = ["Boundaries", "NotReplayable", "group_blocks", "record_boundaries", "replay_group"]
+__all__ = ["Boundaries", "NotReplayable", "group_blocks", "record_boundaries", "replay_group", "replay_passes"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +214,12 @@ def group_blocks(model, layers, groups: list[range]) -> tuple[nn.ModuleList, lis
         return None
     blocks, spans = found
     return blocks, [range(min(spans[i][0] for i in group), max(spans[i][1] for i in group) + 1) for group in groups]
+
+
+def replay_passes(replayed_blocks: int, blocks: int, num_batches: int) -> int:
+    """The groups' replays in whole-model forward+backward passes, rounded up: ``replayed_blocks`` block runs per
+    batch (a block split between groups once per group) over ``num_batches``, in a model of ``blocks`` blocks."""
+    return -(-replayed_blocks * num_batches // max(blocks, 1))
 
 
 def record_boundaries(

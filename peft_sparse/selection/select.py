@@ -28,7 +28,7 @@ from .passes import (
     smallest_budget,
 )
 from .reassign import move_entries, reassign_entries
-from .replay import group_blocks
+from .replay import group_blocks, replay_passes
 from .salience import METRICS
 from .topk import RunningTopK, select_top_k
 
@@ -78,7 +78,7 @@ class SelectionReport:
         probed = self.pass_memory_bytes is not None
         if not self.replayed:
             return self.passes * self.num_batches + probed
-        replays = -(-self.replayed_blocks * self.num_batches // max(self.decoder_blocks, 1))
+        replays = replay_passes(self.replayed_blocks, self.decoder_blocks, self.num_batches)
         return self.replay_recordings * self.num_batches + replays + probed
 
     def log_entries(self, prefix: str) -> dict[str, float]:
@@ -297,7 +297,7 @@ def _cost_of_groups(model, layers, plan, num_batches: int) -> str:
     if found is None or plan.passes != len(plan.groups):
         return f"up to {whole}"
     blocks, ranges = found
-    replayed = num_batches + -(-sum(map(len, ranges)) * num_batches // len(blocks))
+    replayed = num_batches + replay_passes(sum(map(len, ranges)), len(blocks), num_batches)
     return f"about {replayed} where their decoder blocks can be replayed, up to {whole} where not"
 
 
