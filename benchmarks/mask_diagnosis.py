@@ -47,7 +47,9 @@ import torch
 
 ITALIAN = Path("/usr/share/games/fortunes/it/italia")
 ENGLISH = Path("/usr/share/games/fortunes/wisdom")
-VARIANTS = ("column_rms", "sqrt_row_col", "row_balanced", "adam_gain")
+VARIANTS = ("column_rms", "sqrt_row_col", "row_balanced", "adam_gain", "mixed")
+# the share of a ``mixed`` mask that the gradient chooses (the rest is random)
+MIXED_GRADIENT_SHARE = 0.5
 
 
 def quotations(path: Path, count: int, max_chars: int = 200) -> list[str]:
@@ -124,15 +126,21 @@ class score_variant:
     (the gradient's strongest of each row), then the next-best ratios. ``adam_gain`` scores ``G**2 / sqrt(sum_b
     g_b**2)`` (its probes keep Fisher's sum of squared batch gradients): the first-order loss decrease of an Adam
     step on the entry, which moves it by ``lr * mean(g) / rms(g)``, so an entry whose gradient changes sign from
-    batch to batch counts for less than ``|G|`` says."""
+    batch to batch counts for less than ``|G|`` says. ``mixed`` (needs ``density``) takes
+    ``MIXED_GRADIENT_SHARE`` of each layer's entries by ``|G|`` and the rest at random, and keeps the gradient-chosen
+    positions in ``score_variant.gradient_chosen`` (so that they can train at another rate)."""
 
     def __init__(self, variant: str | None, density: float | None = None) -> None:
-        if variant == "row_balanced" and density is None:
-            raise ValueError("score_variant('row_balanced') needs the layers' density")
+        if variant in ("row_balanced", "mixed") and density is None:
+            raise ValueError(f"score_variant({variant!r}) needs the layers' density")
         self.variant, self.density = variant, density
+
+    gradient_chosen: list[torch.Tensor] = []  # noqa: RUF012 (``mixed``: each layer's gradient-chosen positions)
 
     def __enter__(self):
         from peft_sparse.selection import salience
+
+        score_variant.gradient_chosen = []
 
         self.salience, self.metric, self.accumulate = salience, salience.METRICS["gradient"], None
         if self.variant is None:
@@ -156,6 +164,12 @@ class score_variant:
                 probe = probes[id(grad)]
                 rms = (probe.input_square / probe.rows).sqrt().float()
                 return magnitude.div_(rms + 1e-6 * rms.mean())
+            if self.variant == "mixed":
+                top = magnitude.flatten().topk(round(self.density * magnitude.numel() * MIXED_GRADIENT_SHARE)).indices
+                mixed = torch.rand(magnitude.shape, dtype=magnitude.dtype, device=magnitude.device)
+                mixed.view(-1)[top] = 2.0  # above every random score: the layer's top-k keeps them all
+                score_variant.gradient_chosen.append(top.sort().values)
+                return mixed
             if self.variant == "row_balanced":
                 per_row = min(magnitude.shape[1], max(1, round(self.density * magnitude.shape[1])))
                 threshold = magnitude.topk(per_row, dim=1).values[:, -1:]

@@ -343,6 +343,16 @@ METHODS = {
         (1e-3, 3e-3, 1e-2),
         "sparse, `gradient` mask, Adam steps capped at a typical input channel's effect",
     ),
+    "hybrid_rates": (
+        {"selection": "gradient", "low_rank": 4},
+        (3e-4, 1e-3, 3e-3),
+        "sparse `gradient` mask + rank-4 term, the term at 3x the values' rate",
+    ),
+    "mixed": (
+        {"selection": "gradient", "score_variant": "mixed"},
+        (3e-4, 1e-3, 3e-3),
+        "sparse, half `gradient`, half random mask, the random half at 10x the rate",
+    ),
     "lora": ("lora", (1e-3, 3e-3, 1e-2), "LoRA r=8, alpha 16"),
     "lora_warmup": ("lora", (1e-3, 3e-3, 1e-2), "LoRA r=8, alpha 16, 10% warm-up"),
     "full": ("full", (3e-5, 1e-4, 3e-4), "full fine-tuning"),
@@ -449,6 +459,33 @@ class ColumnScaledAdam(_ScaledAdam):
         return (rms.median() / rms[cols]).clamp(max=1.0)
 
 
+class MixedAdam(_ScaledAdam):
+    """Adam whose steps on a ``mixed`` mask's random entries are ``RANDOM_RATE_RATIO`` times its steps on the
+    gradient-chosen ones: alone, each kind of mask is best at its own rate (the random mask at 1e-2, the gradient's
+    at 1e-3 on every tuning task)."""
+
+    RANDOM_RATE_RATIO = 10.0
+
+    def entry_scale(self, layer) -> torch.Tensor:
+        from mask_diagnosis import score_variant
+
+        indices = layer.sparse_indices["default"].long()
+        chosen = [c for c in score_variant.gradient_chosen if torch.isin(c.to(indices.device), indices).all()]
+        if len(chosen) != 1:
+            raise RuntimeError(f"{len(chosen)} gradient-chosen position sets fit a layer of {indices.numel()} entries")
+        gradient = torch.isin(indices, chosen[0].to(indices.device))
+        return torch.where(gradient, 1.0, self.RANDOM_RATE_RATIO).to(layer.sparse_values["default"].dtype)
+
+
+def _hybrid_adam(model, lr: float):
+    """AdamW (no decay, as the suite's) with the hybrid's low-rank term at 3x the values' rate: LoRA's best rate
+    over the sparse gradient mask's on every tuning task."""
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    low_rank = [p for name, p in trainable if "sparse_lora_" in name]
+    values = [p for name, p in trainable if "sparse_lora_" not in name]
+    return torch.optim.AdamW([{"params": values}, {"params": low_rank, "lr": 3 * lr}], lr=lr, weight_decay=0.0)
+
+
 def _sm3(model, lr: float):
     from peft_sparse.optim import SM3
 
@@ -462,6 +499,8 @@ OPTIMIZERS = {
     "sm3": lambda model, lr: _sm3(model, lr),
     "row_adam": RowScaledAdam,
     "column_adam": ColumnScaledAdam,
+    "mixed": MixedAdam,
+    "hybrid_rates": _hybrid_adam,
 }
 
 

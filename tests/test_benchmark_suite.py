@@ -265,3 +265,55 @@ def test_column_scaled_adam_caps_the_steps_of_entries_on_loud_input_channels():
     assert values.detach()[cols == 3].abs().max() < 0.01  # the loud channel's entries barely move
     layer(x)  # the statistics are taken once: the hooks are gone
     assert optimizer._squares[layer][1] == 64
+
+
+def test_the_mixed_score_keeps_the_gradients_top_half_and_fills_the_rest_at_random():
+    from mask_diagnosis import MIXED_GRADIENT_SHARE, score_variant
+
+    from peft_sparse.selection import salience
+
+    grad = torch.randn(16, 20, generator=torch.Generator().manual_seed(0))
+    k = 80  # density 0.25
+    with score_variant("mixed", density=0.25):
+        chosen = salience.METRICS["gradient"].score(grad=grad.clone()).flatten().topk(k).indices
+        (recorded,) = score_variant.gradient_chosen
+    by_gradient = grad.abs().flatten().topk(round(k * MIXED_GRADIENT_SHARE)).indices
+    assert torch.equal(recorded, by_gradient.sort().values)
+    assert set(by_gradient.tolist()) <= set(chosen.tolist())
+    rest = set(chosen.tolist()) - set(by_gradient.tolist())
+    next_by_gradient = set(grad.abs().flatten().topk(k).indices.tolist()) - set(by_gradient.tolist())
+    assert len(rest) == k - len(by_gradient) and rest != next_by_gradient  # random, not |G|'s next best
+
+
+def test_mixed_adam_steps_the_random_entries_at_ten_times_the_rate():
+    from mask_diagnosis import score_variant
+
+    model, layer, values = _one_sparse_projection(density=0.2)
+    indices = layer.sparse_indices["default"].long()
+    gradient = torch.zeros(indices.numel(), dtype=torch.bool)
+    gradient[::3] = True
+    score_variant.gradient_chosen = [torch.randint(0, 10, (5,)) + 10**6, indices[gradient]]  # one set fits
+    optimizer = suite.MixedAdam(model, lr=0.01)
+    values.grad = torch.randn(values.shape, generator=torch.Generator().manual_seed(0))
+    optimizer.step()
+    expected = -0.01 * values.grad.sign() * torch.where(gradient, 1.0, suite.MixedAdam.RANDOM_RATE_RATIO)
+    assert torch.allclose(values.detach(), expected, atol=1e-6)
+    score_variant.gradient_chosen = []
+
+
+def test_the_hybrid_optimizer_trains_the_low_rank_term_at_three_times_the_values_rate():
+    from peft import get_peft_model
+    from tiny_models import llama_of_width
+
+    from peft_sparse import SparseConfig
+
+    model = get_peft_model(
+        llama_of_width(32, 48, num_hidden_layers=1),
+        SparseConfig(target_modules=["q_proj"], density=0.1, selection="random", r=2, lora_alpha=4),
+    )
+    optimizer = suite._hybrid_adam(model, lr=1e-3)
+    values, low_rank = optimizer.param_groups
+    named = {id(p): name for name, p in model.named_parameters()}
+    assert values["lr"] == 1e-3 and low_rank["lr"] == 3e-3 and values["weight_decay"] == low_rank["weight_decay"] == 0
+    assert [named[id(p)].split(".")[-2] for p in values["params"]] == ["sparse_values"]
+    assert sorted(named[id(p)].split(".")[-2] for p in low_rank["params"]) == ["sparse_lora_A", "sparse_lora_B"]
