@@ -169,19 +169,91 @@ def test_multiple_active_hybrid_adapters_add_up():
 
 
 @pytest.mark.parametrize(
-    "r, alpha, error",
+    "r, alpha, ratio, error",
     [
-        (-1, 8, ValueError),
-        (True, 8, TypeError),
-        (2.0, 8, TypeError),
-        (2, 0, ValueError),
-        (2, float("nan"), ValueError),
-        (2, "8", TypeError),
+        (-1, 8, 1.0, ValueError),
+        (True, 8, 1.0, TypeError),
+        (2.0, 8, 1.0, TypeError),
+        (2, 0, 1.0, ValueError),
+        (2, float("nan"), 1.0, ValueError),
+        (2, "8", 1.0, TypeError),
+        (2, 8, 0.0, ValueError),
+        (2, 8, -3.0, ValueError),
+        (2, 8, float("inf"), ValueError),
+        (2, 8, True, TypeError),
+        (2, 8, "3", TypeError),
     ],
 )
-def test_invalid_low_rank_settings_are_refused_naming_the_field(r, alpha, error):
-    with pytest.raises(error, match=r"SparseConfig\.(r|lora_alpha)"):
-        SparseConfig(target_modules=TARGETS, r=r, lora_alpha=alpha)
+def test_invalid_low_rank_settings_are_refused_naming_the_field(r, alpha, ratio, error):
+    with pytest.raises(error, match=r"SparseConfig\.(r|lora_alpha|low_rank_lr_ratio) must"):
+        SparseConfig(target_modules=TARGETS, r=r, lora_alpha=alpha, low_rank_lr_ratio=ratio)
+
+
+def _hybrid(ratio: float, init_weights: bool = False):
+    config = SparseConfig(
+        target_modules=TARGETS, density=0.05, r=2, lora_alpha=4, init_weights=init_weights, low_rank_lr_ratio=ratio
+    )
+    return get_peft_model(tiny_llama(), config)
+
+
+def _train(model, optimizer, steps: int = 3) -> None:
+    model.train()
+    for step in range(steps):
+        batch = make_batch(seed=step)
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+def test_a_low_rank_lr_ratio_is_the_same_term_trained_by_adam_at_that_multiple_of_the_rate():
+    batch = make_batch(seed=6)
+    plain, scaled = _hybrid(1.0), _hybrid(3.0)
+    torch.testing.assert_close(scaled(**batch).logits, plain(**batch).logits, rtol=1e-5, atol=1e-6)
+    for (_, p_layer), (_, s_layer) in zip(sparse_layers(plain), sparse_layers(scaled)):
+        assert s_layer.lora_scaling["default"] == 9 * p_layer.lora_scaling["default"]
+        torch.testing.assert_close(dense_delta(s_layer), dense_delta(p_layer))
+
+    def groups(model, low_rank_rate):
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        return [
+            {"params": [p for n, p in named if "sparse_lora_" not in n], "lr": 1e-2},
+            {"params": [p for n, p in named if "sparse_lora_" in n], "lr": low_rank_rate},
+        ]
+
+    _train(plain, torch.optim.Adam(groups(plain, 3e-2), eps=1e-12))  # the term at 3x the values' rate
+    _train(scaled, torch.optim.Adam(groups(scaled, 1e-2), eps=1e-12))  # one rate: the ratio does it
+    for (name, p_layer), (_, s_layer) in zip(sparse_layers(plain), sparse_layers(scaled)):
+        assert p_layer.sparse_lora_B["default"].abs().sum() > 0
+        torch.testing.assert_close(dense_delta(s_layer), dense_delta(p_layer), rtol=1e-4, atol=1e-6, msg=name)
+    one_rate = _hybrid(1.0)
+    _train(one_rate, torch.optim.Adam(groups(one_rate, 1e-2), eps=1e-12))
+    moved = [
+        (dense_delta(a) - dense_delta(b)).abs().max()
+        for (_, a), (_, b) in zip(sparse_layers(one_rate), sparse_layers(plain))
+    ]
+    assert max(moved) > 1e-3  # without the ratio the same single rate trains another term
+
+
+def test_a_low_rank_lr_ratio_survives_save_load_merge_and_weighted_adapters(tmp_path):
+    model = _hybrid(3.0, init_weights=True)
+    _train(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2))
+    model.eval()
+    batch = make_batch(seed=9)
+    trained = model(**batch).logits.detach()
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.peft_config["default"].low_rank_lr_ratio == 3.0
+    torch.testing.assert_close(loaded(**batch).logits, trained, rtol=0, atol=0)
+    loaded.add_weighted_adapter(["default"], [0.5], "halved")
+    assert loaded.peft_config["halved"].low_rank_lr_ratio == 1.0  # its factors hold the scales
+    for name, layer in sparse_layers(loaded):
+        torch.testing.assert_close(dense_delta(layer, "halved"), 0.5 * dense_delta(layer), rtol=1e-5, atol=1e-7)
+    loaded.save_pretrained(tmp_path / "both")
+    reloaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "both" / "halved", adapter_name="halved")
+    for (name, a), (_, b) in zip(sparse_layers(reloaded), sparse_layers(loaded)):
+        torch.testing.assert_close(dense_delta(a, "halved"), dense_delta(b, "halved"), rtol=0, atol=0, msg=name)
+    merged = loaded.merge_and_unload(adapter_names=["default"])
+    torch.testing.assert_close(merged(**batch).logits, trained, rtol=1e-5, atol=1e-5)
 
 
 def test_4bit_hybrid_matches_the_reference_and_saves_loads_and_merges(tmp_path):

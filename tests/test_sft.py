@@ -177,6 +177,7 @@ def test_defaults_suit_a_cpu_and_yaml_then_flags_override_them(tmp_path):
         (["--compare", "dora"], "argument --compare: invalid choice: 'dora'"),
         (["--eval_fraction", "1"], "--eval_fraction must be in (0, 1), got 1.0"),
         (["--sparse_r", "-1"], "--sparse_r must be >= 0, got -1"),
+        (["--sparse_low_rank_lr_ratio", "0"], "--sparse_low_rank_lr_ratio must be > 0, got 0.0"),
         (["--num_tunable_weights", "0"], "--num_tunable_weights must be >= 1, got 0"),
         (["--density", "0.1", "--compare", "lora"], "--compare lora trains both adapters at LoRA rank --lora_r's"),
         (["--load_in_8bit", "--load_in_4bit"], "You can't use 8 bit and 4 bit precision at the same time"),
@@ -508,6 +509,7 @@ def test_each_sparse_option_reaches_the_config_the_command_builds():
         "regrow": "momentum",
         "sparse_r": 2,
         "sparse_lora_alpha": 5.0,
+        "sparse_low_rank_lr_ratio": 3.0,
         "num_tunable_weights": 100,
     }
     argv = [token for option, value in given.items() for token in (f"--{option}", str(value))]

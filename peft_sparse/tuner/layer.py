@@ -133,31 +133,23 @@ class SparseLayer(BaseTunerLayer):
         self.sparse_residual_values[adapter_name] = torch.empty(0, dtype=torch.float32, device=device)
         self.sparse_shape[adapter_name] = torch.tensor(self.logical_shape, dtype=torch.int64, device=device)
         if config.r > 0:
-            self._add_low_rank(
-                adapter_name, config.r, config.lora_alpha, config.init_weights, config.seed, values_dtype, device
-            )
+            self._add_low_rank(adapter_name, config, values_dtype, device)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def _add_low_rank(
-        self,
-        adapter_name: str,
-        r: int,
-        lora_alpha: float,
-        init_weights: bool,
-        seed: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        generator = torch.Generator().manual_seed(layer_seed(seed, self.layer_name) + 1)
+    def _add_low_rank(self, adapter_name: str, config: SparseConfig, dtype: torch.dtype, device: torch.device) -> None:
+        """``A`` and ``B`` as LoRA draws them, stored divided by ``config.low_rank_lr_ratio`` (``c``) with the scale
+        ``lora_alpha / r * c**2``: the same term, whose factors an Adam-type optimizer moves ``c`` times as far."""
+        r, ratio = config.r, float(config.low_rank_lr_ratio)
+        generator = torch.Generator().manual_seed(layer_seed(config.seed, self.layer_name) + 1)
         lora_a = torch.empty(r, self.in_features)
         nn.init.kaiming_uniform_(lora_a, a=math.sqrt(5), generator=generator)
-        if init_weights:
+        if config.init_weights:
             lora_b = torch.zeros(self.out_features, r)
         else:
             lora_b = torch.randn(self.out_features, r, generator=generator) / r
-        self.sparse_lora_A[adapter_name] = nn.Parameter(lora_a.to(device=device, dtype=dtype))
-        self.sparse_lora_B[adapter_name] = nn.Parameter(lora_b.to(device=device, dtype=dtype))
-        self.lora_scaling[adapter_name] = lora_alpha / r
+        self.sparse_lora_A[adapter_name] = nn.Parameter((lora_a / ratio).to(device=device, dtype=dtype))
+        self.sparse_lora_B[adapter_name] = nn.Parameter((lora_b / ratio).to(device=device, dtype=dtype))
+        self.lora_scaling[adapter_name] = config.lora_alpha / r * ratio**2
 
     def low_rank_delta(self, adapter_name: str) -> torch.Tensor | None:
         """The adapter's low-rank term ``scaling * B @ A`` as a dense float32 ``(out, in)`` tensor, or ``None``

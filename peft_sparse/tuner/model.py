@@ -300,6 +300,7 @@ class SparseModel(BaseTuner):
             modules_to_save=modules_to_save,
             r=sum(ranks),
             lora_alpha=sum(ranks) or configs[0].lora_alpha,
+            low_rank_lr_ratio=1.0,  # the concatenated factors hold the adapters' scales: the term's scale is 1
         )
         try:
             self._entries_given = True

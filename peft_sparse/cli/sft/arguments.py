@@ -55,6 +55,7 @@ CONFIG_FIELDS = {
     "regrow": "regrow",
     "sparse_r": "r",
     "sparse_lora_alpha": "lora_alpha",
+    "sparse_low_rank_lr_ratio": "low_rank_lr_ratio",
 }
 _CHOICES = {
     "budget": BUDGET_MODES,
@@ -109,6 +110,7 @@ class SparseArguments:
     )
     sparse_r: int = _config_field("sparse_r", "The total trainable count stays LoRA rank --lora_r's.")
     sparse_lora_alpha: float = _config_field("sparse_lora_alpha")
+    sparse_low_rank_lr_ratio: float = _config_field("sparse_low_rank_lr_ratio")
     compare: str | None = field(
         default=None,
         metadata={
@@ -367,6 +369,7 @@ def check_arguments(script_args, training_args, model_args, sparse_args) -> str 
     for option, value in (
         ("--lora_alpha", model_args.lora_alpha),
         ("--sparse_lora_alpha", sparse_args.sparse_lora_alpha),
+        ("--sparse_low_rank_lr_ratio", sparse_args.sparse_low_rank_lr_ratio),
     ):
         if not (math.isfinite(value) and value > 0):
             return f"{option} must be > 0, got {value}"
