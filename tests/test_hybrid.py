@@ -322,3 +322,21 @@ def test_salience_selection_and_spiel_leave_the_low_rank_term_training():
     for name, layer in layers.items():
         assert layer.sparse_lora_A["default"] is factors[name]
         assert layer.sparse_lora_B["default"].abs().sum() > 0, name
+
+
+def test_an_adapter_saved_before_the_ratio_existed_loads_with_ratio_one(tmp_path):
+    import json
+
+    model = _hybrid(1.0)
+    model.eval()
+    batch = make_batch(seed=9)
+    expected = model(**batch).logits.detach()
+    model.save_pretrained(tmp_path)
+    config_file = tmp_path / "adapter_config.json"
+    saved = json.loads(config_file.read_text())
+    del saved["low_rank_lr_ratio"]  # as 0.1.0 wrote it
+    config_file.write_text(json.dumps(saved))
+    assert SparseConfig.check_kwargs(**saved)["low_rank_lr_ratio"] == 1.0  # not the class default, whatever it is
+    loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path)
+    assert loaded.peft_config["default"].low_rank_lr_ratio == 1.0
+    torch.testing.assert_close(loaded(**batch).logits, expected, rtol=0, atol=0)

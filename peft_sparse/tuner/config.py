@@ -320,6 +320,14 @@ class SparseConfig(PeftConfig):
         },
     )
 
+    @classmethod
+    def check_kwargs(cls, **kwargs):
+        """peft's hook on a saved config's fields before loading: an adapter saved before ``low_rank_lr_ratio``
+        existed stored its low-rank factors unscaled, so it loads with the ratio 1 whatever today's default is."""
+        kwargs = super().check_kwargs(**kwargs)
+        kwargs.setdefault("low_rank_lr_ratio", 1.0)
+        return kwargs
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = SPARSE_PEFT_TYPE
