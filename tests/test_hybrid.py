@@ -102,7 +102,10 @@ def test_low_rank_term_is_loras():
     with the same factors and scaling."""
     batch = make_batch(seed=3)
     hybrid = get_peft_model(
-        tiny_llama(), SparseConfig(target_modules=TARGETS, density=0.02, r=4, lora_alpha=8, init_weights=False)
+        tiny_llama(),
+        SparseConfig(
+            target_modules=TARGETS, density=0.02, r=4, lora_alpha=8, init_weights=False, low_rank_lr_ratio=1.0
+        ),
     )
     with torch.no_grad():
         for _, layer in sparse_layers(hybrid):
