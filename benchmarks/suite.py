@@ -303,7 +303,7 @@ METHODS = {
         "sparse, G² / sqrt(Σ g_b²) mask (an Adam step's gain)",
     ),
     "hybrid": (
-        {"selection": "gradient", "low_rank": 4},
+        {"selection": "gradient", "low_rank": 4, "low_rank_lr_ratio": 1.0},
         (1e-3, 3e-3, 1e-2),
         "sparse `gradient` mask + rank-4 term (LoRA r=4's count in each)",
     ),
@@ -344,9 +344,9 @@ METHODS = {
         "sparse, `gradient` mask, Adam steps capped at a typical input channel's effect",
     ),
     "hybrid_rates": (
-        {"selection": "gradient", "low_rank": 4},
+        {"selection": "gradient", "low_rank": 4, "low_rank_lr_ratio": 1.0},  # the 3x is the optimizer's groups
         (3e-4, 1e-3, 3e-3),
-        "sparse `gradient` mask + rank-4 term, the term at 3x the values' rate",
+        "sparse `gradient` mask + rank-4 term, the term at 3x the values' rate (`low_rank_lr_ratio=3`)",
     ),
     "mixed": (
         {"selection": "gradient", "score_variant": "mixed"},

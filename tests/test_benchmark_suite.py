@@ -317,3 +317,13 @@ def test_the_hybrid_optimizer_trains_the_low_rank_term_at_three_times_the_values
     assert values["lr"] == 1e-3 and low_rank["lr"] == 3e-3 and values["weight_decay"] == low_rank["weight_decay"] == 0
     assert [named[id(p)].split(".")[-2] for p in values["params"]] == ["sparse_values"]
     assert sorted(named[id(p)].split(".")[-2] for p in low_rank["params"]) == ["sparse_lora_A", "sparse_lora_B"]
+
+
+def test_the_hybrid_methods_train_their_term_at_one_rate_and_at_three_times_it_exactly_once():
+    from tiny_models import tiny_llama
+
+    one_rate, _ = suite.adapter("hybrid", tiny_llama(), seed=0, salience_batches=4)
+    rates, _ = suite.adapter("hybrid_rates", tiny_llama(), seed=0, salience_batches=4)
+    # the library's default ratio (3) would compound with hybrid_rates' optimizer groups (3x): both pin it to 1
+    assert one_rate.low_rank_lr_ratio == rates.low_rank_lr_ratio == 1.0
+    assert "hybrid" not in suite.OPTIMIZERS and suite.OPTIMIZERS["hybrid_rates"] is suite._hybrid_adam
