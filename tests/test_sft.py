@@ -273,7 +273,7 @@ def test_each_data_format_trains_and_writes_an_adapter(data_format, tiny_dir, tm
     assert record["num_held_out"] == 6  # the saved test split, or --eval_fraction 0.25 of 24 rows
     scored = data_format != "text"  # rows with an answer and a prompt to generate from
     assert (record["exact_match"] is not None) == scored and ("exact match" in stdout) == scored
-    assert "| sparse, gradient mask |" in stdout and (out / "loss_curves.png").is_file()
+    assert "| sparse, gradient mask, + rank 4 |" in stdout and (out / "loss_curves.png").is_file()  # --lora_r 8 / 2
 
 
 def test_rows_whose_completion_is_truncated_away_are_counted_or_refused(tiny_dir, tmp_path, capsys):
@@ -344,7 +344,7 @@ def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_
         )
         assert f"{record['eval_loss_before']:.3f} -> {record['eval_loss_after']:.3f}" in result.stdout
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
-    assert len(table) == 4 and table[2].startswith("| sparse, gradient mask | 8,192 |")
+    assert len(table) == 4 and table[2].startswith("| sparse, gradient mask, + rank 2 | 8,192 |")  # --lora_r 4 / 2
     assert table[3].startswith("| LoRA r=4 | 8,192 |") and "x LoRA)" in table[2]
     # step times taken side by side in one more process (sft.time_steps): LoRA against itself is exactly 1
     assert lora["step_time_vs_lora"] == 1.0 and sparse["timing_rounds"] == compare.TIMING_ROUNDS
@@ -492,6 +492,35 @@ def test_the_sparse_options_are_the_configs_fields():
     # every option the mapping names exists, and no sparse option that is a config field is left out of it
     assert set(arguments.CONFIG_FIELDS) <= set(option_fields)
     assert not {name for name in option_fields if name in config_fields} - set(arguments.CONFIG_FIELDS)
+
+
+@pytest.mark.parametrize(
+    ("argv", "rank"),
+    [
+        ([], 4),  # half of the default --lora_r 8: the hybrid at LoRA's count
+        (["--lora_r", "5"], 2),
+        (["--lora_r", "1"], 0),
+        (["--sparse_r", "0"], 0),  # the plain sparse adapter, asked for
+        (["--sparse_r", "3"], 3),
+        (["--density", "0.01"], 0),  # a count of its own: no low-rank term unless asked for
+        (["--num_tunable_weights", "1000"], 0),
+    ],
+)
+def test_the_low_rank_term_defaults_to_half_of_loras_rank_where_the_count_follows_it(argv, rank):
+    from tiny_models import tiny_llama
+
+    from peft_sparse import lora_equivalent_budget
+    from peft_sparse.cli.sft import model as sft_model
+
+    _, _, model_args, sparse_args = sft.parse(argv)
+    assert sparse_args.sparse_r == rank
+    base = tiny_llama()
+    config = sft_model.sparse_config(base, model_args, sparse_args, seed=0)
+    assert config.r == rank and config.low_rank_lr_ratio == 3.0
+    if not argv or argv[0] == "--lora_r":  # the count follows --lora_r: the term comes off the entries
+        lora = lora_equivalent_budget(base, r=model_args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
+        term = lora_equivalent_budget(base, r=rank, target_modules="all-linear", task_type="CAUSAL_LM") if rank else 0
+        assert config.num_tunable_weights == lora - term
 
 
 def test_each_sparse_option_reaches_the_config_the_command_builds():

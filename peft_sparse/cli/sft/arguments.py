@@ -67,6 +67,7 @@ _CHOICES = {
 # Where the command's default differs from the config's, and why (the help says so too).
 COMMAND_DEFAULTS = {
     "density": None,  # the trainable count follows --lora_r: the comparison with LoRA is at equal count
+    "sparse_r": None,  # half of --lora_r where the count follows it (resolve_defaults): the suite's best recipe
 }
 
 
@@ -108,7 +109,12 @@ class SparseArguments:
             "same unless --lora_target_modules is given."
         },
     )
-    sparse_r: int = _config_field("sparse_r", "The total trainable count stays LoRA rank --lora_r's.")
+    sparse_r: int | None = _config_field(
+        "sparse_r",
+        "The total trainable count stays LoRA rank --lora_r's. Default: half of --lora_r (rounded down) where the "
+        "count follows --lora_r, else 0: at LoRA's count this hybrid (its term at --sparse_low_rank_lr_ratio times "
+        "the rate) beat the plain sparse mask on every tuning task of benchmarks/suite.py.",
+    )
     sparse_lora_alpha: float = _config_field("sparse_lora_alpha")
     sparse_low_rank_lr_ratio: float = _config_field("sparse_low_rank_lr_ratio")
     compare: str | None = field(
@@ -331,9 +337,19 @@ def parse(argv: list[str]):
         with warnings.catch_warnings():
             # transformers deprecates the gradient_checkpointing name, to which TRL's SFTConfig still gives a default
             warnings.filterwarnings("ignore", message="`gradient_checkpointing` is deprecated", category=FutureWarning)
-            return parser.parse_args_and_config(argv)
+            parsed = parser.parse_args_and_config(argv)
     except (ValueError, TypeError, OSError, yaml.YAMLError) as err:  # a dataclass's own check, or the YAML file
         parser.exit(USAGE_ERROR, f"{PROG}: error: {_one_line(err)}\n")
+    resolve_defaults(parsed[2], parsed[3])
+    return parsed
+
+
+def resolve_defaults(model_args, sparse_args) -> None:
+    """The defaults that depend on other options: ``--sparse_r`` is half of ``--lora_r`` where the trainable count
+    follows ``--lora_r`` (neither ``--density`` nor ``--num_tunable_weights``), else 0."""
+    if sparse_args.sparse_r is None:
+        follows_lora = sparse_args.density is None and sparse_args.num_tunable_weights is None
+        sparse_args.sparse_r = model_args.lora_r // 2 if follows_lora and model_args.lora_r > 0 else 0
 
 
 def _one_line(err: BaseException) -> str:
