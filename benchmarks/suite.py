@@ -742,8 +742,10 @@ def method_store(name: str, token: str, salience_batches: int) -> tuple[Store, s
 
     method, batches = parse_method(token)
     label = METHODS[method][2] + (f", {batches} salience batches" if batches else "")
-    if method == "gradient" and (batches or salience_batches) == SparseConfig.salience_batches:
-        label += " (the default)"
+    if (batches or salience_batches) == SparseConfig.salience_batches:
+        label += {"gradient": " (`SparseConfig`'s default)", "hybrid_rates": " (`peft-sparse sft`'s default)"}.get(
+            method, ""
+        )
     return Store(TASKS[name], batches or salience_batches), method, label
 
 

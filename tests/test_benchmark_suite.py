@@ -134,7 +134,9 @@ def test_a_method_may_name_its_salience_batches_and_bad_names_are_refused():
         with pytest.raises(argparse.ArgumentTypeError, match="a method of"):
             suite.parse_method(bad)
     store, method, label = suite.method_store("quotes_de", "gradient@16", 4)
-    assert (store.salience_batches, method) == (16, "gradient") and label.endswith("16 salience batches (the default)")
+    assert (store.salience_batches, method) == (16, "gradient") and label.endswith(
+        "16 salience batches (`SparseConfig`'s default)"
+    )
     assert suite.method_store("quotes_de", "gradient", 4)[0].salience_batches == 4
 
 
