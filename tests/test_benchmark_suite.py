@@ -199,8 +199,9 @@ def test_layer_adam_steps_in_proportion_to_the_gradient_at_adams_rms():
     assert torch.allclose(a.detach(), 2 * expected, rtol=1e-5)
 
 
-def _one_sparse_projection(density: float):
-    """(peft model, its one sparse layer, that layer's values): a random mask on a 32-wide Llama's ``q_proj``."""
+def _one_sparse_projection(density: float, **config):
+    """(peft model, its one sparse layer, that layer's values): a random mask on a 32-wide Llama's ``q_proj``
+    (``config``: more SparseConfig fields)."""
     from peft import get_peft_model
     from tiny_models import llama_of_width
 
@@ -209,7 +210,7 @@ def _one_sparse_projection(density: float):
 
     model = get_peft_model(
         llama_of_width(32, 48, num_hidden_layers=1),
-        SparseConfig(target_modules=["q_proj"], density=density, selection="random"),
+        SparseConfig(target_modules=["q_proj"], density=density, selection="random", **config),
     )
     ((_, layer),) = sparse_layers(model, "default")
     return model, layer, layer.sparse_values["default"]
@@ -304,15 +305,7 @@ def test_mixed_adam_steps_the_random_entries_at_ten_times_the_rate():
 
 
 def test_the_hybrid_optimizer_trains_the_low_rank_term_at_three_times_the_values_rate():
-    from peft import get_peft_model
-    from tiny_models import llama_of_width
-
-    from peft_sparse import SparseConfig
-
-    model = get_peft_model(
-        llama_of_width(32, 48, num_hidden_layers=1),
-        SparseConfig(target_modules=["q_proj"], density=0.1, selection="random", r=2, lora_alpha=4),
-    )
+    model, _, _ = _one_sparse_projection(density=0.1, r=2, lora_alpha=4)
     optimizer = suite._hybrid_adam(model, lr=1e-3)
     values, low_rank = optimizer.param_groups
     named = {id(p): name for name, p in model.named_parameters()}

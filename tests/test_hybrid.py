@@ -62,6 +62,15 @@ def randomise_values(model, seed: int = 1, scale: float = 0.05) -> None:
                 values.copy_(torch.randn(values.shape, generator=generator) * scale)
 
 
+def _train(model, optimizer, steps: int = 3) -> None:
+    model.train()
+    for step in range(steps):
+        batch = make_batch(seed=step)
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def test_fresh_hybrid_is_the_identity_and_counts_entries_and_factors():
     base = tiny_llama()
     batch = make_batch()
@@ -121,13 +130,7 @@ def test_low_rank_term_is_loras():
 
 def test_training_moves_entries_and_factors_and_merge_keeps_the_function(tmp_path):
     model = get_peft_model(tiny_llama(), SparseConfig(target_modules=TARGETS, density=0.05, r=2))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    for step in range(4):
-        batch = make_batch(seed=step)
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
+    _train(model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2), steps=4)
     model.eval()
     batch = make_batch(seed=9)
     trained = model(**batch).logits.detach()
@@ -197,15 +200,6 @@ def _hybrid(ratio: float, init_weights: bool = False):
         target_modules=TARGETS, density=0.05, r=2, lora_alpha=4, init_weights=init_weights, low_rank_lr_ratio=ratio
     )
     return get_peft_model(tiny_llama(), config)
-
-
-def _train(model, optimizer, steps: int = 3) -> None:
-    model.train()
-    for step in range(steps):
-        batch = make_batch(seed=step)
-        model(**batch, labels=batch["input_ids"]).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
 
 
 def test_a_low_rank_lr_ratio_is_the_same_term_trained_by_adam_at_that_multiple_of_the_rate():
