@@ -9,7 +9,7 @@ peft costs each process about six seconds, the tiny runs themselves one to three
 between runs accelerate's process-wide state is reset; the process group stays.
 
 Options (JSON) of a run: ``engine`` ("single", "ddp", "fsdp", "zero2", "zero3"), ``update``, ``budget``,
-``selection``, ``batch`` (per process), ``steps``, ``select_before_wrapping`` (call ``select_mask`` on the trainer's
+``selection``, ``r`` (the hybrid's low-rank term), ``batch`` (per process), ``steps``, ``select_before_wrapping`` (call ``select_mask`` on the trainer's
 dataloader before ``trainer.train()``, so a global budget may give layers k = 0), ``optimizer`` ("adamw" or "sm3"),
 ``quantised`` (a 4-bit NF4 base; ``quant_storage`` names its storage dtype), ``save_steps``, ``resume`` (a checkpoint
 folder name) with ``resume_from`` (the earlier run of this launch whose checkpoint it resumes), ``expect_error``
@@ -128,6 +128,7 @@ def train(root: Path, name: str, options: dict, started: list) -> None:
         accumulation_steps=2,
         reselection_rate=0.3,
         regrow=options.get("regrow", "gradient"),
+        r=options.get("r", 0),  # r > 0: the sparse + low-rank hybrid
     )
     if options.get("quantised"):
         storage = getattr(torch, options.get("quant_storage", "uint8"))

@@ -4,9 +4,10 @@ indices, values and optimizer state to ``OUT``.
 
     python tests/resume_run.py MODE ACCUMULATION OUTPUT_DIR OUT [--save-every-step] [--resume CHECKPOINT]
 
-MODE: static, dynamic, spiel_ag or spiel_ma. The Trainer is the default one (a shuffling sampler: resuming mid-epoch
-must not depend on which loader order the process happens to hold), 8 rows in batches of 2, so an epoch is 4 micro-
-batches (4 optimizer steps without accumulation, 2 with two micro-batches each) and the 7-step run crosses epochs.
+MODE: static, dynamic, spiel_ag, spiel_ma, hybrid_dynamic or hybrid_spiel_ag (those two with a rank-4 term). The
+Trainer is the default one (a shuffling sampler: resuming mid-epoch must not depend on which loader order the process
+happens to hold), 8 rows in batches of 2, so an epoch is 4 micro-batches (4 optimizer steps without accumulation, 2
+with two micro-batches each) and the 7-step run crosses epochs.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ MODES = {
         "reselection_rate": 0.5,
     },
 }
+# the sparse + low-rank hybrid (RoSA): the factors and their optimizer state must resume with the entries
+MODES["hybrid_dynamic"] = {**MODES["dynamic"], "r": 4}
+MODES["hybrid_spiel_ag"] = {**MODES["spiel_ag"], "r": 4}
 
 
 def main() -> None:
@@ -92,6 +96,9 @@ def main() -> None:
             "indices": {name: layer.sparse_indices["default"].clone() for name, layer in layers.items()},
             "values": {name: layer.sparse_values["default"].detach().clone() for name, layer in layers.items()},
             "residual": {name: layer.sparse_residual_indices["default"].clone() for name, layer in layers.items()},
+            "low_rank": {
+                name: param.detach().clone() for name, param in model.named_parameters() if "sparse_lora_" in name
+            },
             "optimizer": trainer.optimizer.state_dict(),
             "log": [e for e in trainer.state.log_history if any(k.startswith("sparse/") for k in e)],
         },

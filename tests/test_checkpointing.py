@@ -313,17 +313,22 @@ def test_spiel_ag_window_statistics_and_update_match_no_checkpointing(unchecked_
     assert_same_masks(after, expected_masks)
 
 
+@pytest.mark.parametrize("r", [0, 4], ids=["sparse", "hybrid"])
 @pytest.mark.parametrize("mode", CHECKPOINTED)
-def test_training_gradients_of_the_values_match_no_checkpointing(mode):
-    def value_grads(mode):
-        model = sparse_llama(mode, init_weights=False)
-        model(**batches(1)[0]).loss.backward()
-        return {name: layer.sparse_values["default"].grad for name, layer in sparse_layers(model)}
+def test_training_gradients_of_the_values_match_no_checkpointing(mode, r):
+    """Every trainable tensor's gradient: the values and, for the sparse + low-rank hybrid, its factors."""
 
-    expected, actual = value_grads("none"), value_grads(mode)
+    def grads(mode):
+        model = sparse_llama(mode, init_weights=False, r=r)
+        model(**batches(1)[0]).loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if p.requires_grad}
+
+    expected, actual = grads("none"), grads(mode)
+    values = [name for name in expected if "sparse_values" in name]
+    assert sum("sparse_lora_" in name for name in expected) == (2 * len(values) if r else 0)
     for name, grad in expected.items():
-        assert actual[name] is not None, name
-        torch.testing.assert_close(actual[name], grad, rtol=1e-5, atol=1e-7)
+        assert actual[name] is not None and bool(grad.any()), name
+        torch.testing.assert_close(actual[name], grad, rtol=1e-5, atol=1e-7, msg=name)
 
 
 def test_inputs_embeds_give_the_same_mask_when_checkpointing_is_not_reentrant(unchecked_masks):
@@ -396,33 +401,40 @@ def test_select_mask_on_a_4bit_model_prepared_for_kbit_training(
 # --- transformers Trainer: TrainingArguments(gradient_checkpointing=True) + SparseTrainingCallback ---------------
 
 
-def trained_with_callback(tmp_path, **arguments):
-    """Selection at train begin and a dynamic update after step 1, by the callback, over two steps."""
-    model = sparse_model(selection="gradient", update="dynamic", update_interval=1)
+def trained_with_callback(tmp_path, r: int = 0, **arguments):
+    """Selection at train begin and a dynamic update after step 1, by the callback, over two steps: every layer's
+    indices and values, and the low-rank factors of the hybrid (``r > 0``)."""
+    model = sparse_model(selection="gradient", update="dynamic", update_interval=1, r=r)
     trainer = make_trainer(model, tmp_path, max_steps=2, **arguments)
     trainer.train()
     log = sparse_log(trainer)
     assert len(log) == 2 and "sparse/selected_entries" in log[0] and "sparse/moved" in log[1]
     assert log[1]["sparse/update_forward_backward"] == log[1]["sparse/update_passes"] * log[1]["sparse/update_batches"]
     assert log[1]["sparse/update_passes"] >= 1
-    return sparse_state(model)
+    factors = {name: p.detach().clone() for name, p in model.named_parameters() if "sparse_lora_" in name}
+    assert bool(factors) == (r > 0)
+    return sparse_state(model), factors
 
 
-@pytest.fixture(scope="module")
-def unchecked_trainer_state(tmp_path_factory):
-    return trained_with_callback(tmp_path_factory.mktemp("plain"))
+@pytest.fixture(scope="module", params=[0, 4], ids=["sparse", "hybrid"])
+def unchecked_trainer_state(request, tmp_path_factory):
+    return request.param, trained_with_callback(tmp_path_factory.mktemp("plain"), r=request.param)
 
 
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non-reentrant", "reentrant"])
 def test_trainer_with_gradient_checkpointing_selects_and_updates_as_without(
     unchecked_trainer_state, tmp_path, use_reentrant
 ):
-    state = trained_with_callback(
-        tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
+    r, (expected, expected_factors) = unchecked_trainer_state
+    state, factors = trained_with_callback(
+        tmp_path, r=r, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": use_reentrant}
     )
-    for name, (indices, values) in unchecked_trainer_state.items():
+    for name, (indices, values) in expected.items():
         assert torch.equal(state[name][0], indices), name
         torch.testing.assert_close(state[name][1], values, rtol=1e-5, atol=1e-6)
+    assert factors.keys() == expected_factors.keys()
+    for name, factor in expected_factors.items():
+        torch.testing.assert_close(factors[name], factor, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_the_callback_warns_when_checkpointing_cut_trained_layers_from_the_graph():

@@ -59,8 +59,18 @@ RUNS: dict[str, dict] = {
     "zero3-random": {"engine": "zero3", "batch": 2, "selection": "random"},
     "zero2-global": {"engine": "zero2", "batch": 2, **GLOBAL},
 }
+# the sparse + low-rank hybrid (r = 4): the low-rank factors train beside the entries on every engine; the FSDP2 run
+# saves the checkpoint the hybrid's resume test continues from (indices moved at step 3)
+HYBRID = {"r": 4}
+RUNS["single-hybrid-dynamic"] = {"engine": "single", "batch": 4, "update": "dynamic", **HYBRID}
+RUNS["ddp-hybrid-dynamic"] = {"engine": "ddp", "batch": 2, "update": "dynamic", **HYBRID}
+RUNS["fsdp-hybrid-dynamic"] = {"engine": "fsdp", "batch": 2, "update": "dynamic", "save_steps": 3, **HYBRID}
+RUNS["single-hybrid-random"] = {"engine": "single", "batch": 4, "selection": "random", **HYBRID}
+for _engine in ("zero2", "zero3"):
+    RUNS[f"{_engine}-hybrid-random"] = {"engine": _engine, "batch": 2, "selection": "random", **HYBRID}
 RESUMED = {"dynamic": ("fsdp-dynamic", "checkpoint-3"), "spiel": ("fsdp-spiel", "checkpoint-2")}
 RESUMED["dynamic-global-budget"] = ("fsdp-dynamic-global", "checkpoint-3")  # k = 0
+RESUMED["hybrid-dynamic"] = ("fsdp-hybrid-dynamic", "checkpoint-3")
 for _name, (_source, _checkpoint) in RESUMED.items():
     RUNS[f"{_source}-resumed"] = {**RUNS[_source], "resume": _checkpoint, "resume_from": _source}
 REFUSED = {  # what ZeRO cannot run: (options, the refusal's message)
@@ -245,6 +255,30 @@ def test_spiel_with_accumulated_gradients_under_ddp_and_fsdp_matches_one_process
     assert_same_adapter(runs["single-spiel"], distributed)
     log = assert_ranks_identical(distributed)
     assert [entry["step"] for entry in log] == [0, 3] and log[1]["sparse/regrown"] > 0
+
+
+def _low_rank_factors(adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {key: tensor for key, tensor in adapter.items() if "sparse_lora_" in key}
+
+
+@pytest.mark.parametrize("engine", ["ddp", "fsdp"])
+def test_the_sparse_low_rank_hybrid_with_mask_updates_under_ddp_and_fsdp_matches_one_process(runs, engine):
+    """The low-rank factors are plain parameters beside the values: DDP averages and FSDP2 shards them as any, and
+    the mask update at step 3 leaves them (and their optimizer state) alone."""
+    distributed = runs[f"{engine}-hybrid-dynamic"]
+    adapter = assert_same_adapter(runs["single-hybrid-dynamic"], distributed)
+    factors = _low_rank_factors(adapter)
+    assert len(factors) == 2 * len(_sizes(adapter)) > 0  # an A and a B per targeted layer, saved from the shards
+    assert all(bool(t.any()) for k, t in factors.items() if "lora_B" in k)  # B starts at zero: it trained
+    log = assert_ranks_identical(distributed)
+    assert [entry["step"] for entry in log] == [0, 3] and log[1]["sparse/moved"] > 0
+
+
+@pytest.mark.parametrize("engine", ["zero2", "zero3"])
+def test_the_sparse_low_rank_hybrid_under_deepspeed_zero_matches_one_process(runs, engine):
+    pytest.importorskip("deepspeed")
+    adapter = assert_same_adapter(runs["single-hybrid-random"], runs[f"{engine}-hybrid-random"])
+    assert all(bool(t.any()) for k, t in _low_rank_factors(adapter).items() if "lora_B" in k)
 
 
 def test_spiel_with_sm3_momenta_under_fsdp_matches_one_process(runs):

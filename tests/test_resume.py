@@ -1,6 +1,7 @@
 """Resume is exact at every step position: a run that saves a checkpoint after every optimizer step, resumed from
 each of them in a fresh process (tests/resume_run.py), ends with the same indices, values, residual entries and
-optimizer state as the run itself; for a static mask, dynamic updates, SpIEL-AG and SpIEL-MA, with and without
+optimizer state as the run itself; for a static mask, dynamic updates, SpIEL-AG and SpIEL-MA (and the first two
+with a low-rank term beside the entries, whose factors must resume too), with and without
 gradient accumulation, with the Trainer's shuffling sampler across epoch boundaries."""
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ def _assert_same(got: dict, expected: dict, where: str) -> None:
     for key in ("indices", "residual"):
         for name, tensor in expected[key].items():
             assert torch.equal(got[key][name], tensor), f"{where}: {key} of {name}"
-    for name, tensor in expected["values"].items():
-        torch.testing.assert_close(got["values"][name], tensor, rtol=0, atol=1e-6, msg=f"{where}: values of {name}")
+    for key in ("values", "low_rank"):
+        assert got[key].keys() == expected[key].keys(), where
+        for name, tensor in expected[key].items():
+            torch.testing.assert_close(got[key][name], tensor, rtol=0, atol=1e-6, msg=f"{where}: {key} of {name}")
     expected_state, got_state = expected["optimizer"]["state"], got["optimizer"]["state"]
     assert got_state.keys() == expected_state.keys(), where
     for position, entries in expected_state.items():
@@ -49,7 +52,7 @@ def _assert_same(got: dict, expected: dict, where: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("accumulation", [1, 2])
-@pytest.mark.parametrize("mode", ["static", "dynamic", "spiel_ag", "spiel_ma"])
+@pytest.mark.parametrize("mode", ["static", "dynamic", "spiel_ag", "spiel_ma", "hybrid_dynamic", "hybrid_spiel_ag"])
 def test_resume_from_every_step_equals_the_uninterrupted_run(tmp_path, mode, accumulation):
     _run(mode, str(accumulation), str(tmp_path / "run"), str(tmp_path / "run.pt"), "--save-every-step")
     expected = torch.load(tmp_path / "run.pt", weights_only=False)
