@@ -774,11 +774,13 @@ def method_store(name: str, token: str, salience_batches: int) -> tuple[Store, s
 
     method, batches = parse_method(token)
     label = METHODS[method][2] + (f", {batches} salience batches" if batches else "")
-    if (batches or salience_batches) == SparseConfig.salience_batches:
-        label += {"gradient": " (`SparseConfig`'s default)", "hybrid_rates": " (`peft-sparse sft`'s default)"}.get(
-            method, ""
-        )
+    if not scores_salience(method) or (batches or salience_batches) == SparseConfig.salience_batches:
+        label += DEFAULT_LABELS.get(method, "")
     return Store(TASKS[name], batches or salience_batches), method, label
+
+
+# the library's defaults among the methods (at SparseConfig's salience batches where the mask scores salience)
+DEFAULT_LABELS = {"gradient": " (`SparseConfig`'s default)", "hybrid_random": " (`peft-sparse sft`'s default)"}
 
 
 def run_suite(tasks: list[str], methods: list[str], salience_batches: int, rate: float | None = None) -> None:

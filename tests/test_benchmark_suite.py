@@ -138,6 +138,11 @@ def test_a_method_may_name_its_salience_batches_and_bad_names_are_refused():
         "16 salience batches (`SparseConfig`'s default)"
     )
     assert suite.method_store("quotes_de", "gradient", 4)[0].salience_batches == 4
+    assert not suite.method_store("quotes_de", "gradient", 4)[2].endswith("default)")
+    # a random mask scores no salience: sft's default whatever the batches, and its records found at any of them
+    assert suite.method_store("quotes_de", "hybrid_random", 4)[2].endswith("(`peft-sparse sft`'s default)")
+    assert not suite.scores_salience("hybrid_random") and not suite.scores_salience("lora")
+    assert suite.scores_salience("hybrid_rates") and suite.scores_salience("spiel_gradient")
 
 
 def test_a_rate_study_is_reported_at_its_rate_and_an_unfinished_one_not_at_all():

@@ -273,7 +273,7 @@ def test_each_data_format_trains_and_writes_an_adapter(data_format, tiny_dir, tm
     assert record["num_held_out"] == 6  # the saved test split, or --eval_fraction 0.25 of 24 rows
     scored = data_format != "text"  # rows with an answer and a prompt to generate from
     assert (record["exact_match"] is not None) == scored and ("exact match" in stdout) == scored
-    assert "| sparse, gradient mask, + rank 4 |" in stdout and (out / "loss_curves.png").is_file()  # --lora_r 8 / 2
+    assert "| sparse, random mask, + rank 4 |" in stdout and (out / "loss_curves.png").is_file()  # --lora_r 8 / 2
 
 
 def test_rows_whose_completion_is_truncated_away_are_counted_or_refused(tiny_dir, tmp_path, capsys):
@@ -344,7 +344,7 @@ def test_compare_lora_trains_both_at_the_same_count_in_their_own_processes(tiny_
         )
         assert f"{record['eval_loss_before']:.3f} -> {record['eval_loss_after']:.3f}" in result.stdout
     table = [line for line in result.stdout.splitlines() if line.startswith("|")]
-    assert len(table) == 4 and table[2].startswith("| sparse, gradient mask, + rank 2 | 8,192 |")  # --lora_r 4 / 2
+    assert len(table) == 4 and table[2].startswith("| sparse, random mask, + rank 2 | 8,192 |")  # --lora_r 4 / 2
     assert table[3].startswith("| LoRA r=4 | 8,192 |") and "x LoRA)" in table[2]
     # step times taken side by side in one more process (sft.time_steps): LoRA against itself is exactly 1
     assert lora["step_time_vs_lora"] == 1.0 and sparse["timing_rounds"] == compare.TIMING_ROUNDS
@@ -516,11 +516,32 @@ def test_the_low_rank_term_defaults_to_half_of_loras_rank_where_the_count_follow
     assert sparse_args.sparse_r == rank
     base = tiny_llama()
     config = sft_model.sparse_config(base, model_args, sparse_args, seed=0)
-    assert config.r == rank and config.low_rank_lr_ratio == 3.0
+    assert config.r == rank and config.selection == "random" and config.low_rank_lr_ratio == 0.3
     if not argv or argv[0] == "--lora_r":  # the count follows --lora_r: the term comes off the entries
         lora = lora_equivalent_budget(base, r=model_args.lora_r, target_modules="all-linear", task_type="CAUSAL_LM")
         term = lora_equivalent_budget(base, r=rank, target_modules="all-linear", task_type="CAUSAL_LM") if rank else 0
         assert config.num_tunable_weights == lora - term
+
+
+@pytest.mark.parametrize(
+    ("argv", "ratio"),
+    [
+        ([], 0.3),  # the default random mask: values at 1e-2, the term at LoRA's 3e-3
+        (["--selection", "gradient"], 3.0),  # a salience-chosen mask: values at 1e-3, the term at 3e-3
+        (["--selection", "magnitude"], 3.0),
+        (["--sparse_low_rank_lr_ratio", "2"], 2.0),  # given: kept, whatever the mask
+        (["--selection", "gradient", "--sparse_low_rank_lr_ratio", "0.5"], 0.5),
+    ],
+)
+def test_the_low_rank_terms_rate_ratio_defaults_by_mask(argv, ratio):
+    from tiny_models import tiny_llama
+
+    from peft_sparse.cli.sft import model as sft_model
+
+    _, training_args, model_args, sparse_args = sft.parse(argv)
+    assert training_args.learning_rate == sft.DEFAULT_LEARNING_RATE == 1e-2
+    config = sft_model.sparse_config(tiny_llama(), model_args, sparse_args, seed=0)
+    assert config.low_rank_lr_ratio == ratio
 
 
 def test_each_sparse_option_reaches_the_config_the_command_builds():

@@ -26,9 +26,12 @@ from ..common import MAX_LR, USAGE_ERROR, VERBOSE_HELP
 
 PROG = "peft-sparse sft"
 # Each method's best rate on the task suite's tuning tasks (benchmarks/suite.py, RESULTS.md; grids extended at an
-# edge): the default sparse mask (gradient, the same density per layer) 1e-3 on both quotes_de and facts, as on the
-# built-in WordNet data (benchmarks/sft_quality.py); LoRA r=8 (alpha 16) 3e-3.
-DEFAULT_LEARNING_RATE = 1e-3
+# edge): the default sparse adapter (a random mask + a rank-4 term at 0.3x the rate) 1e-2 on all three (German
+# quotations, facts, WordNet), as a random mask alone; a gradient mask 1e-3; LoRA r=8 (alpha 16) 3e-3.
+DEFAULT_LEARNING_RATE = 1e-2
+# The low-rank term's rate over the values' (--sparse_low_rank_lr_ratio) by mask: LoRA's best rate (3e-3) over each
+# mask's (random 1e-2, salience-chosen 1e-3), rounded as the suite ran them.
+RANDOM_MASK_LOW_RANK_LR_RATIO = 0.3
 DEFAULT_LORA_LEARNING_RATE = 3e-3
 DEFAULT_MAX_STEPS = 60  # `peft-sparse sft --compare lora` in about five minutes on 2 CPU cores
 COMPARE_METHODS = ("lora",)
@@ -68,6 +71,8 @@ _CHOICES = {
 COMMAND_DEFAULTS = {
     "density": None,  # the trainable count follows --lora_r: the comparison with LoRA is at equal count
     "sparse_r": None,  # half of --lora_r where the count follows it (resolve_defaults): the suite's best recipe
+    "selection": "random",  # with the low-rank term, best on the suite's tuning tasks, and no salience pass to run
+    "sparse_low_rank_lr_ratio": None,  # by mask (resolve_defaults): 0.3 for a random mask, the config's 3 otherwise
 }
 
 
@@ -95,7 +100,12 @@ class SparseArguments:
         "term's with --sparse_r.",
     )
     budget: str = _config_field("budget")
-    selection: str = _config_field("selection", "random needs no salience pass and wants a rate near 1e-2.")
+    selection: str = _config_field(
+        "selection",
+        "random (this command's default) needs no salience pass and, with the default low-rank term, was the best "
+        "on the suite's tuning tasks at --learning_rate 1e-2; a salience-chosen mask (gradient, ...) wants "
+        "--learning_rate near 1e-3.",
+    )
     update: str = _config_field("update")
     update_interval: int = _config_field("update_interval")
     salience_batches: int = _config_field("salience_batches", "Training batches of the train dataloader.")
@@ -113,10 +123,14 @@ class SparseArguments:
         "sparse_r",
         "The total trainable count stays LoRA rank --lora_r's. Default: half of --lora_r (rounded down) where the "
         "count follows --lora_r, else 0: at LoRA's count this hybrid (its term at --sparse_low_rank_lr_ratio times "
-        "the rate) beat the plain sparse mask on every tuning task of benchmarks/suite.py.",
+        "the rate) beat the plain sparse masks and LoRA on every tuning task of benchmarks/suite.py.",
     )
     sparse_lora_alpha: float = _config_field("sparse_lora_alpha")
-    sparse_low_rank_lr_ratio: float = _config_field("sparse_low_rank_lr_ratio")
+    sparse_low_rank_lr_ratio: float | None = _config_field(
+        "sparse_low_rank_lr_ratio",
+        f"Default: {RANDOM_MASK_LOW_RANK_LR_RATIO} with a random mask (whose values train best at about 3x LoRA's "
+        f"rate), else {SparseConfig.low_rank_lr_ratio} (a salience-chosen mask's values at a third of it).",
+    )
     compare: str | None = field(
         default=None,
         metadata={
@@ -346,10 +360,16 @@ def parse(argv: list[str]):
 
 def resolve_defaults(model_args, sparse_args) -> None:
     """The defaults that depend on other options: ``--sparse_r`` is half of ``--lora_r`` where the trainable count
-    follows ``--lora_r`` (neither ``--density`` nor ``--num_tunable_weights``), else 0."""
+    follows ``--lora_r`` (neither ``--density`` nor ``--num_tunable_weights``), else 0; ``--sparse_low_rank_lr_ratio``
+    puts the low-rank term at about LoRA's best rate when the values train at their mask's: 0.3 for a random mask,
+    else the config's 3."""
     if sparse_args.sparse_r is None:
         follows_lora = sparse_args.density is None and sparse_args.num_tunable_weights is None
         sparse_args.sparse_r = model_args.lora_r // 2 if follows_lora and model_args.lora_r > 0 else 0
+    if sparse_args.sparse_low_rank_lr_ratio is None:
+        sparse_args.sparse_low_rank_lr_ratio = (
+            RANDOM_MASK_LOW_RANK_LR_RATIO if sparse_args.selection == "random" else SparseConfig.low_rank_lr_ratio
+        )
 
 
 def _one_line(err: BaseException) -> str:
