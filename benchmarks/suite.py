@@ -361,7 +361,7 @@ METHODS = {
     ),
     "hybrid3": (
         # hybrid_rates through the library's reparametrisation instead of optimizer param groups (equal up to Adam's
-        # eps): the records' end-to-end check of what `peft-sparse sft` trains by default
+        # eps): the records' end-to-end check of the library's default ratio over a gradient mask
         {"selection": "gradient", "low_rank": 4, "low_rank_lr_ratio": 3.0},
         (3e-4, 1e-3, 3e-3),
         "sparse `gradient` mask + rank-4 term at 3x by `low_rank_lr_ratio=3`",
@@ -383,6 +383,9 @@ METHODS = {
     "lora_warmup": ("lora", (1e-3, 3e-3, 1e-2), "LoRA r=8, alpha 16, 10% warm-up"),
     "full": ("full", (3e-5, 1e-4, 3e-4), "full fine-tuning"),
 }
+
+# the library's defaults among the methods (at SparseConfig's salience batches where the mask scores salience)
+DEFAULT_LABELS = {"gradient": " (`SparseConfig`'s default)", "hybrid_random": " (`peft-sparse sft`'s default)"}
 
 
 # the methods whose schedule is not the suite's (linear decay from the first step): LoRA's product B A starts at zero
@@ -777,10 +780,6 @@ def method_store(name: str, token: str, salience_batches: int) -> tuple[Store, s
     if not scores_salience(method) or (batches or salience_batches) == SparseConfig.salience_batches:
         label += DEFAULT_LABELS.get(method, "")
     return Store(TASKS[name], batches or salience_batches), method, label
-
-
-# the library's defaults among the methods (at SparseConfig's salience batches where the mask scores salience)
-DEFAULT_LABELS = {"gradient": " (`SparseConfig`'s default)", "hybrid_random": " (`peft-sparse sft`'s default)"}
 
 
 def run_suite(tasks: list[str], methods: list[str], salience_batches: int, rate: float | None = None) -> None:

@@ -9,8 +9,9 @@ peft costs each process about six seconds, the tiny runs themselves one to three
 between runs accelerate's process-wide state is reset; the process group stays.
 
 Options (JSON) of a run: ``engine`` ("single", "ddp", "fsdp", "zero2", "zero3"), ``update``, ``budget``,
-``selection``, ``r`` (the hybrid's low-rank term), ``batch`` (per process), ``steps``, ``select_before_wrapping`` (call ``select_mask`` on the trainer's
-dataloader before ``trainer.train()``, so a global budget may give layers k = 0), ``optimizer`` ("adamw" or "sm3"),
+``selection``, ``r`` (the hybrid's low-rank term), ``batch`` (per process), ``steps``, ``select_before_wrapping``
+(call ``select_mask`` on the trainer's dataloader before ``trainer.train()``, so a global budget may give layers
+k = 0), ``optimizer`` ("adamw" or "sm3"),
 ``quantised`` (a 4-bit NF4 base; ``quant_storage`` names its storage dtype), ``save_steps``, ``resume`` (a checkpoint
 folder name) with ``resume_from`` (the earlier run of this launch whose checkpoint it resumes), ``expect_error``
 (the run must fail: its message is recorded and the launch goes on) and ``probe`` ("select_mask_on_shards": no

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from tiny_models import tiny_llama
-from trainer_helpers import DEFAULT_ARGS, TARGETS, TokenData
+from trainer_helpers import DEFAULT_ARGS, TARGETS, TokenData, low_rank_factors
 
 MAX_STEPS = 7
 MODES = {
@@ -96,9 +96,7 @@ def main() -> None:
             "indices": {name: layer.sparse_indices["default"].clone() for name, layer in layers.items()},
             "values": {name: layer.sparse_values["default"].detach().clone() for name, layer in layers.items()},
             "residual": {name: layer.sparse_residual_indices["default"].clone() for name, layer in layers.items()},
-            "low_rank": {
-                name: param.detach().clone() for name, param in model.named_parameters() if "sparse_lora_" in name
-            },
+            "low_rank": low_rank_factors(model),
             "optimizer": trainer.optimizer.state_dict(),
             "log": [e for e in trainer.state.log_history if any(k.startswith("sparse/") for k in e)],
         },

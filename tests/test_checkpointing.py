@@ -24,7 +24,7 @@ import pytest
 import torch
 from peft import get_peft_model, prepare_model_for_kbit_training
 from tiny_models import count_block_forwards, llama_of_width, make_batch, quantised_tiny_llama, tiny_llama
-from trainer_helpers import make_trainer, sparse_log, sparse_model, sparse_state
+from trainer_helpers import low_rank_factors, make_trainer, sparse_log, sparse_model, sparse_state
 
 from peft_sparse import SparseConfig, SpIEL, select_mask, update_mask
 from peft_sparse.selection.select import salience_scores
@@ -411,7 +411,7 @@ def trained_with_callback(tmp_path, r: int = 0, **arguments):
     assert len(log) == 2 and "sparse/selected_entries" in log[0] and "sparse/moved" in log[1]
     assert log[1]["sparse/update_forward_backward"] == log[1]["sparse/update_passes"] * log[1]["sparse/update_batches"]
     assert log[1]["sparse/update_passes"] >= 1
-    factors = {name: p.detach().clone() for name, p in model.named_parameters() if "sparse_lora_" in name}
+    factors = low_rank_factors(model)
     assert bool(factors) == (r > 0)
     return sparse_state(model), factors
 

@@ -74,6 +74,12 @@ def sparse_state(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     }
 
 
+def low_rank_factors(model) -> dict[str, torch.Tensor]:
+    """Copies of the sparse + low-rank hybrid's factors (``sparse_lora_A`` / ``sparse_lora_B``), by parameter name;
+    empty for a plain sparse adapter."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if "sparse_lora_" in name}
+
+
 def free_port() -> int:
     """A TCP port nobody listens on now, for ``torch.distributed.run --master_port``."""
     with socket.socket() as sock:
